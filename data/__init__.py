@@ -1,0 +1,1 @@
+"""Data: sources, -BG construction, WebDataset shards, the streaming loader."""

@@ -1,0 +1,97 @@
+"""The "-BG" relabelling: K rare classes keep labels 1..K (split-file order), everything else is background 0.
+
+Pure functions of (labels, rare classes, caps, seed) so a data set is reproducible from its build command and
+testable without images. Capping positives is how the paper's background fractions (98.30%, 99.98%) arise;
+nothing is dropped from the background except by an explicit ``max_background`` (a size knob for debugging).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class BGSelection:
+    """Which source items a -BG set keeps and the main label of each (0 = background)."""
+
+    indices: np.ndarray
+    main_labels: np.ndarray
+    rare_classes: tuple[str, ...]
+
+    @property
+    def counts(self) -> dict[int, int]:
+        values, counts = np.unique(self.main_labels, return_counts=True)
+        out = {c: 0 for c in range(len(self.rare_classes) + 1)}
+        out.update({int(v): int(n) for v, n in zip(values, counts)})
+        return out
+
+    @property
+    def background_fraction(self) -> float:
+        n = len(self.main_labels)
+        return float(np.sum(self.main_labels == 0) / n) if n else float("nan")
+
+    def describe(self) -> str:
+        counts = self.counts
+        per_class = ", ".join(f"{c}:{counts[i + 1]}" for i, c in enumerate(self.rare_classes))
+        return (f"{len(self.main_labels)} images, background {counts[0]} ({100 * self.background_fraction:.2f}%),"
+                f" positives per rare class {{{per_class}}}")
+
+
+def main_labels_for(labels: list[str], rare_classes: list[str]) -> np.ndarray:
+    """Map original labels to 0..K; a rare class's main label is its 1-based position in the split file."""
+    lookup = {c: i + 1 for i, c in enumerate(rare_classes)}
+    return np.array([lookup.get(lab, 0) for lab in labels], dtype=np.int64)
+
+
+def positives_for_background_fraction(num_background: int, num_rare: int, fraction: float) -> int:
+    """Positives per rare class so that background makes up ``fraction`` of the set (at least one each)."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"target background fraction must be in (0, 1), got {fraction}")
+    total = num_background * (1.0 - fraction) / fraction
+    return max(1, int(round(total / max(num_rare, 1))))
+
+
+def select_bg(labels: list[str], rare_classes: list[str], *, positives_per_class: int | None = None,
+              background_fraction: float | None = None, max_background: int | None = None,
+              seed: int = 0) -> BGSelection:
+    """Choose the items of a -BG set.
+
+    Evaluation sets pass neither cap and keep every positive. Training sets cap positives per class, either
+    directly or through a target background fraction, with a seeded choice so the same seed gives the same set.
+    """
+    if positives_per_class is not None and background_fraction is not None:
+        raise ValueError("give positives_per_class or background_fraction, not both")
+    if positives_per_class is not None and positives_per_class < 1:
+        raise ValueError(f"positives_per_class must be >= 1, got {positives_per_class}")
+    mains = main_labels_for(labels, rare_classes)
+    rng = np.random.default_rng(seed)
+    background = np.flatnonzero(mains == 0)
+    if max_background is not None and len(background) > max_background:
+        background = np.sort(rng.choice(background, size=max_background, replace=False))
+    cap = positives_per_class
+    if background_fraction is not None:
+        cap = positives_for_background_fraction(len(background), len(rare_classes), background_fraction)
+    kept = [background]
+    for k in range(1, len(rare_classes) + 1):
+        members = np.flatnonzero(mains == k)
+        if len(members) == 0:
+            raise ValueError(f"rare class '{rare_classes[k - 1]}' has no images in this source; check the split file")
+        if cap is not None and len(members) > cap:
+            members = np.sort(rng.choice(members, size=cap, replace=False))
+        kept.append(members)
+    indices = np.sort(np.concatenate(kept))
+    return BGSelection(indices=indices, main_labels=mains[indices], rare_classes=tuple(rare_classes))
+
+
+def split_holdout(num_items: int, holdout: int | float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Carve a validation set out of the training source: (rest, holdout) index arrays, disjoint, seeded.
+
+    Model selection must never look at the test split, so the validation set comes from training images.
+    """
+    n_hold = int(math.floor(holdout * num_items)) if isinstance(holdout, float) and holdout < 1 else int(holdout)
+    if not 0 <= n_hold < num_items:
+        raise ValueError(f"holdout of {holdout} does not fit a source of {num_items} items")
+    perm = np.random.default_rng([seed, 7919]).permutation(num_items)
+    return np.sort(perm[n_hold:]), np.sort(perm[:n_hold])

@@ -1,0 +1,51 @@
+"""Shared fixtures: small real data (Fashion-MNIST from the Debian package) and the real EfficientNet-Lite0 teacher.
+
+Built once per session because the teacher forward is the slow part on CPU.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data.build import BuildSpec, build_set  # noqa: E402
+from data.sources import FashionMNISTSource  # noqa: E402
+
+RARE = ("1", "8")  # Trouser and Bag: separable from the rest, so a short run must learn them
+TEACHER_SIZE = 64
+
+
+@pytest.fixture(scope="session")
+def teacher():
+    from trainer.models import build_teacher
+
+    return build_teacher("efficientnet_lite0", "", TEACHER_SIZE)
+
+
+@pytest.fixture(scope="session")
+def tiny_sets(tmp_path_factory, teacher):
+    """A 90%-background training set and a natural test subset, both with cached teacher labels."""
+    from trainer.teacher_label import label_shard_set
+
+    root = tmp_path_factory.mktemp("fmnist")
+    train_src, test_src = FashionMNISTSource("train"), FashionMNISTSource("test")
+    train = build_set(train_src, BuildSpec("fmnist:train", RARE, positives_per_class=16, max_background=288,
+                                           seed=0, max_count=100), str(root / "train"), progress=False)
+    test = build_set(test_src, BuildSpec("fmnist:test", RARE, subsample=300, seed=0, max_count=100),
+                     str(root / "test"), progress=False)
+    for m in (train, test):
+        label_shard_set(teacher, m.root, image_size=TEACHER_SIZE, topk=5)
+    return {"train": str(root / "train"), "test": str(root / "test"), "root": root}
+
+
+def tiny_config(tiny_sets, out_dir, *overrides):
+    from trainer.config import load_config
+
+    base = [f"data.train={tiny_sets['train']}", f"data.val={tiny_sets['test']}", "data.image_size=32",
+            "data.batch_size=16", "data.shuffle_buffer=64", f"teacher.image_size={TEACHER_SIZE}",
+            "teacher.mode=cached", "optim.epochs=4", "optim.warmup_epochs=0.5", "optim.schedule=cosine",
+            "optim.lr=0.02", f"run.out_dir={out_dir}", "run.progress=false", "run.log_every=5", "run.device=cpu"]
+    return load_config(None, base + list(overrides))

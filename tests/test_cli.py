@@ -1,0 +1,46 @@
+"""Bad input through the `bgsplit` command: one line on stderr naming the thing and the fix, exit status 2."""
+import pytest
+
+from trainer.cli import main
+
+
+def _run(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err
+
+
+def test_unknown_config_key(capsys):
+    code, err = _run(capsys, ["train", "loss.aux_wieght=0.3"])
+    assert code == 2 and len(err) == 1 and "unknown config key 'loss.aux_wieght'" in err[0]
+
+
+def test_missing_shard_set(capsys, tmp_path):
+    code, err = _run(capsys, ["train", f"data.train={tmp_path / 'nowhere'}"])
+    assert code == 2 and len(err) == 1 and "bgsplit shards build" in err[0]
+
+
+def test_unknown_class_id_in_split_file(capsys, tmp_path):
+    split = tmp_path / "split.txt"
+    split.write_text("3\n42\n")
+    code, err = _run(capsys, ["shards", "build", "--source", "fmnist:test", "--split-file", str(split),
+                              "--out", str(tmp_path / "out")])
+    assert code == 2 and len(err) == 1 and "unknown class id '42'" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_checkpoint(capsys, tmp_path):
+    code, err = _run(capsys, ["eval", "--checkpoint", str(tmp_path / "x.pt"), "--data", str(tmp_path),
+                              "--out", str(tmp_path / "r")])
+    assert code == 2 and len(err) == 1 and "x.pt does not exist" in err[0]
+
+
+def test_shards_build_is_idempotent(capsys, tmp_path):
+    argv = ["shards", "build", "--source", "fmnist:test", "--rare", "8", "--subsample", "200",
+            "--out", str(tmp_path / "s")]
+    assert main(argv) == 0
+    first = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "s").iterdir()}
+    assert main(argv) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "s").iterdir()} == first
+    out = capsys.readouterr().out
+    assert "200 images" in out

@@ -1,0 +1,57 @@
+import pytest
+
+from trainer.config import ConfigError, load_config
+
+
+def test_defaults_are_the_paper_recipe():
+    cfg = load_config()
+    assert cfg.loss.aux_weight == 0.1 and cfg.loss.aux == "hard"
+    assert cfg.optim.lr == 0.01 and cfg.optim.milestones == [21.0, 41.0, 61.0, 81.0] and cfg.optim.epochs == 90
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("loss: {aux_weight: 0.5}\noptim: {epochs: 3}\n")
+    cfg = load_config(path, ["optim.epochs=7", "model.fixed_background_logit=0", "optim.milestones=[1, 2]"])
+    assert cfg.loss.aux_weight == 0.5 and cfg.optim.epochs == 7.0
+    assert cfg.model.fixed_background_logit == 0.0  # 0 is a valid constant, not "unset"
+    assert cfg.optim.milestones == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("override, fragment", [
+    (["loss.aux_wieght=0.1"], "unknown config key 'loss.aux_wieght'"),
+    (["nosuch.key=1"], "unknown config key 'nosuch'"),
+    (["optim.epochs=ten"], "config key 'optim.epochs' must be float"),
+    (["run.seed=1.5"], "config key 'run.seed' must be int"),
+    (["loss.main=ldam"], "config key 'loss.main' is 'ldam'; choose one of"),
+    (["optim.lr"], "not of the form"),
+    (["loss=3"], "'loss' is a section"),
+])
+def test_bad_keys_and_types_are_one_line_errors(override, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, override)
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unknown_key_in_yaml_is_an_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {trian: x}\n")
+    with pytest.raises(ConfigError, match="unknown config key 'data.trian'"):
+        load_config(path)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    configs = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
+    assert {p.name for p in configs} >= {"debug.yaml", "fmnist_bg.yaml", "inat_bg_100.yaml", "inat_bg_1.yaml"}
+    for p in configs:
+        load_config(p)
+    inat = load_config(configs[[p.name for p in configs].index("inat_bg_100.yaml")])
+    assert inat.model.trunk == "resnet50" and inat.teacher.weights == "IMAGENET1K_V1"
+    assert inat.data.batch_size == 256 and inat.optim.epochs == 90

@@ -1,0 +1,95 @@
+"""The teacher stays frozen, the aux head starts as the teacher's classifier, the fixed background logit is inert."""
+import pytest
+import torch
+
+from trainer.config import load_config
+from trainer.models import build_student, build_teacher
+from trainer.task import BGSplitTask
+
+
+def _bn_stats(module):
+    return {n: b.clone() for n, b in module.named_buffers() if "running" in n}
+
+
+def test_teacher_is_frozen_through_training_steps(teacher):
+    cfg = load_config(None, ["loss.aux_weight=1.0", "teacher.mode=online"])
+    student = build_student("efficientnet_lite0", "DEFAULT", 3, teacher)
+    task = BGSplitTask(student, teacher, cfg, [10, 1, 1], drw_epoch=100)
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    before = _bn_stats(teacher)
+    weights = {n: p.clone() for n, p in teacher.named_parameters()}
+    assert before, "the teacher must have BatchNorm statistics to check"
+    teacher.train()  # a careless caller: must not switch the teacher to train mode
+    student.train()
+    assert not teacher.training and all(not m.training for m in teacher.modules())
+    for _ in range(2):
+        batch = {"image": torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), "label": torch.tensor([0, 1, 2, 0])}
+        out = task(batch, 0.0)
+        out["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    for n, b in _bn_stats(teacher).items():
+        assert torch.equal(b, before[n]), n
+    for n, p in teacher.named_parameters():
+        assert torch.equal(p, weights[n]), n
+    # the student did move its own BatchNorm statistics (the check above could fail)
+    assert any(not torch.equal(b, s) for b, s in zip(_bn_stats(student).values(), before.values()))
+    # and the teacher is no part of the student, so no optimiser or DDP wrapper can reach it
+    assert not any(p is q for p in student.parameters() for q in teacher.parameters())
+
+
+def test_aux_head_starts_as_the_teacher_classifier(teacher):
+    student = build_student("efficientnet_lite0", "DEFAULT", 3, teacher)
+    assert torch.equal(student.aux_head.weight, teacher.classifier.weight)
+    assert torch.equal(student.aux_head.bias, teacher.classifier.bias)
+    assert student.aux_head.weight.data_ptr() != teacher.classifier.weight.data_ptr()
+    off = build_student("efficientnet_lite0", "DEFAULT", 3, teacher, init_aux_from_teacher=False)
+    assert not torch.equal(off.aux_head.weight, teacher.classifier.weight)
+
+
+def test_student_and_teacher_agree_at_start(teacher):
+    """Same trunk, same weights, aux head = teacher classifier: the aux logits equal the teacher's (eval mode)."""
+    student = build_student("efficientnet_lite0", "DEFAULT", 3, teacher).eval()
+    x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.allclose(student(x)["aux"], teacher(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("constant", [0.0, 2.5])
+def test_fixed_background_logit_has_no_gradient(constant):
+    student = build_student("efficientnet_lite0", "DEFAULT", 3, None, fixed_background_logit=constant)
+    assert student.main_head.out_features == 2  # rare classes only: the background has no weights
+    x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    logits = student(x)["main"]
+    assert logits.shape == (3, 3) and torch.all(logits[:, 0] == constant)
+    params = [p for p in student.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(logits[:, 0].sum(), params, allow_unused=True)
+    assert all(g is None or torch.count_nonzero(g) == 0 for g in grads)
+    grads_rare = torch.autograd.grad(logits[:, 1].sum(), [student.main_head.weight])
+    assert torch.count_nonzero(grads_rare[0]) > 0
+
+
+def test_missing_weights_file_is_a_one_line_error(tmp_path):
+    missing = str(tmp_path / "resnet50.pth")
+    with pytest.raises(FileNotFoundError) as e:
+        build_teacher("resnet50", missing)
+    assert missing in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(FileNotFoundError, match="bgsplit fetch-weights resnet50 IMAGENET1K_V1"):
+        build_teacher("resnet50", "IMAGENET1K_V1")
+
+
+def test_torchvision_backbone_from_a_local_weights_file(tmp_path):
+    import torchvision
+
+    model = torchvision.models.get_model("mobilenet_v3_small", weights=None)
+    path = tmp_path / "mnv3.pth"
+    torch.save(model.state_dict(), path)
+    t = build_teacher("mobilenet_v3_small", str(path))
+    assert t.num_classes == 1000 and not any(p.requires_grad for p in t.parameters())
+    assert torch.equal(t.classifier.weight, model.classifier[-1].weight)
+
+
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match="unknown model 'resnet5000'"):
+        build_teacher("resnet5000")

@@ -1,0 +1,164 @@
+"""Shard round trip, -BG construction counts, the manifest written last, bad data skipped and counted."""
+import io
+import json
+import logging
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data.bg_construction import positives_for_background_fraction, select_bg, split_holdout
+from data.loader import ShardStream, assign_shards, worker_skip
+from data.shards import MANIFEST, read_manifest, write_shard_set
+
+
+def _png(value: int, size=(20, 12)) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((size[1], size[0]), value, dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _samples(n, k=2):
+    return [(f"s{i:04d}", _png(i % 256), i % (k + 1) if i % 10 == 0 else 0, str(i % 7)) for i in range(n)]
+
+
+def test_round_trip_keeps_bytes_labels_and_keys(tmp_path):
+    samples = _samples(57)
+    m = write_shard_set(str(tmp_path), samples, rare_classes=["a", "b"], class_names=["background", "A", "B"],
+                        max_count=10)
+    assert m.count == 57 and sum(s.count for s in m.shards) == 57
+    assert {s.kind for s in m.shards} == {"positive", "background"}
+    back = read_manifest(str(tmp_path))
+    assert back.counts == m.counts and back.class_names == ["background", "A", "B"]
+    from data.shards import iter_tar
+
+    got = {}
+    for url in back.shard_urls():
+        with open(url, "rb") as f:
+            for key, fields in iter_tar(f):
+                got[key] = fields
+    assert set(got) == {s[0] for s in samples}
+    for key, image, label, orig in samples:
+        assert got[key]["png"] == image and int(got[key]["cls"]) == label
+        assert json.loads(got[key]["json"])["orig"] == orig
+    # positives live only in positive shards, background only in background shards
+    for url, info in zip(back.shard_urls(), back.shards):
+        with open(url, "rb") as f:
+            labels = [int(fields["cls"]) for _, fields in iter_tar(f)]
+        assert all((lab > 0) == (info.kind == "positive") for lab in labels)
+
+
+def test_manifest_is_written_last(tmp_path):
+    def failing():
+        yield from _samples(25)
+        raise RuntimeError("source died")
+
+    with pytest.raises(RuntimeError):
+        write_shard_set(str(tmp_path), failing(), rare_classes=["a", "b"], class_names=["bg", "A", "B"], max_count=10)
+    assert not (tmp_path / MANIFEST).exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+    with pytest.raises(FileNotFoundError, match="bgsplit shards build"):
+        read_manifest(str(tmp_path))
+
+
+def test_empty_and_missing_shard_lists(tmp_path):
+    with pytest.raises(ValueError, match="selection is empty"):
+        write_shard_set(str(tmp_path), [], rare_classes=["a"], class_names=["bg", "A"])
+    (tmp_path / MANIFEST).write_text(json.dumps({"format": "bgsplit-shards/1", "rare_classes": ["a"],
+                                                  "class_names": ["bg", "A"], "counts": [0, 0], "shards": []}))
+    with pytest.raises(ValueError, match="lists no shards"):
+        read_manifest(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="no shard set given"):
+        read_manifest("")
+
+
+def test_bg_construction_counts():
+    labels = [str(i % 10) for i in range(1000)]  # 100 per class
+    sel = select_bg(labels, ["3", "7"], positives_per_class=5, seed=1)
+    assert sel.counts == {0: 800, 1: 5, 2: 5}
+    assert sel.background_fraction == pytest.approx(800 / 810)
+    again = select_bg(labels, ["3", "7"], positives_per_class=5, seed=1)
+    other = select_bg(labels, ["3", "7"], positives_per_class=5, seed=2)
+    assert np.array_equal(sel.indices, again.indices) and not np.array_equal(sel.indices, other.indices)
+    assert all(labels[i] == "3" for i in sel.indices[sel.main_labels == 1])
+    evaluation = select_bg(labels, ["3", "7"])
+    assert evaluation.counts == {0: 800, 1: 100, 2: 100}  # evaluation sets keep every positive
+    by_fraction = select_bg(labels, ["3", "7"], background_fraction=0.99, seed=0)
+    assert by_fraction.counts[1] == positives_for_background_fraction(800, 2, 0.99) == 4
+    assert 0.985 < by_fraction.background_fraction < 0.995
+    small = select_bg(labels, ["3"], positives_per_class=2, max_background=50, seed=0)
+    assert small.counts == {0: 50, 1: 2}
+    with pytest.raises(ValueError, match="rare class 'x' has no images"):
+        select_bg(labels, ["x"])
+
+
+def test_holdout_is_disjoint_and_seeded():
+    rest, held = split_holdout(100, 30, seed=3)
+    assert len(held) == 30 and len(rest) == 70 and not set(rest) & set(held)
+    assert np.array_equal(held, split_holdout(100, 30, seed=3)[1])
+
+
+@pytest.mark.parametrize("world, workers", [(1, 0), (1, 3), (4, 2), (8, 1), (3, 5)])
+def test_shard_assignment_is_disjoint_and_covering(world, workers):
+    n = 37
+    got = [assign_shards(n, seed=5, epoch=2, rank=r, world=world, worker=w, workers=workers, shuffle=True)
+           for r in range(world) for w in range(max(workers, 1))]
+    flat = [s for part in got for s in part]
+    assert sorted(flat) == list(range(n))
+    assert max(map(len, got)) - min(map(len, got)) <= 1
+    epoch3 = assign_shards(n, seed=5, epoch=3, rank=0, world=world, worker=0, workers=workers, shuffle=True)
+    assert epoch3 != got[0] or n < 3
+
+
+def test_worker_skip_matches_round_robin():
+    for workers in (0, 1, 3):
+        w = max(workers, 1)
+        for done in range(10):
+            delivered = [sum(1 for b in range(done) if b % w == i) for i in range(w)]
+            assert [worker_skip(done, i, workers) for i in range(w)] == delivered
+
+
+def _corrupt_set(tmp_path):
+    samples = [(f"k{i}", _png(40 + i), 1 if i < 3 else 0, "x") for i in range(12)]
+    samples[5] = ("broken", b"\x89PNG\r\n\x1a\nnot really a png", 0, "x")
+    write_shard_set(str(tmp_path), samples, rare_classes=["r"], class_names=["bg", "R"], max_count=100)
+    return read_manifest(str(tmp_path))
+
+
+def test_corrupt_image_is_skipped_counted_and_warned(tmp_path, caplog):
+    m = _corrupt_set(tmp_path)
+    stream = ShardStream(m, train=False, image_size=16, batch_size=4)
+    with caplog.at_level(logging.WARNING, logger="bgsplit.data"):
+        batches = list(stream)
+    keys = [k for b in batches for k in b["key"]]
+    assert len(keys) == 11 and "broken" not in keys
+    assert sum(int(b["skipped"][0]) for b in batches) == 1
+    assert any("broken" in r.getMessage() for r in caplog.records)
+    assert batches[0]["image"].dtype.is_floating_point is False and batches[0]["image"].shape[1:] == (3, 16, 16)
+
+
+def test_truncated_shard_is_reported_and_the_run_goes_on(tmp_path, caplog):
+    m = _corrupt_set(tmp_path)
+    bg = [u for u in m.shard_urls("background")][0]
+    data = open(bg, "rb").read()
+    open(bg, "wb").write(data[:4000])  # cut inside the second sample (the tail of a tar is padding)
+    with caplog.at_level(logging.WARNING, logger="bgsplit.data"):
+        batches = list(ShardStream(m, train=False, image_size=16, batch_size=4))
+    assert 3 <= sum(len(b.get("key", [])) for b in batches) < 11  # the positive shard and the samples before the cut
+    assert sum(int(b["skipped"][2]) for b in batches) == 1
+    assert sum(int(b["skipped"][0]) for b in batches) == 0  # "broken" lies past the cut, never read
+    assert any("unreadable" in r.getMessage() for r in caplog.records)
+
+
+def test_balanced_sampling_repeats_positives(tmp_path):
+    samples = [(f"k{i:03d}", _png(i), (i % 2) + 1 if i < 4 else 0, "x") for i in range(204)]
+    write_shard_set(str(tmp_path), samples, rare_classes=["a", "b"], class_names=["bg", "A", "B"], max_count=50)
+    m = read_manifest(str(tmp_path))
+    stream = ShardStream(m, train=True, image_size=8, batch_size=20, sampling="balanced", positive_fraction=0.2,
+                         shuffle_buffer=50)
+    labels = np.concatenate([b["label"].numpy() for b in stream])
+    frac = np.mean(labels > 0)
+    assert 0.17 < frac < 0.23  # 4 positives, re-sampled to a fifth of the epoch
+    assert abs(np.sum(labels == 1) - np.sum(labels == 2)) <= 0.3 * np.sum(labels > 0)
+    assert len(labels) == stream.batches_per_epoch() * 20

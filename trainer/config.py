@@ -1,0 +1,282 @@
+"""Typed job configuration: dataclasses are the schema, YAML files and dotted CLI overrides only fill them.
+
+An unknown key or a value of the wrong type is a one-line ``ConfigError`` naming the key, because a silently
+ignored typo (``loss.aux_wieght``) would quietly train the fine-tune baseline instead of BG splitting.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration key or value; the message is one line naming it and the fix."""
+
+
+@dataclass
+class DataConfig:
+    train: str = ""
+    """Manifest (manifest.json path or folder/URL holding one) of the training shards."""
+    val: str = ""
+    """Manifest of the validation shards (model selection; never the test split)."""
+    test: str = ""
+    """Manifest of the evaluation shards used by `bgsplit eval` and the final report."""
+    image_size: int = 224
+    """Student input size: RandomResizedCrop size for training, centre-crop size for evaluation."""
+    eval_resize_ratio: float = 1.15
+    """Evaluation resizes the short side to image_size * ratio before the centre crop (the paper's 1.15)."""
+    min_crop_scale: float = 0.35
+    """Lower bound of the RandomResizedCrop area fraction."""
+    batch_size: int = 256
+    """Per-process batch size (the global batch is batch_size * world size * grad_accum)."""
+    num_workers: int = 0
+    """DataLoader worker processes (0 = decode in the training process)."""
+    shuffle_buffer: int = 2000
+    """Samples held in the shuffle buffer after the per-epoch shard shuffle."""
+    sampling: str = "natural"
+    """natural: every sample once per epoch; balanced: positives re-sampled, each rare class equally often."""
+    positive_fraction: float = 0.125
+    """Fraction of each epoch that is positives when sampling is 'balanced'."""
+
+
+@dataclass
+class TeacherConfig:
+    name: str = "efficientnet_lite0"
+    """Registry name (efficientnet_lite0, a torchvision model such as resnet50, or 'checkpoint')."""
+    weights: str = ""
+    """torchvision weights enum name (IMAGENET1K_V1), a local weights file, or a bgsplit checkpoint path."""
+    mode: str = "online"
+    """online: run the teacher on each training batch; cached: read labels written by `bgsplit teacher-label`."""
+    image_size: int = 0
+    """Teacher input size; 0 means the student's image size (online mode resizes the student's crop)."""
+    topk: int = 5
+    """Teacher top-k kept in the cache and used by the top-k soft aux loss."""
+
+
+@dataclass
+class ModelConfig:
+    trunk: str = "efficientnet_lite0"
+    """efficientnet_lite0 or any torchvision classification model name (resnet50, mobilenet_v3_small, ...)."""
+    weights: str = "DEFAULT"
+    """Trunk weights: DEFAULT (the trunk's ImageNet weights), NONE (random init), an enum name or a file path."""
+    fixed_background_logit: float | None = None
+    """If set, the main head's background logit is this constant (0.0 is valid) instead of a learned one."""
+    init_aux_from_teacher: bool = True
+    """Copy the teacher's classifier into the aux head when the trunk matches the teacher."""
+    normalized_main_head: bool = False
+    """Cosine (normalised) main classifier; LDAM turns it on by itself."""
+    freeze_bn_stats: bool = False
+    """Keep the trunk's BatchNorm running statistics fixed (affine weights still train): for small batches or
+    data far from ImageNet, where batch statistics would pull the trunk away from the teacher's features."""
+
+
+@dataclass
+class LossConfig:
+    main: str = "ce"
+    """ce | class_balanced | focal | ldam_drw | logit_adjust."""
+    aux: str = "hard"
+    """hard (CE on the teacher's top-1, the paper) | soft (KL at temperature) | topk (KL on the top-k renormalised)."""
+    aux_weight: float = 0.1
+    """lambda; 0 disables the aux head's loss and gives the fine-tuning baseline."""
+    temperature: float = 1.0
+    """Soft aux-loss temperature tau (the loss is scaled by tau^2)."""
+    cb_beta: float = 0.999
+    """Class-balanced loss: beta of the effective number of samples."""
+    focal_gamma: float = 2.0
+    """Focal loss: gamma."""
+    ldam_max_margin: float = 0.5
+    """LDAM: the largest per-class margin (for the rarest class)."""
+    ldam_scale: float = 30.0
+    """LDAM: logit scale of the normalised classifier."""
+    drw_start_epoch: float = 0.6
+    """Deferred re-weighting starts at this fraction of training when < 1, else at this epoch."""
+    logit_adjust_tau: float = 1.0
+    """Logit adjustment: tau times log class prior added to the logits during training."""
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    """sgd (momentum, the paper) or adamw."""
+    lr: float = 0.01
+    """Peak learning rate (for the global batch)."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 1e-4
+    """Weight decay."""
+    epochs: float = 90.0
+    """Training length in epochs (fractions allowed)."""
+    warmup_epochs: float = 1.0
+    """Linear warm-up length in epochs."""
+    warmup_start_lr: float = 0.001
+    """LR at the start of the warm-up."""
+    schedule: str = "step"
+    """step (x gamma at the milestones) or cosine."""
+    milestones: list[float] = field(default_factory=lambda: [21.0, 41.0, 61.0, 81.0])
+    """Epochs at which the step schedule multiplies the LR by gamma."""
+    gamma: float = 0.1
+    """Step schedule factor."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimiser step."""
+    clip_grad_norm: float = 0.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/default"
+    """Where checkpoints, metrics.jsonl, TensorBoard scalars and reports go."""
+    seed: int = 0
+    """Seeds the model init, the data order and the augmentation."""
+    device: str = "auto"
+    """auto (cuda if available), cpu or cuda."""
+    precision: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16."""
+    channels_last: bool = True
+    """Use channels_last memory format on GPU."""
+    log_every: int = 20
+    """Steps between logged scalars (the only host syncs of the loop)."""
+    eval_every: float = 0.0
+    """Epochs between validation runs; 0 evaluates only at the end."""
+    checkpoint_every: int = 0
+    """Steps between checkpoints; 0 saves only at the end."""
+    keep_checkpoints: int = 2
+    """How many step checkpoints to keep."""
+    resume: str = ""
+    """'' (fresh), 'auto' (newest complete checkpoint in out_dir) or a checkpoint path."""
+    progress: bool = True
+    """Show a progress bar."""
+    max_steps: int = 0
+    """Stop after this many optimiser steps (0 = the full schedule); for debugging and tests."""
+
+
+@dataclass
+class JobConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "data.sampling": ("natural", "balanced"),
+    "teacher.mode": ("online", "cached"),
+    "loss.main": ("ce", "class_balanced", "focal", "ldam_drw", "logit_adjust"),
+    "loss.aux": ("hard", "soft", "topk"),
+    "optim.name": ("sgd", "adamw"),
+    "optim.schedule": ("step", "cosine"),
+    "run.device": ("auto", "cpu", "cuda"),
+    "run.precision": ("auto", "fp32", "bf16", "fp16"),
+}
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; YAML gives ints where floats are meant, which is fine."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"config key '{where}' must be {tp}, got {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{where}' must be a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"config key '{where}' must be {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def _merge(obj: Any, values: dict[str, Any], prefix: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        where = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key '{where}': valid keys here are {', '.join(sorted(names))}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{where}' is a section; give it a mapping, not {value!r}")
+            _merge(current, value, where + ".")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], where))
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() != "" else ""
+
+
+def _nest(path: list[str], value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = value
+    for part in reversed(path):
+        out = {part: out}
+    return out
+
+
+def validate(cfg: JobConfig) -> JobConfig:
+    for where, allowed in CHOICES.items():
+        section, key = where.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value not in allowed:
+            raise ConfigError(f"config key '{where}' is {value!r}; choose one of {', '.join(allowed)}")
+    if cfg.data.batch_size < 1 or cfg.optim.grad_accum < 1:
+        raise ConfigError("data.batch_size and optim.grad_accum must be >= 1")
+    if not 0.0 < cfg.data.positive_fraction < 1.0:
+        raise ConfigError(f"data.positive_fraction must be in (0, 1), got {cfg.data.positive_fraction}")
+    if cfg.loss.aux_weight < 0:
+        raise ConfigError(f"loss.aux_weight must be >= 0, got {cfg.loss.aux_weight}")
+    if cfg.loss.temperature <= 0:
+        raise ConfigError(f"loss.temperature must be > 0, got {cfg.loss.temperature}")
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
+    """Defaults, then the YAML file, then ``section.key=value`` overrides (values parsed as YAML scalars)."""
+    cfg = JobConfig()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist; see configs/ for the shipped ones")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections")
+        _merge(cfg, data, "")
+    for text in overrides or []:
+        keys, value = _parse_override(text)
+        _merge(cfg, _nest(keys, value), "")
+    return validate(cfg)
+
+
+def config_from_dict(values: dict[str, Any]) -> JobConfig:
+    cfg = JobConfig()
+    _merge(cfg, values, "")
+    return validate(cfg)

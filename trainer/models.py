@@ -1,0 +1,157 @@
+"""The frozen teacher and the two-headed student.
+
+The teacher is never trained: it stays in eval mode whatever ``.train()`` is called on, holds no
+``requires_grad`` parameters, and is kept out of the optimiser and the data-parallel wrapper by construction
+(it is not a submodule of the student). The student is a shared trunk with a main head over {background, K rare
+classes} and an aux head over the teacher's label space; inference uses the main head only.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.backbones import Backbone, load_backbone
+
+
+class Normalize(nn.Module):
+    """uint8 (or 0..255 float) images to the float input a network was trained on."""
+
+    def __init__(self, norm: tuple[tuple[float, ...], tuple[float, ...]]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(norm[0]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(norm[1]).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() - self.mean) / self.std
+
+
+class Teacher(nn.Module):
+    """A frozen classifier: uint8 images in, logits over its own label space out."""
+
+    def __init__(self, arch: str, trunk: nn.Module, classifier: nn.Module, num_classes: int,
+                 norm: tuple[tuple[float, ...], tuple[float, ...]], image_size: int = 0):
+        super().__init__()
+        self.arch = arch
+        self.image_size = image_size
+        self.num_classes = num_classes
+        self.normalize = Normalize(norm)
+        self.trunk = trunk
+        self.classifier = classifier
+        for p in self.parameters():
+            p.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> "Teacher":
+        """Stay in eval mode: a teacher in train mode would move its BatchNorm statistics."""
+        return super().train(False)
+
+    @torch.inference_mode()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.normalize(images)
+        if self.image_size and x.shape[-1] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True,
+                              align_corners=False)
+        return self.classifier(self.trunk(x)).float()
+
+
+class _MainHead(nn.Module):
+    """A trained student's main head used as a teacher's classifier (self-distillation from a checkpoint)."""
+
+    def __init__(self, student: "Student"):
+        super().__init__()
+        self.student = student
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.student.main_logits(features)
+
+
+def build_teacher(name: str, weights: str = "", image_size: int = 0) -> Teacher:
+    """A registry name (efficientnet_lite0, a torchvision model) or 'checkpoint' with a bgsplit checkpoint path."""
+    if name == "checkpoint":
+        from trainer.checkpoint import load_student_from_checkpoint
+
+        student = load_student_from_checkpoint(weights)
+        return Teacher("checkpoint", student.trunk, _MainHead(student), student.num_classes, student.norm,
+                       image_size)
+    backbone = load_backbone(name, weights or "DEFAULT")
+    if backbone.classifier is None:
+        raise ValueError(f"teacher '{name}' has no classifier: it cannot label images")
+    return Teacher(backbone.name, backbone.trunk, backbone.classifier, backbone.classifier.out_features,
+                   backbone.norm, image_size)
+
+
+class NormedLinear(nn.Module):
+    """Scaled cosine classifier: LDAM's margins are defined on normalised features and weights."""
+
+    def __init__(self, in_features: int, out_features: int, scale: float = 30.0):
+        super().__init__()
+        self.scale = scale
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * (F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).t())
+
+
+class Student(nn.Module):
+    """Shared trunk, main head (index 0 = background) and aux head over the teacher's classes."""
+
+    def __init__(self, backbone: Backbone, num_classes: int, aux_classes: int, *,
+                 fixed_background_logit: float | None = None, normalized_main_head: bool = False,
+                 logit_scale: float = 30.0, freeze_bn_stats: bool = False):
+        super().__init__()
+        self.freeze_bn_stats = freeze_bn_stats
+        self.arch = backbone.name
+        self.num_classes = num_classes
+        self.norm = backbone.norm
+        self.normalize = Normalize(backbone.norm)
+        self.trunk = backbone.trunk
+        self.fixed_background_logit = fixed_background_logit
+        rare_outputs = num_classes - 1 if fixed_background_logit is not None else num_classes
+        self.main_head = (NormedLinear(backbone.feature_dim, rare_outputs, logit_scale) if normalized_main_head
+                          else nn.Linear(backbone.feature_dim, rare_outputs))
+        self.aux_head = nn.Linear(backbone.feature_dim, aux_classes) if aux_classes else None
+
+    def train(self, mode: bool = True) -> "Student":
+        super().train(mode)
+        if mode and self.freeze_bn_stats:
+            for m in self.trunk.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    def main_logits(self, features: torch.Tensor) -> torch.Tensor:
+        logits = self.main_head(features)
+        if self.fixed_background_logit is None:
+            return logits
+        background = logits.new_full((logits.shape[0], 1), float(self.fixed_background_logit))
+        return torch.cat([background, logits], dim=1)
+
+    def forward(self, images: torch.Tensor, with_aux: bool = True) -> dict[str, torch.Tensor]:
+        features = self.trunk(self.normalize(images))
+        out = {"main": self.main_logits(features)}
+        if with_aux and self.aux_head is not None:
+            out["aux"] = self.aux_head(features)
+        return out
+
+
+def build_student(trunk: str, weights: str, num_classes: int, teacher: Teacher | None, *,
+                  aux_classes: int | None = None, fixed_background_logit: float | None = None,
+                  normalized_main_head: bool = False, logit_scale: float = 30.0,
+                  init_aux_from_teacher: bool = True, freeze_bn_stats: bool = False) -> Student:
+    """The aux head copies the teacher's classifier when trunk and teacher are the same network, so the aux loss
+    starts near its optimum and its gradient regularises the trunk instead of first training a random head."""
+    backbone = load_backbone(trunk, weights)
+    if aux_classes is None:
+        aux_classes = teacher.num_classes if teacher is not None else 0
+    student = Student(backbone, num_classes, aux_classes, fixed_background_logit=fixed_background_logit,
+                      normalized_main_head=normalized_main_head, logit_scale=logit_scale,
+                      freeze_bn_stats=freeze_bn_stats)
+    if (init_aux_from_teacher and teacher is not None and student.aux_head is not None
+            and teacher.arch == trunk and isinstance(teacher.classifier, nn.Linear)
+            and teacher.classifier.weight.shape == student.aux_head.weight.shape):
+        with torch.no_grad():
+            student.aux_head.weight.copy_(teacher.classifier.weight)
+            student.aux_head.bias.copy_(teacher.classifier.bias)
+    return student

@@ -1,0 +1,31 @@
+"""Learning-rate schedule as a pure function of the optimiser step: linear warm-up, then step or cosine.
+
+The paper's recipe: 1 epoch of warm-up from 0.001 to 0.01, then x0.1 at epochs 21/41/61/81 of 90.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from trainer.config import OptimConfig
+
+
+def lr_at(step: int, steps_per_epoch: int, cfg: OptimConfig) -> float:
+    epoch = step / max(steps_per_epoch, 1)
+    if epoch < cfg.warmup_epochs:
+        return cfg.warmup_start_lr + (cfg.lr - cfg.warmup_start_lr) * epoch / cfg.warmup_epochs
+    if cfg.schedule == "cosine":
+        span = max(cfg.epochs - cfg.warmup_epochs, 1e-9)
+        progress = min((epoch - cfg.warmup_epochs) / span, 1.0)
+        return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * progress))
+    return cfg.lr * cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, steps_per_epoch: int,
+                    cfg: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR (so it has state_dict/load_state_dict) whose factor makes the LR equal ``lr_at``."""
+    for group in optimizer.param_groups:
+        group["lr"] = cfg.lr
+        group["initial_lr"] = cfg.lr
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, steps_per_epoch, cfg) / cfg.lr)

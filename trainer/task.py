@@ -1,0 +1,65 @@
+"""The BG-splitting task: student forward, teacher targets and the combined loss, returned as one dict.
+
+The training loop only sees ``task(batch, epoch) -> {"loss", ...}``; whether the aux head is on (lambda > 0),
+which main loss runs and whether the teacher is online or cached are decided here. ``student`` may be the
+DDP/DeepSpeed-wrapped module; the teacher is a separate frozen module that no wrapper or optimiser ever sees.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer.config import JobConfig
+from trainer.losses import aux_hard, aux_soft, aux_topk, build_main_loss
+from trainer.models import Teacher
+
+
+def teacher_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    probs = logits.float().softmax(dim=1)
+    top = probs.topk(min(k, probs.shape[1]), dim=1)
+    return top.indices, top.values
+
+
+class BGSplitTask:
+    def __init__(self, student: nn.Module, teacher: Teacher | None, cfg: JobConfig, class_counts: list[int],
+                 drw_epoch: float):
+        self.student = student
+        self.teacher = teacher
+        self.cfg = cfg
+        self.use_aux = cfg.loss.aux_weight > 0
+        self.main_loss = build_main_loss(cfg.loss, class_counts, drw_epoch)
+        if self.use_aux and cfg.teacher.mode == "online" and teacher is None:
+            raise ValueError("loss.aux_weight > 0 with teacher.mode=online needs a teacher")
+        if self.use_aux and cfg.teacher.mode == "cached" and cfg.loss.aux == "soft":
+            raise ValueError("loss.aux=soft needs the teacher's full output: use teacher.mode=online, or loss.aux=topk"
+                             " with cached labels")
+
+    def teacher_targets(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        if self.cfg.teacher.mode == "cached":
+            return {"teacher_idx": batch["teacher_idx"], "teacher_prob": batch["teacher_prob"]}
+        logits = self.teacher(batch["image"])
+        idx, prob = teacher_topk(logits, self.cfg.teacher.topk)
+        # inference-mode tensors cannot be saved for backward: clone them into normal tensors
+        return {"teacher_idx": idx.clone(), "teacher_prob": prob.clone(), "teacher_logits": logits.clone()}
+
+    def __call__(self, batch: dict[str, Any], epoch: float) -> dict[str, torch.Tensor]:
+        out = self.student(batch["image"], with_aux=self.use_aux)
+        main_loss = self.main_loss(out["main"], batch["label"], epoch)
+        result = {"main_logits": out["main"], "main_loss": main_loss}
+        if not self.use_aux:
+            result["loss"] = main_loss
+            return result
+        targets = self.teacher_targets(batch)
+        aux = self.cfg.loss.aux
+        if aux == "hard":
+            aux_loss = aux_hard(out["aux"], targets["teacher_idx"])
+        elif aux == "soft":
+            aux_loss = aux_soft(out["aux"], targets["teacher_logits"], self.cfg.loss.temperature)
+        else:
+            aux_loss = aux_topk(out["aux"], targets["teacher_idx"], targets["teacher_prob"],
+                                self.cfg.loss.temperature)
+        result.update(aux_logits=out["aux"], aux_loss=aux_loss, teacher_top1=targets["teacher_idx"][:, 0],
+                      loss=main_loss + self.cfg.loss.aux_weight * aux_loss)
+        return result
