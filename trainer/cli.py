@@ -67,7 +67,7 @@ def _teacher_label(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from trainer.demo import run_demo
 
-    run_demo(args.out, quick=args.quick, seeds=args.seeds)
+    run_demo(args.out, quick=args.quick, seeds=args.seeds, prepare_only=args.prepare_only)
 
 
 def _fetch_weights(args: argparse.Namespace) -> None:
@@ -127,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="artifacts/demo")
     d.add_argument("--quick", action="store_true", help="one seed, shorter runs (a smoke test)")
     d.add_argument("--seeds", type=int, default=3)
+    d.add_argument("--prepare-only", action="store_true", help="build the data and teacher labels, train nothing")
     d.set_defaults(func=_demo)
 
     f = sub.add_parser("fetch-weights", help="download torchvision weights into torch's cache (needs a network)")

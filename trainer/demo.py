@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from data.build import BuildSpec, build_set
+from data.shards import read_manifest
 from data.sources import FashionMNISTSource
 from trainer.checkpoint import load_student_from_checkpoint
 from trainer.config import JobConfig, load_config
@@ -38,8 +38,7 @@ class DemoSpec:
     """(name, positives per rare class) over the same background images."""
     background: int = 1485
     holdout: int = 1000
-    test_images: int = 2000
-    steps: int = 150
+    test_images: int = 1500
     methods: dict[str, list[str]] = field(default_factory=lambda: {
         "fine-tune": ["loss.aux_weight=0"],
         "bg-split": [],
@@ -48,8 +47,8 @@ class DemoSpec:
     })
 
 
-def prepare_data(root: str, spec: DemoSpec, teacher_size: int) -> dict[str, str]:
-    """Build the shard sets (idempotent) and cache the teacher's labels on each."""
+def prepare_data(root: str, spec: DemoSpec, teacher_size: int, cache_teacher: bool) -> dict[str, str]:
+    """Build the shard sets (idempotent) and, for cached-teacher configs, cache the teacher's labels on each."""
     src_train, src_test = FashionMNISTSource("train"), FashionMNISTSource("test")
     sets: dict[str, str] = {}
     for name, positives in spec.settings:
@@ -64,18 +63,17 @@ def prepare_data(root: str, spec: DemoSpec, teacher_size: int) -> dict[str, str]
     sets["test"] = os.path.join(root, "test")
     build_set(src_test, BuildSpec("fmnist:test", spec.rare, subsample=spec.test_images), sets["test"],
               progress=False)
-    teacher = build_teacher("efficientnet_lite0", "", teacher_size)
-    for location in sets.values():
-        label_shard_set(teacher, location, image_size=teacher_size, topk=5)
+    if cache_teacher:
+        teacher = build_teacher("efficientnet_lite0", "", teacher_size)
+        for location in sets.values():
+            label_shard_set(teacher, location, image_size=teacher_size, topk=5)
     return sets
 
 
-def run_config(base: JobConfig, train: str, val: str, out_dir: str, seed: int, steps: int,
-               overrides: list[str]) -> JobConfig:
-    epochs_hint = base.optim.epochs
-    return load_config(CONFIG, [f"data.train={train}", f"data.val={val}", f"run.out_dir={out_dir}",
-                                f"run.seed={seed}", f"run.max_steps={steps}", "run.progress=false",
-                                f"optim.epochs={epochs_hint}", *overrides])
+def run_config(train: str, out_dir: str, seed: int, overrides: list[str]) -> JobConfig:
+    # validation is left out of the timed runs (data.val=""): the test split is scored once at the end
+    return load_config(CONFIG, [f"data.train={train}", "data.val=", f"run.out_dir={out_dir}", f"run.seed={seed}",
+                                "run.progress=false", *overrides])
 
 
 def train_and_test(cfg: JobConfig, test: str) -> dict[str, Any]:
@@ -87,13 +85,9 @@ def train_and_test(cfg: JobConfig, test: str) -> dict[str, Any]:
             return cached
     start = time.time()
     trainer = Trainer.build(cfg)
-    cfg_no_val = trainer.cfg
     summary = trainer.fit()
-    from data.shards import read_manifest
-
     test_eval = evaluate_student(trainer.student, read_manifest(test), cfg.data.image_size, 128, trainer.device)
-    result = {"config": cfg_no_val.to_dict(), "val_map": summary["val"]["map"] if summary["val"] else None,
-              "test_map": test_eval["map"], "test_ap": test_eval["ap"], "seconds": time.time() - start,
+    result = {"config": cfg.to_dict(), "test_map": test_eval["map"], "test_ap": test_eval["ap"], "seconds": time.time() - start,
               "checkpoint": summary["checkpoint"], "steps": summary["steps"]}
     result_path.write_text(json.dumps(result, indent=1))
     return result
@@ -105,11 +99,12 @@ def run_demo(out: str = "artifacts/demo", *, quick: bool = False, seeds: int = 3
     spec = spec or DemoSpec()
     if quick:
         spec = DemoSpec(rare=spec.rare, settings=spec.settings[:1], background=spec.background, holdout=300,
-                        test_images=500, steps=30, methods={k: spec.methods[k] for k in ("fine-tune", "bg-split")})
+                        test_images=500, methods={k: [*spec.methods[k], "optim.epochs=0.5"]
+                                                  for k in ("fine-tune", "bg-split")})
         seeds = 1
     base = load_config(CONFIG)
     started = time.time()
-    sets = prepare_data(os.path.join(out, "data"), spec, base.teacher.image_size)
+    sets = prepare_data(os.path.join(out, "data"), spec, base.teacher.image_size, base.teacher.mode == "cached")
     print(f"data ready in {time.time() - started:.0f}s: {', '.join(sets.values())}", flush=True)
     if prepare_only:
         return {"sets": sets}
@@ -120,8 +115,7 @@ def run_demo(out: str = "artifacts/demo", *, quick: bool = False, seeds: int = 3
             for seed in range(seeds):
                 slug = method.replace(" + ", "+").replace(" ", "-")
                 run_dir = os.path.join(out, "runs", Path(sets[setting]).name, slug, f"seed{seed}")
-                # validation is skipped inside the timed runs: the test split is scored once at the end
-                cfg = run_config(base, sets[setting], "", run_dir, seed, spec.steps, overrides)
+                cfg = run_config(sets[setting], run_dir, seed, overrides)
                 result = train_and_test(cfg, sets["test"])
                 maps.append(result["test_map"])
                 runs.append({"setting": setting, "method": method, "seed": seed, **result})
@@ -137,7 +131,7 @@ def run_demo(out: str = "artifacts/demo", *, quick: bool = False, seeds: int = 3
                            image_size=base.data.image_size, title=f"Fashion-MNIST-BG {extreme}, {method}, seed 0")
     summary = {"rows": [{**r, "mean": summarize(r["maps"])[0], "std": summarize(r["maps"])[1]} for r in rows],
                "runs": [{k: v for k, v in r.items() if k != "config"} for r in runs],
-               "spec": {"rare": spec.rare, "settings": spec.settings, "steps": spec.steps, "seeds": seeds},
+               "spec": {"rare": spec.rare, "settings": spec.settings, "seeds": seeds, "config": str(CONFIG)},
                "seconds": time.time() - started}
     results_path = os.path.join(out, "results.json")
     with open(results_path, "w") as f:

@@ -92,6 +92,12 @@ class Trainer:
     step: int = 0
     skipped: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.long))
     history: list[dict[str, Any]] = field(default_factory=list)
+    scaler: torch.amp.GradScaler | None = None
+
+    def __post_init__(self) -> None:
+        # fp16 needs loss scaling; bf16 and fp32 do not
+        fp16 = autocast_dtype(self.cfg.run.precision, self.device) == torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
 
     @classmethod
     def build(cls, cfg: JobConfig) -> "Trainer":
@@ -140,6 +146,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "loader": self.loader_state.state_dict(), "rng": rng_state(), "config": self.cfg.to_dict(),
                 "model_meta": model_meta(self.cfg, self.manifest, self.student), "history": self.history,
+                "scaler": self.scaler.state_dict(),
                 "skipped": self.skipped.tolist()}
 
     def load_state_dict(self, state: dict[str, Any], url: str = "checkpoint") -> None:
@@ -148,6 +155,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.loader_state.load_state_dict(state["loader"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         self.step = int(state["step"])
         self.history = list(state.get("history", []))
@@ -185,13 +194,15 @@ class Trainer:
         for batch in micro_batches:
             with self._autocast():
                 out = self.task(self._to_device(batch), epoch)
-            (out["loss"] / len(micro_batches)).backward()
+            self.scaler.scale(out["loss"] / len(micro_batches)).backward()
             for k in ("loss", "main_loss", "aux_loss"):
                 if k in out:
                     sums[k] = sums.get(k, 0) + out[k].detach() / len(micro_batches)
         if self.cfg.optim.clip_grad_norm > 0:
+            self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.optim.clip_grad_norm)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
