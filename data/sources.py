@@ -27,6 +27,8 @@ from typing import Any, Iterable, Protocol, runtime_checkable
 
 import numpy as np
 
+from data import storage
+
 __all__ = [
     "SourceItem",
     "Source",
@@ -97,34 +99,6 @@ class Source(Protocol):
 # small helpers
 
 
-def _is_url(path: str) -> bool:
-    return "://" in path
-
-
-def _read_bytes(path: str) -> bytes:
-    """Read a whole file; plain ``open`` for local paths keeps the common case
-    free of the fsspec import and its per-call overhead."""
-    if _is_url(path):
-        import fsspec
-
-        with fsspec.open(path, "rb") as handle:
-            return handle.read()
-    try:
-        with open(path, "rb") as handle:
-            return handle.read()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"file not found: {path}; check the path") from None
-
-
-def _exists(path: str) -> bool:
-    if _is_url(path):
-        import fsspec
-
-        fs, inner = fsspec.core.url_to_fs(path)
-        return bool(fs.exists(inner))
-    return os.path.exists(path)
-
-
 def make_key(text: str) -> str:
     """Turn an arbitrary identifier into a webdataset-safe key.
 
@@ -176,7 +150,7 @@ class ImageFolderSource:
         return list(self._items)
 
     def read(self, item: SourceItem) -> bytes:
-        return _read_bytes(item.ref)
+        return storage.read_bytes(item.ref)
 
     def class_names(self) -> dict[str, str]:
         return {label: label for label in sorted({item.label for item in self.items()})}
@@ -198,12 +172,12 @@ class ImageFolderSource:
             key=make_key(rel),
             label=label,
             split=self.split,
-            ref=posixpath.join(self.root, rel) if _is_url(self.root) else os.path.join(self.root, rel),
+            ref=posixpath.join(self.root, rel) if storage.is_remote(self.root) else os.path.join(self.root, rel),
         )
 
     def _list_relpaths(self) -> list[str]:
         """Relative POSIX paths of all image files, sorted for determinism."""
-        if _is_url(self.root):
+        if storage.is_remote(self.root):
             return self._list_remote()
         if not os.path.isdir(self.root):
             raise FileNotFoundError(f"image folder root not found: {self.root}; pass an existing directory")
@@ -255,14 +229,14 @@ class ManifestSource:
         return list(self._items)
 
     def read(self, item: SourceItem) -> bytes:
-        return _read_bytes(item.ref)
+        return storage.read_bytes(item.ref)
 
     def class_names(self) -> dict[str, str]:
         return {label: label for label in sorted({item.label for item in self.items()})}
 
     @staticmethod
     def _parent(path: str) -> str:
-        return posixpath.dirname(path) if _is_url(path) else os.path.dirname(os.path.abspath(path))
+        return posixpath.dirname(path) if storage.is_remote(path) else os.path.dirname(os.path.abspath(path))
 
     def _load(self) -> list[SourceItem]:
         rows = self._rows()
@@ -273,9 +247,9 @@ class ManifestSource:
         return items
 
     def _rows(self) -> list[dict[str, Any]]:
-        if not _exists(self.path):
+        if not storage.exists(self.path):
             raise FileNotFoundError(f"manifest not found: {self.path}; check the path")
-        text = _read_bytes(self.path).decode("utf-8-sig")
+        text = storage.read_bytes(self.path).decode("utf-8-sig")
         suffix = posixpath.splitext(self.path.lower())[1]
         if suffix == ".csv":
             return self._csv_rows(text)
@@ -334,9 +308,9 @@ class ManifestSource:
         )
 
     def _resolve(self, rel: str) -> str:
-        if _is_url(rel) or os.path.isabs(rel):
+        if storage.is_remote(rel) or os.path.isabs(rel):
             return rel
-        if _is_url(self.root):
+        if storage.is_remote(self.root):
             return posixpath.join(self.root, rel)
         return os.path.join(self.root, rel)
 
@@ -374,7 +348,7 @@ class INatSource:
         return list(self._items)
 
     def read(self, item: SourceItem) -> bytes:
-        return _read_bytes(item.ref)
+        return storage.read_bytes(item.ref)
 
     def class_names(self) -> dict[str, str]:
         if self._names is None:
@@ -383,12 +357,12 @@ class INatSource:
         return dict(self._names)
 
     def _load(self) -> None:
-        if not _exists(self.annotations_json):
+        if not storage.exists(self.annotations_json):
             raise FileNotFoundError(
                 f"iNat annotations not found: {self.annotations_json}; "
                 "pass the train2017.json/val2017.json path"
             )
-        data = json.loads(_read_bytes(self.annotations_json).decode("utf-8"))
+        data = json.loads(storage.read_bytes(self.annotations_json).decode("utf-8"))
         for field in ("images", "annotations", "categories"):
             if field not in data:
                 raise ValueError(
@@ -419,7 +393,7 @@ class INatSource:
 
     def _item(self, image: dict[str, Any], label: str) -> SourceItem:
         file_name = str(image["file_name"])
-        if _is_url(self.image_root):
+        if storage.is_remote(self.image_root):
             ref = posixpath.join(self.image_root, file_name)
         else:
             ref = os.path.join(self.image_root, file_name)
@@ -441,7 +415,7 @@ _FMNIST_PREFIX = {"train": "train", "test": "t10k"}
 
 
 def _open_idx(path: str) -> bytes:
-    raw = _read_bytes(path)
+    raw = storage.read_bytes(path)
     return gzip.decompress(raw) if path.endswith(".gz") else raw
 
 
@@ -615,11 +589,11 @@ def read_split_file(path: str | os.PathLike[str]) -> list[str]:
     background), so duplicates are an error instead of being silently merged.
     """
     path = str(path)
-    if not _exists(path):
+    if not storage.exists(path):
         raise FileNotFoundError(f"split file not found: {path}; check the path (shipped splits live in data/splits/)")
     ids: list[str] = []
     seen: set[str] = set()
-    for line in _read_bytes(path).decode("utf-8").splitlines():
+    for line in storage.read_bytes(path).decode("utf-8").splitlines():
         for token in line.split("#", 1)[0].split():
             if token in seen:
                 raise ValueError(f"duplicate class id '{token}' in split file {path}; list each class once")

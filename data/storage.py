@@ -13,21 +13,18 @@ from typing import IO, Iterator
 
 
 def is_remote(url: str) -> bool:
-    return "://" in url and not url.startswith("file://")
-
-
-def _local(url: str) -> str:
-    return url[len("file://"):] if url.startswith("file://") else url
+    """Anything with a scheme (s3://, gs://, memory://, file://) goes through fsspec; plain paths through os."""
+    return "://" in url
 
 
 def join(base: str, *parts: str) -> str:
     if is_remote(base):
         return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
-    return os.path.join(_local(base), *parts)
+    return os.path.join(base, *parts)
 
 
 def dirname(url: str) -> str:
-    return url.rsplit("/", 1)[0] if is_remote(url) else os.path.dirname(_local(url))
+    return url.rsplit("/", 1)[0] if is_remote(url) else os.path.dirname(url)
 
 
 def _fs(url: str):
@@ -39,14 +36,17 @@ def _fs(url: str):
 
 def exists(url: str) -> bool:
     if not is_remote(url):
-        return os.path.exists(_local(url))
+        return os.path.exists(url)
     fs, path = _fs(url)
     return fs.exists(path)
 
 
 def open_read(url: str) -> IO[bytes]:
     if not is_remote(url):
-        return open(_local(url), "rb")
+        try:
+            return open(url, "rb")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"file not found: {url}; check the path") from None
     import fsspec
 
     return fsspec.open(url, "rb").open()
@@ -60,7 +60,7 @@ def read_bytes(url: str) -> bytes:
 def listdir(url: str) -> list[str]:
     """Names (not paths) directly under ``url``; empty when it does not exist."""
     if not is_remote(url):
-        path = _local(url)
+        path = url
         return sorted(os.listdir(path)) if os.path.isdir(path) else []
     fs, path = _fs(url)
     if not fs.exists(path):
@@ -70,7 +70,7 @@ def listdir(url: str) -> list[str]:
 
 def remove(url: str, recursive: bool = False) -> None:
     if not is_remote(url):
-        path = _local(url)
+        path = url
         if os.path.isdir(path):
             import shutil
 
@@ -96,7 +96,7 @@ def atomic_write(url: str) -> Iterator[IO[bytes]]:
                 while chunk := tmp.read(16 << 20):
                     out.write(chunk)
         return
-    path = _local(url)
+    path = url
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
     fd, tmp_path = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".partial", dir=folder)
