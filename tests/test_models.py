@@ -93,3 +93,10 @@ def test_torchvision_backbone_from_a_local_weights_file(tmp_path):
 def test_unknown_model_name():
     with pytest.raises(ValueError, match="unknown model 'resnet5000'"):
         build_teacher("resnet5000")
+
+
+def test_torchvision_trunk_student_has_both_heads():
+    student = build_student("mobilenet_v3_small", "NONE", 4, None, aux_classes=10)
+    out = student(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
+    assert out["main"].shape == (2, 4) and out["aux"].shape == (2, 10)
+    assert student.arch == "mobilenet_v3_small"

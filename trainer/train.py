@@ -217,7 +217,8 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
-        os.makedirs(cfg.run.out_dir, exist_ok=True) if not storage.is_remote(cfg.run.out_dir) else None
+        if not storage.is_remote(cfg.run.out_dir):
+            os.makedirs(cfg.run.out_dir, exist_ok=True)
         logger = MetricsLogger(cfg.run.out_dir)
         bar = _progress(self.total_steps, self.step, cfg.run.progress)
         eval_every = int(round(cfg.run.eval_every * self.steps_per_epoch)) if cfg.run.eval_every else 0
