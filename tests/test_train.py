@@ -68,3 +68,15 @@ def test_resume_with_another_number_of_classes_is_refused(tiny_sets, tmp_path):
     msg = str(e.value)
     assert "num_classes=5" in msg and "num_classes=3" in msg and "\n" not in msg
     assert open(ckpt, "rb").read() == before  # nothing already written is lost
+
+
+def test_a_training_set_with_no_decodable_image_stops_with_a_message(tmp_path):
+    from data.shards import write_shard_set
+    from trainer.config import load_config
+
+    bad = [(f"k{i}", b"\xff\xd8\xffnot a jpeg", 1 if i < 2 else 0, "x") for i in range(40)]
+    write_shard_set(str(tmp_path / "bad"), bad, rare_classes=["r"], class_names=["bg", "R"])
+    cfg = load_config(None, [f"data.train={tmp_path / 'bad'}", "data.batch_size=8", "loss.aux_weight=0",
+                             "data.image_size=32", f"run.out_dir={tmp_path / 'run'}", "run.progress=false"])
+    with pytest.raises(ValueError, match="gave no full batch"):
+        train(cfg)

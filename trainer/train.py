@@ -229,6 +229,7 @@ class Trainer:
         while self.step < self.total_steps:
             self.stream.epoch, self.stream.skip_batches = self.loader_state.epoch, self.loader_state.batches
             micro: list[dict[str, Any]] = []
+            step_at_epoch_start = self.step
             for batch in loader:
                 self.skipped += batch.pop("skipped")
                 if "image" not in batch:
@@ -259,6 +260,9 @@ class Trainer:
                 if self.step >= self.total_steps:
                     break
             else:
+                if self.step == step_at_epoch_start and self.stream.skip_batches == 0:
+                    raise ValueError(f"training set {self.manifest.root} gave no full batch in epoch "
+                                     f"{self.loader_state.epoch} (see the skipped-sample warnings); check the shards")
                 self.loader_state.epoch += 1
                 self.loader_state.batches = 0
         bar.close()
@@ -267,6 +271,7 @@ class Trainer:
         summary = {"steps": self.step, "epochs": self.step / self.steps_per_epoch, "checkpoint": path,
                    "seconds": time.time() - start_time, "val": final,
                    "skipped": dict(zip(("bad_images", "missing_teacher", "bad_shards"), self.skipped.tolist())),
+                   "storage": dict(storage.STATS),
                    "train_set": {"count": self.manifest.count, "counts": self.manifest.counts,
                                  "background_fraction": self.manifest.background_fraction}}
         if any(summary["skipped"].values()):
