@@ -7,9 +7,42 @@ multipart upload) only becomes visible when it is whole.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
-from typing import IO, Iterator
+import time
+from typing import IO, Callable, Iterator, TypeVar
+
+log = logging.getLogger("bgsplit.storage")
+T = TypeVar("T")
+
+# Errors that retrying cannot fix; every other OSError (connection reset, timeouts, 5xx that s3fs surfaces as
+# OSError) is treated as transient.
+PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+RETRY_ATTEMPTS = int(os.environ.get("BGSPLIT_IO_RETRIES", "5"))
+RETRY_BASE_DELAY = 0.2
+STATS = {"retries": 0, "failures": 0}
+"""Per-process counts of retried and finally failed object-store calls, reported in the run summary."""
+
+
+def with_retries(fn: Callable[[], T], what: str, attempts: int | None = None, base_delay: float | None = None) -> T:
+    """Call ``fn``; on a transient error wait (exponential back-off, capped at 5 s) and try again, a bounded
+    number of times. A permanent error (missing file, no permission) is raised at once."""
+    attempts = RETRY_ATTEMPTS if attempts is None else attempts
+    delay = RETRY_BASE_DELAY if base_delay is None else base_delay
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except PERMANENT:
+            raise
+        except (OSError, TimeoutError, ConnectionError) as e:
+            if attempt == attempts:
+                STATS["failures"] += 1
+                raise
+            STATS["retries"] += 1
+            log.warning("%s failed (%s: %s); retry %d of %d", what, type(e).__name__, e, attempt, attempts - 1)
+            time.sleep(min(delay * 2 ** (attempt - 1), 5.0))
+    raise AssertionError("unreachable")
 
 
 def is_remote(url: str) -> bool:
@@ -38,7 +71,7 @@ def exists(url: str) -> bool:
     if not is_remote(url):
         return os.path.exists(url)
     fs, path = _fs(url)
-    return fs.exists(path)
+    return with_retries(lambda: fs.exists(path), f"exists {url}")
 
 
 def open_read(url: str) -> IO[bytes]:
@@ -49,12 +82,15 @@ def open_read(url: str) -> IO[bytes]:
             raise FileNotFoundError(f"file not found: {url}; check the path") from None
     import fsspec
 
-    return fsspec.open(url, "rb").open()
+    return with_retries(lambda: fsspec.open(url, "rb").open(), f"open {url}")
 
 
 def read_bytes(url: str) -> bytes:
-    with open_read(url) as f:
-        return f.read()
+    def read() -> bytes:
+        with open_read(url) as f:
+            return f.read()
+
+    return with_retries(read, f"read {url}") if is_remote(url) else read()
 
 
 def listdir(url: str) -> list[str]:
@@ -63,9 +99,10 @@ def listdir(url: str) -> list[str]:
         path = url
         return sorted(os.listdir(path)) if os.path.isdir(path) else []
     fs, path = _fs(url)
-    if not fs.exists(path):
+    if not exists(url):
         return []
-    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+    names = with_retries(lambda: fs.ls(path, detail=False, refresh=True), f"list {url}")
+    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in names)
 
 
 def remove(url: str, recursive: bool = False) -> None:
@@ -91,10 +128,14 @@ def atomic_write(url: str) -> Iterator[IO[bytes]]:
 
         with tempfile.TemporaryFile() as tmp:
             yield tmp
-            tmp.seek(0)
-            with fsspec.open(url, "wb") as out:
-                while chunk := tmp.read(16 << 20):
-                    out.write(chunk)
+
+            def upload() -> None:
+                tmp.seek(0)
+                with fsspec.open(url, "wb") as out:  # an S3 object appears only when the upload completes
+                    while chunk := tmp.read(16 << 20):
+                        out.write(chunk)
+
+            with_retries(upload, f"upload {url}")
         return
     path = url
     folder = os.path.dirname(path) or "."

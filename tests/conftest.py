@@ -49,3 +49,24 @@ def tiny_config(tiny_sets, out_dir, *overrides):
             "teacher.mode=cached", "optim.epochs=4", "optim.warmup_epochs=0.5", "optim.schedule=cosine",
             "optim.lr=0.02", f"run.out_dir={out_dir}", "run.progress=false", "run.log_every=5", "run.device=cpu"]
     return load_config(None, base + list(overrides))
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real SeaweedFS S3 server on 127.0.0.1; AWS_* variables point s3fs at it for the session."""
+    import os
+
+    from s3_server import SeaweedS3
+
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs")).start()
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    try:
+        yield server
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
