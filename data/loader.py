@@ -4,15 +4,17 @@ A batch is a dict: ``image`` uint8 [B,3,H,W], ``label``, ``key``, ``skipped`` (b
 entries, unreadable shards since the previous batch) and, with a teacher cache, ``teacher_idx``/``teacher_prob``.
 A final dict holding only ``skipped`` reports skips that came after the last batch.
 
-The sample order is a pure function of (seed, epoch, rank, world, worker, workers): ``assign_shards`` picks each
-worker's shards, a seeded shuffle buffer mixes them, and each sample's augmentation is seeded by its key. A
-checkpoint therefore only needs (epoch, batches consumed) to replay the rest of an epoch exactly.
+The sample order is a pure function of (seed, epoch, rank, world, worker, workers): ``data.plan`` picks each
+worker's shards (or samples within shards) and its exact number of batches, a seeded shuffle buffer mixes them,
+and each sample's augmentation is seeded by its key. A checkpoint therefore only needs (epoch, batches consumed)
+to replay the rest of an epoch exactly (exact mode) or to start a fresh seeded stream (resampled mode).
 
 Bad samples (undecodable images, missing teacher-cache entries) and unreadable shards are skipped, counted and
 warned about with their key; the run goes on.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import tarfile
 import zlib
@@ -24,21 +26,13 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data import storage
+from data.plan import Piece, for_worker, padding_report, steps_per_epoch
 from data.shards import Manifest, iter_tar
 from data.teacher_cache import TeacherCache
 from data.transforms import BadImage, eval_transform, sample_rng, train_transform
 
 log = logging.getLogger("bgsplit.data")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "img")
-
-
-def assign_shards(num_shards: int, *, seed: int, epoch: int, rank: int, world: int, worker: int,
-                  workers: int, shuffle: bool) -> list[int]:
-    """Shards for one loader worker of one rank: a seeded per-epoch permutation dealt round-robin to slots."""
-    order = np.random.default_rng([seed, epoch]).permutation(num_shards) if shuffle else np.arange(num_shards)
-    slots = world * max(workers, 1)
-    slot = rank * max(workers, 1) + worker
-    return [int(i) for i in order[slot::slots]]
 
 
 def worker_skip(batches_done: int, worker: int, workers: int) -> int:
@@ -71,7 +65,8 @@ class ShardStream(IterableDataset):
     def __init__(self, manifest: Manifest, *, train: bool, image_size: int, batch_size: int, seed: int = 0,
                  rank: int = 0, world: int = 1, sampling: str = "natural", positive_fraction: float = 0.125,
                  shuffle_buffer: int = 2000, min_scale: float = 0.35, eval_resize_ratio: float = 1.15,
-                 teacher_cache: TeacherCache | None = None):
+                 teacher_cache: TeacherCache | None = None, mode: str = "exact", policy: str = "pad",
+                 workers: int = 0):
         super().__init__()
         self.manifest = manifest
         self.train, self.image_size, self.batch_size = train, image_size, batch_size
@@ -79,21 +74,43 @@ class ShardStream(IterableDataset):
         self.sampling, self.positive_fraction = sampling, positive_fraction
         self.shuffle_buffer, self.min_scale, self.eval_resize_ratio = shuffle_buffer, min_scale, eval_resize_ratio
         self.teacher_cache = teacher_cache
+        self.mode, self.policy, self.workers = mode, policy, workers
         self.epoch = 0
         self.skip_batches = 0
         self._positives: list[list[tuple[str, dict[str, bytes]]]] | None = None
         if sampling == "balanced" and not manifest.shard_urls("positive"):
             raise ValueError(f"sampling 'balanced' needs positive shards; {manifest.root} has none")
 
-    def epoch_length(self) -> int:
-        """Samples in one epoch over all ranks (balanced sampling adds re-sampled positives to the background)."""
-        if self.train and self.sampling == "balanced":
-            return int(self.manifest.counts[0] / (1.0 - self.positive_fraction))
-        return self.manifest.count
+    @property
+    def _kind(self) -> str | None:
+        return "background" if self.train and self.sampling == "balanced" else None
+
+    @property
+    def _emit_ratio(self) -> float:
+        """Samples emitted per planned sample: balanced sampling adds re-sampled positives to the background."""
+        return 1.0 / (1.0 - self.positive_fraction) if self._kind == "background" else 1.0
+
+    def _counts(self) -> list[int]:
+        return [s.count for s in self.manifest.shards if self._kind is None or s.kind == self._kind]
 
     def batches_per_epoch(self) -> int:
-        n = self.epoch_length() // self.world
-        return n // self.batch_size if self.train else -(-n // self.batch_size)
+        """Training: the same number on every rank (see data.plan); evaluation: all samples, last batch partial."""
+        if not self.train:
+            return -(-self.manifest.count // self.batch_size)
+        return steps_per_epoch(self._counts(), world=self.world, batch_size=self.batch_size, mode=self.mode,
+                               policy=self.policy, emit_ratio=self._emit_ratio, seed=self.seed, epoch=self.epoch,
+                               workers=self.workers)
+
+    def describe_epoch(self) -> str:
+        if not self.train:
+            return f"evaluation: {self.manifest.count} samples"
+        if self.mode == "resampled":
+            return (f"resampled mode: {self.batches_per_epoch()} steps per rank per epoch, shards drawn with "
+                    "replacement")
+        rep = padding_report(self._counts(), world=self.world, workers=self.workers, batch_size=self.batch_size,
+                             seed=self.seed, epoch=self.epoch, policy=self.policy, emit_ratio=self._emit_ratio)
+        return (f"exact mode ({self.policy}): {rep['steps']} steps per rank; {rep['padded']} samples repeated and "
+                f"{rep['dropped']} left out this epoch to give every rank the same number of steps")
 
     # -- raw sample streams ----------------------------------------------------------------------------------
     def _read_shards(self, urls: list[str]) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -148,16 +165,46 @@ class ShardStream(IterableDataset):
                 emitted += 1
                 yield f"{key}#{emitted}", fields
 
-    def _raw_stream(self, worker: int, workers: int) -> Iterator[tuple[str, dict[str, bytes]]]:
-        kind = "background" if self.train and self.sampling == "balanced" else None
-        urls = self.manifest.shard_urls(kind)
-        mine = assign_shards(len(urls), seed=self.seed, epoch=self.epoch, rank=self.rank, world=self.world,
-                             worker=worker, workers=workers, shuffle=self.train)
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, 1])
-        stream = self._shuffled(self._read_shards([urls[i] for i in mine]), rng)
-        if kind == "background":
+    def _read_pieces(self, urls: list[str], pieces: tuple[Piece, ...]) -> Iterator[tuple[str, dict[str, bytes]]]:
+        for piece in pieces:
+            yield from itertools.islice(self._read_shards([urls[piece.shard]]), piece.start, piece.stop)
+
+    def _planned(self, worker: int, workers: int) -> tuple[Iterator, int]:
+        """This worker's training stream (endless; the caller takes its quota) and its quota of batches."""
+        urls = self.manifest.shard_urls(self._kind)
+        plan = for_worker(self._counts(), seed=self.seed, epoch=self.epoch, world=self.world, rank=self.rank,
+                          worker=worker, workers=workers, batch_size=self.batch_size, mode=self.mode,
+                          policy=self.policy, emit_ratio=self._emit_ratio)
+        skip = worker_skip(self.skip_batches, worker, workers)
+        # a resampled stream resumed mid-epoch is a fresh seeded draw (nonce = batches done), not a replay
+        nonce = skip if self.mode == "resampled" else 0
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, 1, nonce])
+
+        def background() -> Iterator:
+            for cycle in itertools.count():
+                if self.mode == "resampled":
+                    shards = [int(i) for i in rng.integers(len(urls), size=max(len(urls), 1))]
+                    stream = self._read_shards([urls[i] for i in shards])
+                else:  # exact: the planned pieces, repeated only when padding is needed
+                    stream = self._read_pieces(urls, plan.pieces)
+                got = 0
+                for sample in self._shuffled(stream, rng):
+                    got += 1
+                    yield sample if cycle == 0 else (f"{sample[0]}#pad{cycle}", sample[1])
+                if got == 0:
+                    return  # nothing readable: stop rather than spin
+
+        stream = background()
+        if self._kind == "background":
             stream = self._balanced(stream, rng)
-        return stream
+        if skip and self.mode == "exact":  # replaying an epoch: drop whole batches before decoding anything
+            for _ in itertools.islice(stream, skip * self.batch_size):
+                pass
+            return stream, plan.batches - skip
+        if skip:
+            log.info("resampled mode: resuming epoch %d with a fresh seeded stream after %d batches", self.epoch,
+                     self.skip_batches)
+        return stream, plan.batches - skip
 
     # -- decoding and batching -------------------------------------------------------------------------------
     def _decode(self, key: str, fields: dict[str, bytes]) -> dict[str, Any] | None:
@@ -166,9 +213,8 @@ class ShardStream(IterableDataset):
         try:
             if ext is None:
                 raise BadImage("no image field")
-            if self.train:
-                occurrence = int(key.split("#", 1)[1]) if "#" in key else 0
-                rng = sample_rng(self.seed, self.epoch, _stable_hash(key) * 1000 + occurrence % 1000)
+            if self.train:  # re-sampled and padded repeats carry a '#' suffix, so they get their own crop
+                rng = sample_rng(self.seed, self.epoch, _stable_hash(key))
                 image = train_transform(fields[ext], self.image_size, rng, self.min_scale)
             else:
                 image = eval_transform(fields[ext], self.image_size, self.eval_resize_ratio)
@@ -203,20 +249,30 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 0)
         self._stats = {"bad_images": 0, "missing_teacher": 0, "bad_shards": 0}
-        skip = worker_skip(self.skip_batches, worker, workers)
-        raw = self._raw_stream(worker, workers)
-        if skip:  # replaying an epoch after a resume: drop whole batches before decoding anything
-            for _ in range(skip * self.batch_size):
-                if next(raw, None) is None:
-                    return
+        if self.train:
+            raw, quota = self._planned(worker, workers)
+        else:
+            urls = self.manifest.shard_urls()
+            raw, quota = self._read_shards(urls[worker::max(workers, 1)]), -1
+        produced, bad_streak = 0, 0
+        give_up = 2 * max(self.manifest.count, self.batch_size)  # a training stream repeats: stop if nothing decodes
         pending: list[dict[str, Any]] = []
         for key, fields in raw:
+            if produced == quota:
+                break
             sample = self._decode(key, fields)
             if sample is None:
+                bad_streak += 1
+                if bad_streak > give_up:
+                    log.error("no decodable sample in the last %d read from %s; stopping this worker's epoch",
+                              bad_streak, self.manifest.root)
+                    break
                 continue
+            bad_streak = 0
             pending.append(sample)
             if len(pending) == self.batch_size:
                 yield self._collate(pending)
+                produced += 1
                 pending = []
         if pending and not self.train:
             yield self._collate(pending)

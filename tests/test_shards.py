@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from data.bg_construction import positives_for_background_fraction, select_bg, split_holdout
-from data.loader import ShardStream, assign_shards, worker_skip
+from data.loader import ShardStream, worker_skip
 from data.shards import MANIFEST, read_manifest, write_shard_set
 
 
@@ -97,18 +97,6 @@ def test_holdout_is_disjoint_and_seeded():
     rest, held = split_holdout(100, 30, seed=3)
     assert len(held) == 30 and len(rest) == 70 and not set(rest) & set(held)
     assert np.array_equal(held, split_holdout(100, 30, seed=3)[1])
-
-
-@pytest.mark.parametrize("world, workers", [(1, 0), (1, 3), (4, 2), (8, 1), (3, 5)])
-def test_shard_assignment_is_disjoint_and_covering(world, workers):
-    n = 37
-    got = [assign_shards(n, seed=5, epoch=2, rank=r, world=world, worker=w, workers=workers, shuffle=True)
-           for r in range(world) for w in range(max(workers, 1))]
-    flat = [s for part in got for s in part]
-    assert sorted(flat) == list(range(n))
-    assert max(map(len, got)) - min(map(len, got)) <= 1
-    epoch3 = assign_shards(n, seed=5, epoch=3, rank=0, world=world, worker=0, workers=workers, shuffle=True)
-    assert epoch3 != got[0] or n < 3
 
 
 def test_worker_skip_matches_round_robin():

@@ -11,17 +11,23 @@ from trainer.train import Trainer, train
 
 
 def test_bg_split_learns_a_separable_problem_and_reports(tiny_sets, tmp_path):
-    """Trouser and Bag vs 8 other Fashion-MNIST classes: chance mAP is ~0.1, a working pipeline is far above."""
+    """Trouser and Bag vs 8 other Fashion-MNIST classes: chance mAP is ~0.2, a working pipeline is far above.
+
+    The demo's recipe (64 px, frozen BN statistics, LR 0.003) gave 0.88-0.99 over seeds 0-2 here; at 32 px and
+    LR 0.02 the same problem spreads from 0.28 to 0.75, too noisy to test."""
     cfg = tiny_config(tiny_sets, tmp_path / "run", "loss.aux_weight=0.1", "data.sampling=balanced",
-                      "data.positive_fraction=0.25")
+                      "data.positive_fraction=0.25", "data.image_size=64", "model.freeze_bn_stats=true",
+                      "optim.lr=0.003")
     summary = train(cfg)
-    assert summary["val"]["map"] > 0.6, summary["val"]
+    assert summary["val"]["map"] > 0.75, summary["val"]
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("aux_loss" in line and "images_per_s" in line for line in lines)
+    realised = [line["positive_fraction"] for line in lines if "positive_fraction" in line]
+    assert realised and 0.15 < sum(realised) / len(realised) < 0.35  # data.positive_fraction=0.25 is logged
     assert (tmp_path / "run" / "summary.json").exists()
     student = load_student_from_checkpoint(summary["checkpoint"])
     out = tmp_path / "report"
-    results = evaluate_to_report(student, tiny_sets["test"], str(out), image_size=32)
+    results = evaluate_to_report(student, tiny_sets["test"], str(out), image_size=64)
     assert results["map"] == pytest.approx(summary["val"]["map"], abs=1e-6)
     for name in ("report.json", "report.md", "pr_curves.png", "top_scoring.png"):
         assert (out / name).stat().st_size > 0

@@ -43,6 +43,10 @@ class DataConfig:
     """natural: every sample once per epoch; balanced: positives re-sampled, each rare class equally often."""
     positive_fraction: float = 0.125
     """Fraction of each epoch that is positives when sampling is 'balanced'."""
+    mode: str = "exact"
+    """exact: every sample once per epoch; resampled: shards drawn with replacement, fixed epoch length."""
+    pad_policy: str = "pad"
+    """exact mode: equalise ranks by repeating samples (pad) or by leaving the surplus out (drop)."""
 
 
 @dataclass
@@ -171,6 +175,8 @@ class JobConfig:
 
 CHOICES = {
     "data.sampling": ("natural", "balanced"),
+    "data.mode": ("exact", "resampled"),
+    "data.pad_policy": ("pad", "drop"),
     "teacher.mode": ("online", "cached"),
     "loss.main": ("ce", "class_balanced", "focal", "ldam_drw", "logit_adjust"),
     "loss.aux": ("hard", "soft", "topk"),

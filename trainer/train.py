@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from data import storage
 from data.loader import LoaderState, ShardStream, make_loader
@@ -104,6 +105,7 @@ class Trainer:
         seed_everything(cfg.run.seed)
         device = resolve_device(cfg.run.device)
         manifest = read_manifest(cfg.data.train)
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         use_aux = cfg.loss.aux_weight > 0
         teacher = None
         if use_aux:
@@ -121,7 +123,8 @@ class Trainer:
         stream = ShardStream(manifest, train=True, image_size=cfg.data.image_size, batch_size=cfg.data.batch_size,
                              seed=cfg.run.seed, sampling=cfg.data.sampling,
                              positive_fraction=cfg.data.positive_fraction, shuffle_buffer=cfg.data.shuffle_buffer,
-                             min_scale=cfg.data.min_crop_scale, teacher_cache=cache)
+                             min_scale=cfg.data.min_crop_scale, teacher_cache=cache, mode=cfg.data.mode,
+                             policy=cfg.data.pad_policy, workers=cfg.data.num_workers, rank=rank, world=world)
         steps_per_epoch = max(stream.batches_per_epoch() // cfg.optim.grad_accum, 1)
         if stream.batches_per_epoch() < cfg.optim.grad_accum:
             raise ValueError(f"training set {manifest.root} has {manifest.count} samples: fewer than one optimiser "
@@ -223,9 +226,10 @@ class Trainer:
         bar = _progress(self.total_steps, self.step, cfg.run.progress)
         eval_every = int(round(cfg.run.eval_every * self.steps_per_epoch)) if cfg.run.eval_every else 0
         window: dict[str, torch.Tensor] = {}
-        window_steps, window_images, t0 = 0, 0, time.time()
+        window_steps, window_images, window_positives, t0 = 0, 0, 0, time.time()
         loader = make_loader(self.stream, cfg.data.num_workers)
         start_time = time.time()
+        log.info("%s", self.stream.describe_epoch())
         while self.step < self.total_steps:
             self.stream.epoch, self.stream.skip_batches = self.loader_state.epoch, self.loader_state.batches
             micro: list[dict[str, Any]] = []
@@ -238,8 +242,9 @@ class Trainer:
                 micro.append(batch)
                 if len(micro) < cfg.optim.grad_accum:
                     continue
-                sums = self.train_step(micro)
+                window_positives += sum(int((b["label"] > 0).sum()) for b in micro)  # CPU labels: no sync
                 window_images += sum(len(b["label"]) for b in micro)
+                sums = self.train_step(micro)
                 micro = []
                 window_steps += 1
                 for k, v in sums.items():
@@ -248,10 +253,11 @@ class Trainer:
                     rate = window_images / max(time.time() - t0, 1e-9)
                     scalars = {k: float(v) / window_steps for k, v in window.items()}  # the one sync per window
                     scalars.update(lr=self.scheduler.get_last_lr()[0], images_per_s=rate,
-                                   epoch=self.step / self.steps_per_epoch)
+                                   epoch=self.step / self.steps_per_epoch,
+                                   positive_fraction=window_positives / max(window_images, 1))
                     logger.log(self.step, scalars)
                     bar.set_postfix(loss=f"{scalars['loss']:.3f}", img_s=f"{rate:.0f}")
-                    window, window_steps, window_images, t0 = {}, 0, 0, time.time()
+                    window, window_steps, window_images, window_positives, t0 = {}, 0, 0, 0, time.time()
                 bar.update(1)
                 if eval_every and self.step % eval_every == 0 and self.step < self.total_steps:
                     self._record_eval(logger)

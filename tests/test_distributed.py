@@ -1,0 +1,46 @@
+"""Data-parallel loading without hangs: two real gloo processes on a deliberately uneven shard set."""
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data.shards import write_shard_set
+from s3_server import free_port
+
+pytestmark = pytest.mark.slow
+
+
+def _png(v: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((8, 8), v % 256, dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory):
+    """Background shards of 60 and 9 samples: a naive shard split gives one rank 15 batches, the other 2."""
+    root = tmp_path_factory.mktemp("uneven") / "set"
+    samples = [(f"k{i:03d}", _png(i), 1 if i < 3 else 0, "x") for i in range(72)]
+    m = write_shard_set(str(root), samples, rare_classes=["r"], class_names=["bg", "R"], max_count=60)
+    assert sorted(s.count for s in m.shards) == [3, 9, 60]
+    return str(root)
+
+
+@pytest.mark.parametrize("mode, policy, workers", [("exact", "pad", 0), ("exact", "drop", 2),
+                                                   ("resampled", "pad", 1)])
+def test_two_ranks_with_uneven_shards_finish_with_equal_steps(uneven, tmp_path, mode, policy, workers):
+    job = Path(__file__).with_name("dist_loader_job.py")
+    proc = subprocess.run([sys.executable, str(job), uneven, str(free_port()), str(tmp_path), mode, policy,
+                           str(workers)], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["steps"] == ranks[1]["steps"]
+    assert ranks[0]["steps"][0] == ranks[0]["planned"] > 0
+    if mode == "exact" and policy == "pad":
+        keys = {k.split("#")[0] for r in ranks for k in r["keys"]}
+        assert keys == {f"k{i:03d}" for i in range(72)}  # every sample seen, padding only repeats
