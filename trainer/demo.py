@@ -6,6 +6,7 @@ training images (see the README); the test split is only ever scored, once per r
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -76,19 +77,29 @@ def run_config(train: str, out_dir: str, seed: int, overrides: list[str]) -> Job
                                 "run.progress=false", *overrides])
 
 
+def code_fingerprint() -> str:
+    """Hash of bgsplit's own source: a cached run result is reused only if neither config nor code changed."""
+    digest = hashlib.sha256()
+    root = Path(__file__).resolve().parents[1]
+    for path in sorted([*root.glob("data/*.py"), *root.glob("trainer/*.py"), CONFIG]):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def train_and_test(cfg: JobConfig, test: str) -> dict[str, Any]:
-    """Train one run and score its final model on the test split; cached by the run's full config."""
+    """Train one run and score its final model on the test split; cached by the run's config and code."""
     result_path = Path(cfg.run.out_dir) / "test_result.json"
     if result_path.exists():
         cached = json.loads(result_path.read_text())
-        if cached.get("config") == cfg.to_dict():
+        if cached.get("config") == cfg.to_dict() and cached.get("code") == code_fingerprint():
             return cached
     start = time.time()
     trainer = Trainer.build(cfg)
     summary = trainer.fit()
     test_eval = evaluate_student(trainer.student, read_manifest(test), cfg.data.image_size, 128, trainer.device)
-    result = {"config": cfg.to_dict(), "test_map": test_eval["map"], "test_ap": test_eval["ap"], "seconds": time.time() - start,
-              "checkpoint": summary["checkpoint"], "steps": summary["steps"]}
+    result = {"config": cfg.to_dict(), "code": code_fingerprint(), "test_map": test_eval["map"],
+              "test_ap": test_eval["ap"], "seconds": time.time() - start, "checkpoint": summary["checkpoint"],
+              "steps": summary["steps"]}
     result_path.write_text(json.dumps(result, indent=1))
     return result
 
