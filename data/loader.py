@@ -36,7 +36,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "img")
 
 
 def worker_skip(batches_done: int, worker: int, workers: int) -> int:
-    """Batches a worker already delivered when the DataLoader (which takes batches round-robin) gave ``batches_done``."""
+    """Batches a worker had delivered when the DataLoader, taking batches round-robin, gave ``batches_done``."""
     w = max(workers, 1)
     return (batches_done - worker + w - 1) // w if batches_done > worker else 0
 

@@ -1,5 +1,4 @@
 """Bad input through the `bgsplit` command: one line on stderr naming the thing and the fix, exit status 2."""
-import pytest
 
 from trainer.cli import main
 

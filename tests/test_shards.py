@@ -2,7 +2,6 @@
 import io
 import json
 import logging
-import tarfile
 
 import numpy as np
 import pytest

@@ -1,7 +1,6 @@
 """Cached teacher labels equal the online teacher's on the same (centre-crop) view."""
 import numpy as np
 import pytest
-import torch
 
 from conftest import TEACHER_SIZE
 from data.loader import ShardStream

@@ -104,6 +104,10 @@ def train_and_test(cfg: JobConfig, test: str) -> dict[str, Any]:
     return result
 
 
+def _slug(method: str) -> str:
+    return method.replace(" + ", "+").replace(" ", "-")
+
+
 def run_demo(out: str = "artifacts/demo", *, quick: bool = False, seeds: int = 3, prepare_only: bool = False,
              spec: DemoSpec | None = None) -> dict[str, Any]:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -124,8 +128,7 @@ def run_demo(out: str = "artifacts/demo", *, quick: bool = False, seeds: int = 3
         for method, overrides in spec.methods.items():
             maps = []
             for seed in range(seeds):
-                slug = method.replace(" + ", "+").replace(" ", "-")
-                run_dir = os.path.join(out, "runs", Path(sets[setting]).name, slug, f"seed{seed}")
+                run_dir = os.path.join(out, "runs", Path(sets[setting]).name, _slug(method), f"seed{seed}")
                 cfg = run_config(sets[setting], run_dir, seed, overrides)
                 result = train_and_test(cfg, sets["test"])
                 maps.append(result["test_map"])
@@ -136,9 +139,9 @@ def run_demo(out: str = "artifacts/demo", *, quick: bool = False, seeds: int = 3
     report_dir = os.path.join(out, "report")
     extreme = spec.settings[0][0]
     for method in spec.methods:
-        best = next(r for r in runs if r["setting"] == extreme and r["method"] == method and r["seed"] == 0)
-        student = load_student_from_checkpoint(best["checkpoint"])
-        evaluate_to_report(student, sets["test"], os.path.join(report_dir, method.replace(" + ", "+").replace(" ", "-")),
+        first = next(r for r in runs if r["setting"] == extreme and r["method"] == method and r["seed"] == 0)
+        student = load_student_from_checkpoint(first["checkpoint"])
+        evaluate_to_report(student, sets["test"], os.path.join(report_dir, _slug(method)),
                            image_size=base.data.image_size, title=f"Fashion-MNIST-BG {extreme}, {method}, seed 0")
     summary = {"rows": [{**r, "mean": summarize(r["maps"])[0], "std": summarize(r["maps"])[1]} for r in rows],
                "runs": [{k: v for k, v in r.items() if k != "config"} for r in runs],

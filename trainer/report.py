@@ -245,7 +245,8 @@ def _results_markdown(results: Mapping[str, Any]) -> list[str]:
     lines = []
     if "num_images" in results:
         lines.append(f"- Images evaluated: {results['num_images']}")
-    lines.append(f"- mAP over {len(names) - len(missing)} of {len(names)} rare classes: {_format_fraction(results['map'])}")
+    counted = len(names) - len(missing)
+    lines.append(f"- mAP over {counted} of {len(names)} rare classes: {_format_fraction(results['map'])}")
     if missing:
         lines.append(f"- Classes without positives (no AP, excluded from mAP): {', '.join(map(str, missing))}")
     lines += ["", f"| class | positives | AP | P@{results['k']} |", "| --- | ---: | ---: | ---: |"]
