@@ -250,7 +250,10 @@ class ShardStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 0)
         self._stats = {"bad_images": 0, "missing_teacher": 0, "bad_shards": 0}
         if self.train:
-            raw, quota = self._planned(worker, workers)
+            # a fresh DataLoader asks worker 0 first; after a resume the next batch in round-robin order belongs
+            # to worker (batches done) % workers, so each process takes over the role of that shifted worker
+            role = (worker + self.skip_batches) % workers if workers else 0
+            raw, quota = self._planned(role, workers)
         else:
             urls = self.manifest.shard_urls()
             raw, quota = self._read_shards(urls[worker::max(workers, 1)]), -1

@@ -5,6 +5,7 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from data.bg_construction import positives_for_background_fraction, select_bg, split_holdout
@@ -149,3 +150,24 @@ def test_balanced_sampling_repeats_positives(tmp_path):
     assert 0.17 < frac < 0.23  # 4 positives, re-sampled to a fifth of the epoch
     assert abs(np.sum(labels == 1) - np.sum(labels == 2)) <= 0.3 * np.sum(labels > 0)
     assert len(labels) == stream.batches_per_epoch() * 20
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_exact_mode_resume_replays_the_same_next_batches(tmp_path, workers):
+    """Batches k.. of an epoch after a resume (skip_batches=k) equal those of an uninterrupted pass."""
+    from data.loader import make_loader
+
+    samples = [(f"k{i:03d}", _png(i), 1 if i % 9 == 0 else 0, "x") for i in range(120)]
+    write_shard_set(str(tmp_path), samples, rare_classes=["r"], class_names=["bg", "R"], max_count=15)
+    m = read_manifest(str(tmp_path))
+
+    def batches(skip):
+        stream = ShardStream(m, train=True, image_size=8, batch_size=6, seed=4, shuffle_buffer=10, workers=workers)
+        stream.epoch, stream.skip_batches = 1, skip
+        return [b for b in make_loader(stream, workers) if "image" in b]
+
+    full = batches(0)
+    resumed = batches(5)
+    assert len(full) == len(resumed) + 5 and len(resumed) >= 3
+    for a, b in zip(full[5:], resumed):
+        assert a["key"] == b["key"] and torch.equal(a["image"], b["image"])
