@@ -67,13 +67,14 @@ def test_resume_with_another_number_of_classes_is_refused(tiny_sets, tmp_path):
     state = load_checkpoint(ckpt)
     state["model_meta"]["num_classes"] = 5
     state["student"]["main_head.weight"] = torch.zeros(5, 1280)
-    torch.save(state, ckpt)
-    before = open(ckpt, "rb").read()
+    state_file = f"{ckpt}/state.pt"
+    torch.save(state, state_file)
+    before = open(state_file, "rb").read()
     with pytest.raises(ValueError) as e:
         train(tiny_config(tiny_sets, tmp_path / "r", "loss.aux_weight=0", "run.max_steps=4", "run.resume=auto"))
     msg = str(e.value)
     assert "num_classes=5" in msg and "num_classes=3" in msg and "\n" not in msg
-    assert open(ckpt, "rb").read() == before  # nothing already written is lost
+    assert open(state_file, "rb").read() == before  # nothing already written is lost
 
 
 def test_a_training_set_with_no_decodable_image_stops_with_a_message(tmp_path):

@@ -151,13 +151,50 @@ class RunConfig:
     checkpoint_every: int = 0
     """Steps between checkpoints; 0 saves only at the end."""
     keep_checkpoints: int = 2
-    """How many step checkpoints to keep."""
+    """How many complete step checkpoints to keep (keep-last-k; older ones are deleted after a new one lands)."""
+    async_checkpoint: bool = True
+    """Upload checkpoints in a background thread (at most one in flight) while training goes on."""
     resume: str = ""
     """'' (fresh), 'auto' (newest complete checkpoint in out_dir) or a checkpoint path."""
     progress: bool = True
     """Show a progress bar."""
     max_steps: int = 0
     """Stop after this many optimiser steps (0 = the full schedule); for debugging and tests."""
+
+
+@dataclass
+class EngineConfig:
+    name: str = "ddp"
+    """ddp (torch DistributedDataParallel; a plain module in a single process) or deepspeed."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0-3 (optimizer state, gradients, parameters partitioned over ranks)."""
+    compile: bool = False
+    """torch.compile the student on GPU (ignored on CPU, where it only costs compile time)."""
+    torch_autocast: bool = False
+    """DeepSpeed only: keep fp32 weights and run the student under torch.autocast instead of DeepSpeed's own
+    bf16/fp16 weight casting."""
+
+
+@dataclass
+class ClusterConfig:
+    """Ray Train scaling for `python -m cluster.launch`; ignored by `bgsplit train` and torchrun."""
+
+    num_workers: int = 2
+    """Training processes (data-parallel ranks) the TorchTrainer starts."""
+    use_gpu: bool = False
+    """One GPU per worker (NCCL); false runs on CPU with gloo."""
+    cpus_per_worker: float = 1.0
+    """CPUs Ray reserves per worker (loader workers run inside this reservation)."""
+    gpus_per_worker: float = 1.0
+    """GPUs Ray reserves per worker when use_gpu is true."""
+    memory_per_worker_gb: float = 0.0
+    """Memory Ray reserves per worker in GiB; 0 reserves none."""
+    max_failures: int = 2
+    """Worker-group restarts after a worker dies; each restart resumes from the newest complete checkpoint."""
+    address: str = ""
+    """Ray cluster address; '' uses RAY_ADDRESS (set by `ray job submit`) or starts a local cluster."""
+    storage_path: str = ""
+    """Where Ray Train keeps its own run state; '' uses <run.out_dir>/ray when local, else ~/ray_results."""
 
 
 @dataclass
@@ -168,6 +205,8 @@ class JobConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -184,6 +223,8 @@ CHOICES = {
     "optim.schedule": ("step", "cosine"),
     "run.device": ("auto", "cpu", "cuda"),
     "run.precision": ("auto", "fp32", "bf16", "fp16"),
+    "engine.name": ("ddp", "deepspeed"),
+    "engine.zero_stage": (0, 1, 2, 3),
 }
 
 
@@ -260,6 +301,8 @@ def validate(cfg: JobConfig) -> JobConfig:
         raise ConfigError(f"data.positive_fraction must be in (0, 1), got {cfg.data.positive_fraction}")
     if cfg.loss.aux_weight < 0:
         raise ConfigError(f"loss.aux_weight must be >= 0, got {cfg.loss.aux_weight}")
+    if cfg.cluster.num_workers < 1 or cfg.cluster.max_failures < 0:
+        raise ConfigError("cluster.num_workers must be >= 1 and cluster.max_failures >= 0")
     if cfg.loss.temperature <= 0:
         raise ConfigError(f"loss.temperature must be > 0, got {cfg.loss.temperature}")
     return cfg

@@ -23,7 +23,8 @@ class Normalize(nn.Module):
         self.register_buffer("std", torch.tensor(norm[1]).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float() - self.mean) / self.std
+        # the buffers' dtype follows the module's: DeepSpeed's bf16 mode casts the student and wants bf16 input
+        return (x.to(self.mean.dtype) - self.mean) / self.std
 
 
 class Teacher(nn.Module):

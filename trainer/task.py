@@ -24,9 +24,10 @@ def teacher_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
 
 class BGSplitTask:
     def __init__(self, student: nn.Module, teacher: Teacher | None, cfg: JobConfig, class_counts: list[int],
-                 drw_epoch: float):
+                 drw_epoch: float, teacher_dtype: torch.dtype | None = None):
         self.student = student
         self.teacher = teacher
+        self.teacher_dtype = teacher_dtype
         self.cfg = cfg
         self.use_aux = cfg.loss.aux_weight > 0
         self.main_loss = build_main_loss(cfg.loss, class_counts, drw_epoch)
@@ -39,7 +40,10 @@ class BGSplitTask:
     def teacher_targets(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         if self.cfg.teacher.mode == "cached":
             return {"teacher_idx": batch["teacher_idx"], "teacher_prob": batch["teacher_prob"]}
-        logits = self.teacher(batch["image"])
+        # the teacher is outside the engine, so it gets its own autocast (DeepSpeed does not cast it)
+        image = batch["image"]
+        with torch.autocast(image.device.type, dtype=self.teacher_dtype, enabled=self.teacher_dtype is not None):
+            logits = self.teacher(image)
         idx, prob = teacher_topk(logits, self.cfg.teacher.topk)
         # inference-mode tensors cannot be saved for backward: clone them into normal tensors
         return {"teacher_idx": idx.clone(), "teacher_prob": prob.clone(), "teacher_logits": logits.clone()}

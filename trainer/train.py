@@ -1,11 +1,12 @@
 """The training loop: build the pieces from a JobConfig, step, log on an interval, evaluate, checkpoint, resume.
 
-The loop does not know which method runs: ``task(batch, epoch)`` returns the loss. Losses are accumulated on
-the device and read back only every ``run.log_every`` steps, so there is no host sync per step.
+The loop does not know which method runs (``task(batch, epoch)`` returns the loss) nor which data-parallel
+engine wraps the student (``trainer.engine``). Losses are accumulated on the device and read back only every
+``run.log_every`` steps, so there is no host sync per step. The same code runs in one process (``bgsplit
+train``), under torchrun and inside Ray Train workers: rank and world come from torch.distributed.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -23,9 +24,11 @@ from data import storage
 from data.loader import LoaderState, ShardStream, make_loader
 from data.shards import Manifest, read_manifest
 from data.teacher_cache import TeacherCache, cache_name
-from trainer.checkpoint import (check_compatible, latest_checkpoint, load_checkpoint, rng_state,
-                                save_checkpoint, set_rng_state)
+from trainer.checkpoint import (DEEPSPEED, CheckpointWriter, check_compatible, download_folder,
+                                incomplete_checkpoints, latest_checkpoint, load_checkpoint, remove_checkpoint,
+                                rng_state, set_rng_state)
 from trainer.config import JobConfig
+from trainer.engine import Engine, autocast_dtype, build_engine, build_optimizer
 from trainer.evaluate import evaluate_student
 from trainer.models import Student, Teacher, build_student, build_teacher
 from trainer.schedule import build_scheduler
@@ -35,18 +38,37 @@ log = logging.getLogger("bgsplit.train")
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("run.device=cuda but no GPU is visible: use run.device=auto or cpu")
-    return torch.device(name)
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    # one GPU per process: torchrun and Ray both say which one through LOCAL_RANK
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 on GPU by default; CPU runs in fp32 (CPU autocast is slower than fp32 on most machines)."""
-    if device.type != "cuda" or precision == "fp32":
-        return None
-    return torch.float16 if precision == "fp16" else torch.bfloat16
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """Join the process group torchrun describes (WORLD_SIZE > 1) unless Ray or a caller already did."""
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def broadcast(value: Any) -> Any:
+    """Rank 0's value on every rank (a collective: every rank calls it)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(value: Any) -> list[Any]:
+    """Every rank's value, in rank order, on every rank (a collective)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [value]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
 
 
 def seed_everything(seed: int) -> None:
@@ -85,27 +107,35 @@ class Trainer:
     student: Student
     task: BGSplitTask
     stream: ShardStream
-    optimizer: torch.optim.Optimizer
+    engine: Engine
     scheduler: torch.optim.lr_scheduler.LambdaLR
     steps_per_epoch: int
     total_steps: int
+    rank: int = 0
+    world: int = 1
     loader_state: LoaderState = field(default_factory=LoaderState)
     step: int = 0
     skipped: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.long))
     history: list[dict[str, Any]] = field(default_factory=list)
-    scaler: torch.amp.GradScaler | None = None
+    resumed_from: str | None = None
+    writer: CheckpointWriter | None = None
 
     def __post_init__(self) -> None:
-        # fp16 needs loss scaling; bf16 and fp32 do not
-        fp16 = autocast_dtype(self.cfg.run.precision, self.device) == torch.float16
-        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+        self.writer = CheckpointWriter(self.cfg.run.out_dir, self.cfg.run.keep_checkpoints, self.rank, self.world,
+                                       background=self.cfg.run.async_checkpoint)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.engine.optimizer
 
     @classmethod
-    def build(cls, cfg: JobConfig) -> "Trainer":
+    def build(cls, cfg: JobConfig, device: torch.device | None = None) -> "Trainer":
         seed_everything(cfg.run.seed)
-        device = resolve_device(cfg.run.device)
+        device = device or resolve_device(cfg.run.device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        rank, world = init_distributed(device)
         manifest = read_manifest(cfg.data.train)
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         use_aux = cfg.loss.aux_weight > 0
         teacher = None
         if use_aux:
@@ -132,57 +162,85 @@ class Trainer:
         total = int(math.ceil(cfg.optim.epochs * steps_per_epoch))
         if cfg.run.max_steps:
             total = min(total, cfg.run.max_steps)
-        params = [p for p in student.parameters() if p.requires_grad]
-        if cfg.optim.name == "sgd":
-            optimizer = torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                                        weight_decay=cfg.optim.weight_decay)
-        else:
-            optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        optimizer = build_optimizer([p for p in student.parameters() if p.requires_grad], cfg)
         scheduler = build_scheduler(optimizer, steps_per_epoch, cfg.optim)
-        task = BGSplitTask(student, teacher, cfg, manifest.counts, drw_epoch(cfg))
-        return cls(cfg, device, manifest, teacher, student, task, stream, optimizer, scheduler, steps_per_epoch,
-                   total)
+        engine = build_engine(student, optimizer, cfg, device)
+        # the task runs the wrapped student (gradients are synchronised) and the bare, frozen teacher
+        task = BGSplitTask(engine.model, teacher, cfg, manifest.counts, drw_epoch(cfg),
+                           teacher_dtype=autocast_dtype(cfg.run.precision, device))
+        return cls(cfg, device, manifest, teacher, student, task, stream, engine, scheduler, steps_per_epoch,
+                   total, rank, world)
 
     # -- state ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"version": 1, "step": self.step, "student": self.student.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "loader": self.loader_state.state_dict(), "rng": rng_state(), "config": self.cfg.to_dict(),
+        """Rank 0's checkpoint payload. A collective call (RNG states are gathered from every rank, ZeRO-3
+        gathers the weights): every rank calls it, the other ranks' return value is not written."""
+        rngs = gather(rng_state())
+        return {"version": 2, "step": self.step, "engine_name": self.engine.name,
+                "student": self.engine.student_state_dict(), "engine": self.engine.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "loader": self.loader_state.state_dict(), "rng": rngs,
+                "world": self.world, "config": self.cfg.to_dict(),
                 "model_meta": model_meta(self.cfg, self.manifest, self.student), "history": self.history,
-                "scaler": self.scaler.state_dict(),
                 "skipped": self.skipped.tolist()}
 
     def load_state_dict(self, state: dict[str, Any], url: str = "checkpoint") -> None:
         check_compatible(state, model_meta(self.cfg, self.manifest, self.student), url)
-        self.student.load_state_dict(state["student"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        saved_engine = state.get("engine_name", "ddp")
+        if saved_engine != self.engine.name:
+            raise ValueError(f"cannot resume from {url}: it was written by engine.name={saved_engine} but this run "
+                             f"uses engine.name={self.engine.name}; use the same engine or a new run.out_dir")
+        if self.engine.name == "ddp":
+            self.student.load_state_dict(state["student"])
+            self.engine.load_state_dict(state["engine"] if "engine" in state else state)
         self.scheduler.load_state_dict(state["scheduler"])
         self.loader_state.load_state_dict(state["loader"])
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
+        rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+        # the same world gets each rank's own generators back; another world size starts ranks from rank 0's
+        set_rng_state(rngs[self.rank] if len(rngs) == self.world else rngs[0])
         self.step = int(state["step"])
         self.history = list(state.get("history", []))
         self.skipped = torch.tensor(state.get("skipped", [0, 0, 0]), dtype=torch.long)
 
     def maybe_resume(self) -> str | None:
+        """``run.resume``: '' starts fresh, 'auto' takes the newest complete checkpoint under run.out_dir (rank 0
+        decides, so every rank loads the same one), else the given checkpoint."""
         resume = self.cfg.run.resume
-        url = latest_checkpoint(self.cfg.run.out_dir) if resume == "auto" else resume or None
+        url = None
+        if self.rank == 0:
+            url = latest_checkpoint(self.cfg.run.out_dir) if resume == "auto" else resume or None
+            if resume == "auto":
+                for stale in incomplete_checkpoints(self.cfg.run.out_dir):  # a crashed upload: never a checkpoint
+                    log.warning("removing incomplete checkpoint %s (its upload never finished)", stale)
+                    remove_checkpoint(stale)
+        url = broadcast(url)
         if url is None:
             return None
         self.load_state_dict(load_checkpoint(url), url)
+        if self.engine.sharded_save is not None:
+            self._load_sharded(url)
+        self.resumed_from = url
         log.info("resumed from %s at step %d (epoch %d, batch %d)", url, self.step, self.loader_state.epoch,
                  self.loader_state.batches)
         return url
 
+    def _load_sharded(self, url: str) -> None:
+        """Fetch this rank's DeepSpeed files (its own ZeRO partition and the shared model states) and load them."""
+        import tempfile
+
+        mine = f"zero_pp_rank_{self.rank}_"
+        with tempfile.TemporaryDirectory(prefix=f"bgsplit-resume-r{self.rank}-") as local:
+            tag = getattr(self.engine, "TAG", "state")
+            download_folder(storage.join(url, DEEPSPEED, tag), os.path.join(local, tag),
+                            keep=lambda n: "zero_pp_rank_" not in n or n.startswith(mine))
+            self.engine.load_sharded(local)
+
     def save(self) -> str:
-        return save_checkpoint(self.cfg.run.out_dir, self.step, self.state_dict(), self.cfg.run.keep_checkpoints)
+        """Start writing a checkpoint of the current step (every rank calls this); the upload runs on."""
+        nonce = broadcast(os.urandom(8).hex() if self.rank == 0 else None)
+        state = self.state_dict()
+        return self.writer.save(self.step, state if self.rank == 0 else None, nonce, self.engine.sharded_save)
 
     # -- loop -----------------------------------------------------------------------------------------------
-    def _autocast(self):
-        dtype = autocast_dtype(self.cfg.run.precision, self.device)
-        return torch.autocast("cuda", dtype=dtype) if dtype else contextlib.nullcontext()
-
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         out = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         if self.device.type == "cuda" and self.cfg.run.channels_last:
@@ -191,28 +249,28 @@ class Trainer:
 
     def train_step(self, micro_batches: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """One optimiser step over ``grad_accum`` micro-batches; returns detached loss tensors (no sync)."""
-        self.student.train()
+        self.engine.model.train()
         epoch = self.step / self.steps_per_epoch
         sums: dict[str, torch.Tensor] = {}
-        for batch in micro_batches:
-            with self._autocast():
+        for i, batch in enumerate(micro_batches):
+            with self.engine.autocast():
                 out = self.task(self._to_device(batch), epoch)
-            self.scaler.scale(out["loss"] / len(micro_batches)).backward()
+            self.engine.backward(out["loss"], last=i == len(micro_batches) - 1, micro_batches=len(micro_batches))
             for k in ("loss", "main_loss", "aux_loss"):
                 if k in out:
                     sums[k] = sums.get(k, 0) + out[k].detach() / len(micro_batches)
-        if self.cfg.optim.clip_grad_norm > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.optim.clip_grad_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.engine.step()
         self.scheduler.step()
         self.step += 1
         return sums
 
     def validate(self) -> dict[str, Any] | None:
+        """Rank 0 evaluates the bare student; under ZeRO-3 every rank takes part (the weights are partitioned
+        and gathered layer by layer), the others' results are dropped."""
         if not self.cfg.data.val:
+            return None
+        zero3 = self.engine.name == "deepspeed" and self.cfg.engine.zero_stage == 3
+        if self.rank != 0 and not zero3:
             return None
         return evaluate_student(self.student, read_manifest(self.cfg.data.val), self.cfg.data.image_size,
                                 self.cfg.data.batch_size, self.device, self.cfg.data.num_workers,
@@ -222,14 +280,15 @@ class Trainer:
         cfg = self.cfg
         if not storage.is_remote(cfg.run.out_dir):
             os.makedirs(cfg.run.out_dir, exist_ok=True)
-        logger = MetricsLogger(cfg.run.out_dir)
-        bar = _progress(self.total_steps, self.step, cfg.run.progress)
+        logger = MetricsLogger(cfg.run.out_dir) if self.rank == 0 else _NoLogger()
+        bar = _progress(self.total_steps, self.step, cfg.run.progress and self.rank == 0)
         eval_every = int(round(cfg.run.eval_every * self.steps_per_epoch)) if cfg.run.eval_every else 0
         window: dict[str, torch.Tensor] = {}
         window_steps, window_images, window_positives, t0 = 0, 0, 0, time.time()
         loader = make_loader(self.stream, cfg.data.num_workers)
         start_time = time.time()
-        log.info("%s", self.stream.describe_epoch())
+        log.info("rank %d of %d, engine %s: %s", self.rank, self.world, self.engine.name,
+                 self.stream.describe_epoch())
         while self.step < self.total_steps:
             self.stream.epoch, self.stream.skip_batches = self.loader_state.epoch, self.loader_state.batches
             micro: list[dict[str, Any]] = []
@@ -274,17 +333,24 @@ class Trainer:
         bar.close()
         final = self._record_eval(logger)
         path = self.save()
+        self.writer.wait()  # the final checkpoint must be complete before the run says it is done
         summary = {"steps": self.step, "epochs": self.step / self.steps_per_epoch, "checkpoint": path,
-                   "seconds": time.time() - start_time, "val": final,
+                   "seconds": time.time() - start_time, "val": final, "world": self.world,
+                   "engine": self.engine.name, "resumed_from": self.resumed_from,
+                   "checkpoint_uploads": {"count": self.writer.uploads,
+                                          "seconds": round(self.writer.upload_seconds, 3),
+                                          "failures": self.writer.failures},
                    "skipped": dict(zip(("bad_images", "missing_teacher", "bad_shards"), self.skipped.tolist())),
                    "storage": dict(storage.STATS),
                    "train_set": {"count": self.manifest.count, "counts": self.manifest.counts,
                                  "background_fraction": self.manifest.background_fraction}}
         if any(summary["skipped"].values()):
             log.warning("skipped during training: %s", summary["skipped"])
+        logger.close()
+        if self.rank != 0:
+            return summary
         storage.write_bytes(storage.join(cfg.run.out_dir, "summary.json"),
                             json.dumps(summary, indent=1, default=str).encode())
-        logger.close()
         return summary
 
     def _record_eval(self, logger: "MetricsLogger") -> dict[str, Any] | None:
@@ -331,6 +397,13 @@ class MetricsLogger:
             storage.write_bytes(self.path, ("\n".join(self.lines) + "\n").encode())
         if self.tb:
             self.tb.close()
+
+
+class _NoLogger:
+    """Ranks other than 0 log nothing: one metrics file per run."""
+
+    def log(self, step: int, scalars: dict[str, float]) -> None: ...
+    def close(self) -> None: ...
 
 
 class _NoBar:
