@@ -2,20 +2,25 @@
 validation set) out.
 
 Re-running with the same arguments is a no-op when the manifest already records them, so the demo and CI can
-call it unconditionally.
+call it unconditionally; after a crash it resumes, rewriting only the shards without a completion record for
+this spec (see data.ingest, which also runs the shard writers in parallel).
 """
 from __future__ import annotations
 
 import json
 import logging
+import re
+import time
 from dataclasses import asdict, dataclass
-from typing import Iterator
+from typing import Any
 
 import numpy as np
 
 from data import storage
 from data.bg_construction import BGSelection, select_bg, split_holdout
-from data.shards import Manifest, manifest_url, read_manifest, write_shard_set
+from data.ingest import (Resize, ShardResult, ShardTask, estimate_sample_bytes, finished, plan_shards, record_name,
+                         run_tasks, samples_per_shard, spec_hash)
+from data.shards import Manifest, ShardInfo, invalidate, manifest_url, read_manifest, write_manifest
 from data.sources import Source, SourceItem, open_source, read_split_file, resolve_rare_classes
 
 log = logging.getLogger("bgsplit.data")
@@ -36,6 +41,14 @@ class BuildSpec:
     subsample: int | None = None
     max_count: int = 10000
     max_bytes: int = 512 << 20
+    resize_short_side: int | None = None
+    """Re-encode images whose short side is longer to JPEG at this short side; None stores every image as is."""
+    jpeg_quality: int = 90
+
+
+PREFIX = "shard"
+SKIPPED_KEYS_IN_MANIFEST = 1000
+"""Bad-image keys listed in the manifest (all of them are in the shards' completion records)."""
 
 
 def rare_classes_from(split_file: str | None, rare: str | None, source: Source) -> list[str]:
@@ -46,12 +59,6 @@ def rare_classes_from(split_file: str | None, rare: str | None, source: Source) 
     return resolve_rare_classes(ids, labels, split_file or "--rare")
 
 
-def _samples(source: Source, items: list[SourceItem], selection: BGSelection) -> Iterator:
-    for index, label in zip(selection.indices, selection.main_labels):
-        item = items[int(index)]
-        yield item.key, source.read(item), int(label), item.label
-
-
 def _up_to_date(out: str, spec: BuildSpec) -> Manifest | None:
     if not storage.exists(manifest_url(out)):
         return None
@@ -59,13 +66,16 @@ def _up_to_date(out: str, spec: BuildSpec) -> Manifest | None:
     return manifest if manifest.meta.get("build") == json.loads(json.dumps(asdict(spec))) else None
 
 
-def build_set(source: Source, spec: BuildSpec, out: str, *, progress: bool = True) -> Manifest:
-    """Write one -BG set for ``spec`` (``part`` picks the holdout or the rest of the source)."""
-    existing = _up_to_date(out, spec)
-    if existing is not None:
-        log.info("%s is up to date (%d images); skipping", out, existing.count)
-        return existing
-    items = source.items()
+def _check(spec: BuildSpec) -> None:
+    if spec.resize_short_side is not None and spec.resize_short_side < 1:
+        raise ValueError(f"--resize-short-side must be a positive number of pixels, got {spec.resize_short_side}")
+    if not 1 <= spec.jpeg_quality <= 100:
+        raise ValueError(f"--jpeg-quality must be within 1..100, got {spec.jpeg_quality}")
+    if spec.max_count < 1 or spec.max_bytes < 1:
+        raise ValueError(f"--max-count and --max-mb must be positive, got {spec.max_count} and {spec.max_bytes} B")
+
+
+def _select(items: list[SourceItem], spec: BuildSpec) -> BGSelection:
     pool = np.arange(len(items))
     if spec.holdout:
         rest, held = split_holdout(len(items), spec.holdout, spec.seed)
@@ -77,38 +87,127 @@ def build_set(source: Source, spec: BuildSpec, out: str, *, progress: bool = Tru
     sel = select_bg(labels, list(spec.rare), positives_per_class=spec.positives_per_class,
                     background_fraction=spec.background_fraction, max_background=spec.max_background,
                     seed=spec.seed)
-    sel = BGSelection(indices=pool[sel.indices], main_labels=sel.main_labels, rare_classes=sel.rare_classes)
+    return BGSelection(indices=pool[sel.indices], main_labels=sel.main_labels, rare_classes=sel.rare_classes)
+
+
+class _Bar:
+    """tqdm over images, with the source's MB/s read (what an object store or disk is asked for)."""
+
+    def __init__(self, enabled: bool, total: int, initial: int, desc: str):
+        self.read, self.start = 0, time.monotonic()
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="img", desc=desc, leave=False, smoothing=0.1)
+
+    def __call__(self, images: int, read_bytes: int) -> None:
+        self.read += read_bytes
+        if self.bar is not None:
+            self.bar.update(images)
+            mb_s = self.read / (1 << 20) / max(time.monotonic() - self.start, 1e-6)
+            self.bar.set_postfix_str(f"{mb_s:.1f} MB/s", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _warn_skipped(result: ShardResult) -> None:
+    for key, reason in result.skipped:
+        log.warning("skipping source image %s (shard %s): undecodable (%s)", key, result.name, reason)
+
+
+def _remove_leftovers(out: str, tasks: list[ShardTask]) -> None:
+    """Shards of an earlier, larger plan and temporary files of a killed run: never in the new manifest."""
+    planned = {t.name for t in tasks} | {record_name(t.name) for t in tasks}
+    ours = re.compile(rf"^{re.escape(PREFIX)}-(positive|background)-\d{{6}}\.(tar|json)$")
+    for name in storage.listdir(out):
+        if (ours.match(name) and name not in planned) or (name.startswith(".") and name.endswith(".partial")):
+            storage.remove(storage.join(out, name))
+
+
+def build_set(source: Source, spec: BuildSpec, out: str, *, progress: bool = True, workers: int = 0) -> Manifest:
+    """Write one -BG set for ``spec`` (``part`` picks the holdout or the rest of the source).
+
+    ``workers`` > 1 writes shards in that many processes, each reopening the source from ``spec.source`` (so
+    ``source`` must be what that spec opens); otherwise everything runs here, with ``source`` as given."""
+    existing = _up_to_date(out, spec)
+    if existing is not None:
+        log.info("%s is up to date (%d images); skipping", out, existing.count)
+        return existing
+    _check(spec)
+    if workers > 1 and source.name != spec.source:
+        raise ValueError(f"source {source.name!r} is not the spec's {spec.source!r}: worker processes reopen the "
+                         "source from the spec; pass the matching source or workers=0")
+    start = time.time()
+    items = source.items()
+    sel = _select(items, spec)
+    chosen = [(items[int(i)], int(label)) for i, label in zip(sel.indices, sel.main_labels)]
+    if not chosen:
+        raise ValueError(f"no samples to write to {out}: the selection is empty")
+    print(f"{out}: {sel.describe()}", flush=True)
+    resize = Resize(spec.resize_short_side, spec.jpeg_quality)
+    per_shard = samples_per_shard(estimate_sample_bytes(source, chosen, resize), spec.max_count, spec.max_bytes)
+    tasks = plan_shards(chosen, per_shard=per_shard, root=out, source=spec.source, prefix=PREFIX,
+                        num_classes=len(spec.rare) + 1, spec_hash=spec_hash(asdict(spec)), resize=resize)
+    invalidate(out)
+    present = set(storage.listdir(out))
+    results = {t.name: r for t in tasks if (r := finished(t, present)) is not None}
+    todo = [t for t in tasks if t.name not in results]
+    bar = _Bar(progress, len(chosen), sum(len(t.items) for t in tasks if t.name in results), "shards")
+    try:
+        for r in run_tasks(todo, source, workers=workers, progress=bar, done=_warn_skipped):
+            results[r.name] = r
+    finally:
+        bar.close()
     names = source.class_names()
     class_names = ["background"] + [names.get(r, r) for r in spec.rare]
-    print(f"{out}: {sel.describe()}", flush=True)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(sel.indices), unit="img", desc="shards", leave=False)
-    manifest = write_shard_set(out, _samples(source, items, sel), rare_classes=list(spec.rare),
-                               class_names=class_names, max_count=spec.max_count, max_bytes=spec.max_bytes,
-                               meta={"build": asdict(spec)}, progress=bar.update if bar else None)
-    if bar:
-        bar.close()
+    manifest = _manifest(out, spec, class_names, tasks, results, start, per_shard)
+    _remove_leftovers(out, tasks)
+    write_manifest(manifest)
+    bad = manifest.meta["skipped"]["bad_images"]
+    print(f"{out}: {manifest.count} images in {len(manifest.shards)} shards ({len(tasks) - len(todo)} kept from "
+          f"an earlier run), {bad} undecodable source images skipped, {time.time() - start:.1f}s", flush=True)
     return manifest
+
+
+def _manifest(out: str, spec: BuildSpec, class_names: list[str], tasks: list[ShardTask],
+              results: dict[str, ShardResult], start: float, per_shard: int) -> Manifest:
+    counts = [0] * (len(spec.rare) + 1)
+    shards, skipped = [], []
+    for task in tasks:  # plan order: positives, then background, each by index
+        r = results[task.name]
+        counts = [a + b for a, b in zip(counts, r.counts)]
+        skipped += [key for key, _ in r.skipped]
+        if r.count:  # a shard whose images were all undecodable stays out
+            shards.append(ShardInfo(url=task.name, kind=task.kind, count=r.count, bytes=r.bytes))
+    if not shards:
+        raise ValueError(f"no decodable image among the {sum(len(t.items) for t in tasks)} selected from "
+                         f"{spec.source}: check the source files")
+    meta: dict[str, Any] = {"build": asdict(spec), "build_seconds": round(time.time() - start, 3),
+                            "samples_per_shard": per_shard,
+                            "skipped": {"bad_images": len(skipped), "keys": skipped[:SKIPPED_KEYS_IN_MANIFEST]}}
+    return Manifest(root=out, rare_classes=list(spec.rare), class_names=class_names, shards=shards, counts=counts,
+                    meta=meta)
 
 
 def build_command(source_spec: str, out: str, *, split_file: str | None = None, rare: str | None = None,
                   positives_per_class: int | None = None, background_fraction: float | None = None,
                   max_background: int | None = None, subsample: int | None = None, seed: int = 0, holdout: int = 0,
-                  holdout_out: str | None = None, max_count: int = 10000,
-                  max_bytes: int = 512 << 20) -> dict[str, Manifest]:
+                  holdout_out: str | None = None, max_count: int = 10000, max_bytes: int = 512 << 20,
+                  resize_short_side: int | None = None, jpeg_quality: int = 90, workers: int = 0,
+                  progress: bool = True) -> dict[str, Manifest]:
     """The CLI's entry: the training (or evaluation) set, plus the carved-out validation set if asked."""
     source = open_source(source_spec)
     rare_ids = tuple(rare_classes_from(split_file, rare, source))
     if holdout and not holdout_out:
         raise ValueError("--holdout needs --holdout-out (where to write the validation set)")
     spec = BuildSpec(source_spec, rare_ids, positives_per_class, background_fraction, max_background, seed,
-                     holdout, "rest", subsample, max_count, max_bytes)
-    built = {"main": build_set(source, spec, out)}
+                     holdout, "rest", subsample, max_count, max_bytes, resize_short_side, jpeg_quality)
+    built = {"main": build_set(source, spec, out, progress=progress, workers=workers)}
     if holdout:
         val_spec = BuildSpec(source_spec, rare_ids, seed=seed, holdout=holdout, part="holdout", max_count=max_count,
-                             max_bytes=max_bytes)
-        built["holdout"] = build_set(source, val_spec, holdout_out)
+                             max_bytes=max_bytes, resize_short_side=resize_short_side, jpeg_quality=jpeg_quality)
+        built["holdout"] = build_set(source, val_spec, holdout_out, progress=progress, workers=workers)
     return built

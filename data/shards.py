@@ -3,7 +3,8 @@
 A set is a folder (or object-store prefix) of ``<name>-<kind>-NNNNNN.tar`` shards plus ``manifest.json``. Each
 shard is written under a temporary name and renamed whole; the manifest is written last, so a crashed build
 leaves no manifest and is never used. Positives and background go to separate shards (same manifest) so a
-loader can re-sample the few positives without copying them.
+loader can re-sample the few positives without copying them. `bgsplit shards build` also leaves a small
+completion record ``<name>-<kind>-NNNNNN.json`` beside each shard (see data.ingest); loaders ignore it.
 
 Sample fields: ``<ext>`` the encoded image as stored, ``cls`` the main label (0 = background, 1..K),
 ``json`` {"label", "orig", "source_key"}; ``__key__`` is the stable sample key.
@@ -109,9 +110,46 @@ def read_manifest(location: str) -> Manifest:
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
-    info.mtime = 0
+    info.mtime = 0  # fixed metadata: the same samples always give byte-identical shards
     info.mode = 0o444
     tar.addfile(info, io.BytesIO(data))
+
+
+def sample_fields(key: str, image: bytes, label: int, orig: str) -> dict[str, bytes]:
+    """The one definition of a sample's tar members (see the module docstring)."""
+    return {
+        image_extension(image): image,
+        "cls": str(label).encode(),
+        "json": json.dumps({"label": label, "orig": orig, "source_key": key}).encode(),
+    }
+
+
+def add_sample(tar: tarfile.TarFile, key: str, fields: dict[str, bytes]) -> None:
+    for ext, data in fields.items():
+        _add(tar, f"{key}.{ext}", data)
+
+
+def tar_bytes(fields: dict[str, bytes]) -> int:
+    """Bytes a sample takes in a tar: a 512-byte header per member plus its data padded to 512."""
+    return sum(512 + -(-len(data) // 512) * 512 for data in fields.values())
+
+
+def shard_name(prefix: str, kind: str, index: int) -> str:
+    return f"{prefix}-{kind}-{index:06d}.tar"
+
+
+def invalidate(root: str) -> None:
+    """Make a set unusable before it is rewritten: drop its manifest and the teacher caches that label the old
+    samples. Shards stay, so a resumed build can keep the finished ones."""
+    storage.remove(manifest_url(root))
+    for name in storage.listdir(root):
+        if name.startswith("teacher-") and name.endswith(".npz"):
+            storage.remove(storage.join(root, name))
+
+
+def write_manifest(manifest: Manifest) -> None:
+    """Written last: its presence is what marks a set as complete."""
+    storage.write_bytes(manifest_url(manifest.root), json.dumps(manifest.to_json(), indent=1).encode())
 
 
 class _ShardSink:
@@ -129,8 +167,7 @@ class _ShardSink:
         if self._tar is None:
             self._buffer = io.BytesIO()
             self._tar = tarfile.open(fileobj=self._buffer, mode="w")
-        for ext, data in fields.items():
-            _add(self._tar, f"{key}.{ext}", data)
+        add_sample(self._tar, key, fields)
         self._count += 1
         if self._count >= self.max_count or self._buffer.tell() >= self.max_bytes:
             self.close()
@@ -139,7 +176,7 @@ class _ShardSink:
         if self._tar is None:
             return
         self._tar.close()
-        name = f"{self.prefix}-{self.kind}-{len(self.done):06d}.tar"
+        name = shard_name(self.prefix, self.kind, len(self.done))
         data = self._buffer.getvalue()
         storage.write_bytes(storage.join(self.root, name), data)
         self.done.append(ShardInfo(url=name, kind=self.kind, count=self._count, bytes=len(data)))
@@ -154,10 +191,7 @@ def write_shard_set(root: str, samples: Iterable[tuple[str, bytes, int, str]], *
 
     An existing manifest at ``root`` is removed first, so a set being rebuilt is unusable until complete.
     """
-    storage.remove(manifest_url(root))
-    for name in storage.listdir(root):  # teacher caches label the old samples: drop them with the old set
-        if name.startswith("teacher-") and name.endswith(".npz"):
-            storage.remove(storage.join(root, name))
+    invalidate(root)
     sinks = {kind: _ShardSink(root, prefix, kind, max_count, max_bytes) for kind in ("positive", "background")}
     counts = [0] * (len(rare_classes) + 1)
     seen: set[str] = set()
@@ -168,11 +202,7 @@ def write_shard_set(root: str, samples: Iterable[tuple[str, bytes, int, str]], *
         if not 0 <= label <= len(rare_classes):
             raise ValueError(f"sample '{key}' has main label {label}, outside 0..{len(rare_classes)}")
         seen.add(key)
-        sinks["positive" if label else "background"].write(key, {
-            image_extension(image): image,
-            "cls": str(label).encode(),
-            "json": json.dumps({"label": label, "orig": orig, "source_key": key}).encode(),
-        })
+        sinks["positive" if label else "background"].write(key, sample_fields(key, image, label, orig))
         counts[label] += 1
         if progress:
             progress(1)
@@ -184,7 +214,7 @@ def write_shard_set(root: str, samples: Iterable[tuple[str, bytes, int, str]], *
     manifest = Manifest(root=root, rare_classes=list(rare_classes), class_names=list(class_names),
                         shards=shards, counts=counts,
                         meta={**(meta or {}), "build_seconds": round(time.time() - start, 3)})
-    storage.write_bytes(manifest_url(root), json.dumps(manifest.to_json(), indent=1).encode())
+    write_manifest(manifest)
     return manifest
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from trainer.config import ConfigError
@@ -47,7 +48,8 @@ def _shards_build(args: argparse.Namespace) -> None:
                   positives_per_class=args.positives_per_class, background_fraction=args.background_fraction,
                   max_background=args.max_background, seed=args.seed, holdout=args.holdout,
                   holdout_out=args.holdout_out, subsample=args.subsample,
-                  max_count=args.max_count, max_bytes=int(args.max_mb * (1 << 20)))
+                  max_count=args.max_count, max_bytes=int(args.max_mb * (1 << 20)),
+                  resize_short_side=args.resize_short_side, jpeg_quality=args.jpeg_quality, workers=args.workers)
 
 
 def _teacher_label(args: argparse.Namespace) -> None:
@@ -110,7 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--holdout-out", help="where to write the validation set")
     b.add_argument("--subsample", type=int, help="uniform random subset of the source (keeps class proportions)")
     b.add_argument("--max-count", type=int, default=10000, help="samples per shard at most")
-    b.add_argument("--max-mb", type=float, default=512, help="shard size in MB at most")
+    b.add_argument("--max-mb", type=float, default=512,
+                   help="target shard size in MB (samples per shard estimated from a probe of the images)")
+    b.add_argument("--resize-short-side", type=int,
+                   help="re-encode images whose short side is longer to JPEG at this size (never upscales)")
+    b.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of re-encoded images")
+    b.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="shard-writing processes (default min(8, CPUs); 0 or 1: in this process)")
     b.set_defaults(func=_shards_build)
 
     tl = sub.add_parser("teacher-label", help="cache the teacher's top-k labels of shard sets (sidecar files)")
