@@ -55,3 +55,11 @@ def test_shipped_configs_load():
     inat = load_config(configs[[p.name for p in configs].index("inat_bg_100.yaml")])
     assert inat.model.trunk == "resnet50" and inat.teacher.weights == "IMAGENET1K_V1"
     assert inat.data.batch_size == 256 and inat.optim.epochs == 90
+
+
+def test_scientific_notation_without_a_dot_is_a_float():
+    from trainer.config import load_config
+
+    assert load_config(None, ["optim.lr=3e-4"]).optim.lr == 3e-4
+    with pytest.raises(ConfigError, match="optim.lr"):
+        load_config(None, ["optim.lr=fast"])

@@ -250,6 +250,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 3e-4 (no dot) as a string; ML configs write learning rates that way
+            return float(value)
+        except ValueError:
+            pass
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if tp is bool and isinstance(value, bool):
@@ -301,6 +306,8 @@ def validate(cfg: JobConfig) -> JobConfig:
         raise ConfigError(f"data.positive_fraction must be in (0, 1), got {cfg.data.positive_fraction}")
     if cfg.loss.aux_weight < 0:
         raise ConfigError(f"loss.aux_weight must be >= 0, got {cfg.loss.aux_weight}")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
     if cfg.cluster.num_workers < 1 or cfg.cluster.max_failures < 0:
         raise ConfigError("cluster.num_workers must be >= 1 and cluster.max_failures >= 0")
     if cfg.loss.temperature <= 0:
