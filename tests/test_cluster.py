@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -96,3 +97,79 @@ def test_two_ray_ddp_workers_equal_one_process_with_the_same_global_batch(ray_cl
                                                f"run.out_dir={tmp_path / 'still'}"]))
     start = _student(frozen["checkpoint"])
     assert max(float((a[k] - start[k]).abs().max()) for k in a if k.endswith("weight")) > 1e-3
+
+
+def _ray_overrides(tiny_sets, out_dir: str, *extra: str) -> list[str]:
+    return [f"data.train={tiny_sets['train']}", "data.val=", "data.image_size=32", "data.batch_size=16",
+            "data.shuffle_buffer=64", f"teacher.image_size={TEACHER_SIZE}", "teacher.mode=cached",
+            "loss.aux_weight=0.1", "optim.lr=0.01", "optim.warmup_epochs=0.5", "optim.schedule=cosine",
+            f"run.out_dir={out_dir}", "run.progress=false", "run.log_every=5", "cluster.num_workers=2", *extra]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_trains_and_resumes_from_its_s3_checkpoint(ray_cluster, s3, tiny_sets, stage):
+    from trainer.checkpoint import list_checkpoints, load_checkpoint
+    from trainer.config import load_config
+
+    out = f"s3://{s3.bucket}/deepspeed-zero{stage}"
+    over = _ray_overrides(tiny_sets, out, "engine.name=deepspeed", f"engine.zero_stage={stage}",
+                          "optim.epochs=1", "run.checkpoint_every=2", f"data.val={tiny_sets['test']}")
+    first = _launch(load_config(None, over + ["run.max_steps=4"]), ray_cluster.address)
+    assert first["steps"] == 4 and first["engine"] == "deepspeed" and first["world"] == 2
+    index = json.loads(storage.read_bytes(f"{first['checkpoint']}/index.json"))
+    ranks = {name.split("zero_pp_rank_")[1].split("_")[0] for name in index["files"] if "zero_pp_rank_" in name}
+    assert index["engine"] == "deepspeed" and ranks == {"0", "1"}  # both ranks' partitions uploaded
+    second = _launch(load_config(None, over + ["run.max_steps=6"]), ray_cluster.address)
+    assert second["steps"] == 6 and second["resumed_from"].endswith("step-00000004")
+    assert second["val"]["map"] > 0.0
+    for url in list_checkpoints(out):
+        state = load_checkpoint(url)
+        assert state["student"]["main_head.weight"].shape[0] == 3 and state["engine_name"] == "deepspeed"
+
+
+def test_a_killed_worker_is_restarted_and_the_run_finishes_from_the_newest_checkpoint(ray_cluster, s3, tiny_sets):
+    """SIGKILL one of two Ray workers after the first checkpoint: Ray restarts the group (FailureConfig), the
+    workers resume from the newest complete checkpoint and the run ends at its planned step count."""
+    from trainer.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+
+    out = f"s3://{s3.bucket}/killed-worker"
+    over = _ray_overrides(tiny_sets, out, "optim.epochs=8", "run.checkpoint_every=10", "cluster.max_failures=1",
+                          "run.keep_checkpoints=20", "data.image_size=48")
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.launch", "--address", ray_cluster.address, *over],
+                            cwd=ROOT, env=ray_cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    deadline = time.time() + 300
+    while latest_checkpoint(out) is None:
+        assert proc.poll() is None, "".join(lines[-40:])
+        assert time.time() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.2)
+    seen = int(latest_checkpoint(out).rsplit("-", 1)[1])
+    pids = ray_cluster.worker_pids()
+    assert len(pids) == 2, pids
+    os.kill(pids[-1], signal.SIGKILL)
+    assert proc.wait(timeout=600) == 0, "".join(lines[-60:])
+    reader.join(timeout=10)
+    result = json.loads([line for line in lines if line.startswith("{")][-1])
+    summary = json.loads(storage.read_bytes(f"{out}/summary.json"))
+    assert result["world"] == 2 and summary["epochs"] == pytest.approx(8.0)  # the planned length, all of it
+    assert result["resumed_from"], "the restarted workers did not resume"
+    assert int(result["resumed_from"].rsplit("-", 1)[1]) >= seen  # at most one checkpoint interval lost
+    for url in list_checkpoints(out):
+        assert load_checkpoint(url)["step"] == int(url.rsplit("-", 1)[1])
+
+
+def test_ray_job_submit_runs_the_debug_config(ray_cluster, s3, tiny_sets):
+    """The README's cluster command, end to end: `ray job submit --working-dir . -- python -m cluster.launch`."""
+    out = f"s3://{s3.bucket}/job-submit"
+    cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", ray_cluster.dashboard,
+           "--working-dir", str(ROOT), "--", "python", "-m", "cluster.launch", "--config", "configs/debug.yaml",
+           f"data.train={tiny_sets['train']}", f"data.val={tiny_sets['test']}", f"run.out_dir={out}",
+           "run.max_steps=4", "data.image_size=32", f"teacher.image_size={TEACHER_SIZE}", "cluster.num_workers=2",
+           "run.progress=false"]
+    done = subprocess.run(cmd, cwd=ROOT, env=ray_cluster.env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads([line for line in done.stdout.splitlines() if line.startswith('{"checkpoint"')][-1])
+    assert result["steps"] == 4 and result["world"] == 2 and result["val_map"] is not None
+    assert storage.exists(f"{out}/checkpoints/step-00000004/index.json")

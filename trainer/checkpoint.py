@@ -232,7 +232,7 @@ class CheckpointWriter:
                 {"nonce": nonce, "files": files}).encode())
         if self.rank == 0:
             if staging is not None:
-                self._wait_for_markers(url, nonce)
+                files += self._wait_for_markers(url, nonce)
             index = {"format": FORMAT, "step": step, "nonce": nonce, "world": self.world, "files": files,
                      "engine": DEEPSPEED if staging is not None else "ddp", "time": time.time()}
             storage.write_bytes(storage.join(url, INDEX), json.dumps(index, indent=1).encode())
@@ -241,19 +241,24 @@ class CheckpointWriter:
         self.upload_seconds += time.time() - start
         log.info("checkpoint %s complete (%.1f s upload)", url, time.time() - start)
 
-    def _wait_for_markers(self, url: str, nonce: str) -> None:
+    def _wait_for_markers(self, url: str, nonce: str) -> list[str]:
+        """The other ranks' uploaded files, once each rank's marker of this save is there."""
         deadline = time.time() + MARKER_TIMEOUT_S
         pending = set(range(1, self.world))
+        files: list[str] = []
         while pending:
             for r in sorted(pending):
                 marker = storage.join(url, f"rank-{r:05d}.done")
-                if storage.exists(marker) and json.loads(storage.read_bytes(marker)).get("nonce") == nonce:
+                doc = json.loads(storage.read_bytes(marker)) if storage.exists(marker) else {}
+                if doc.get("nonce") == nonce:
+                    files += doc.get("files", [])
                     pending.discard(r)
             if pending and time.time() > deadline:
                 raise TimeoutError(f"ranks {sorted(pending)} did not finish uploading {url} within "
                                    f"{MARKER_TIMEOUT_S:.0f} s; it stays incomplete")
             if pending:
                 time.sleep(0.2)
+        return files
 
     def _prune(self) -> None:
         """Keep the newest ``keep`` complete checkpoints and drop incomplete ones older than the newest."""
