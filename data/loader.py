@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import logging
 import tarfile
+import weakref
 import zlib
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -283,9 +284,20 @@ class ShardStream(IterableDataset):
             yield {"skipped": torch.tensor([self._stats[k] for k in ("bad_images", "missing_teacher", "bad_shards")])}
 
 
+def _forget_inherited_s3_sessions(worker_id: int) -> None:
+    """A forked worker inherits the parent's s3fs sessions, bound to an event-loop thread that does not exist in
+    the child; closing them at the worker's exit fails with 'attached to a different loop' tracebacks. The
+    parent owns and closes them: the child only forgets them (it opens its own on first use)."""
+    for finalizer in list(weakref.finalize._registry):  # type: ignore[attr-defined]
+        info = finalizer.peek()
+        if info is not None and getattr(info[1], "__name__", "") == "close_session":
+            finalizer.detach()
+
+
 def make_loader(stream: ShardStream, num_workers: int) -> DataLoader:
     """A DataLoader over pre-batched samples. It gets its own generator: drawing worker seeds from the global RNG
     would shift dropout masks and make a resumed run differ from an uninterrupted one."""
     return DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=False,
                       pin_memory=torch.cuda.is_available(), prefetch_factor=4 if num_workers else None,
-                      generator=torch.Generator().manual_seed(stream.seed))
+                      generator=torch.Generator().manual_seed(stream.seed),
+                      worker_init_fn=_forget_inherited_s3_sessions if num_workers else None)

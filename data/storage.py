@@ -154,5 +154,12 @@ def atomic_write(url: str) -> Iterator[IO[bytes]]:
 
 
 def write_bytes(url: str, data: bytes) -> None:
-    with atomic_write(url) as f:
-        f.write(data)
+    """Whole-object write. On an object store one ``pipe``: a single PUT, or above 100 MB a multipart upload
+    whose parts go up in parallel (several times one stream's speed) and which is visible only once completed;
+    a failed multipart upload is aborted, so nothing half-written ever appears."""
+    if not is_remote(url):
+        with atomic_write(url) as f:
+            f.write(data)
+        return
+    fs, path = _fs(url)
+    with_retries(lambda: fs.pipe_file(path, data), f"upload {url}")

@@ -1,6 +1,7 @@
 """Data-parallel loading without hangs: two real gloo processes on a deliberately uneven shard set."""
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -44,3 +45,24 @@ def test_two_ranks_with_uneven_shards_finish_with_equal_steps(uneven, tmp_path, 
     if mode == "exact" and policy == "pad":
         keys = {k.split("#")[0] for r in ranks for k in r["keys"]}
         assert keys == {f"k{i:03d}" for i in range(72)}  # every sample seen, padding only repeats
+
+
+def test_torchrun_trains_with_two_ddp_processes(tiny_sets, tmp_path):
+    """`torchrun --nproc_per_node 2 -m trainer.cli train` (the README's multi-process command): both ranks run
+    the planned steps in one process group, rank 0 alone writes metrics, summary and the checkpoint."""
+    from conftest import TEACHER_SIZE
+
+    out = tmp_path / "torchrun"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "trainer.cli", "train", "--debug",
+           f"data.train={tiny_sets['train']}", "data.val=", "data.image_size=32", "data.batch_size=16",
+           f"teacher.image_size={TEACHER_SIZE}", "teacher.mode=cached", "run.max_steps=3", f"run.out_dir={out}",
+           "run.progress=false", "run.log_every=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world"] == 2 and summary["steps"] == 3 and summary["engine"] == "ddp"
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]  # one writer: no line twice
+    assert (out / "checkpoints" / "step-00000003" / "index.json").exists()
