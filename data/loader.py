@@ -1,8 +1,9 @@
 """Stream a shard set as decoded, augmented batches.
 
 A batch is a dict: ``image`` uint8 [B,3,H,W], ``label``, ``key``, ``skipped`` (bad images, missing teacher
-entries, unreadable shards since the previous batch) and, with a teacher cache, ``teacher_idx``/``teacher_prob``.
-A final dict holding only ``skipped`` reports skips that came after the last batch.
+entries, unreadable shards since the previous batch), ``skipped_by_shard`` (the same per shard file) and, with a
+teacher cache, ``teacher_idx``/``teacher_prob``. A final dict holding only the skip counts reports skips that came
+after the last batch.
 
 The sample order is a pure function of (seed, epoch, rank, world, worker, workers): ``data.plan`` picks each
 worker's shards (or samples within shards) and its exact number of batches, a seeded shuffle buffer mixes them,
@@ -34,6 +35,9 @@ from data.transforms import BadImage, eval_transform, sample_rng, train_transfor
 
 log = logging.getLogger("bgsplit.data")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "img")
+SKIP_KINDS = ("bad_images", "missing_teacher", "bad_shards")
+SHARD_FIELD = "__shard__"
+"""Added to each sample's fields by the shard reader: the shard a skipped sample is counted against."""
 
 
 def worker_skip(batches_done: int, worker: int, workers: int) -> int:
@@ -118,11 +122,13 @@ class ShardStream(IterableDataset):
         for url in urls:
             try:
                 with storage.open_read(url) as stream:
-                    yield from iter_tar(stream)
+                    for key, fields in iter_tar(stream):
+                        fields[SHARD_FIELD] = url  # so a skip is counted against its shard
+                        yield key, fields
             except (tarfile.TarError, OSError, EOFError) as e:
                 log.warning("shard %s is unreadable past this point (%s: %s); skipping the rest of it",
                             url, type(e).__name__, e)
-                self._stats["bad_shards"] += 1
+                self._count_skip("bad_shards", url)
 
     def _shuffled(self, samples: Iterator, rng: np.random.Generator) -> Iterator:
         if not self.train or self.shuffle_buffer <= 1:
@@ -220,36 +226,53 @@ class ShardStream(IterableDataset):
             else:
                 image = eval_transform(fields[ext], self.image_size, self.eval_resize_ratio)
         except BadImage as e:
-            log.warning("skipping sample %s: undecodable image (%s)", source_key, e)
-            self._stats["bad_images"] += 1
+            log.warning("skipping sample %s of shard %s: undecodable image (%s)", source_key,
+                        fields.get(SHARD_FIELD), e)
+            self._count_skip("bad_images", fields.get(SHARD_FIELD))
             return None
         sample = {"image": image, "label": int(fields["cls"]), "key": source_key}
         if self.teacher_cache is not None:
             entry = self.teacher_cache.get(source_key)
             if entry is None:
-                log.warning("skipping sample %s: no entry in teacher cache %s", source_key, self.teacher_cache.url)
-                self._stats["missing_teacher"] += 1
+                log.warning("skipping sample %s of shard %s: no entry in teacher cache %s", source_key,
+                            fields.get(SHARD_FIELD), self.teacher_cache.url)
+                self._count_skip("missing_teacher", fields.get(SHARD_FIELD))
                 return None
             sample["teacher_idx"], sample["teacher_prob"] = entry
         return sample
+
+    def _count_skip(self, kind: str, shard: str | None) -> None:
+        self._stats[kind] += 1
+        name = (shard or "?").rsplit("/", 1)[-1]
+        self._by_shard.setdefault(name, dict.fromkeys(SKIP_KINDS, 0))[kind] += 1
+
+    def _skips(self) -> dict[str, Any]:
+        """The skips since the last batch (then reset): totals as a tensor, and per shard file. A worker process
+        also reports its object-store retries and failures, which the training process cannot see otherwise."""
+        out = {"skipped": torch.tensor([self._stats[k] for k in SKIP_KINDS]), "skipped_by_shard": self._by_shard}
+        self._stats, self._by_shard = dict.fromkeys(SKIP_KINDS, 0), {}
+        if get_worker_info() is not None:
+            out["storage"] = {k: storage.STATS[k] - self._io_seen[k] for k in storage.STATS}
+            self._io_seen = dict(storage.STATS)
+        return out
 
     def _collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         batch: dict[str, Any] = {
             "image": torch.stack([s["image"] for s in samples]),
             "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
             "key": [s["key"] for s in samples],
-            "skipped": torch.tensor([self._stats[k] for k in ("bad_images", "missing_teacher", "bad_shards")]),
+            **self._skips(),
         }
         if self.teacher_cache is not None:
             batch["teacher_idx"] = torch.from_numpy(np.stack([s["teacher_idx"] for s in samples]).astype(np.int64))
             batch["teacher_prob"] = torch.from_numpy(np.stack([s["teacher_prob"] for s in samples]).astype(np.float32))
-        self._stats = dict.fromkeys(self._stats, 0)
         return batch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 0)
-        self._stats = {"bad_images": 0, "missing_teacher": 0, "bad_shards": 0}
+        self._stats, self._by_shard = dict.fromkeys(SKIP_KINDS, 0), {}
+        self._io_seen = dict(storage.STATS)  # a forked worker starts with a copy of its parent's counts
         if self.train:
             # a fresh DataLoader asks worker 0 first; after a resume the next batch in round-robin order belongs
             # to worker (batches done) % workers, so each process takes over the role of that shifted worker
@@ -281,7 +304,7 @@ class ShardStream(IterableDataset):
         if pending and not self.train:
             yield self._collate(pending)
         elif any(self._stats.values()):  # report skips that happened after the last full batch
-            yield {"skipped": torch.tensor([self._stats[k] for k in ("bad_images", "missing_teacher", "bad_shards")])}
+            yield self._skips()
 
 
 def _forget_inherited_s3_sessions(worker_id: int) -> None:

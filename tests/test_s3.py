@@ -99,3 +99,31 @@ def test_retries_transient_errors_and_counts_them(monkeypatch):
     with pytest.raises(TimeoutError):
         storage.with_retries(down, "get z", attempts=3, base_delay=0.001)
     assert storage.STATS == {"retries": 4, "failures": 1}
+
+
+def test_retries_in_loader_worker_processes_reach_the_training_process(s3_set, monkeypatch):
+    """Each shard's first open fails with a connection reset in the worker process; the batches carry the
+    worker's retry count back (the training process's own counter never sees it)."""
+    import fsspec
+
+    from data.loader import make_loader
+
+    _, remote = s3_set
+    manifest = read_manifest(remote.root)
+    real_open, failed = fsspec.open, set()
+
+    def flaky_open(url, *args, **kwargs):
+        if url not in failed:
+            failed.add(url)
+            raise ConnectionResetError(f"reset while opening {url}")
+        return real_open(url, *args, **kwargs)
+
+    monkeypatch.setattr(fsspec, "open", flaky_open)  # inherited by the forked worker
+    monkeypatch.setattr(storage, "RETRY_BASE_DELAY", 0.001)
+    before = dict(storage.STATS)
+    stream = ShardStream(manifest, train=False, image_size=32, batch_size=32)
+    batches = list(make_loader(stream, 1))
+    assert sum(len(b.get("key", [])) for b in batches) == remote.count
+    worker_retries = sum(b["storage"]["retries"] for b in batches if "storage" in b)
+    assert worker_retries == len(remote.shards)
+    assert storage.STATS == before  # the parent did not retry: only the reported counts show them

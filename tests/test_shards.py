@@ -122,7 +122,10 @@ def test_corrupt_image_is_skipped_counted_and_warned(tmp_path, caplog):
     keys = [k for b in batches for k in b["key"]]
     assert len(keys) == 11 and "broken" not in keys
     assert sum(int(b["skipped"][0]) for b in batches) == 1
-    assert any("broken" in r.getMessage() for r in caplog.records)
+    by_shard = [b["skipped_by_shard"] for b in batches if b["skipped_by_shard"]]
+    assert by_shard == [{"shard-background-000000.tar": {"bad_images": 1, "missing_teacher": 0, "bad_shards": 0}}]
+    assert any("broken" in r.getMessage() and "shard-background-000000.tar" in r.getMessage()
+               for r in caplog.records)
     assert batches[0]["image"].dtype.is_floating_point is False and batches[0]["image"].shape[1:] == (3, 16, 16)
 
 
@@ -135,6 +138,7 @@ def test_truncated_shard_is_reported_and_the_run_goes_on(tmp_path, caplog):
         batches = list(ShardStream(m, train=False, image_size=16, batch_size=4))
     assert 3 <= sum(len(b.get("key", [])) for b in batches) < 11  # the positive shard and the samples before the cut
     assert sum(int(b["skipped"][2]) for b in batches) == 1
+    assert [s for b in batches for s in b.get("skipped_by_shard", {})] == [bg.rsplit("/", 1)[-1]]
     assert sum(int(b["skipped"][0]) for b in batches) == 0  # "broken" lies past the cut, never read
     assert any("unreadable" in r.getMessage() for r in caplog.records)
 

@@ -87,3 +87,31 @@ def test_a_training_set_with_no_decodable_image_stops_with_a_message(tmp_path):
                              "data.image_size=32", f"run.out_dir={tmp_path / 'run'}", "run.progress=false"])
     with pytest.raises(ValueError, match="gave no full batch"):
         train(cfg)
+
+
+def test_bad_samples_are_counted_per_shard_in_the_run_summary(tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from data.shards import write_shard_set
+    from trainer.config import load_config
+
+    def png(v: int) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(np.full((16, 16), v, dtype=np.uint8)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    samples = [(f"k{i:02d}", png(i), 1 if i < 8 else 0, "x") for i in range(40)]
+    samples[20] = ("broken", b"\xff\xd8\xffnot a jpeg", 0, "x")
+    write_shard_set(str(tmp_path / "set"), samples, rare_classes=["r"], class_names=["bg", "R"], max_count=16)
+    cfg = load_config(None, [f"data.train={tmp_path / 'set'}", "data.batch_size=8", "loss.aux_weight=0",
+                             "data.image_size=32", "model.trunk=resnet18", "model.weights=NONE", "optim.epochs=1",
+                             f"run.out_dir={tmp_path / 'run'}", "run.progress=false", "run.device=cpu"])
+    summary = train(cfg)
+    assert summary["skipped"]["bad_images"] == 1
+    assert summary["skipped_by_shard"] == {"shard-background-000000.tar": {"bad_images": 1, "missing_teacher": 0,
+                                                                          "bad_shards": 0}}
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert saved["skipped_by_shard"] == summary["skipped_by_shard"]

@@ -116,6 +116,8 @@ class Trainer:
     loader_state: LoaderState = field(default_factory=LoaderState)
     step: int = 0
     skipped: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.long))
+    skipped_by_shard: dict[str, dict[str, int]] = field(default_factory=dict)
+    worker_io: dict[str, int] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: str | None = None
     writer: CheckpointWriter | None = None
@@ -181,7 +183,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "loader": self.loader_state.state_dict(), "rng": rngs,
                 "world": self.world, "config": self.cfg.to_dict(),
                 "model_meta": model_meta(self.cfg, self.manifest, self.student), "history": self.history,
-                "skipped": self.skipped.tolist()}
+                "skipped": self.skipped.tolist(), "skipped_by_shard": self.skipped_by_shard}
 
     def load_state_dict(self, state: dict[str, Any], url: str = "checkpoint") -> None:
         check_compatible(state, model_meta(self.cfg, self.manifest, self.student), url)
@@ -200,6 +202,7 @@ class Trainer:
         self.step = int(state["step"])
         self.history = list(state.get("history", []))
         self.skipped = torch.tensor(state.get("skipped", [0, 0, 0]), dtype=torch.long)
+        self.skipped_by_shard = dict(state.get("skipped_by_shard", {}))
 
     def maybe_resume(self) -> str | None:
         """``run.resume``: '' starts fresh, 'auto' takes the newest complete checkpoint under run.out_dir (rank 0
@@ -295,6 +298,12 @@ class Trainer:
             step_at_epoch_start = self.step
             for batch in loader:
                 self.skipped += batch.pop("skipped")
+                for k, n in batch.pop("storage", {}).items():  # object-store retries in loader workers
+                    self.worker_io[k] = self.worker_io.get(k, 0) + int(n)
+                for shard, counts in batch.pop("skipped_by_shard", {}).items():
+                    mine = self.skipped_by_shard.setdefault(shard, dict.fromkeys(counts, 0))
+                    for kind, n in counts.items():
+                        mine[kind] += int(n)
                 if "image" not in batch:
                     continue
                 self.loader_state.batches += 1
@@ -341,11 +350,12 @@ class Trainer:
                                           "seconds": round(self.writer.upload_seconds, 3),
                                           "failures": self.writer.failures},
                    "skipped": dict(zip(("bad_images", "missing_teacher", "bad_shards"), self.skipped.tolist())),
-                   "storage": dict(storage.STATS),
+                   "skipped_by_shard": self.skipped_by_shard,
+                   "storage": {k: v + self.worker_io.get(k, 0) for k, v in storage.STATS.items()},
                    "train_set": {"count": self.manifest.count, "counts": self.manifest.counts,
                                  "background_fraction": self.manifest.background_fraction}}
         if any(summary["skipped"].values()):
-            log.warning("skipped during training: %s", summary["skipped"])
+            log.warning("skipped during training: %s; by shard: %s", summary["skipped"], self.skipped_by_shard)
         logger.close()
         if self.rank != 0:
             return summary
