@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import RARE, TEACHER_SIZE, tiny_config
+from conftest import RARE, TEACHER_SIZE
 from data import storage
 from data.build import BuildSpec, build_set
 from data.sources import FashionMNISTSource

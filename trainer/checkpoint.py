@@ -28,7 +28,6 @@ import shutil
 import tempfile
 import threading
 import time
-import uuid
 from typing import Any, Callable
 
 import numpy as np
