@@ -1,0 +1,83 @@
+"""The interface every source implements, and the key rules they share.
+
+Every dataset the project trains on (a folder tree, a CSV/JSONL manifest,
+iNaturalist 2017, Fashion-MNIST, existing WebDataset shards) is reduced to the
+same tiny interface, a :class:`Source`, so the shard builder never needs to
+know which one it reads. A source only lists items and hands back the
+*encoded* bytes as stored: no decoding or resizing happens here, so shards keep
+the original pixels and the expensive work stays in one place (the builder).
+
+Keys are webdataset keys, hence restricted to ``[A-Za-z0-9_-]``: a dot would
+be read as an extension separator and a slash as a directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import re
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
+
+_BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
+
+
+@dataclass(frozen=True, slots=True)
+class SourceItem:
+    """One labelled image, small enough to list millions of them in memory
+    (slotted: no per-item ``__dict__``, which matters at tens of millions).
+
+    ``ref`` is opaque to callers: only the source that produced the item knows
+    how to turn it into bytes, which is why :meth:`Source.read` takes the item.
+    """
+
+    key: str
+    label: str
+    split: str
+    ref: str
+
+
+@runtime_checkable
+class Source(Protocol):
+    """What the shard builder needs from a dataset, and nothing more.
+
+    ``name`` is a spec string that :func:`open_source` accepts, so a shard's
+    metadata records exactly how to reopen the data it was built from.
+    """
+
+    name: str
+
+    def items(self) -> list[SourceItem]: ...
+
+    def read(self, item: SourceItem) -> bytes: ...
+
+    def class_names(self) -> dict[str, str]: ...
+
+
+def make_key(text: str) -> str:
+    """Turn an arbitrary identifier into a webdataset-safe key.
+
+    Replacing characters alone could merge distinct names ("a.b" and "a_b"),
+    so any name that had to change gets a short hash of the original appended;
+    names that were already safe are kept verbatim to stay readable.
+    """
+    cleaned = _BAD_KEY_CHARS.sub("_", text)
+    if cleaned == text and cleaned:
+        return cleaned
+    digest = hashlib.sha1(text.encode("utf-8")).hexdigest()[:8]
+    return f"{cleaned}-{digest}"
+
+
+def _check_unique_keys(items: list[SourceItem], where: str) -> None:
+    """Duplicate keys would silently overwrite samples inside a shard."""
+    seen: set[str] = set()
+    for item in items:
+        if item.key in seen:
+            raise ValueError(f"duplicate key '{item.key}' in {where}; every image must appear once")
+        seen.add(item.key)
+
+
+def _is_image_name(name: str) -> bool:
+    return not name.startswith(".") and posixpath.splitext(name)[1].lower() in IMAGE_EXTENSIONS

@@ -1,0 +1,83 @@
+"""Image folder trees (``root/<class>/<file>``), local or on an object store."""
+
+from __future__ import annotations
+
+import os
+import posixpath
+
+from data import storage
+from data.sources.base import IMAGE_EXTENSIONS, SourceItem, _check_unique_keys, _is_image_name, make_key
+
+
+class ImageFolderSource:
+    """``root/<class>/<file>`` trees, the layout most ad-hoc datasets ship in.
+
+    Files are found recursively below each class folder (like torchvision's
+    ImageFolder) and sorted, so two runs over the same tree produce the same
+    item order and therefore byte-identical shards.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], split: str = "") -> None:
+        self.root = str(root)
+        self.split = split
+        self.name = f"folder:{self.root}"
+        self._items: list[SourceItem] | None = None
+
+    def items(self) -> list[SourceItem]:
+        if self._items is None:
+            self._items = self._scan()
+        return list(self._items)
+
+    def read(self, item: SourceItem) -> bytes:
+        return storage.read_bytes(item.ref)
+
+    def class_names(self) -> dict[str, str]:
+        return {label: label for label in sorted({item.label for item in self.items()})}
+
+    def _scan(self) -> list[SourceItem]:
+        relpaths = self._list_relpaths()
+        items = [self._item(rel) for rel in relpaths if "/" in rel]
+        if not items:
+            raise ValueError(
+                f"no images found in image folder {self.root}; expected root/<class>/<file> "
+                f"with extensions {'/'.join(sorted(IMAGE_EXTENSIONS))}"
+            )
+        _check_unique_keys(items, f"image folder {self.root}")
+        return items
+
+    def _item(self, rel: str) -> SourceItem:
+        label = rel.split("/", 1)[0]
+        return SourceItem(
+            key=make_key(rel),
+            label=label,
+            split=self.split,
+            ref=posixpath.join(self.root, rel) if storage.is_remote(self.root) else os.path.join(self.root, rel),
+        )
+
+    def _list_relpaths(self) -> list[str]:
+        """Relative POSIX paths of all image files, sorted for determinism."""
+        if storage.is_remote(self.root):
+            return self._list_remote()
+        if not os.path.isdir(self.root):
+            raise FileNotFoundError(f"image folder root not found: {self.root}; pass an existing directory")
+        found = []
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for name in filenames:
+                if _is_image_name(name):
+                    rel = os.path.relpath(os.path.join(dirpath, name), self.root)
+                    found.append(rel.replace(os.sep, "/"))
+        return sorted(found)
+
+    def _list_remote(self) -> list[str]:
+        import fsspec
+
+        fs, base = fsspec.core.url_to_fs(self.root)
+        if not fs.isdir(base):
+            raise FileNotFoundError(f"image folder root not found: {self.root}; pass an existing directory")
+        base = base.rstrip("/")
+        return sorted(
+            path[len(base) + 1 :]
+            for path in fs.find(base)
+            if _is_image_name(posixpath.basename(path))
+        )

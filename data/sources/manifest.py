@@ -1,0 +1,120 @@
+"""CSV / JSONL manifests of ``path,label[,split]`` rows."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import posixpath
+from typing import Any
+
+from data import storage
+from data.sources.base import SourceItem, _check_unique_keys, make_key
+
+
+class ManifestSource:
+    """A list of ``path,label[,split]`` rows, for data whose folders do not
+    encode the label (or that mixes splits in one tree).
+
+    ``.csv`` files need a header row; ``.jsonl``/``.json`` files hold one
+    object per line. Relative paths are resolved against ``root`` or, by
+    default, the manifest's own folder so a manifest can travel with its data.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> None:
+        self.path = str(path)
+        self.root = str(root) if root is not None else self._parent(self.path)
+        self.name = f"manifest:{self.path}"
+        self._items: list[SourceItem] | None = None
+
+    def items(self) -> list[SourceItem]:
+        if self._items is None:
+            self._items = self._load()
+        return list(self._items)
+
+    def read(self, item: SourceItem) -> bytes:
+        return storage.read_bytes(item.ref)
+
+    def class_names(self) -> dict[str, str]:
+        return {label: label for label in sorted({item.label for item in self.items()})}
+
+    @staticmethod
+    def _parent(path: str) -> str:
+        return posixpath.dirname(path) if storage.is_remote(path) else os.path.dirname(os.path.abspath(path))
+
+    def _load(self) -> list[SourceItem]:
+        rows = self._rows()
+        items = [self._item(row) for row in rows]
+        if not items:
+            raise ValueError(f"manifest {self.path} has no rows; add path,label lines")
+        _check_unique_keys(items, f"manifest {self.path}")
+        return items
+
+    def _rows(self) -> list[dict[str, Any]]:
+        if not storage.exists(self.path):
+            raise FileNotFoundError(f"manifest not found: {self.path}; check the path")
+        text = storage.read_bytes(self.path).decode("utf-8-sig")
+        suffix = posixpath.splitext(self.path.lower())[1]
+        if suffix == ".csv":
+            return self._csv_rows(text)
+        if suffix in (".jsonl", ".json"):
+            return self._jsonl_rows(text)
+        raise ValueError(f"manifest {self.path} has unknown extension '{suffix}'; use .csv or .jsonl")
+
+    def _csv_rows(self, text: str) -> list[dict[str, Any]]:
+        reader = csv.DictReader(io.StringIO(text))
+        header = [name.strip() for name in (reader.fieldnames or [])]
+        for column in ("path", "label"):
+            if column not in header:
+                raise ValueError(
+                    f"missing column '{column}' in manifest {self.path}; "
+                    "the header needs path,label[,split]"
+                )
+        reader.fieldnames = header
+        return [row for row in reader if any((value or "").strip() for value in row.values())]
+
+    def _jsonl_rows(self, text: str) -> list[dict[str, Any]]:
+        rows = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise ValueError(
+                    f"invalid JSON on line {lineno} of manifest {self.path}; "
+                    "write one object per line"
+                ) from None
+            if not isinstance(row, dict):
+                raise ValueError(
+                    f"line {lineno} of manifest {self.path} is not a JSON object; "
+                    f"write {{\"path\": ..., \"label\": ...}}"
+                )
+            for column in ("path", "label"):
+                if column not in row:
+                    raise ValueError(
+                        f"missing column '{column}' on line {lineno} of manifest {self.path}; "
+                        "every object needs path and label"
+                    )
+            rows.append(row)
+        return rows
+
+    def _item(self, row: dict[str, Any]) -> SourceItem:
+        rel = str(row["path"] or "").strip()
+        if not rel or not str(row["label"] or "").strip():
+            raise ValueError(f"empty path or label in row {row} of manifest {self.path}; fill both columns")
+        split = row.get("split")
+        return SourceItem(
+            key=make_key(rel),
+            label=str(row["label"]).strip(),
+            split="" if split is None else str(split).strip(),
+            ref=self._resolve(rel),
+        )
+
+    def _resolve(self, rel: str) -> str:
+        if storage.is_remote(rel) or os.path.isabs(rel):
+            return rel
+        if storage.is_remote(self.root):
+            return posixpath.join(self.root, rel)
+        return os.path.join(self.root, rel)
