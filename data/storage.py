@@ -3,46 +3,227 @@
 Everything that writes goes through ``atomic_write`` so a reader never sees a half-written shard, manifest or
 checkpoint: locally a temporary file is renamed into place, on object stores a single PUT (or a completed
 multipart upload) only becomes visible when it is whole.
+
+Every object-store call goes through ``with_retries``: an outage (the store restarting, the network gone) is
+waited out for up to ``storage.outage_timeout_s`` (BGSPLIT_OUTAGE_TIMEOUT_S, default 10 minutes) and then
+reported as one StorageOutage line; an answer that will not change (no such object, access denied) is raised at
+once. Reads go in ranges so that an outage in the middle of a shard resumes at the byte where it stopped.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import logging
 import os
+import random
 import tempfile
+import threading
 import time
 from typing import IO, Callable, Iterator, TypeVar
 
 log = logging.getLogger("bgsplit.storage")
 T = TypeVar("T")
 
-# Errors that retrying cannot fix; every other OSError (connection reset, timeouts, 5xx that s3fs surfaces as
-# OSError) is treated as transient.
-PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
-RETRY_ATTEMPTS = int(os.environ.get("BGSPLIT_IO_RETRIES", "5"))
-RETRY_BASE_DELAY = 0.2
-STATS = {"retries": 0, "failures": 0}
-"""Per-process counts of retried and finally failed object-store calls, reported in the run summary."""
+OUTAGE_ENV = "BGSPLIT_OUTAGE_TIMEOUT_S"
+DEFAULT_OUTAGE_TIMEOUT_S = 600.0
+BACKOFF_START_S = 0.2
+BACKOFF_CAP_S = 10.0
+STATS: dict[str, float] = {"retries": 0, "failures": 0, "bytes_read": 0, "outage_seconds": 0.0}
+"""Per-process counts reported in the run summary: re-attempted calls, calls that gave up (StorageOutage), bytes
+fetched by ``open_range`` (so a resumed read can be told from a re-read), seconds spent waiting out outages."""
+_stats_lock = threading.Lock()
 
 
-def with_retries(fn: Callable[[], T], what: str, attempts: int | None = None, base_delay: float | None = None) -> T:
-    """Call ``fn``; on a transient error wait (exponential back-off, capped at 5 s) and try again, a bounded
-    number of times. A permanent error (missing file, no permission) is raised at once."""
-    attempts = RETRY_ATTEMPTS if attempts is None else attempts
-    delay = RETRY_BASE_DELAY if base_delay is None else base_delay
-    for attempt in range(1, attempts + 1):
-        try:
-            return fn()
-        except PERMANENT:
-            raise
-        except (OSError, TimeoutError, ConnectionError) as e:
-            if attempt == attempts:
-                STATS["failures"] += 1
-                raise
-            STATS["retries"] += 1
-            log.warning("%s failed (%s: %s); retry %d of %d", what, type(e).__name__, e, attempt, attempts - 1)
-            time.sleep(min(delay * 2 ** (attempt - 1), 5.0))
-    raise AssertionError("unreachable")
+class StorageOutage(OSError):
+    """The object store stayed unreachable for the whole outage timeout. An OSError so that code that already
+    handles I/O failures still sees one, but its own type so that a caller can tell 'the store is down' from 'this
+    object is bad'."""
+
+    def __init__(self, message: str, last_error: BaseException | None = None):
+        super().__init__(message)
+        self.last_error = last_error
+
+    def __reduce__(self):
+        # the message only: it crosses process boundaries (loader workers, ingest pool), the library error may not
+        return type(self), (str(self),)
+
+
+def configure(*, outage_timeout_s: float | None = None) -> None:
+    """Process-wide settings. Written to the environment because loader workers (forked or spawned), ingest's
+    forkserver pool and Ray workers all read it from there: a module global would not reach the spawned ones."""
+    if outage_timeout_s is not None:
+        if not outage_timeout_s > 0:
+            raise ValueError(f"storage.outage_timeout_s must be > 0 seconds, got {outage_timeout_s!r}")
+        os.environ[OUTAGE_ENV] = repr(float(outage_timeout_s))
+
+
+def outage_timeout() -> float:
+    """Read at every call, not at import, so that a setting made after the import (a test, a launcher) counts."""
+    raw = os.environ.get(OUTAGE_ENV, "").strip()
+    if not raw:
+        return DEFAULT_OUTAGE_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{OUTAGE_ENV}={raw!r} is not a number of seconds") from None
+    if not value > 0:
+        raise ValueError(f"{OUTAGE_ENV}={raw!r} must be > 0 seconds")
+    return value
+
+
+def _count(key: str, n: float = 1) -> None:
+    with _stats_lock:  # the checkpoint writer thread and the training thread both do I/O
+        STATS[key] += n
+
+
+# -- what is worth waiting for -------------------------------------------------------------------------------------
+# Local filesystem verdicts: retrying cannot make a missing object appear or a permission be granted.
+PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError,
+             StorageOutage)
+# errnos of a network that is (for now) not there, and the ones s3fs gives 5xx/SlowDown answers (EBUSY, EREMOTEIO)
+TRANSIENT_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE, errno.ETIMEDOUT,
+                    errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.ENETRESET, errno.EHOSTDOWN,
+                    errno.EAGAIN, errno.EBUSY, errno.EIO, getattr(errno, "EREMOTEIO", errno.EIO)}
+# S3 answers that mean "not now" rather than "no": botocore's own throttling list plus the 5xx codes
+TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
+                   "RequestThrottledException", "TooManyRequestsException", "RequestLimitExceeded",
+                   "BandwidthLimitExceeded", "ProvisionedThroughputExceededException", "LimitExceededException",
+                   "PriorRequestNotComplete", "RequestTimeout", "RequestTimeoutException", "InternalError",
+                   "ServiceUnavailable", "503", "500", "502", "504"}
+
+
+def _client_error_is_transient(exc) -> bool:
+    response = getattr(exc, "response", None) or {}
+    code = str((response.get("Error") or {}).get("Code", ""))
+    status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+    try:
+        status = int(status) if status is not None else None
+    except (TypeError, ValueError):
+        status = None
+    return code in TRANSIENT_CODES or (status is not None and (status >= 500 or status == 429))
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for failures that waiting can cure (the store, or the network to it, is down or overloaded); False
+    for answers that will not change (no such object, no permission, a bad request, a bug), which are raised at
+    once instead of being retried for ten minutes."""
+    if isinstance(exc, PERMANENT):
+        return False
+    try:
+        import botocore.exceptions as bce
+    except ImportError:  # no S3 support installed: only builtin and aiohttp errors can occur
+        bce = None
+    if bce is not None:
+        if isinstance(exc, bce.ClientError):
+            return _client_error_is_transient(exc)
+        if isinstance(exc, bce.SSLError):
+            return False  # a certificate or TLS configuration problem: the same answer every time
+        if isinstance(exc, (bce.ConnectionError, bce.HTTPClientError, bce.IncompleteReadError, bce.ChecksumError)):
+            return True  # refused, reset, closed, timed out, proxy down, body cut short or corrupted in flight
+        if isinstance(exc, bce.BotoCoreError):
+            return False  # no credentials, bad parameters, unknown region: configuration, not the network
+    try:
+        import aiohttp
+    except ImportError:
+        aiohttp = None
+    if aiohttp is not None and isinstance(exc, aiohttp.ClientError):
+        if isinstance(exc, aiohttp.ClientResponseError):
+            return (exc.status or 0) >= 500 or exc.status == 429
+        if isinstance(exc, aiohttp.ClientSSLError):
+            return False
+        return not isinstance(exc, aiohttp.InvalidURL)  # connection, payload and timeout errors
+    if isinstance(exc, (ConnectionError, TimeoutError)):  # refused, reset, aborted, broken pipe; asyncio timeouts
+        return True
+    if isinstance(exc, OSError):
+        # s3fs turns S3 error answers into OSErrors and keeps the answer as the cause: judge the answer itself
+        cause = exc.__cause__
+        if bce is not None and isinstance(cause, bce.ClientError):
+            return _client_error_is_transient(cause)
+        return exc.errno is None or exc.errno in TRANSIENT_ERRNOS
+    return False
+
+
+# -- waiting outages out --------------------------------------------------------------------------------------------
+class _Outage:
+    """The process-wide view of an outage: concurrent calls (loader thread, checkpoint writer) that fail together
+    make one outage with one start and one end line, not one per call or per attempt."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.failing = 0
+        self.since = 0.0
+
+    def begin(self, what: str, exc: BaseException, timeout: float) -> None:
+        with self.lock:
+            self.failing += 1
+            first = self.failing == 1
+            if first:
+                self.since = time.monotonic()
+        if first:
+            log.warning("object store outage: %s failed (%s); retrying with back-off for up to %gs "
+                        "(storage.outage_timeout_s)", what, _describe(exc), timeout)
+
+    def end(self, what: str, recovered: bool) -> None:
+        with self.lock:
+            self.failing -= 1
+            last = self.failing == 0
+            duration = time.monotonic() - self.since
+        if last:
+            _count("outage_seconds", duration)
+            if recovered:
+                log.warning("object store recovered after %.1fs of outage (%s went through)", duration, what)
+
+
+_outage = _Outage()
+
+
+def _describe(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())  # one line whatever the library put in its message
+    return f"{type(exc).__name__}: {text[:limit]}" if text else type(exc).__name__
+
+
+def _backoff(attempt: int) -> float:
+    """Capped exponential, with +-10% jitter so that many workers hit by the same outage do not retry in step."""
+    return min(BACKOFF_START_S * 2 ** attempt, BACKOFF_CAP_S) * random.uniform(0.9, 1.1)
+
+
+def with_retries(fn: Callable[[], T], what: str, outage_timeout_s: float | None = None) -> T:
+    """Call ``fn``, waiting out a transient failure until the store has been unreachable for the outage timeout
+    (counted from this call's first failure), then raise StorageOutage. A deadline, not an attempt count: an
+    object store restart or a network blip takes tens of seconds, and a training run should sit it out rather
+    than die on it. Permanent errors are raised at once."""
+    timeout = outage_timeout() if outage_timeout_s is None else outage_timeout_s
+    first_failure: float | None = None
+    attempt, reached = 0, False
+    try:
+        while True:
+            try:
+                result = fn()
+            except Exception as e:
+                if not is_transient(e):
+                    reached = True  # an answer, even "no": the store is there
+                    raise
+                now = time.monotonic()
+                if first_failure is None:
+                    first_failure = now
+                    _outage.begin(what, e, timeout)
+                waited = now - first_failure
+                if waited >= timeout:
+                    _count("failures")
+                    raise StorageOutage(
+                        f"{what}: the object store failed for {waited:.1f}s ({attempt + 1} attempts), last error "
+                        f"{_describe(e)}; check the object store, or raise storage.outage_timeout_s "
+                        f"(now {timeout:g}s, {OUTAGE_ENV})", last_error=e) from None
+                time.sleep(max(0.0, min(_backoff(attempt), timeout - waited)))
+                attempt += 1
+                _count("retries")
+                continue
+            reached = True
+            return result
+    finally:
+        if first_failure is not None:
+            _outage.end(what, recovered=reached)
 
 
 def is_remote(url: str) -> bool:
@@ -60,37 +241,158 @@ def dirname(url: str) -> str:
     return url.rsplit("/", 1)[0] if is_remote(url) else os.path.dirname(url)
 
 
+CALL_TIMEOUT_S = 60.0
+SLOWEST_BYTES_PER_S = 1 << 20
+"""Every object-store request is bounded: 60 s plus its bytes at 1 MB/s. A request that never answers (seen
+once: an upload in flight when the store went down never returned, long after the store came back) is then
+abandoned and retried like any other transient failure, instead of hanging the run."""
+UPLOAD_CHUNK = 64 << 20
+"""Multipart part size of uploads; smaller objects go up in one PUT."""
+
+
+def _call(fs, method: str, *args, nbytes: int = 0, **kwargs):
+    """One request on an fsspec filesystem, with the time bound above when the filesystem is asynchronous
+    (s3fs: fsspec then cancels it); synchronous ones (memory://, file://) are called as they are."""
+    if getattr(fs, "async_impl", False):
+        kwargs["timeout"] = CALL_TIMEOUT_S + nbytes / SLOWEST_BYTES_PER_S
+    return getattr(fs, method)(*args, **kwargs)
+
+
 def _fs(url: str):
     import fsspec
 
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs, path
+    protocol = url.split("://", 1)[0]
+    return fsspec.core.url_to_fs(url, **(_s3_options() if protocol in ("s3", "s3a") else {}))
+
+
+def _s3_options() -> dict:
+    """botocore's legacy retry mode makes 5 attempts at a refused connection with random back-off in between, so
+    one s3fs call took 5.3-10.9 s to report it (measured, up to 15 s possible): with that inside, an outage deadline
+    of a few seconds could not be kept and the back-off would be botocore's, not ours. So botocore makes one
+    attempt (a refused connection then surfaces in 1-3 ms) unless the user configured its retries (AWS_MAX_ATTEMPTS
+    / AWS_RETRY_MODE, or ``retries`` in fsspec's s3 config_kwargs). s3fs's own retries stay: about 1 s in all, for
+    a connection closed mid-answer or SlowDown, and they keep a multipart upload from restarting for one bad part."""
+    import fsspec.config
+
+    if os.environ.get("AWS_MAX_ATTEMPTS") or os.environ.get("AWS_RETRY_MODE"):
+        return {}
+    config = dict((fsspec.config.conf.get("s3") or {}).get("config_kwargs") or {})
+    if "retries" in config:
+        return {}
+    config["retries"] = {"total_max_attempts": 1}
+    return {"config_kwargs": config}
 
 
 def exists(url: str) -> bool:
     if not is_remote(url):
         return os.path.exists(url)
     fs, path = _fs(url)
-    return with_retries(lambda: fs.exists(path), f"exists {url}")
+    return with_retries(lambda: _call(fs, "exists", path), f"exists {url}")
 
 
 def open_read(url: str) -> IO[bytes]:
+    """A whole object as a stream. Remote objects are read in ranges, each waited out on its own, so a store that
+    goes away in the middle of a shard costs the wait, not the shard."""
     if not is_remote(url):
         try:
             return open(url, "rb")
         except FileNotFoundError:
             raise FileNotFoundError(f"file not found: {url}; check the path") from None
-    import fsspec
-
-    return with_retries(lambda: fsspec.open(url, "rb").open(), f"open {url}")
+    return open_range(url)
 
 
 def read_bytes(url: str) -> bytes:
-    def read() -> bytes:
-        with open_read(url) as f:
-            return f.read()
+    with open_read(url) as f:
+        return f.read()
 
-    return with_retries(read, f"read {url}") if is_remote(url) else read()
+
+class RangeReader(io.RawIOBase):
+    """Bytes [start, end) of an object, fetched ``chunk`` bytes per request. Each request is its own with_retries
+    call, so an outage in the middle of a multi-gigabyte shard resumes at the byte where it stopped instead of
+    starting the object again (a plain streaming GET cannot resume: its connection dies with the server).
+
+    Positions (``tell``/``seek``) count from ``start``."""
+
+    def __init__(self, url: str, start: int = 0, end: int | None = None, chunk: int = 8 << 20):
+        super().__init__()
+        if start < 0 or (end is not None and end < start) or chunk <= 0:
+            raise ValueError(f"bad range for {url}: start={start}, end={end}, chunk={chunk}")
+        self.url, self.name, self.chunk = url, url, chunk
+        self._file: IO[bytes] | None = None
+        if is_remote(url):
+            self._fs, self._path = _fs(url)
+            if end is None:
+                end = int(with_retries(lambda: _call(self._fs, "size", self._path), f"size {url}"))
+        else:
+            try:
+                self._file = open(url, "rb")
+            except FileNotFoundError:
+                raise FileNotFoundError(f"file not found: {url}; check the path") from None
+            if end is None:
+                end = os.fstat(self._file.fileno()).st_size
+        self.start, self.end = start, max(start, end)
+        self._pos = start
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos - self.start
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: self.start, io.SEEK_CUR: self._pos, io.SEEK_END: self.end}[whence]
+        self._pos = max(self.start, base + offset)
+        return self._pos - self.start
+
+    def _fetch(self, n: int) -> bytes:
+        a = self._pos
+        b = min(a + n, self.end)
+        if a >= b:
+            return b""
+        if self._file is not None:
+            self._file.seek(a)
+            data = self._file.read(b - a)
+        else:
+            data = with_retries(lambda: _fetch_range(self._fs, self._path, a, b), f"read {self.url} bytes {a}-{b}")
+        if len(data) < b - a:
+            self.end = a + len(data)  # the object is shorter than the range asked for: its end is the end
+        self._pos = a + len(data)
+        _count("bytes_read", len(data))
+        return data
+
+    def readinto(self, buffer) -> int:
+        if self.closed:
+            raise ValueError("I/O operation on closed file")
+        view = memoryview(buffer).cast("B")
+        data = self._fetch(min(len(view), self.chunk))
+        view[: len(data)] = data
+        return len(data)
+
+    def readall(self) -> bytes:
+        """Whole chunks: RawIOBase's default would ask for 8 KiB at a time, one request each."""
+        parts = []
+        while data := self._fetch(self.chunk):
+            parts.append(data)
+        return b"".join(parts)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        super().close()
+
+
+def _fetch_range(fs, path: str, start: int, end: int) -> bytes:
+    """The one request a range read makes, named so that a test can make it fail inside a forked loader worker."""
+    return _call(fs, "cat_file", path, start=start, end=end, nbytes=end - start)
+
+
+def open_range(url: str, start: int = 0, end: int | None = None, chunk: int = 8 << 20) -> io.BufferedReader:
+    """A read-only stream over bytes [start, end) of ``url`` (``end`` None: to the end of the object, one size
+    request). The buffer is one chunk, so sequential reads of any size turn into whole-chunk requests."""
+    return io.BufferedReader(RangeReader(url, start, end, chunk), buffer_size=chunk)
 
 
 def listdir(url: str) -> list[str]:
@@ -101,7 +403,7 @@ def listdir(url: str) -> list[str]:
     fs, path = _fs(url)
     if not exists(url):
         return []
-    names = with_retries(lambda: fs.ls(path, detail=False, refresh=True), f"list {url}")
+    names = with_retries(lambda: _call(fs, "ls", path, detail=False, refresh=True), f"list {url}")
     return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in names)
 
 
@@ -116,26 +418,24 @@ def remove(url: str, recursive: bool = False) -> None:
             os.remove(path)
         return
     fs, path = _fs(url)
-    if fs.exists(path):
-        fs.rm(path, recursive=recursive)
+    if with_retries(lambda: _call(fs, "exists", path), f"exists {url}"):
+        with_retries(lambda: _call(fs, "rm", path, recursive=recursive), f"remove {url}")
 
 
 @contextlib.contextmanager
 def atomic_write(url: str) -> Iterator[IO[bytes]]:
     """Write a file that appears under ``url`` only once the block finished without an exception."""
     if is_remote(url):
-        import fsspec
-
-        with tempfile.TemporaryFile() as tmp:
+        fs, remote_path = _fs(url)
+        with tempfile.NamedTemporaryFile(prefix="bgsplit-upload-") as tmp:
             yield tmp
-
-            def upload() -> None:
-                tmp.seek(0)
-                with fsspec.open(url, "wb") as out:  # an S3 object appears only when the upload completes
-                    while chunk := tmp.read(16 << 20):
-                        out.write(chunk)
-
-            with_retries(upload, f"upload {url}")
+            tmp.flush()
+            size = os.fstat(tmp.fileno()).st_size
+            # one PUT, or a multipart upload that becomes visible only once complete and that s3fs aborts when a
+            # part fails (never a truncated object), retried whole
+            kwargs = {"chunksize": UPLOAD_CHUNK} if "s3" in getattr(fs, "protocol", ()) else {}
+            with_retries(lambda: _call(fs, "put_file", tmp.name, remote_path, nbytes=size, **kwargs),
+                         f"upload {url}")
         return
     path = url
     folder = os.path.dirname(path) or "."
@@ -162,4 +462,4 @@ def write_bytes(url: str, data: bytes) -> None:
             f.write(data)
         return
     fs, path = _fs(url)
-    with_retries(lambda: fs.pipe_file(path, data), f"upload {url}")
+    with_retries(lambda: _call(fs, "pipe_file", path, data, nbytes=len(data)), f"upload {url}")
