@@ -65,7 +65,7 @@ def job_config(train: str, args: argparse.Namespace, teacher_mode: str, compile_
 
     return load_config(None, [
         f"data.train={train}", "data.val=", f"data.image_size={args.image_size}", f"data.batch_size={args.batch}",
-        f"data.num_workers={args.workers}", "data.shuffle_buffer=1000", "data.mode=resampled",
+        f"data.num_workers={args.workers}", "data.shuffle_buffer_mb=128", "data.mode=resampled",
         f"model.trunk={args.trunk}", "model.weights=NONE", f"teacher.name={args.trunk}", "teacher.weights=NONE",
         f"teacher.mode={teacher_mode}", "loss.aux_weight=0.1", "optim.lr=0.1", "optim.epochs=1000",
         "optim.warmup_epochs=0", f"run.device={args.device}", f"run.precision={args.precision}",
@@ -96,12 +96,10 @@ def timed_steps(trainer, batches, steps: int, warmup: int) -> float:
 def real_batches(trainer):
     from data.loader import make_loader
 
-    while True:
-        for batch in make_loader(trainer.stream, trainer.cfg.data.num_workers):
-            batch.pop("skipped", None)
-            if "image" in batch:
-                yield batch
-        trainer.stream.epoch += 1
+    for batch in make_loader(trainer.stream, trainer.cfg.data.num_workers):  # epoch after epoch, as in training
+        batch.pop("skipped", None)
+        if "image" in batch:
+            yield batch
 
 
 def synthetic_batches(trainer, template: dict[str, Any]):

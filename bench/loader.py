@@ -82,34 +82,30 @@ def build_sets(photos: Path, dest: str, shard_mb: float, workers: int) -> dict[s
 
 def measure(manifest: Any, workers: int, seconds: float, batch_size: int, image_size: int) -> dict[str, Any]:
     """Batches per second after the first (worker start-up and first shard open are not throughput), over at
-    least ``seconds`` and two batches; epochs are repeated when the set is smaller than that."""
+    least ``seconds`` and two batches; the stream runs epoch after epoch as in training."""
     from data.loader import ShardStream, make_loader
 
     stream = ShardStream(manifest, train=True, image_size=image_size, batch_size=batch_size, seed=0,
                          workers=workers)
+    if stream.batches_per_epoch() == 0:
+        raise ValueError(f"{manifest.root} gives no batch of {batch_size}: use more --images")
     images = batches = skipped = 0
     first: float | None = None
-    for epoch in range(10_000):
-        stream.epoch = epoch
-        got = 0
-        for batch in make_loader(stream, workers):
-            skipped += int(batch["skipped"].sum())
-            if "image" not in batch:
-                continue
-            got += 1
-            now = time.perf_counter()
-            if first is None:
-                first = now
-                continue
-            images, batches = images + len(batch["key"]), batches + 1
-            if now - first >= seconds and batches >= 2:
-                per_image = sum(s.bytes for s in manifest.shards) / manifest.count
-                rate = images / (now - first)
-                return {"img_s": rate, "mb_s": rate * per_image / (1 << 20), "batches": batches,
-                        "seconds": now - first, "skipped": skipped, "bytes_per_image": per_image}
-        if not got:
-            raise ValueError(f"{manifest.root} gives no batch of {batch_size}: use more --images")
-    raise AssertionError("unreachable")
+    for batch in make_loader(stream, workers):
+        skipped += int(batch["skipped"].sum())
+        if "image" not in batch:
+            continue
+        now = time.perf_counter()
+        if first is None:
+            first = now
+            continue
+        images, batches = images + len(batch["key"]), batches + 1
+        if now - first >= seconds and batches >= 2:
+            per_image = sum(s.bytes for s in manifest.shards) / manifest.count
+            rate = images / (now - first)
+            return {"img_s": rate, "mb_s": rate * per_image / (1 << 20), "batches": batches,
+                    "seconds": now - first, "skipped": skipped, "bytes_per_image": per_image}
+    raise AssertionError("a training stream never ends")
 
 
 def table(cells: list[dict[str, Any]]) -> str:
@@ -133,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-mb", type=float, default=64.0, help="target shard size of the built sets")
     p.add_argument("--build-workers", type=int, default=min(8, os.cpu_count() or 1))
     p.add_argument("--data", help="keep generated photos and local shard sets here (reused by the next run)")
-    p.add_argument("--out", default=str(ROOT / "artifacts" / "bench" / "loader.json"), help="results JSON")
+    p.add_argument("--json", "--out", dest="out", default=str(ROOT / "artifacts" / "bench" / "loader.json"),
+                   help="results JSON")
     p.add_argument("--quick", action="store_true", help="a smoke check: 128 images, workers 0,1, 1 s a cell")
     args = p.parse_args(argv)
     if args.quick:

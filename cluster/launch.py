@@ -98,11 +98,15 @@ def make_trainer(cfg: JobConfig, name: str = "bgsplit"):
     if c.memory_per_worker_gb > 0:
         resources["memory"] = c.memory_per_worker_gb * (1 << 30)
     absolute_paths(cfg)
+    from trainer.train import collective_timeout
+
+    storage.configure(outage_timeout_s=cfg.storage.outage_timeout_s)  # forwarded to the workers (BGSPLIT_*)
     return TorchTrainer(
         train_worker,
         train_loop_config={"job": cfg.to_dict()},
         scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker=resources),
-        torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo",
+                                 timeout_s=int(collective_timeout().total_seconds())),
         run_config=RunConfig(name=name, storage_path=storage_path(cfg),
                              failure_config=FailureConfig(max_failures=c.max_failures)),
     )

@@ -7,20 +7,22 @@ this spec (see data.ingest, which also runs the shard writers in parallel).
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from data import storage
 from data.bg_construction import BGSelection, select_bg, split_holdout
-from data.ingest import (Resize, ShardResult, ShardTask, estimate_sample_bytes, finished, plan_shards, record_name,
-                         run_tasks, samples_per_shard, spec_hash)
-from data.shards import Manifest, ShardInfo, invalidate, manifest_url, read_manifest, write_manifest
+from data.ingest import (Resize, ShardResult, ShardTask, estimate_sample_bytes, finished, plan_shards, run_tasks,
+                         samples_per_shard, spec_hash)
+from data.shards import (FORMAT, Manifest, ShardInfo, invalidate, manifest_url, read_manifest, record_name,
+                         write_manifest)
 from data.sources import Source, SourceItem, open_source, read_split_file, resolve_rare_classes
 
 log = logging.getLogger("bgsplit.data")
@@ -60,8 +62,9 @@ def rare_classes_from(split_file: str | None, rare: str | None, source: Source) 
 
 
 def _up_to_date(out: str, spec: BuildSpec) -> Manifest | None:
-    if not storage.exists(manifest_url(out)):
-        return None
+    url = manifest_url(out)
+    if not storage.exists(url) or json.loads(storage.read_bytes(url)).get("format") != FORMAT:
+        return None  # none, or one of an older format: rebuild
     manifest = read_manifest(out)
     return manifest if manifest.meta.get("build") == json.loads(json.dumps(asdict(spec))) else None
 
@@ -127,7 +130,13 @@ def _remove_leftovers(out: str, tasks: list[ShardTask]) -> None:
             storage.remove(storage.join(out, name))
 
 
-def build_set(source: Source, spec: BuildSpec, out: str, *, progress: bool = True, workers: int = 0) -> Manifest:
+Runner = Callable[..., list[ShardResult]]
+"""Writes planned shards: ``runner(tasks, source, progress=..., done=...)``; data.ingest.run_tasks (a local
+process pool) by default, cluster.passes.ray_runner on a Ray cluster."""
+
+
+def build_set(source: Source, spec: BuildSpec, out: str, *, progress: bool = True, workers: int = 0,
+              runner: Runner | None = None) -> Manifest:
     """Write one -BG set for ``spec`` (``part`` picks the holdout or the rest of the source).
 
     ``workers`` > 1 writes shards in that many processes, each reopening the source from ``spec.source`` (so
@@ -137,7 +146,7 @@ def build_set(source: Source, spec: BuildSpec, out: str, *, progress: bool = Tru
         log.info("%s is up to date (%d images); skipping", out, existing.count)
         return existing
     _check(spec)
-    if workers > 1 and source.name != spec.source:
+    if (workers > 1 or runner is not None) and source.name != spec.source:
         raise ValueError(f"source {source.name!r} is not the spec's {spec.source!r}: worker processes reopen the "
                          "source from the spec; pass the matching source or workers=0")
     start = time.time()
@@ -150,14 +159,16 @@ def build_set(source: Source, spec: BuildSpec, out: str, *, progress: bool = Tru
     resize = Resize(spec.resize_short_side, spec.jpeg_quality)
     per_shard = samples_per_shard(estimate_sample_bytes(source, chosen, resize), spec.max_count, spec.max_bytes)
     tasks = plan_shards(chosen, per_shard=per_shard, root=out, source=spec.source, prefix=PREFIX,
-                        num_classes=len(spec.rare) + 1, spec_hash=spec_hash(asdict(spec)), resize=resize)
+                        num_classes=len(spec.rare) + 1, spec_hash=spec_hash(asdict(spec)), resize=resize,
+                        seed=spec.seed)
     invalidate(out)
     present = set(storage.listdir(out))
     results = {t.name: r for t in tasks if (r := finished(t, present)) is not None}
     todo = [t for t in tasks if t.name not in results]
     bar = _Bar(progress, len(chosen), sum(len(t.items) for t in tasks if t.name in results), "shards")
     try:
-        for r in run_tasks(todo, source, workers=workers, progress=bar, done=_warn_skipped):
+        run = runner or functools.partial(run_tasks, workers=workers)
+        for r in run(todo, source, progress=bar, done=_warn_skipped):
             results[r.name] = r
     finally:
         bar.close()
@@ -197,6 +208,7 @@ def build_command(source_spec: str, out: str, *, split_file: str | None = None, 
                   max_background: int | None = None, subsample: int | None = None, seed: int = 0, holdout: int = 0,
                   holdout_out: str | None = None, max_count: int = 10000, max_bytes: int = 512 << 20,
                   resize_short_side: int | None = None, jpeg_quality: int = 90, workers: int = 0,
+                  runner: Runner | None = None,
                   progress: bool = True) -> dict[str, Manifest]:
     """The CLI's entry: the training (or evaluation) set, plus the carved-out validation set if asked."""
     source = open_source(source_spec)
@@ -205,9 +217,10 @@ def build_command(source_spec: str, out: str, *, split_file: str | None = None, 
         raise ValueError("--holdout needs --holdout-out (where to write the validation set)")
     spec = BuildSpec(source_spec, rare_ids, positives_per_class, background_fraction, max_background, seed,
                      holdout, "rest", subsample, max_count, max_bytes, resize_short_side, jpeg_quality)
-    built = {"main": build_set(source, spec, out, progress=progress, workers=workers)}
+    built = {"main": build_set(source, spec, out, progress=progress, workers=workers, runner=runner)}
     if holdout:
         val_spec = BuildSpec(source_spec, rare_ids, seed=seed, holdout=holdout, part="holdout", max_count=max_count,
                              max_bytes=max_bytes, resize_short_side=resize_short_side, jpeg_quality=jpeg_quality)
-        built["holdout"] = build_set(source, val_spec, holdout_out, progress=progress, workers=workers)
+        built["holdout"] = build_set(source, val_spec, holdout_out, progress=progress, workers=workers,
+                                     runner=runner)
     return built

@@ -18,24 +18,23 @@ import itertools
 import json
 import multiprocessing as mp
 import os
-import tarfile
 import time
 import warnings
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from queue import Empty
 from typing import Any, Callable, Iterator
 
+import numpy as np
 from PIL import Image
 
 from data import storage
-from data.shards import add_sample, sample_fields, shard_name, tar_bytes
+from data.shards import RECORD, TarShard, make_record, record_name, sample_fields, shard_name, tar_bytes
 from data.sources import Source, SourceItem, open_source
 from data.transforms import BadImage, decode_rgb
 
-RECORD = "bgsplit-shard-done/1"
 READ_AHEAD = 8
 """Source reads in flight per shard writer: object-store GETs are latency-bound, so overlap them."""
 PROBE = 32
@@ -134,10 +133,6 @@ class ShardResult:
     reused: bool = False
 
 
-def record_name(shard: str) -> str:
-    return shard.rsplit(".", 1)[0] + ".json"
-
-
 def spec_hash(spec: dict[str, Any]) -> str:
     return hashlib.sha1(json.dumps({"record": RECORD, "spec": spec}, sort_keys=True).encode()).hexdigest()
 
@@ -165,12 +160,19 @@ def estimate_sample_bytes(source: Source, items: list[tuple[SourceItem, int]], r
 
 
 def plan_shards(items: list[tuple[SourceItem, int]], *, per_shard: int, root: str, source: str, prefix: str,
-                num_classes: int, spec_hash: str, resize: Resize) -> list[ShardTask]:
-    """Positives and background in separate shards (the loader re-samples positives on their own), each in
-    selection order, ``per_shard`` samples a shard: a pure function of the selection."""
+                num_classes: int, spec_hash: str, resize: Resize, seed: int = 0) -> list[ShardTask]:
+    """Positives and background in separate shards (the loader re-samples positives on their own), ``per_shard``
+    samples a shard: a pure function of the selection and the seed.
+
+    Each kind is put in a seeded random order first. Sources list in path order, which is class order, so cutting
+    shards in source order would give shards of a few classes each, and a loader reading one or two shards at a
+    time would build batches of a handful of classes. After the shuffle every shard is a uniform sample of the
+    set, whichever shards a worker reads."""
     tasks = []
     for kind in ("positive", "background"):
         mine = [(item, label) for item, label in items if (label > 0) == (kind == "positive")]
+        order = np.random.default_rng([seed, 0x5EED, kind == "positive"]).permutation(len(mine))
+        mine = [mine[i] for i in order]
         for index, start in enumerate(range(0, len(mine), per_shard)):
             tasks.append(ShardTask(root=root, name=shard_name(prefix, kind, index), kind=kind, source=source,
                                    items=tuple(mine[start:start + per_shard]), num_classes=num_classes,
@@ -187,7 +189,8 @@ def finished(task: ShardTask, present: set[str]) -> ShardResult | None:
         doc = json.loads(storage.read_bytes(task.record_url))
     except (OSError, ValueError):
         return None
-    if doc.get("format") != RECORD or doc.get("spec") != task.spec_hash or doc.get("plan") != task.digest:
+    if (doc.get("format") != RECORD or doc.get("spec") != task.spec_hash or doc.get("plan") != task.digest
+            or len(doc.get("offsets", ())) != doc.get("count", -1) + 1):
         return None
     return ShardResult(**{k: doc[k] for k in ("name", "kind", "count", "bytes", "counts")},
                        skipped=[tuple(s) for s in doc["skipped"]], reused=True)
@@ -215,25 +218,29 @@ def write_shard(task: ShardTask, source: Source, progress: Progress | None = Non
     """Write one shard (streamed to a temporary file, published whole), then its completion record."""
     result = ShardResult(name=task.name, kind=task.kind, count=0, bytes=0, counts=[0] * task.num_classes)
     pending_images, pending_bytes, last = 0, 0, time.monotonic()
+    labels: list[int] = []
     with storage.atomic_write(task.url) as f:
-        with tarfile.open(fileobj=f, mode="w") as tar:
-            for item, label, raw in _read_ahead(source, task.items):
-                result.read_bytes += len(raw)
-                pending_images, pending_bytes = pending_images + 1, pending_bytes + len(raw)
-                try:
-                    image = prepare_image(raw, task.resize)
-                except BadImage as e:
-                    result.skipped.append((item.key, str(e)))
-                else:
-                    add_sample(tar, item.key, sample_fields(item.key, image, label, item.label))
-                    result.count += 1
-                    result.counts[label] += 1
-                if progress and time.monotonic() - last > 0.2:
-                    progress(pending_images, pending_bytes)
-                    pending_images, pending_bytes, last = 0, 0, time.monotonic()
+        tar = TarShard(f)
+        for item, label, raw in _read_ahead(source, task.items):
+            result.read_bytes += len(raw)
+            pending_images, pending_bytes = pending_images + 1, pending_bytes + len(raw)
+            try:
+                image = prepare_image(raw, task.resize)
+            except BadImage as e:
+                result.skipped.append((item.key, str(e)))
+            else:
+                tar.add(item.key, sample_fields(item.key, image, label, item.label))
+                labels.append(label)
+                result.count += 1
+                result.counts[label] += 1
+            if progress and time.monotonic() - last > 0.2:
+                progress(pending_images, pending_bytes)
+                pending_images, pending_bytes, last = 0, 0, time.monotonic()
+        offsets = tar.close()
         result.bytes = f.tell()
-    record = {"format": RECORD, "spec": task.spec_hash, "plan": task.digest,
-              **{k: v for k, v in asdict(result).items() if k not in ("reused", "read_bytes")}}
+    record = make_record(name=result.name, kind=result.kind, count=result.count, size=result.bytes,
+                         counts=result.counts, offsets=offsets, labels=labels, skipped=result.skipped,
+                         spec=task.spec_hash, plan=task.digest)
     storage.write_bytes(task.record_url, json.dumps(record).encode())
     if progress and pending_images:
         progress(pending_images, pending_bytes)
@@ -252,10 +259,15 @@ def _init_worker(queue: Any, environ: dict[str, str]) -> None:
     queue.cancel_join_thread()  # progress messages are disposable: never let one block a worker's exit
 
 
-def _work(task: ShardTask) -> ShardResult:
+def write_task(task: ShardTask, progress: Progress | None = None) -> ShardResult:
+    """Write one planned shard in whatever process runs it (a pool worker, a Ray task)."""
     if task.source not in _SOURCES:  # reopened once per process: listing is the parent's job, reads need none
         _SOURCES[task.source] = open_source(task.source)
-    return write_shard(task, _SOURCES[task.source], lambda n, b: _QUEUE.put((n, b)))
+    return write_shard(task, _SOURCES[task.source], progress)
+
+
+def _work(task: ShardTask) -> ShardResult:
+    return write_task(task, lambda n, b: _QUEUE.put((n, b)))
 
 
 def _drain(queue: Any, progress: Progress | None) -> None:

@@ -1,26 +1,24 @@
 """Stream a shard set as decoded, augmented batches.
 
-A batch is a dict: ``image`` uint8 [B,3,H,W], ``label``, ``key``, ``skipped`` (bad images, missing teacher
-entries, unreadable shards since the previous batch), ``skipped_by_shard`` (the same per shard file) and, with a
-teacher cache, ``teacher_idx``/``teacher_prob``. A final dict holding only the skip counts reports skips that came
-after the last batch.
+A batch is a dict: ``image`` uint8 [B,3,H,W], ``label``, ``key``, ``skipped`` (bad images and samples of
+unreadable shards since the previous batch), ``skipped_by_shard`` (the same per shard file), with cached
+teacher labels ``teacher_idx``/``teacher_prob``; a training batch also carries ``position`` (epoch, worker role,
+samples emitted), which is what a checkpoint stores to resume exactly; an evaluation batch carries ``ref``
+(shard file, sample index) per sample.
 
-The sample order is a pure function of (seed, epoch, rank, world, worker, workers): ``data.plan`` picks each
-worker's shards (or samples within shards) and its exact number of batches, a seeded shuffle buffer mixes them,
-and each sample's augmentation is seeded by its key. A checkpoint therefore only needs (epoch, batches consumed)
-to replay the rest of an epoch exactly (exact mode) or to start a fresh seeded stream (resampled mode).
-
-Bad samples (undecodable images, missing teacher-cache entries) and unreadable shards are skipped, counted and
-warned about with their key; the run goes on.
+Which samples a worker reads is ``data.plan`` (a pure function of seed, epoch, world, rank, workers); the order
+it reads and emits them in is ``data.order`` (pure as well); ``data.reader`` carries that order out with
+byte-range reads. Each sample's augmentation is seeded by its key, so a sample gets the same crop whichever
+process decodes it. A training stream runs epoch after epoch in the same worker processes (they are started
+once per run, not once per epoch), and stops only when the trainer stops asking.
 """
 from __future__ import annotations
 
 import itertools
 import logging
-import tarfile
 import weakref
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
@@ -28,16 +26,16 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data import storage
-from data.plan import Piece, for_worker, padding_report, steps_per_epoch
-from data.shards import Manifest, iter_tar
-from data.teacher_cache import TeacherCache
+from data.order import OrderSpec, Ref, advance, in_order, interleaved, worker_events
+from data.plan import Piece, describe_plan, for_worker, plan_summary, steps_per_epoch, worker_batches
+from data.reader import PositiveStore, Sample, ShardReader
+from data.shards import Manifest
+from data.teacher_labels import TeacherLabels
 from data.transforms import BadImage, eval_transform, sample_rng, train_transform
 
 log = logging.getLogger("bgsplit.data")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "img")
-SKIP_KINDS = ("bad_images", "missing_teacher", "bad_shards")
-SHARD_FIELD = "__shard__"
-"""Added to each sample's fields by the shard reader: the shard a skipped sample is counted against."""
+SKIP_KINDS = ("bad_images", "bad_shards")
 
 
 def worker_skip(batches_done: int, worker: int, workers: int) -> int:
@@ -52,12 +50,26 @@ class LoaderState:
 
     epoch: int = 0
     batches: int = 0
+    """Batches of this epoch the trainer consumed."""
+    positions: dict[int, int] = field(default_factory=dict)
+    """Per worker role: samples its order had emitted (bad ones included) by its last consumed batch."""
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batches": self.batches}
+    def advance(self, position: tuple[int, int, int], batches_per_epoch: int) -> None:
+        """Account for one consumed batch, produced at ``position`` = (epoch, role, emitted)."""
+        epoch, role, emitted = (int(v) for v in position)
+        if epoch != self.epoch:
+            raise RuntimeError(f"loader gave a batch of epoch {epoch} while the trainer is in epoch {self.epoch}")
+        self.positions[role] = emitted
+        self.batches += 1
+        if self.batches == batches_per_epoch:
+            self.epoch, self.batches, self.positions = self.epoch + 1, 0, {}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batches": self.batches, "positions": dict(self.positions)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
+        self.positions = {int(k): int(v) for k, v in state.get("positions", {}).items()}
 
 
 def _stable_hash(key: str) -> int:
@@ -65,26 +77,28 @@ def _stable_hash(key: str) -> int:
 
 
 class ShardStream(IterableDataset):
-    """One rank's share of a shard set, as batches (dicts of tensors), for one epoch at a time."""
+    """One rank's share of a shard set, as batches (dicts of tensors)."""
 
     def __init__(self, manifest: Manifest, *, train: bool, image_size: int, batch_size: int, seed: int = 0,
                  rank: int = 0, world: int = 1, sampling: str = "natural", positive_fraction: float = 0.125,
-                 shuffle_buffer: int = 2000, min_scale: float = 0.35, eval_resize_ratio: float = 1.15,
-                 teacher_cache: TeacherCache | None = None, mode: str = "exact", policy: str = "pad",
-                 workers: int = 0):
+                 shuffle_buffer_mb: float = 64.0, interleave: int = 4, min_scale: float = 0.35,
+                 eval_resize_ratio: float = 1.15, teacher_labels: TeacherLabels | None = None, mode: str = "exact",
+                 policy: str = "pad", workers: int = 0, shards: list[int] | None = None):
         super().__init__()
         self.manifest = manifest
         self.train, self.image_size, self.batch_size = train, image_size, batch_size
         self.seed, self.rank, self.world = seed, rank, world
         self.sampling, self.positive_fraction = sampling, positive_fraction
-        self.shuffle_buffer, self.min_scale, self.eval_resize_ratio = shuffle_buffer, min_scale, eval_resize_ratio
-        self.teacher_cache = teacher_cache
+        self.shuffle_buffer_mb, self.interleave = shuffle_buffer_mb, interleave
+        self.min_scale, self.eval_resize_ratio = min_scale, eval_resize_ratio
+        self.teacher_labels = teacher_labels
         self.mode, self.policy, self.workers = mode, policy, workers
-        self.epoch = 0
-        self.skip_batches = 0
-        self._positives: list[list[tuple[str, dict[str, bytes]]]] | None = None
-        if sampling == "balanced" and not manifest.shard_urls("positive"):
-            raise ValueError(f"sampling 'balanced' needs positive shards; {manifest.root} has none")
+        self.eval_shards = shards
+        self.start = LoaderState()
+        """Where a training stream starts (a resumed run sets it from its checkpoint)."""
+        self.epochs: int | None = None
+        """Training epochs to stream before stopping (None: until the consumer stops)."""
+        self.positives = PositiveStore(manifest, teacher_labels) if self._kind == "background" else None
 
     @property
     def _kind(self) -> str | None:
@@ -96,150 +110,132 @@ class ShardStream(IterableDataset):
         return 1.0 / (1.0 - self.positive_fraction) if self._kind == "background" else 1.0
 
     def _counts(self) -> list[int]:
-        return [s.count for s in self.manifest.shards if self._kind is None or s.kind == self._kind]
+        return [s.count for s in self.manifest.of_kind(self._kind)]
+
+    @property
+    def buffer_samples(self) -> int:
+        """Shuffle-buffer capacity: data.shuffle_buffer_mb over the set's mean stored sample size."""
+        mean = self.manifest.bytes / max(self.manifest.count, 1)
+        return max(1, int(self.shuffle_buffer_mb * (1 << 20) / max(mean, 1.0)))
 
     def batches_per_epoch(self) -> int:
-        """Training: the same number on every rank (see data.plan); evaluation: all samples, last batch partial."""
+        """Training: the same number on every rank and every epoch (see data.plan); evaluation: all samples."""
         if not self.train:
             return -(-self.manifest.count // self.batch_size)
         return steps_per_epoch(self._counts(), world=self.world, batch_size=self.batch_size, mode=self.mode,
-                               policy=self.policy, emit_ratio=self._emit_ratio, seed=self.seed, epoch=self.epoch,
-                               workers=self.workers)
+                               policy=self.policy, emit_ratio=self._emit_ratio)
 
     def describe_epoch(self) -> str:
         if not self.train:
             return f"evaluation: {self.manifest.count} samples"
-        if self.mode == "resampled":
-            return (f"resampled mode: {self.batches_per_epoch()} steps per rank per epoch, shards drawn with "
-                    "replacement")
-        rep = padding_report(self._counts(), world=self.world, workers=self.workers, batch_size=self.batch_size,
-                             seed=self.seed, epoch=self.epoch, policy=self.policy, emit_ratio=self._emit_ratio)
-        return (f"exact mode ({self.policy}): {rep['steps']} steps per rank; {rep['padded']} samples repeated and "
-                f"{rep['dropped']} left out this epoch to give every rank the same number of steps")
+        summary = plan_summary(self._counts(), world=self.world, workers=self.workers, batch_size=self.batch_size,
+                               mode=self.mode, policy=self.policy, emit_ratio=self._emit_ratio, seed=self.seed)
+        return (f"{describe_plan(summary)}; shuffle buffer {self.buffer_samples} samples "
+                f"({self.shuffle_buffer_mb:g} MB) per worker, {self.interleave} shards read at a time")
 
-    # -- raw sample streams ----------------------------------------------------------------------------------
-    def _read_shards(self, urls: list[str]) -> Iterator[tuple[str, dict[str, bytes]]]:
-        for url in urls:
-            try:
-                with storage.open_read(url) as stream:
-                    for key, fields in iter_tar(stream):
-                        fields[SHARD_FIELD] = url  # so a skip is counted against its shard
-                        yield key, fields
-            except (tarfile.TarError, OSError, EOFError) as e:
-                log.warning("shard %s is unreadable past this point (%s: %s); skipping the rest of it",
-                            url, type(e).__name__, e)
-                self._count_skip("bad_shards", url)
+    # -- training: epoch after epoch, exactly as planned ----------------------------------------------------
+    def _train(self, worker: int, workers: int) -> Iterator[dict[str, Any]]:
+        steps, w = self.batches_per_epoch(), max(workers, 1)
+        e0, b0 = self.start.epoch, self.start.batches
+        reader = ShardReader(self.manifest, self.manifest.of_kind(self._kind), self.teacher_labels,
+                             self._bad_shard)
+        for epoch in itertools.count(e0):
+            if self.epochs is not None and epoch >= e0 + self.epochs:
+                return
+            # the DataLoader takes batches round-robin from its workers across epoch boundaries: worker w gives
+            # the run's batches w, w + W, ..., which in this epoch are those of plan role `role`
+            role = (worker + b0 - (epoch - e0) * steps) % w
+            skip = worker_skip(b0, role, workers) if epoch == e0 else 0
+            emitted = self.start.positions.get(role, skip * self.batch_size) if epoch == e0 else 0
+            quota = worker_batches(steps, role, workers) - skip
+            if quota > 0:
+                yield from self._worker_epoch(reader, epoch, role, workers, emitted, quota)
 
-    def _shuffled(self, samples: Iterator, rng: np.random.Generator) -> Iterator:
-        if not self.train or self.shuffle_buffer <= 1:
-            yield from samples
-            return
-        buffer: list = []
-        for sample in samples:
-            if len(buffer) < self.shuffle_buffer:
-                buffer.append(sample)
-                continue
-            i = int(rng.integers(len(buffer)))
-            buffer[i], sample = sample, buffer[i]
-            yield sample
-        rng.shuffle(buffer)
-        yield from buffer
-
-    def _positive_pool(self) -> list[list[tuple[str, dict[str, bytes]]]]:
-        """Positives per rare class, held as encoded bytes: they are few by definition."""
-        if self._positives is None:
-            pools: list[list] = [[] for _ in range(self.manifest.num_classes - 1)]
-            for key, fields in self._read_shards(self.manifest.shard_urls("positive")):
-                pools[int(fields["cls"]) - 1].append((key, fields))
-            self._positives = [p for p in pools if p]
-        return self._positives
-
-    def _balanced(self, background: Iterator, rng: np.random.Generator) -> Iterator:
-        """Interleave re-sampled positives, each rare class equally often, at ``positive_fraction``."""
-        pools = self._positive_pool()
-        ratio = self.positive_fraction / (1.0 - self.positive_fraction)
-        orders = [rng.permutation(len(p)) for p in pools]
-        cursor = [0] * len(pools)
-        emitted = 0
-        for n_bg, sample in enumerate(background, start=1):
-            yield sample
-            while emitted < int(n_bg * ratio):
-                c = int(rng.integers(len(pools)))
-                if cursor[c] == len(orders[c]):
-                    orders[c], cursor[c] = rng.permutation(len(pools[c])), 0
-                key, fields = pools[c][orders[c][cursor[c]]]
-                cursor[c] += 1
+    def _worker_epoch(self, reader: ShardReader, epoch: int, role: int, workers: int, emitted: int,
+                      quota: int) -> Iterator[dict[str, Any]]:
+        counts = self._counts()
+        plan = for_worker(counts, seed=self.seed, epoch=epoch, world=self.world, rank=self.rank, worker=role,
+                          workers=workers, batch_size=self.batch_size, mode=self.mode, policy=self.policy,
+                          emit_ratio=self._emit_ratio)
+        spec = OrderSpec(self.mode, self.buffer_samples, self.interleave, (self.seed, epoch, self.rank, role),
+                         self._emit_ratio - 1.0)
+        events = worker_events(spec, plan.pieces, counts, self.positives.pools() if self.positives else None)
+        # a resumed worker replays its order on integers and fetches only what its buffer held
+        position = advance(events, emitted) if emitted else None
+        samples = reader.run(events, position, self.positives)
+        produced, pending, bad_streak = 0, [], 0
+        give_up = 2 * max(self.manifest.count, self.batch_size)
+        try:
+            while produced < quota:
+                item = next(samples, None)
+                if item is None:
+                    raise ValueError(f"training set {self.manifest.root}: worker {role} of rank {self.rank} ran out of"
+                                     f" samples in epoch {epoch} after {produced} of {quota} batches; check the shards")
                 emitted += 1
-                yield f"{key}#{emitted}", fields
+                sample = self._decode(*item, epoch=epoch)
+                if sample is None:
+                    bad_streak += 1
+                    if bad_streak > give_up:
+                        raise ValueError(f"training set {self.manifest.root} gave no decodable sample in the last "
+                                         f"{bad_streak} read (see the skipped-sample warnings); check the shards")
+                    continue
+                bad_streak = 0
+                pending.append(sample)
+                if len(pending) == self.batch_size:
+                    yield {**self._collate(pending), "position": (epoch, role, emitted)}
+                    produced += 1
+                    pending = []
+        finally:
+            samples.close()
 
-    def _read_pieces(self, urls: list[str], pieces: tuple[Piece, ...]) -> Iterator[tuple[str, dict[str, bytes]]]:
-        for piece in pieces:
-            yield from itertools.islice(self._read_shards([urls[piece.shard]]), piece.start, piece.stop)
-
-    def _planned(self, worker: int, workers: int) -> tuple[Iterator, int]:
-        """This worker's training stream (endless; the caller takes its quota) and its quota of batches."""
-        urls = self.manifest.shard_urls(self._kind)
-        plan = for_worker(self._counts(), seed=self.seed, epoch=self.epoch, world=self.world, rank=self.rank,
-                          worker=worker, workers=workers, batch_size=self.batch_size, mode=self.mode,
-                          policy=self.policy, emit_ratio=self._emit_ratio)
-        skip = worker_skip(self.skip_batches, worker, workers)
-        # a resampled stream resumed mid-epoch is a fresh seeded draw (nonce = batches done), not a replay
-        nonce = skip if self.mode == "resampled" else 0
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, 1, nonce])
-
-        def background() -> Iterator:
-            for cycle in itertools.count():
-                if self.mode == "resampled":
-                    shards = [int(i) for i in rng.integers(len(urls), size=max(len(urls), 1))]
-                    stream = self._read_shards([urls[i] for i in shards])
-                else:  # exact: the planned pieces, repeated only when padding is needed
-                    stream = self._read_pieces(urls, plan.pieces)
-                got = 0
-                for sample in self._shuffled(stream, rng):
-                    got += 1
-                    yield sample if cycle == 0 else (f"{sample[0]}#pad{cycle}", sample[1])
-                if got == 0:
-                    return  # nothing readable: stop rather than spin
-
-        stream = background()
-        if self._kind == "background":
-            stream = self._balanced(stream, rng)
-        if skip and self.mode == "exact":  # replaying an epoch: drop whole batches before decoding anything
-            for _ in itertools.islice(stream, skip * self.batch_size):
-                pass
-            return stream, plan.batches - skip
-        if skip:
-            log.info("resampled mode: resuming epoch %d with a fresh seeded stream after %d batches", self.epoch,
-                     self.skip_batches)
-        return stream, plan.batches - skip
+    # -- evaluation: every sample once, in shard order ------------------------------------------------------
+    def _eval(self, worker: int, workers: int) -> Iterator[dict[str, Any]]:
+        shards = self.manifest.shards
+        mine = list(range(len(shards)) if self.eval_shards is None else self.eval_shards)[worker::max(workers, 1)]
+        reader = ShardReader(self.manifest, shards, self.teacher_labels, self._bad_shard)
+        events = in_order(interleaved(((Piece(s, 0, shards[s].count), 0) for s in mine), 1))
+        pending: list[dict[str, Any]] = []
+        for ref, sample in reader.run(events):
+            decoded = self._decode(ref, sample)
+            if decoded is None:
+                continue
+            decoded["ref"] = (shards[ref.shard].url, ref.index)
+            pending.append(decoded)
+            if len(pending) == self.batch_size:
+                yield self._collate(pending)
+                pending = []
+        if pending:
+            yield self._collate(pending)
+        elif any(self._stats.values()):  # report skips that came after the last batch
+            yield self._skips()
 
     # -- decoding and batching -------------------------------------------------------------------------------
-    def _decode(self, key: str, fields: dict[str, bytes]) -> dict[str, Any] | None:
+    def _decode(self, ref: Ref, sample: Sample | None, epoch: int = 0) -> dict[str, Any] | None:
+        if sample is None:  # lost to a corrupt shard: the reader counted it against the shard
+            return None
+        fields = sample.fields
         ext = next((e for e in IMAGE_EXTS if e in fields), None)
-        source_key = key.split("#", 1)[0]
         try:
             if ext is None:
                 raise BadImage("no image field")
-            if self.train:  # re-sampled and padded repeats carry a '#' suffix, so they get their own crop
-                rng = sample_rng(self.seed, self.epoch, _stable_hash(key))
-                image = train_transform(fields[ext], self.image_size, rng, self.min_scale)
+            if self.train:  # repeats (padding, re-sampled positives) get their own crop
+                key = sample.key if ref.tag == 0 else f"{sample.key}#{ref.tag}"
+                image = train_transform(fields[ext], self.image_size, sample_rng(self.seed, epoch, _stable_hash(key)),
+                                        self.min_scale)
             else:
                 image = eval_transform(fields[ext], self.image_size, self.eval_resize_ratio)
-        except BadImage as e:
-            log.warning("skipping sample %s of shard %s: undecodable image (%s)", source_key,
-                        fields.get(SHARD_FIELD), e)
-            self._count_skip("bad_images", fields.get(SHARD_FIELD))
+            label = int(fields["cls"])
+        except (BadImage, KeyError, ValueError) as e:
+            log.warning("skipping sample %s of shard %s: undecodable (%s)", sample.key, sample.shard, e)
+            self._count_skip("bad_images", sample.shard)
             return None
-        sample = {"image": image, "label": int(fields["cls"]), "key": source_key}
-        if self.teacher_cache is not None:
-            entry = self.teacher_cache.get(source_key)
-            if entry is None:
-                log.warning("skipping sample %s of shard %s: no entry in teacher cache %s", source_key,
-                            fields.get(SHARD_FIELD), self.teacher_cache.url)
-                self._count_skip("missing_teacher", fields.get(SHARD_FIELD))
-                return None
-            sample["teacher_idx"], sample["teacher_prob"] = entry
-        return sample
+        out = {"image": image, "label": label, "key": sample.key}
+        if self.teacher_labels is not None:
+            out["teacher_idx"], out["teacher_prob"] = sample.teacher
+        return out
+
+    def _bad_shard(self, shard: str) -> None:
+        self._count_skip("bad_shards", shard)
 
     def _count_skip(self, kind: str, shard: str | None) -> None:
         self._stats[kind] += 1
@@ -248,11 +244,11 @@ class ShardStream(IterableDataset):
 
     def _skips(self) -> dict[str, Any]:
         """The skips since the last batch (then reset): totals as a tensor, and per shard file. A worker process
-        also reports its object-store retries and failures, which the training process cannot see otherwise."""
+        also reports its object-store counters, which the training process cannot see otherwise."""
         out = {"skipped": torch.tensor([self._stats[k] for k in SKIP_KINDS]), "skipped_by_shard": self._by_shard}
         self._stats, self._by_shard = dict.fromkeys(SKIP_KINDS, 0), {}
         if get_worker_info() is not None:
-            out["storage"] = {k: storage.STATS[k] - self._io_seen[k] for k in storage.STATS}
+            out["storage"] = {k: storage.STATS[k] - self._io_seen.get(k, 0) for k in storage.STATS}
             self._io_seen = dict(storage.STATS)
         return out
 
@@ -263,7 +259,9 @@ class ShardStream(IterableDataset):
             "key": [s["key"] for s in samples],
             **self._skips(),
         }
-        if self.teacher_cache is not None:
+        if "ref" in samples[0]:
+            batch["ref"] = [s["ref"] for s in samples]
+        if self.teacher_labels is not None:
             batch["teacher_idx"] = torch.from_numpy(np.stack([s["teacher_idx"] for s in samples]).astype(np.int64))
             batch["teacher_prob"] = torch.from_numpy(np.stack([s["teacher_prob"] for s in samples]).astype(np.float32))
         return batch
@@ -273,38 +271,21 @@ class ShardStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 0)
         self._stats, self._by_shard = dict.fromkeys(SKIP_KINDS, 0), {}
         self._io_seen = dict(storage.STATS)  # a forked worker starts with a copy of its parent's counts
-        if self.train:
-            # a fresh DataLoader asks worker 0 first; after a resume the next batch in round-robin order belongs
-            # to worker (batches done) % workers, so each process takes over the role of that shifted worker
-            role = (worker + self.skip_batches) % workers if workers else 0
-            raw, quota = self._planned(role, workers)
-        else:
-            urls = self.manifest.shard_urls()
-            raw, quota = self._read_shards(urls[worker::max(workers, 1)]), -1
-        produced, bad_streak = 0, 0
-        give_up = 2 * max(self.manifest.count, self.batch_size)  # a training stream repeats: stop if nothing decodes
-        pending: list[dict[str, Any]] = []
-        for key, fields in raw:
-            if produced == quota:
-                break
-            sample = self._decode(key, fields)
-            if sample is None:
-                bad_streak += 1
-                if bad_streak > give_up:
-                    log.error("no decodable sample in the last %d read from %s; stopping this worker's epoch",
-                              bad_streak, self.manifest.root)
-                    break
-                continue
-            bad_streak = 0
-            pending.append(sample)
-            if len(pending) == self.batch_size:
-                yield self._collate(pending)
-                produced += 1
-                pending = []
-        if pending and not self.train:
-            yield self._collate(pending)
-        elif any(self._stats.values()):  # report skips that happened after the last full batch
-            yield self._skips()
+        return self._train(worker, workers) if self.train else self._eval(worker, workers)
+
+
+def one_line(error: BaseException) -> BaseException:
+    """A loader worker's ValueError or OSError (a StorageOutage among them) comes back from the DataLoader with
+    the worker's traceback in its message; the run should end with the worker's own one-line message."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    if len(lines) <= 1 or not isinstance(error, (ValueError, OSError)):
+        return error
+    last = lines[-1]
+    prefix = f"{type(error).__name__}: "
+    try:
+        return type(error)(last[len(prefix):] if last.startswith(prefix) else last)
+    except TypeError:  # an exception type that needs other arguments keeps its message
+        return error
 
 
 def _forget_inherited_s3_sessions(worker_id: int) -> None:
@@ -319,8 +300,9 @@ def _forget_inherited_s3_sessions(worker_id: int) -> None:
 
 def make_loader(stream: ShardStream, num_workers: int) -> DataLoader:
     """A DataLoader over pre-batched samples. It gets its own generator: drawing worker seeds from the global RNG
-    would shift dropout masks and make a resumed run differ from an uninterrupted one."""
-    return DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=False,
+    would shift dropout masks and make a resumed run differ from an uninterrupted one. A training stream is
+    iterated once per run, so its workers live for the whole run."""
+    return DataLoader(stream, batch_size=None, num_workers=num_workers,
                       pin_memory=torch.cuda.is_available(), prefetch_factor=4 if num_workers else None,
                       generator=torch.Generator().manual_seed(stream.seed),
                       worker_init_fn=_forget_inherited_s3_sessions if num_workers else None)

@@ -1,10 +1,16 @@
 """WebDataset shard sets: the one training and evaluation format, and the manifest that makes a set usable.
 
-A set is a folder (or object-store prefix) of ``<name>-<kind>-NNNNNN.tar`` shards plus ``manifest.json``. Each
-shard is written under a temporary name and renamed whole; the manifest is written last, so a crashed build
-leaves no manifest and is never used. Positives and background go to separate shards (same manifest) so a
-loader can re-sample the few positives without copying them. `bgsplit shards build` also leaves a small
-completion record ``<name>-<kind>-NNNNNN.json`` beside each shard (see data.ingest); loaders ignore it.
+A set is a folder (or object-store prefix) of ``<name>-<kind>-NNNNNN.tar`` shards, one completion record
+``<name>-<kind>-NNNNNN.json`` per shard, and ``manifest.json``. Each shard is written under a temporary name and
+published whole, then its record, and the manifest last: a crashed build leaves no manifest and is never used.
+Positives and background go to separate shards (same manifest) so a loader can re-sample the few positives
+without copying them.
+
+The record holds every sample's byte offset in its shard (and, for positive shards, every sample's label). With
+it a loader reads any sample range with one byte-range request: a worker whose share starts mid-shard, or a
+resumed worker, seeks instead of re-reading what came before; and re-sampled positives are fetched one by one.
+Shards are written with webdataset's ``TarWriter`` (fixed metadata, so the same samples give the same bytes);
+offsets come from the tar stream's own position, so long keys (extra PAX headers) cannot skew them.
 
 Sample fields: ``<ext>`` the encoded image as stored, ``cls`` the main label (0 = background, 1..K),
 ``json`` {"label", "orig", "source_key"}; ``__key__`` is the stable sample key.
@@ -13,15 +19,17 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import IO, Any, Callable, Iterable, Iterator
 
 from data import storage
 
 MANIFEST = "manifest.json"
-FORMAT = "bgsplit-shards/1"
+FORMAT = "bgsplit-shards/2"
+RECORD = "bgsplit-shard-done/2"
+LABELS_DIR = "teacher-labels"
+"""Folder of a set's teacher label sets (see data.teacher_labels); removed when the set is rebuilt."""
 
 
 def image_extension(data: bytes) -> str:
@@ -42,6 +50,10 @@ class ShardInfo:
     """'positive' or 'background'."""
     count: int
     bytes: int
+
+    @property
+    def record(self) -> str:
+        return record_name(self.url)
 
 
 @dataclass
@@ -64,11 +76,18 @@ class Manifest:
         return sum(self.counts)
 
     @property
+    def bytes(self) -> int:
+        return sum(s.bytes for s in self.shards)
+
+    @property
     def background_fraction(self) -> float:
         return self.counts[0] / self.count if self.count else float("nan")
 
     def shard_urls(self, kind: str | None = None) -> list[str]:
         return [storage.join(self.root, s.url) for s in self.shards if kind is None or s.kind == kind]
+
+    def of_kind(self, kind: str | None) -> list[ShardInfo]:
+        return [s for s in self.shards if kind is None or s.kind == kind]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -98,7 +117,8 @@ def read_manifest(location: str) -> Manifest:
                                 " (a set without a manifest is incomplete)")
     doc = json.loads(storage.read_bytes(url))
     if doc.get("format") != FORMAT:
-        raise ValueError(f"{url} is not a bgsplit shard manifest (format {doc.get('format')!r}, want {FORMAT})")
+        raise ValueError(f"{url} is not a bgsplit shard manifest of this version (format {doc.get('format')!r}, "
+                         f"want {FORMAT}): rebuild the set with `bgsplit shards build`")
     shards = [ShardInfo(**s) for s in doc["shards"]]
     if not shards:
         raise ValueError(f"shard manifest {url} lists no shards: rebuild the set with `bgsplit shards build`")
@@ -107,12 +127,15 @@ def read_manifest(location: str) -> Manifest:
                     meta=doc.get("meta", {}))
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0  # fixed metadata: the same samples always give byte-identical shards
-    info.mode = 0o444
-    tar.addfile(info, io.BytesIO(data))
+def check_objects(manifest: Manifest) -> None:
+    """Refuse a set whose listed shards or records are not all there (one listing, not a request per shard):
+    training on it would silently lose those samples, or fail hours in."""
+    present = set(storage.listdir(manifest.root))
+    missing = [name for s in manifest.shards for name in (s.url, s.record) if name not in present]
+    if missing:
+        raise FileNotFoundError(f"shard set {manifest.root} lists {len(missing)} object(s) that are missing "
+                                f"(first: {missing[0]}): rebuild it with `bgsplit shards build` (a re-run rewrites "
+                                "only what is missing)")
 
 
 def sample_fields(key: str, image: bytes, label: int, orig: str) -> dict[str, bytes]:
@@ -124,11 +147,6 @@ def sample_fields(key: str, image: bytes, label: int, orig: str) -> dict[str, by
     }
 
 
-def add_sample(tar: tarfile.TarFile, key: str, fields: dict[str, bytes]) -> None:
-    for ext, data in fields.items():
-        _add(tar, f"{key}.{ext}", data)
-
-
 def tar_bytes(fields: dict[str, bytes]) -> int:
     """Bytes a sample takes in a tar: a 512-byte header per member plus its data padded to 512."""
     return sum(512 + -(-len(data) // 512) * 512 for data in fields.values())
@@ -138,13 +156,58 @@ def shard_name(prefix: str, kind: str, index: int) -> str:
     return f"{prefix}-{kind}-{index:06d}.tar"
 
 
+def record_name(shard: str) -> str:
+    return shard.rsplit(".", 1)[0] + ".json"
+
+
+def read_record(manifest: Manifest, shard: ShardInfo) -> dict[str, Any]:
+    """A shard's completion record: counts, the samples' byte offsets (``count`` + 1 of them, the last one the
+    end of the last sample) and, for positive shards, the samples' labels."""
+    url = storage.join(manifest.root, shard.record)
+    doc = json.loads(storage.read_bytes(url))
+    offsets = doc.get("offsets")
+    if doc.get("format") != RECORD or offsets is None or len(offsets) != shard.count + 1:
+        raise ValueError(f"completion record {url} does not match its shard ({shard.count} samples in the manifest):"
+                         " rebuild the set with `bgsplit shards build`")
+    return doc
+
+
+class TarShard:
+    """One shard being written: webdataset's TarWriter over a file object, plus each sample's byte offset."""
+
+    def __init__(self, fileobj: IO[bytes]):
+        import webdataset
+
+        # fixed metadata (mtime, owner): the same samples always give byte-identical shards
+        self._writer = webdataset.TarWriter(fileobj, encoder=False, mtime=0, user="bgsplit", group="bgsplit",
+                                            format="PAX_FORMAT")
+        self.offsets: list[int] = []
+
+    def add(self, key: str, fields: dict[str, bytes]) -> None:
+        self.offsets.append(self._writer.tarstream.offset)
+        self._writer.write({"__key__": key, **fields})
+
+    def close(self) -> list[int]:
+        """Finish the tar; returns the offsets with the end of the last sample appended."""
+        end = self._writer.tarstream.offset
+        self._writer.close()
+        return self.offsets + [end]
+
+
+def make_record(*, name: str, kind: str, count: int, size: int, counts: list[int], offsets: list[int],
+                labels: list[int] | None, skipped: list[tuple[str, str]] = (), **extra: Any) -> dict[str, Any]:
+    record = {"format": RECORD, "name": name, "kind": kind, "count": count, "bytes": size, "counts": counts,
+              "skipped": [list(s) for s in skipped], "offsets": offsets, **extra}
+    if kind == "positive":
+        record["labels"] = labels
+    return record
+
+
 def invalidate(root: str) -> None:
-    """Make a set unusable before it is rewritten: drop its manifest and the teacher caches that label the old
-    samples. Shards stay, so a resumed build can keep the finished ones."""
+    """Make a set unusable before it is rewritten: drop its manifest and the teacher labels of the old samples.
+    Shards stay, so a resumed build can keep the finished ones."""
     storage.remove(manifest_url(root))
-    for name in storage.listdir(root):
-        if name.startswith("teacher-") and name.endswith(".npz"):
-            storage.remove(storage.join(root, name))
+    storage.remove(storage.join(root, LABELS_DIR), recursive=True)
 
 
 def write_manifest(manifest: Manifest) -> None:
@@ -155,45 +218,52 @@ def write_manifest(manifest: Manifest) -> None:
 class _ShardSink:
     """Writes one kind of sample into numbered shards, closing a shard at ``max_count`` or ``max_bytes``."""
 
-    def __init__(self, root: str, prefix: str, kind: str, max_count: int, max_bytes: int):
+    def __init__(self, root: str, prefix: str, kind: str, max_count: int, max_bytes: int, num_classes: int):
         self.root, self.prefix, self.kind = root, prefix, kind
-        self.max_count, self.max_bytes = max_count, max_bytes
+        self.max_count, self.max_bytes, self.num_classes = max_count, max_bytes, num_classes
         self.done: list[ShardInfo] = []
         self._buffer = io.BytesIO()
-        self._tar: tarfile.TarFile | None = None
-        self._count = 0
+        self._tar: TarShard | None = None
+        self._labels: list[int] = []
 
-    def write(self, key: str, fields: dict[str, bytes]) -> None:
+    def write(self, key: str, fields: dict[str, bytes], label: int) -> None:
         if self._tar is None:
             self._buffer = io.BytesIO()
-            self._tar = tarfile.open(fileobj=self._buffer, mode="w")
-        add_sample(self._tar, key, fields)
-        self._count += 1
-        if self._count >= self.max_count or self._buffer.tell() >= self.max_bytes:
+            self._tar, self._labels = TarShard(self._buffer), []
+        self._tar.add(key, fields)
+        self._labels.append(label)
+        if len(self._labels) >= self.max_count or self._buffer.tell() >= self.max_bytes:
             self.close()
 
     def close(self) -> None:
         if self._tar is None:
             return
-        self._tar.close()
+        offsets = self._tar.close()
         name = shard_name(self.prefix, self.kind, len(self.done))
         data = self._buffer.getvalue()
+        counts = [self._labels.count(c) for c in range(self.num_classes)]
         storage.write_bytes(storage.join(self.root, name), data)
-        self.done.append(ShardInfo(url=name, kind=self.kind, count=self._count, bytes=len(data)))
-        self._tar, self._count = None, 0
+        record = make_record(name=name, kind=self.kind, count=len(self._labels), size=len(data), counts=counts,
+                             offsets=offsets, labels=self._labels)
+        storage.write_bytes(storage.join(self.root, record_name(name)), json.dumps(record).encode())
+        self.done.append(ShardInfo(url=name, kind=self.kind, count=len(self._labels), bytes=len(data)))
+        self._tar = None
 
 
 def write_shard_set(root: str, samples: Iterable[tuple[str, bytes, int, str]], *, rare_classes: list[str],
                     class_names: list[str], prefix: str = "shard", max_count: int = 10000,
                     max_bytes: int = 512 << 20, meta: dict[str, Any] | None = None,
                     progress: Callable[[int], None] | None = None) -> Manifest:
-    """Write (key, encoded image, main label, original label) samples into a shard set; manifest last.
+    """Write (key, encoded image, main label, original label) samples, in the given order, into a shard set;
+    manifest last. For small in-memory sets (tests, tools); `bgsplit shards build` is the scalable path.
 
     An existing manifest at ``root`` is removed first, so a set being rebuilt is unusable until complete.
     """
     invalidate(root)
-    sinks = {kind: _ShardSink(root, prefix, kind, max_count, max_bytes) for kind in ("positive", "background")}
-    counts = [0] * (len(rare_classes) + 1)
+    num_classes = len(rare_classes) + 1
+    sinks = {kind: _ShardSink(root, prefix, kind, max_count, max_bytes, num_classes)
+             for kind in ("positive", "background")}
+    counts = [0] * num_classes
     seen: set[str] = set()
     start = time.time()
     for key, image, label, orig in samples:
@@ -202,7 +272,7 @@ def write_shard_set(root: str, samples: Iterable[tuple[str, bytes, int, str]], *
         if not 0 <= label <= len(rare_classes):
             raise ValueError(f"sample '{key}' has main label {label}, outside 0..{len(rare_classes)}")
         seen.add(key)
-        sinks["positive" if label else "background"].write(key, sample_fields(key, image, label, orig))
+        sinks["positive" if label else "background"].write(key, sample_fields(key, image, label, orig), label)
         counts[label] += 1
         if progress:
             progress(1)
@@ -218,23 +288,14 @@ def write_shard_set(root: str, samples: Iterable[tuple[str, bytes, int, str]], *
     return manifest
 
 
-def iter_tar(stream) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Group a tar stream's members by key into samples; raises tarfile.ReadError on a truncated tar."""
-    current: str | None = None
-    fields: dict[str, bytes] = {}
-    with tarfile.open(fileobj=stream, mode="r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.partition(".")
-            f = tar.extractfile(member)
-            data = f.read() if f is not None else b""
-            if len(data) != member.size:
-                raise tarfile.ReadError(f"truncated member {member.name}: {len(data)} of {member.size} bytes")
-            if key != current and current is not None:
-                yield current, fields
-                fields = {}
-            current = key
-            fields[ext] = data
-    if current is not None:
-        yield current, fields
+def iter_tar(stream: IO[bytes]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Group a tar stream's members by key into samples (webdataset's tar iterator and key grouping).
+
+    Raises tarfile.ReadError (or ValueError) on a truncated or malformed tar."""
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    members = ({**m, "__url__": ""} for m in tar_file_iterator(stream))
+    for sample in group_by_keys(members):
+        key = sample.pop("__key__")
+        sample.pop("__url__", None)
+        yield key, sample

@@ -45,7 +45,7 @@ def tiny_config(tiny_sets, out_dir, *overrides):
     from trainer.config import load_config
 
     base = [f"data.train={tiny_sets['train']}", f"data.val={tiny_sets['test']}", "data.image_size=32",
-            "data.batch_size=16", "data.shuffle_buffer=64", f"teacher.image_size={TEACHER_SIZE}",
+            "data.batch_size=16", "data.shuffle_buffer_mb=0.2", f"teacher.image_size={TEACHER_SIZE}",
             "teacher.mode=cached", "optim.epochs=4", "optim.warmup_epochs=0.5", "optim.schedule=cosine",
             "optim.lr=0.02", f"run.out_dir={out_dir}", "run.progress=false", "run.log_every=5", "run.device=cpu"]
     return load_config(None, base + list(overrides))

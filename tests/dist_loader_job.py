@@ -19,19 +19,16 @@ def run(rank: int, world: int, root: str, port: int, out: str, mode: str, policy
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     stream = ShardStream(read_manifest(root), train=True, image_size=8, batch_size=4, seed=0, rank=rank,
-                         world=world, mode=mode, policy=policy, workers=workers, shuffle_buffer=8)
-    steps, keys = [], []
-    for epoch in range(2):
-        stream.epoch = epoch
-        n = 0
-        for batch in make_loader(stream, workers):
-            if "image" not in batch:
-                continue
-            t = torch.ones(1)
-            dist.all_reduce(t)  # every rank must get here the same number of times
-            n += 1
-            keys.extend(batch["key"])
-        steps.append(n)
+                         world=world, mode=mode, policy=policy, workers=workers, shuffle_buffer_mb=0.01)
+    stream.epochs = 2  # one loader pass over both epochs, as the trainer runs it
+    steps, keys = [0, 0], []
+    for batch in make_loader(stream, workers):
+        if "image" not in batch:
+            continue
+        t = torch.ones(1)
+        dist.all_reduce(t)  # every rank must get here the same number of times
+        steps[batch["position"][0]] += 1
+        keys.extend(batch["key"])
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"steps": steps, "planned": stream.batches_per_epoch(), "keys": keys}, f)
     dist.barrier()

@@ -77,7 +77,7 @@ def test_two_ray_ddp_workers_equal_one_process_with_the_same_global_batch(ray_cl
     """Gradients all-reduced over 2 ranks x 32 images = one process with 64 images, step for step."""
     from trainer.train import train
 
-    common = [f"data.train={one_batch_set}", "data.val=", "data.image_size=32", "data.shuffle_buffer=8",
+    common = [f"data.train={one_batch_set}", "data.val=", "data.image_size=32", "data.shuffle_buffer_mb=0.02",
               f"teacher.image_size={TEACHER_SIZE}", "teacher.mode=cached", "model.trunk=resnet18",
               "model.weights=NONE", "model.freeze_bn_stats=true", "loss.aux_weight=0.5", "optim.lr=0.05",
               "optim.epochs=3", "optim.warmup_epochs=0", "optim.schedule=cosine", "run.device=cpu",
@@ -101,7 +101,7 @@ def test_two_ray_ddp_workers_equal_one_process_with_the_same_global_batch(ray_cl
 
 def _ray_overrides(tiny_sets, out_dir: str, *extra: str) -> list[str]:
     return [f"data.train={tiny_sets['train']}", "data.val=", "data.image_size=32", "data.batch_size=16",
-            "data.shuffle_buffer=64", f"teacher.image_size={TEACHER_SIZE}", "teacher.mode=cached",
+            "data.shuffle_buffer_mb=0.2", f"teacher.image_size={TEACHER_SIZE}", "teacher.mode=cached",
             "loss.aux_weight=0.1", "optim.lr=0.01", "optim.warmup_epochs=0.5", "optim.schedule=cosine",
             f"run.out_dir={out_dir}", "run.progress=false", "run.log_every=5", "cluster.num_workers=2", *extra]
 

@@ -35,10 +35,10 @@ def test_bg_split_learns_a_separable_problem_and_reports(tiny_sets, tmp_path):
 
 
 def _next_loss(trainer: Trainer) -> float:
-    loader = iter(__import__("data.loader", fromlist=["make_loader"]).make_loader(trainer.stream, 0))
-    trainer.stream.epoch, trainer.stream.skip_batches = trainer.loader_state.epoch, trainer.loader_state.batches
-    batch = next(loader)
-    batch.pop("skipped")
+    from data.loader import LoaderState, make_loader
+
+    trainer.stream.start = LoaderState(**trainer.loader_state.state_dict())
+    batch = next(iter(make_loader(trainer.stream, 0)))
     return float(trainer.train_step([batch])["loss"])
 
 
@@ -85,7 +85,7 @@ def test_a_training_set_with_no_decodable_image_stops_with_a_message(tmp_path):
     write_shard_set(str(tmp_path / "bad"), bad, rare_classes=["r"], class_names=["bg", "R"])
     cfg = load_config(None, [f"data.train={tmp_path / 'bad'}", "data.batch_size=8", "loss.aux_weight=0",
                              "data.image_size=32", f"run.out_dir={tmp_path / 'run'}", "run.progress=false"])
-    with pytest.raises(ValueError, match="gave no full batch"):
+    with pytest.raises(ValueError, match="gave no decodable sample in the last"):
         train(cfg)
 
 
@@ -111,7 +111,7 @@ def test_bad_samples_are_counted_per_shard_in_the_run_summary(tmp_path):
                              f"run.out_dir={tmp_path / 'run'}", "run.progress=false", "run.device=cpu"])
     summary = train(cfg)
     assert summary["skipped"]["bad_images"] == 1
-    assert summary["skipped_by_shard"] == {"shard-background-000000.tar": {"bad_images": 1, "missing_teacher": 0,
+    assert summary["skipped_by_shard"] == {"shard-background-000000.tar": {"bad_images": 1,
                                                                           "bad_shards": 0}}
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert saved["skipped_by_shard"] == summary["skipped_by_shard"]

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 
+from data.storage import StorageOutage
 from trainer.config import ConfigError
 
 
@@ -32,38 +33,82 @@ def _eval(args: argparse.Namespace) -> None:
 
     state = load_checkpoint(args.checkpoint)
     image_size = args.image_size or state["config"]["data"]["image_size"]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    student = load_student_from_checkpoint(args.checkpoint).to(device)
-    results = evaluate_to_report(student, args.data, args.out, image_size=image_size, device=device,
-                                 batch_size=args.batch_size, num_workers=args.num_workers,
-                                 title=f"bgsplit evaluation of {args.checkpoint}",
-                                 extra={"checkpoint": args.checkpoint})
+    report = {"title": f"bgsplit evaluation of {args.checkpoint}", "extra": {"checkpoint": args.checkpoint}}
+    if args.ray:
+        from cluster.passes import connect, ray_evaluate
+
+        connect(args.ray_address)
+        results = ray_evaluate(args.checkpoint, args.data, args.out, image_size=image_size,
+                               batch_size=args.batch_size, **report)
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        student = load_student_from_checkpoint(args.checkpoint).to(device)
+        results = evaluate_to_report(student, args.data, args.out, image_size=image_size, device=device,
+                                     batch_size=args.batch_size, num_workers=args.num_workers, **report)
     print(f"mAP {100 * results['map']:.2f} over {len(results['ap'])} rare classes; report in {args.out}/report.md")
 
 
 def _shards_build(args: argparse.Namespace) -> None:
     from data.build import build_command
 
-    build_command(args.source, args.out, split_file=args.split_file, rare=args.rare,
+    source = args.source
+    if args.label_field:
+        if not source.startswith("wds:"):
+            raise ValueError(f"--label-field applies to wds: sources (WebDataset shards), not to {source!r}")
+        source = f"{source}#label={args.label_field}"  # part of the spec: shard writers reopen the source from it
+    runner = None
+    if args.ray:
+        from cluster.passes import connect, ray_runner
+
+        connect(args.ray_address)
+        runner = ray_runner
+    build_command(source, args.out, split_file=args.split_file, rare=args.rare,
                   positives_per_class=args.positives_per_class, background_fraction=args.background_fraction,
                   max_background=args.max_background, seed=args.seed, holdout=args.holdout,
                   holdout_out=args.holdout_out, subsample=args.subsample,
                   max_count=args.max_count, max_bytes=int(args.max_mb * (1 << 20)),
-                  resize_short_side=args.resize_short_side, jpeg_quality=args.jpeg_quality, workers=args.workers)
+                  resize_short_side=args.resize_short_side, jpeg_quality=args.jpeg_quality, workers=args.workers,
+                  runner=runner)
+
+
+def _shards_plan(args: argparse.Namespace) -> None:
+    from data.plan import describe_plan, plan_for_manifest
+    from data.shards import read_manifest
+
+    summary = plan_for_manifest(read_manifest(args.data), world=args.world, workers=args.workers,
+                                batch_size=args.batch_size, mode=args.mode, policy=args.policy,
+                                sampling=args.sampling, positive_fraction=args.positive_fraction, seed=args.seed)
+    print(json.dumps(summary, indent=1) if args.json else describe_plan(summary))
 
 
 def _teacher_label(args: argparse.Namespace) -> None:
+    """One process, or every rank of a torchrun job (each labels its share of the shards)."""
     import torch
+    import torch.distributed as dist
 
     from trainer.models import build_teacher
     from trainer.teacher_label import label_shard_set
+    from trainer.train import init_distributed, resolve_device
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.ray:
+        from cluster.passes import connect, ray_teacher_label
+
+        connect(args.ray_address)
+        for location in args.data:
+            print(ray_teacher_label(location, teacher=args.teacher, weights=args.weights, image_size=args.image_size,
+                                    topk=args.topk, batch_size=args.batch_size, overwrite=args.overwrite))
+        return
+    device = resolve_device("auto")
+    rank, world = init_distributed(device)
     teacher = build_teacher(args.teacher, args.weights)
+    barrier = dist.barrier if world > 1 else (lambda: None)
     for location in args.data:
         url = label_shard_set(teacher, location, image_size=args.image_size, topk=args.topk, device=device,
-                              batch_size=args.batch_size, overwrite=args.overwrite)
-        print(url)
+                              batch_size=args.batch_size, num_workers=args.num_workers, overwrite=args.overwrite,
+                              rank=rank, world=world, barrier=barrier,
+                              dtype=torch.bfloat16 if device.type == "cuda" else None)
+        if rank == 0:
+            print(url)
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -76,6 +121,12 @@ def _fetch_weights(args: argparse.Namespace) -> None:
     from trainer.backbones import fetch_torchvision_weights
 
     print(fetch_torchvision_weights(args.model, args.weights))
+
+
+def _ray_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ray", action="store_true", help="run the per-shard work as Ray tasks over the cluster "
+                        "(use under `ray job submit`; paths must be reachable from every node)")
+    parser.add_argument("--ray-address", default="", help="Ray address; default RAY_ADDRESS or a new local cluster")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,12 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--image-size", type=int, default=0, help="default: the training image size")
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--num-workers", type=int, default=0)
+    _ray_flags(e)
     e.set_defaults(func=_eval)
 
     s = sub.add_parser("shards", help="shard-set tools").add_subparsers(dest="shards_command", required=True)
     b = s.add_parser("build", help="write a -BG WebDataset shard set from a source")
     b.add_argument("--source", required=True,
-                   help="fmnist:train | fmnist:test | folder:ROOT | manifest:FILE.csv|jsonl | inat:ANN.json:ROOT:SPLIT")
+                   help="fmnist:train | fmnist:test | folder:ROOT | manifest:FILE.csv|jsonl | inat:ANN.json:ROOT:SPLIT"
+                        " | wds:URL_OR_BRACE_PATTERN (existing WebDataset shards, local or s3://)")
+    b.add_argument("--label-field", help="wds: sources: the member holding the label: cls (default), txt, "
+                   "json:KEY (dotted path allowed) or another member name")
     b.add_argument("--out", required=True, help="output folder or fsspec URL")
     b.add_argument("--split-file", help="rare class ids, one per line (data/splits/*.txt for iNat-BG)")
     b.add_argument("--rare", help="rare class ids, comma separated (instead of --split-file)")
@@ -119,16 +174,32 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of re-encoded images")
     b.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="shard-writing processes (default min(8, CPUs); 0 or 1: in this process)")
+    _ray_flags(b)
     b.set_defaults(func=_shards_build)
+    pl = s.add_parser("plan", help="an epoch's steps, padding and shard reads for a training world")
+    pl.add_argument("--data", required=True, help="training shard set (folder or URL with manifest.json)")
+    pl.add_argument("--world", type=int, required=True, help="data-parallel ranks")
+    pl.add_argument("--workers", type=int, required=True, help="loader workers per rank (data.num_workers)")
+    pl.add_argument("--batch-size", type=int, required=True, help="per-rank batch (data.batch_size)")
+    pl.add_argument("--mode", choices=("exact", "resampled"), default="exact")
+    pl.add_argument("--policy", choices=("pad", "drop"), default="pad")
+    pl.add_argument("--sampling", choices=("natural", "balanced"), default="natural")
+    pl.add_argument("--positive-fraction", type=float, default=0.125, help="with --sampling balanced")
+    pl.add_argument("--seed", type=int, default=0, help="run.seed (the shard order; epoch 0 is shown)")
+    pl.add_argument("--json", action="store_true", help="the whole summary as JSON")
+    pl.set_defaults(func=_shards_plan)
 
-    tl = sub.add_parser("teacher-label", help="cache the teacher's top-k labels of shard sets (sidecar files)")
+    tl = sub.add_parser("teacher-label", help="store the teacher's top-k labels in shard sets (per shard; "
+                        "resumable; under torchrun every rank labels its share)")
     tl.add_argument("--data", nargs="+", required=True)
     tl.add_argument("--teacher", default="efficientnet_lite0")
     tl.add_argument("--weights", default="")
     tl.add_argument("--image-size", type=int, default=224)
     tl.add_argument("--topk", type=int, default=5)
     tl.add_argument("--batch-size", type=int, default=128)
+    tl.add_argument("--num-workers", type=int, default=0, help="decoding processes per labelling process")
     tl.add_argument("--overwrite", action="store_true")
+    _ray_flags(tl)
     tl.set_defaults(func=_teacher_label)
 
     d = sub.add_parser("demo", help="Fashion-MNIST-BG: fine-tuning vs BG splitting vs imbalance baselines")
@@ -150,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, FileNotFoundError, StorageOutage) as e:
         print(f"bgsplit: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -37,8 +37,11 @@ class DataConfig:
     """Per-process batch size (the global batch is batch_size * world size * grad_accum)."""
     num_workers: int = 0
     """DataLoader worker processes (0 = decode in the training process)."""
-    shuffle_buffer: int = 2000
-    """Samples held in the shuffle buffer after the per-epoch shard shuffle."""
+    shuffle_buffer_mb: float = 64.0
+    """Shuffle buffer per loader worker, in MB of stored samples (the sample count follows from the set's mean
+    sample size); it emits from the start and fills as it goes."""
+    interleave: int = 4
+    """Shards (pieces of its plan) each loader worker reads at a time, one sample from each in turn."""
     sampling: str = "natural"
     """natural: every sample once per epoch; balanced: positives re-sampled, each rare class equally often."""
     positive_fraction: float = 0.125
@@ -198,6 +201,13 @@ class ClusterConfig:
 
 
 @dataclass
+class StorageConfig:
+    outage_timeout_s: float = 600.0
+    """How long an object-store outage (refused, reset, timeouts, 5xx) is waited out, with back-off, before the
+    run stops with an error; missing objects and corrupt data are never retried."""
+
+
+@dataclass
 class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -207,6 +217,7 @@ class JobConfig:
     run: RunConfig = field(default_factory=RunConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -300,6 +311,8 @@ def validate(cfg: JobConfig) -> JobConfig:
         value = getattr(getattr(cfg, section), key)
         if value not in allowed:
             raise ConfigError(f"config key '{where}' is {value!r}; choose one of {', '.join(allowed)}")
+    if cfg.data.shuffle_buffer_mb < 0 or cfg.data.interleave < 1:
+        raise ConfigError("data.shuffle_buffer_mb must be >= 0 and data.interleave >= 1")
     if cfg.data.batch_size < 1 or cfg.optim.grad_accum < 1:
         raise ConfigError("data.batch_size and optim.grad_accum must be >= 1")
     if not 0.0 < cfg.data.positive_fraction < 1.0:
@@ -310,6 +323,8 @@ def validate(cfg: JobConfig) -> JobConfig:
         raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
     if cfg.cluster.num_workers < 1 or cfg.cluster.max_failures < 0:
         raise ConfigError("cluster.num_workers must be >= 1 and cluster.max_failures >= 0")
+    if cfg.storage.outage_timeout_s <= 0:
+        raise ConfigError(f"storage.outage_timeout_s must be > 0, got {cfg.storage.outage_timeout_s}")
     if cfg.loss.temperature <= 0:
         raise ConfigError(f"loss.temperature must be > 0, got {cfg.loss.temperature}")
     return cfg

@@ -47,6 +47,13 @@ class Teacher(nn.Module):
         """Stay in eval mode: a teacher in train mode would move its BatchNorm statistics."""
         return super().train(False)
 
+    def digest(self) -> str:
+        """A hash of the weights: what cached teacher labels are keyed by (the same name can mean other
+        weights: V1 vs V2, another checkpoint). Hashing ~100 MB takes well under a second, once per run."""
+        from data.teacher_labels import weights_digest
+
+        return weights_digest(self.state_dict())
+
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.normalize(images)

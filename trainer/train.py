@@ -14,6 +14,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -21,9 +22,9 @@ import torch
 import torch.distributed as dist
 
 from data import storage
-from data.loader import LoaderState, ShardStream, make_loader
-from data.shards import Manifest, read_manifest
-from data.teacher_cache import TeacherCache, cache_name
+from data.loader import SKIP_KINDS, LoaderState, ShardStream, make_loader, one_line
+from data.shards import Manifest, check_objects, read_manifest
+from data.teacher_labels import LabelSpec, TeacherLabels
 from trainer.checkpoint import (DEEPSPEED, CheckpointWriter, check_compatible, download_folder,
                                 incomplete_checkpoints, latest_checkpoint, load_checkpoint, remove_checkpoint,
                                 rng_state, set_rng_state)
@@ -46,10 +47,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
 
 
+def collective_timeout() -> timedelta:
+    """Longer than an object-store outage that one rank waits out, so the other ranks, blocked in the next
+    collective, do not time out first."""
+    return timedelta(seconds=max(1800.0, storage.outage_timeout() + 600.0))
+
+
 def init_distributed(device: torch.device) -> tuple[int, int]:
     """Join the process group torchrun describes (WORLD_SIZE > 1) unless Ray or a caller already did."""
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=collective_timeout())
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
@@ -77,9 +84,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def teacher_cache_for(manifest: Manifest, cfg: JobConfig, teacher: Teacher) -> TeacherCache:
+def teacher_labels_for(manifest: Manifest, cfg: JobConfig, teacher: Teacher) -> TeacherLabels:
+    """The label set this very teacher (architecture, input size, k and weights) wrote into the shard set."""
     size = cfg.teacher.image_size or cfg.data.image_size
-    return TeacherCache(storage.join(manifest.root, cache_name(teacher.arch, size, cfg.teacher.topk)))
+    return TeacherLabels(manifest, LabelSpec(teacher.arch, size, cfg.teacher.topk, teacher.digest()))
 
 
 def drw_epoch(cfg: JobConfig) -> float:
@@ -115,7 +123,7 @@ class Trainer:
     world: int = 1
     loader_state: LoaderState = field(default_factory=LoaderState)
     step: int = 0
-    skipped: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.long))
+    skipped: torch.Tensor = field(default_factory=lambda: torch.zeros(len(SKIP_KINDS), dtype=torch.long))
     skipped_by_shard: dict[str, dict[str, int]] = field(default_factory=dict)
     worker_io: dict[str, int] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -133,11 +141,14 @@ class Trainer:
     @classmethod
     def build(cls, cfg: JobConfig, device: torch.device | None = None) -> "Trainer":
         seed_everything(cfg.run.seed)
+        storage.configure(outage_timeout_s=cfg.storage.outage_timeout_s)  # loader workers inherit it
         device = device or resolve_device(cfg.run.device)
         if device.type == "cuda":
             torch.cuda.set_device(device)
         rank, world = init_distributed(device)
         manifest = read_manifest(cfg.data.train)
+        if rank == 0:  # one listing, so a shard that went missing fails here and not hours into the run
+            check_objects(manifest)
         use_aux = cfg.loss.aux_weight > 0
         teacher = None
         if use_aux:
@@ -151,11 +162,12 @@ class Trainer:
                                 freeze_bn_stats=cfg.model.freeze_bn_stats).to(device)
         if device.type == "cuda" and cfg.run.channels_last:
             student = student.to(memory_format=torch.channels_last)
-        cache = teacher_cache_for(manifest, cfg, teacher) if use_aux and cfg.teacher.mode == "cached" else None
+        labels = teacher_labels_for(manifest, cfg, teacher) if use_aux and cfg.teacher.mode == "cached" else None
         stream = ShardStream(manifest, train=True, image_size=cfg.data.image_size, batch_size=cfg.data.batch_size,
                              seed=cfg.run.seed, sampling=cfg.data.sampling,
-                             positive_fraction=cfg.data.positive_fraction, shuffle_buffer=cfg.data.shuffle_buffer,
-                             min_scale=cfg.data.min_crop_scale, teacher_cache=cache, mode=cfg.data.mode,
+                             positive_fraction=cfg.data.positive_fraction,
+                             shuffle_buffer_mb=cfg.data.shuffle_buffer_mb, interleave=cfg.data.interleave,
+                             min_scale=cfg.data.min_crop_scale, teacher_labels=labels, mode=cfg.data.mode,
                              policy=cfg.data.pad_policy, workers=cfg.data.num_workers, rank=rank, world=world)
         steps_per_epoch = max(stream.batches_per_epoch() // cfg.optim.grad_accum, 1)
         if stream.batches_per_epoch() < cfg.optim.grad_accum:
@@ -201,7 +213,7 @@ class Trainer:
         set_rng_state(rngs[self.rank] if len(rngs) == self.world else rngs[0])
         self.step = int(state["step"])
         self.history = list(state.get("history", []))
-        self.skipped = torch.tensor(state.get("skipped", [0, 0, 0]), dtype=torch.long)
+        self.skipped = torch.tensor(state.get("skipped", [0] * len(SKIP_KINDS)), dtype=torch.long)
         self.skipped_by_shard = dict(state.get("skipped_by_shard", {}))
 
     def maybe_resume(self) -> str | None:
@@ -288,57 +300,47 @@ class Trainer:
         eval_every = int(round(cfg.run.eval_every * self.steps_per_epoch)) if cfg.run.eval_every else 0
         window: dict[str, torch.Tensor] = {}
         window_steps, window_images, window_positives, t0 = 0, 0, 0, time.time()
-        loader = make_loader(self.stream, cfg.data.num_workers)
+        self.stream.start = LoaderState(**self.loader_state.state_dict())
+        batches = iter(make_loader(self.stream, cfg.data.num_workers))  # one pass for the whole run
+        batches_per_epoch = self.stream.batches_per_epoch()
         start_time = time.time()
         log.info("rank %d of %d, engine %s: %s", self.rank, self.world, self.engine.name,
                  self.stream.describe_epoch())
+        micro: list[dict[str, Any]] = []
         while self.step < self.total_steps:
-            self.stream.epoch, self.stream.skip_batches = self.loader_state.epoch, self.loader_state.batches
-            micro: list[dict[str, Any]] = []
-            step_at_epoch_start = self.step
-            for batch in loader:
-                self.skipped += batch.pop("skipped")
-                for k, n in batch.pop("storage", {}).items():  # object-store retries in loader workers
-                    self.worker_io[k] = self.worker_io.get(k, 0) + int(n)
-                for shard, counts in batch.pop("skipped_by_shard", {}).items():
-                    mine = self.skipped_by_shard.setdefault(shard, dict.fromkeys(counts, 0))
-                    for kind, n in counts.items():
-                        mine[kind] += int(n)
-                if "image" not in batch:
-                    continue
-                self.loader_state.batches += 1
-                micro.append(batch)
-                if len(micro) < cfg.optim.grad_accum:
-                    continue
-                window_positives += sum(int((b["label"] > 0).sum()) for b in micro)  # CPU labels: no sync
-                window_images += sum(len(b["label"]) for b in micro)
-                sums = self.train_step(micro)
-                micro = []
-                window_steps += 1
-                for k, v in sums.items():
-                    window[k] = window.get(k, 0) + v
-                if self.step % cfg.run.log_every == 0 or self.step == self.total_steps:
-                    rate = window_images / max(time.time() - t0, 1e-9)
-                    scalars = {k: float(v) / window_steps for k, v in window.items()}  # the one sync per window
-                    scalars.update(lr=self.scheduler.get_last_lr()[0], images_per_s=rate,
-                                   epoch=self.step / self.steps_per_epoch,
-                                   positive_fraction=window_positives / max(window_images, 1))
-                    logger.log(self.step, scalars)
-                    bar.set_postfix(loss=f"{scalars['loss']:.3f}", img_s=f"{rate:.0f}")
-                    window, window_steps, window_images, window_positives, t0 = {}, 0, 0, 0, time.time()
-                bar.update(1)
-                if eval_every and self.step % eval_every == 0 and self.step < self.total_steps:
-                    self._record_eval(logger)
-                if cfg.run.checkpoint_every and self.step % cfg.run.checkpoint_every == 0:
-                    self.save()
-                if self.step >= self.total_steps:
-                    break
-            else:
-                if self.step == step_at_epoch_start and self.stream.skip_batches == 0:
-                    raise ValueError(f"training set {self.manifest.root} gave no full batch in epoch "
-                                     f"{self.loader_state.epoch} (see the skipped-sample warnings); check the shards")
-                self.loader_state.epoch += 1
-                self.loader_state.batches = 0
+            try:
+                batch = next(batches)
+            except (ValueError, OSError) as e:
+                raise one_line(e) from None
+            self._count_skips(batch)
+            if "image" not in batch:
+                continue
+            self.loader_state.advance(batch["position"], batches_per_epoch)
+            micro.append(batch)
+            if len(micro) < cfg.optim.grad_accum:
+                continue
+            window_positives += sum(int((b["label"] > 0).sum()) for b in micro)  # CPU labels: no sync
+            window_images += sum(len(b["label"]) for b in micro)
+            sums = self.train_step(micro)
+            micro = []
+            window_steps += 1
+            for k, v in sums.items():
+                window[k] = window.get(k, 0) + v
+            if self.step % cfg.run.log_every == 0 or self.step == self.total_steps:
+                rate = window_images / max(time.time() - t0, 1e-9)
+                scalars = {k: float(v) / window_steps for k, v in window.items()}  # the one sync per window
+                scalars.update(lr=self.scheduler.get_last_lr()[0], images_per_s=rate,
+                               epoch=self.step / self.steps_per_epoch,
+                               positive_fraction=window_positives / max(window_images, 1))
+                logger.log(self.step, scalars)
+                bar.set_postfix(loss=f"{scalars['loss']:.3f}", img_s=f"{rate:.0f}")
+                window, window_steps, window_images, window_positives, t0 = {}, 0, 0, 0, time.time()
+            bar.update(1)
+            if eval_every and self.step % eval_every == 0 and self.step < self.total_steps:
+                self._record_eval(logger)
+            if cfg.run.checkpoint_every and self.step % cfg.run.checkpoint_every == 0:
+                self.save()
+        del batches  # stops the loader workers
         bar.close()
         final = self._record_eval(logger)
         path = self.save()
@@ -349,7 +351,7 @@ class Trainer:
                    "checkpoint_uploads": {"count": self.writer.uploads,
                                           "seconds": round(self.writer.upload_seconds, 3),
                                           "failures": self.writer.failures},
-                   "skipped": dict(zip(("bad_images", "missing_teacher", "bad_shards"), self.skipped.tolist())),
+                   "skipped": dict(zip(SKIP_KINDS, self.skipped.tolist())),
                    "skipped_by_shard": self.skipped_by_shard,
                    "storage": {k: v + self.worker_io.get(k, 0) for k, v in storage.STATS.items()},
                    "train_set": {"count": self.manifest.count, "counts": self.manifest.counts,
@@ -362,6 +364,16 @@ class Trainer:
         storage.write_bytes(storage.join(cfg.run.out_dir, "summary.json"),
                             json.dumps(summary, indent=1, default=str).encode())
         return summary
+
+    def _count_skips(self, batch: dict[str, Any]) -> None:
+        """Fold a batch's skip counts and its loader worker's object-store counters into the run's."""
+        self.skipped += batch.pop("skipped")
+        for k, n in batch.pop("storage", {}).items():
+            self.worker_io[k] = self.worker_io.get(k, 0) + n
+        for shard, counts in batch.pop("skipped_by_shard", {}).items():
+            mine = self.skipped_by_shard.setdefault(shard, dict.fromkeys(counts, 0))
+            for kind, n in counts.items():
+                mine[kind] += int(n)
 
     def _record_eval(self, logger: "MetricsLogger") -> dict[str, Any] | None:
         result = self.validate()
