@@ -151,7 +151,7 @@ class PositiveStore:
     the shared page cache instead of in every worker."""
 
     def __init__(self, manifest: Manifest, labels: TeacherLabels | None = None):
-        self.manifest, self.labels = manifest, labels
+        self.manifest = manifest
         self.shards = manifest.of_kind("positive")
         if not self.shards:
             raise ValueError(f"sampling 'balanced' needs positive shards; {manifest.root} has none")
@@ -163,6 +163,11 @@ class PositiveStore:
                 rows.append((i, j, offsets[j], offsets[j + 1] - offsets[j], label))
         table = np.array(rows, dtype=np.int64).reshape(-1, 5)
         self.shard_of, self.index_of, self.offset, self.size, self.label = table.T
+        # their teacher labels too, once: fetched per positive they would evict the background shards' labels
+        self.teacher = None
+        if labels is not None:
+            parts = [labels.shard(info.url) for info in self.shards]
+            self.teacher = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
         self.paths = [self._local(info) for info in self.shards]
         self._files: dict[int, int] = {}
         self._pid = os.getpid()
@@ -203,5 +208,5 @@ class PositiveStore:
         except (StopIteration, *CORRUPT) as e:
             log.warning("positive %d of shard %s is unreadable (%s); skipping it", index, info.url, e)
             return None
-        teacher = self.labels.rows(info.url, index) if self.labels is not None else None
+        teacher = (self.teacher[0][row], self.teacher[1][row]) if self.teacher is not None else None
         return Sample(key, fields, teacher, info.url)

@@ -4,6 +4,8 @@ Built once per session because the teacher forward is the slow part on CPU.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -51,22 +53,29 @@ def tiny_config(tiny_sets, out_dir, *overrides):
     return load_config(None, base + list(overrides))
 
 
-@pytest.fixture(scope="session")
-def s3(tmp_path_factory):
-    """A real SeaweedFS S3 server on 127.0.0.1; AWS_* variables point s3fs at it for the session."""
-    import os
-
-    from s3_server import SeaweedS3
-
-    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs")).start()
-    saved = {k: os.environ.get(k) for k in server.env}
-    os.environ.update(server.env)
+@contextlib.contextmanager
+def environ(values: dict[str, str]):
+    """Set environment variables for a block (a fixture's lifetime), then put back what was there before."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
-        yield server
+        yield
     finally:
-        server.stop()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real SeaweedFS S3 server on 127.0.0.1; AWS_* variables point s3fs at it for the session."""
+    from s3_server import SeaweedS3
+
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs")).start()
+    try:
+        with environ(server.env):
+            yield server
+    finally:
+        server.stop()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import RARE, TEACHER_SIZE
+from conftest import RARE, TEACHER_SIZE, environ
 from data import storage
 from data.build import BuildSpec, build_set
 from data.sources import FashionMNISTSource
@@ -30,17 +30,11 @@ def ray_cluster(s3):
     from ray_cluster import RAY_ENV, RayCluster
 
     cluster = RayCluster(num_cpus=4, extra_env=s3.env).start()
-    saved = {k: os.environ.get(k) for k in RAY_ENV}
-    os.environ.update(RAY_ENV)  # this process is a driver too: loopback addresses must stay loopback
     try:
-        yield cluster
+        with environ(RAY_ENV):  # this process is a driver too: loopback addresses must stay loopback
+            yield cluster
     finally:
         cluster.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")

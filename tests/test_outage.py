@@ -23,6 +23,7 @@ from s3fs.errors import translate_boto_error
 from yarl import URL
 
 from data import storage
+from conftest import environ
 from s3_server import SeaweedS3
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -239,18 +240,12 @@ def store(tmp_path_factory):
     import s3fs
 
     server = SeaweedS3(tmp_path_factory.mktemp("outage-seaweedfs")).start()
-    saved = {k: os.environ.get(k) for k in server.env}
-    os.environ.update(server.env)
     s3fs.S3FileSystem.clear_instance_cache()
     try:
-        yield server
+        with environ(server.env):
+            yield server
     finally:
         server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         s3fs.S3FileSystem.clear_instance_cache()
 
 

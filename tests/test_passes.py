@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import filecmp
 import json
-import os
 
 import numpy as np
 import pytest
 
-from conftest import RARE, TEACHER_SIZE
+from conftest import RARE, TEACHER_SIZE, environ
 from data.shards import read_manifest
 from trainer.cli import main
 
@@ -20,20 +19,14 @@ def ray_address():
     from ray_cluster import RAY_ENV, RayCluster
 
     cluster = RayCluster(num_cpus=2).start()
-    saved = {k: os.environ.get(k) for k in RAY_ENV}
-    os.environ.update(RAY_ENV)
     try:
-        yield cluster.address
-    finally:
-        import ray  # not before RAY_ENV is set: Ray reads its auth mode at import
+        with environ(RAY_ENV):
+            yield cluster.address
+            import ray  # not before RAY_ENV is set: Ray reads its auth mode at import
 
-        ray.shutdown()
+            ray.shutdown()
+    finally:
         cluster.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def test_build_label_and_eval_as_ray_tasks_match_one_process(ray_address, tmp_path, teacher, tiny_sets):

@@ -235,3 +235,35 @@ def test_compressed_shard_is_refused(local_shards, tmp_path):
     path.write_bytes(gzip.compress((root / "train-000000.tar").read_bytes()))
     with pytest.raises(ValueError, match="gz-compressed"):
         WebDatasetSource(str(path)).items()
+
+
+def test_shards_build_from_wds_with_a_json_label_field(tmp_path):
+    """`bgsplit shards build --source wds:... --label-field json:KEY` end to end: the rare class is found by the
+    json label, every sample lands once in the set, and a missing field stops the build before anything is
+    written."""
+    import json
+
+    from data.shards import iter_tar, read_manifest
+    from trainer.cli import main
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for s in range(2):
+        with webdataset.TarWriter(str(raw / f"part-{s:06d}.tar")) as sink:
+            for i in range(30):
+                cat = "heron" if i % 10 == 0 else f"other{i % 3}"
+                sink.write({"__key__": f"img_{s}_{i:03d}", "png": image_bytes("PNG", i, (8, 6)),
+                            "json": {"meta": {"category": cat}}})
+    out = tmp_path / "set"
+    args = ["shards", "build", "--source", f"wds:{raw}/part-{{000000..000001}}.tar", "--rare", "heron",
+            "--max-count", "16", "--workers", "0"]
+    assert main([*args, "--label-field", "json:meta.category", "--out", str(out)]) == 0
+    m = read_manifest(str(out))
+    assert m.counts == [54, 6] and m.class_names == ["background", "heron"]
+    keys = []
+    for s in m.shards:
+        with open(out / s.url, "rb") as f:
+            keys += [json.loads(fields["json"])["orig"] for _, fields in iter_tar(f)]
+    assert sorted(keys).count("heron") == 6 and len(keys) == 60
+    assert main([*args, "--label-field", "json:meta.nope", "--out", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()

@@ -130,3 +130,22 @@ def test_teacher_label_under_torchrun_splits_the_shards_over_two_processes(small
     for batch in stream:
         assert torch.equal(batch["teacher_idx"][:, 0], teacher_topk(teacher(batch["image"]), 5)[0][:, 0])
 
+
+
+def test_training_batches_carry_each_samples_own_labels_positives_included(tiny_sets, teacher):
+    """Labels are looked up by position, not key: check every sample of a re-sampled training epoch against the
+    labels an evaluation pass gives the same key."""
+    manifest = read_manifest(tiny_sets["train"])
+    labels = _labels(manifest, teacher)
+    by_key = {}
+    for batch in ShardStream(manifest, train=False, image_size=16, batch_size=64, teacher_labels=labels):
+        by_key.update(zip(batch["key"], batch["teacher_idx"]))
+    stream = ShardStream(manifest, train=True, image_size=16, batch_size=16, sampling="balanced",
+                         positive_fraction=0.25, shuffle_buffer_mb=0.05, teacher_labels=labels)
+    stream.epochs = 1
+    positives = 0
+    for batch in stream:
+        for key, label, idx in zip(batch["key"], batch["label"], batch["teacher_idx"]):
+            assert torch.equal(idx, by_key[key])
+            positives += int(label > 0)
+    assert positives > 0.2 * stream.batches_per_epoch() * 16

@@ -77,6 +77,26 @@ def test_resume_with_another_number_of_classes_is_refused(tiny_sets, tmp_path):
     assert open(state_file, "rb").read() == before  # nothing already written is lost
 
 
+def test_a_set_whose_manifest_lists_missing_objects_is_refused_in_one_line(tiny_sets, tmp_path):
+    """A shard (or its completion record) gone from the set: refused at start-up, not hours in, nothing written."""
+    import shutil
+
+    from data.shards import read_manifest
+    from trainer.config import load_config
+
+    copy = tmp_path / "set"
+    shutil.copytree(tiny_sets["train"], copy)
+    victim = read_manifest(str(copy)).shards[-1]
+    (copy / victim.record).unlink()
+    cfg = load_config(None, [f"data.train={copy}", "data.batch_size=8", "loss.aux_weight=0", "data.image_size=32",
+                             f"run.out_dir={tmp_path / 'run'}", "run.progress=false", "run.device=cpu"])
+    with pytest.raises(FileNotFoundError) as e:
+        train(cfg)
+    msg = str(e.value)
+    assert "\n" not in msg and victim.record in msg and "bgsplit shards build" in msg
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_training_set_with_no_decodable_image_stops_with_a_message(tmp_path):
     from data.shards import write_shard_set
     from trainer.config import load_config

@@ -147,8 +147,9 @@ class Trainer:
             torch.cuda.set_device(device)
         rank, world = init_distributed(device)
         manifest = read_manifest(cfg.data.train)
-        if rank == 0:  # one listing, so a shard that went missing fails here and not hours into the run
-            check_objects(manifest)
+        # one listing, so a shard that went missing fails here and not hours into the run; on every rank, so no
+        # rank is left waiting at a collective for one that stopped
+        check_objects(manifest)
         use_aux = cfg.loss.aux_weight > 0
         teacher = None
         if use_aux:
