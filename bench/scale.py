@@ -14,8 +14,10 @@ ShardStream + DataLoader). Every process's RSS is sampled every 0.1 s.
 One row per size: samples, build_img_s, label_img_s, loader_img_s (images per second over both ranks, first
 batch to last), peak_rss_mb (the largest RSS of any streaming process: rank mains and loader workers),
 rank_rss_mb / worker_rss_mb (the largest of each kind), build_rss_mb / label_rss_mb (those phases' largest
-process), metadata_bytes_per_sample (manifest, completion records and label files over N) and the plan's
-waste. The training path must be flat in N; the build driver holds the source listing, which is O(N).
+process). A phase's own processes report their peak just before they exit (interpreter teardown adds ~100 MB
+for half a second, measured, which is not the data path); their subprocesses are sampled.
+metadata_bytes_per_sample is the manifest, completion records and label files over N; plan_waste_fraction the
+plan's padding. The training path must be flat in N; the build driver holds the source listing, which is O(N).
 """
 from __future__ import annotations
 
@@ -127,9 +129,10 @@ class RssSampler:
         return out
 
 
-def run_phase(args: list[str], env: dict[str, str], roles: int = 1) -> tuple[float, dict[str, float], list[str]]:
-    """Run ``roles`` copies of a bench phase (``--rank`` 0..roles-1) in parallel; wall time, peak RSS by kind,
-    and each copy's last stdout line."""
+def run_phase(args: list[str], env: dict[str, str], roles: int = 1) -> tuple[float, dict[str, float], list[dict]]:
+    """Run ``roles`` copies of a bench phase (``--rank`` 0..roles-1) in parallel; wall time, peak RSS by kind
+    (``main``: the phase processes' own peak before exit; ``children``: their subprocesses, sampled), and each
+    copy's result."""
     procs = [subprocess.Popen([sys.executable, __file__, *args, "--rank", str(r), "--ranks", str(roles)],
                               env=env, stdout=subprocess.PIPE, text=True) for r in range(roles)]
     sampler = RssSampler({p.pid: "main" for p in procs})
@@ -140,7 +143,9 @@ def run_phase(args: list[str], env: dict[str, str], roles: int = 1) -> tuple[flo
     for p, out in zip(procs, outs):
         if p.returncode != 0:
             raise RuntimeError(f"bench phase {args[:2]} failed ({p.returncode}):\n{out[-2000:]}")
-    return wall, peaks, [o.strip().splitlines()[-1] if o.strip() else "" for o in outs]
+    results = [json.loads(o.strip().splitlines()[-1]) for o in outs]
+    peaks = {"main": max(r["rss_mb"] for r in results), "children": peaks.get("main-child", 0.0)}
+    return wall, peaks, results
 
 
 # -- phases, each in its own process ------------------------------------------------------------------------------
@@ -185,7 +190,7 @@ def phase_label(a: argparse.Namespace) -> None:
                     world=a.ranks, barrier=barrier)
 
 
-def phase_stream(a: argparse.Namespace) -> None:
+def phase_stream(a: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from data.loader import ShardStream, make_loader
@@ -198,7 +203,7 @@ def phase_stream(a: argparse.Namespace) -> None:
     labels = TeacherLabels(manifest, label_spec(stand_in_teacher(), a.px, 5))
     stream = ShardStream(manifest, train=True, image_size=32, batch_size=a.batch, seed=0, rank=a.rank,
                          world=a.ranks, workers=a.workers, teacher_labels=labels, shuffle_buffer_mb=16)
-    stream.epochs = 1
+    stream.epochs = a.epochs
     images, first, last = 0, None, None
     for batch in make_loader(stream, a.workers):
         if "image" not in batch:
@@ -207,7 +212,20 @@ def phase_stream(a: argparse.Namespace) -> None:
         first = first or now
         last = now
         images += len(batch["key"])
-    print(json.dumps({"images": images, "seconds": (last or 0) - (first or 0)}))
+    return {"images": images, "seconds": (last or 0) - (first or 0)}
+
+
+def own_peak_rss_mb() -> float:
+    """This process's peak RSS so far, read before it exits: interpreter teardown adds a spike of ~100 MB
+    (measured) that has nothing to do with the data path."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run(phase, a: argparse.Namespace) -> None:
+    result = phase(a) or {}
+    print(json.dumps({**result, "rss_mb": own_peak_rss_mb()}))
 
 
 PHASES = {"build": phase_build, "label": phase_label, "stream": phase_stream}
@@ -246,16 +264,17 @@ def measure(n: int, root: str, scratch: Path, a: argparse.Namespace, env: dict[s
     shutil.rmtree(scratch / "label-barrier", ignore_errors=True)
     label_s, label_rss, _ = run_phase(["--phase", "label", *common], env, roles=a.ranks)
     stream_s, stream_rss, outs = run_phase(["--phase", "stream", "--workers", str(a.workers), "--batch",
-                                            str(a.batch), *common], env, roles=a.ranks)
-    ranks = [json.loads(o) for o in outs]
+                                            str(a.batch), "--epochs", str(a.epochs), *common], env, roles=a.ranks)
+    ranks = outs
     images = sum(r["images"] for r in ranks)
     plan = padding_report([s.count for s in m.shards], world=a.ranks, workers=a.workers, batch_size=a.batch,
                           policy="pad")
     row = {"samples": m.count, "shards": len(m.shards), "generate_s": round(gen_s, 1),
            "build_img_s": round(n / build_s, 1), "label_img_s": round(m.count / label_s, 1),
-           "loader_img_s": round(images / max(r["seconds"] for r in ranks), 1), "epoch_images": images,
-           "peak_rss_mb": round(max(stream_rss.values()), 1), "rank_rss_mb": round(stream_rss.get("main", 0), 1),
-           "worker_rss_mb": round(stream_rss.get("main-child", 0), 1),
+           "loader_img_s": round(images / max(r["seconds"] for r in ranks), 1), "epochs": a.epochs,
+           "streamed_images": images,
+           "peak_rss_mb": round(max(stream_rss.values()), 1), "rank_rss_mb": round(stream_rss["main"], 1),
+           "worker_rss_mb": round(stream_rss["children"], 1),
            "build_rss_mb": round(max(build_rss.values()), 1), "label_rss_mb": round(max(label_rss.values()), 1),
            "metadata_bytes_per_sample": round(metadata_bytes(set_url) / m.count, 1),
            "set_bytes_per_sample": round(m.bytes / m.count, 1),
@@ -298,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--build-workers", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=1, help="training epochs to stream: equal batch counts across "
+                   "sizes separate growth with the data from allocator warm-up")
     p.add_argument("--keep", action="store_true", help="keep the built sets")
     p.add_argument("--quick", action="store_true", help="smaller batches, for a smoke run")
     # internal: one phase in this process
@@ -307,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(flag, type=int, default=0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.phase:
-        PHASES[a.phase](a)
+        run(PHASES[a.phase], a)
         return 0
     if a.quick:
         a.batch = 32

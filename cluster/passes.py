@@ -104,19 +104,18 @@ def ray_teacher_label(location: str, *, teacher: str, weights: str = "", image_s
     """Label a set's shards in Ray tasks (a few shards each), then publish the label set; returns its URL."""
     import ray
 
-    from data import storage
     from data.shards import read_manifest
-    from data.teacher_labels import META, finish_label_set, set_url
+    from data.teacher_labels import finish_label_set, set_url
     from trainer.models import build_teacher
-    from trainer.teacher_label import label_spec, shards_to_label
+    from trainer.teacher_label import is_complete, label_spec, shards_to_label, unpublish
 
     manifest = read_manifest(location)
     model = build_teacher(teacher, weights)  # for the weights digest that keys the label set
     spec = label_spec(model, image_size, topk)
-    if storage.exists(storage.join(set_url(manifest.root, spec), META)) and not overwrite:
+    if is_complete(manifest, spec) and not overwrite:
         return set_url(manifest.root, spec)
     if overwrite:
-        storage.remove(storage.join(set_url(manifest.root, spec), META))
+        unpublish(manifest, spec)
     todo = shards_to_label(manifest, spec, overwrite=overwrite)
     groups = [todo[i:i + shards_per_task] for i in range(0, len(todo), shards_per_task)]
     remote = ray.remote(num_cpus=1, num_gpus=gpus_per_task, max_retries=MAX_RETRIES)(_label_group)

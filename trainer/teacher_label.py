@@ -31,6 +31,15 @@ def label_spec(teacher: Teacher, image_size: int, topk: int) -> LabelSpec:
     return LabelSpec(teacher.arch, image_size, topk, teacher.digest())
 
 
+def is_complete(manifest: Manifest, spec: LabelSpec) -> bool:
+    return storage.exists(storage.join(set_url(manifest.root, spec), META))
+
+
+def unpublish(manifest: Manifest, spec: LabelSpec) -> None:
+    """Before an overwrite: the old label set stops being usable before any of its shards is rewritten."""
+    storage.remove(storage.join(set_url(manifest.root, spec), META))
+
+
 def shards_to_label(manifest: Manifest, spec: LabelSpec, *, rank: int = 0, world: int = 1,
                     overwrite: bool = False) -> list[int]:
     """This rank's share of the shards (indices into the manifest) that still need labels."""
@@ -82,11 +91,10 @@ def label_shard_set(teacher: Teacher, location: str, *, image_size: int, topk: i
     A re-run labels only the shards without a file; a complete set is left as it is unless ``overwrite``."""
     manifest = read_manifest(location)
     spec = label_spec(teacher, image_size, topk)
-    meta = storage.join(set_url(manifest.root, spec), META)
-    if storage.exists(meta) and not overwrite:
+    if is_complete(manifest, spec) and not overwrite:
         return set_url(manifest.root, spec)
     if overwrite and rank == 0:
-        storage.remove(meta)  # the old set stops being usable before any of its shards is rewritten
+        unpublish(manifest, spec)
     barrier()
     start = time.time()
     todo = shards_to_label(manifest, spec, rank=rank, world=world, overwrite=overwrite)
