@@ -15,6 +15,7 @@ import fcntl
 import functools
 import hashlib
 import io
+import json
 import logging
 import os
 import tarfile
@@ -72,19 +73,20 @@ class ShardReader:
         else:
             offsets = self.offsets(shard)
             lo, hi = int(offsets[start]), int(offsets[stop])
-        want, got, reason = stop - start, 0, ""
+        want, got, reason, last = stop - start, 0, "", None
         try:
             with storage.open_range(self.url(shard), lo, hi) as stream:
                 for key, fields in iter_tar(stream):
                     if got == want:
                         break
                     yield self._sample(shard, start + got, key, fields)
-                    got += 1
+                    got, last = got + 1, key
         except CORRUPT as e:
             reason = f"{type(e).__name__}: {e}"
         if got < want:
-            log.warning("shard %s is unreadable from sample %d on (%s); skipping %d sample(s)", info.url,
-                        start + got, reason or f"it ends after {got} of the {want} samples asked", want - got)
+            log.warning("shard %s is unreadable from sample %d on (after key %s; %s); skipping %d sample(s)",
+                        info.url, start + got, last, reason or f"it ends after {got} of the {want} samples asked",
+                        want - got)
             self.on_bad_shard(info.url)
             for _ in range(want - got):
                 yield None
@@ -181,7 +183,9 @@ class PositiveStore:
         url = storage.join(self.manifest.root, info.url)
         if not storage.is_remote(url):
             return url
-        folder = os.path.join(cache_dir(), hashlib.sha1(self.manifest.root.encode()).hexdigest()[:16])
+        # keyed by the set's whole manifest, not its URL: a set rebuilt in place gets a fresh copy
+        identity = json.dumps([self.manifest.root, self.manifest.to_json()], sort_keys=True).encode()
+        folder = os.path.join(cache_dir(), hashlib.sha1(identity).hexdigest()[:16])
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, info.url)
         with open(path + ".lock", "w") as lock:

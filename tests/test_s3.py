@@ -51,13 +51,18 @@ def test_train_from_s3_with_a_cached_teacher_on_s3(s3_set, teacher, tmp_path):
     from trainer.teacher_label import label_shard_set
     from trainer.train import train
 
-    _, remote = s3_set
-    url = label_shard_set(teacher, remote.root, image_size=TEACHER_SIZE, topk=5)
-    assert url.startswith("s3://") and storage.exists(url)
-    sets = {"train": remote.root, "test": remote.root}
-    summary = train(tiny_config(sets, tmp_path / "run", "loss.aux_weight=0.1", "run.max_steps=3"))
+    local, remote = s3_set
+    summaries = {}
+    for name, m in (("local", local), ("s3", remote)):
+        url = label_shard_set(teacher, m.root, image_size=TEACHER_SIZE, topk=5)
+        assert url.startswith("s3://") == (name == "s3") and storage.exists(f"{url}/labels.json")
+        sets = {"train": m.root, "test": m.root}
+        summaries[name] = train(tiny_config(sets, tmp_path / name, "loss.aux_weight=0.1", "run.max_steps=3"))
+    summary = summaries["s3"]
     assert summary["steps"] == 3 and summary["skipped"] == {"bad_images": 0, "bad_shards": 0}
-    assert 0.0 <= summary["val"]["map"] <= 1.0
+    # the same bytes, labels and order from the object store: the same three steps, the same validation
+    assert summary["val"]["map"] == pytest.approx(summaries["local"]["val"]["map"], abs=1e-6)
+    assert summary["val"]["ap"] == pytest.approx(summaries["local"]["val"]["ap"], abs=1e-6)
 
 
 def test_a_missing_shard_object_is_skipped_and_counted(s3, tmp_path):

@@ -143,7 +143,7 @@ def test_truncated_shard_is_reported_and_the_run_goes_on(tmp_path, caplog):
     assert sum(int(b["skipped"][1]) for b in batches) == 1
     assert [s for b in batches for s in b.get("skipped_by_shard", {})] == [bg.rsplit("/", 1)[-1]]
     assert sum(int(b["skipped"][0]) for b in batches) == 0  # "broken" lies past the cut, never read
-    assert any("unreadable" in r.getMessage() for r in caplog.records)
+    assert any("unreadable" in r.getMessage() and "after key k" in r.getMessage() for r in caplog.records)
 
 
 def test_balanced_sampling_repeats_positives(tmp_path):
