@@ -188,14 +188,22 @@ class ShardStream(IterableDataset):
         finally:
             samples.close()
 
-    # -- evaluation: every sample once, in shard order ------------------------------------------------------
+    # -- evaluation: every sample once, in shard order; a batch never spans two shards -----------------------
     def _eval(self, worker: int, workers: int) -> Iterator[dict[str, Any]]:
         shards = self.manifest.shards
         mine = list(range(len(shards)) if self.eval_shards is None else self.eval_shards)[worker::max(workers, 1)]
         reader = ShardReader(self.manifest, shards, self.teacher_labels, self._bad_shard)
         events = in_order(interleaved(((Piece(s, 0, shards[s].count), 0) for s in mine), 1))
         pending: list[dict[str, Any]] = []
+        shard = -1
         for ref, sample in reader.run(events):
+            if pending and ref.shard != shard:
+                # batches cut at fixed places of each shard hold the same samples however the shards are split
+                # over ranks, workers or Ray tasks; CPU and GPU kernels pick their blocking by batch size, so only
+                # then is a sample's score the same to the last bit whichever process scores it
+                yield self._collate(pending)
+                pending = []
+            shard = ref.shard
             decoded = self._decode(ref, sample)
             if decoded is None:
                 continue
