@@ -123,12 +123,18 @@ def measure(train: str, args: argparse.Namespace, teacher_mode: str, compile_on:
 
 def label(train: str, args: argparse.Namespace) -> None:
     """The cached-teacher mode reads labels written by `bgsplit teacher-label` with the same teacher."""
+    from trainer.engine import autocast_dtype
     from trainer.models import build_teacher
     from trainer.teacher_label import label_shard_set
+    from trainer.train import seed_everything
 
+    # random weights (no download): the same seed as Trainer.build draws them with, so the weights digest that
+    # keys the labels matches the teacher the cached run builds
+    seed_everything(0)
     teacher = build_teacher(args.trunk, "NONE", args.image_size)
-    label_shard_set(teacher, train, image_size=args.image_size, topk=5, device=torch.device(args.device),
-                    batch_size=256, overwrite=False)
+    device = torch.device(args.device)
+    label_shard_set(teacher, train, image_size=args.image_size, topk=5, device=device, batch_size=256,
+                    overwrite=False, dtype=autocast_dtype(args.precision, device))
 
 
 def main(argv: list[str] | None = None) -> int:

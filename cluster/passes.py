@@ -15,8 +15,6 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
-import numpy as np
-
 log = logging.getLogger("bgsplit.cluster")
 
 MAX_RETRIES = 3
@@ -82,10 +80,11 @@ _TEACHERS: dict[tuple, Any] = {}
 
 
 def _label_group(location: str, teacher: tuple[str, str], image_size: int, topk: int, shards: list[int],
-                 batch_size: int) -> int:
+                 batch_size: int, precision: str = "auto") -> int:
     import torch
 
     from data.shards import read_manifest
+    from trainer.engine import autocast_dtype
     from trainer.models import build_teacher
     from trainer.teacher_label import label_shards, label_spec
 
@@ -95,12 +94,12 @@ def _label_group(location: str, teacher: tuple[str, str], image_size: int, topk:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     manifest = read_manifest(location)
     return label_shards(model, manifest, shards, label_spec(model, image_size, topk), batch_size=batch_size,
-                        device=device, dtype=torch.bfloat16 if device.type == "cuda" else None)
+                        device=device, dtype=autocast_dtype(precision, device))
 
 
 def ray_teacher_label(location: str, *, teacher: str, weights: str = "", image_size: int, topk: int = 5,
                       batch_size: int = 128, overwrite: bool = False, shards_per_task: int = 4,
-                      gpus_per_task: float = 0.0) -> str:
+                      gpus_per_task: float = 0.0, precision: str = "auto") -> str:
     """Label a set's shards in Ray tasks (a few shards each), then publish the label set; returns its URL."""
     import ray
 
@@ -121,45 +120,49 @@ def ray_teacher_label(location: str, *, teacher: str, weights: str = "", image_s
     remote = ray.remote(num_cpus=1, num_gpus=gpus_per_task, max_retries=MAX_RETRIES)(_label_group)
     labelled = []
     _in_flight(2 * _cluster_cpus(), lambda g: remote.remote(manifest.root, (teacher, weights), image_size, topk, g,
-                                                            batch_size), groups, labelled.append)
+                                                            batch_size, precision), groups, labelled.append)
     log.info("labelled %d samples in %d shards with %d Ray tasks", sum(labelled), len(todo), len(groups))
     return finish_label_set(manifest, spec, model.num_classes, {"ray_tasks": len(groups)})
 
 
 # -- eval ------------------------------------------------------------------------------------------------------
-def _predict_group(checkpoint: str, location: str, shards: list[int], image_size: int, batch_size: int):
+def _predict_group(checkpoint: str, location: str, shards: list[int], image_size: int, batch_size: int,
+                   precision: str = "auto"):
     import torch
 
     from data.shards import read_manifest
     from trainer.checkpoint import load_student_from_checkpoint
+    from trainer.engine import autocast_dtype
     from trainer.evaluate import predict
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     student = load_student_from_checkpoint(checkpoint).to(device)
-    return shards, predict(student, read_manifest(location), image_size, batch_size, device, shards=shards)
+    return shards, predict(student, read_manifest(location), image_size, batch_size, device, shards=shards,
+                           dtype=autocast_dtype(precision, device))
 
 
 def ray_evaluate(checkpoint: str, location: str, out_dir: str, *, image_size: int, batch_size: int = 256,
-                 shards_per_task: int = 4, gpus_per_task: float = 0.0, **report: Any) -> dict[str, Any]:
+                 shards_per_task: int = 4, gpus_per_task: float = 0.0, precision: str = "auto",
+                 **report: Any) -> dict[str, Any]:
     """Score a set's shards in Ray tasks; the driver gathers the scores (K+1 floats a sample) and writes the
-    same report as `bgsplit eval`, recording how many images each task scored."""
+    same report as `bgsplit eval`. ``ranks`` (and ``ray_tasks``, its older name) counts the images each task
+    scored, in shard order: a Ray pass has tasks, not ranks. Tasks take whole shards and a batch never spans
+    two shards, so the scores are those of one process (at the same threads per process)."""
     import ray
 
     from data.shards import read_manifest
-    from trainer.evaluate import report_predictions
+    from trainer.evaluate import merge_predictions, report_predictions
 
     manifest = read_manifest(location)
     groups = [list(range(i, min(i + shards_per_task, len(manifest.shards))))
               for i in range(0, len(manifest.shards), shards_per_task)]
     remote = ray.remote(num_cpus=1, num_gpus=gpus_per_task, max_retries=MAX_RETRIES)(_predict_group)
     parts: dict[int, tuple] = {}
-    _in_flight(2 * _cluster_cpus(), lambda g: remote.remote(checkpoint, manifest.root, g, image_size, batch_size),
+    _in_flight(2 * _cluster_cpus(), lambda g: remote.remote(checkpoint, manifest.root, g, image_size, batch_size,
+                                                            precision),
                groups, lambda r: parts.__setitem__(r[0][0], r[1]))
     ordered = [parts[g[0]] for g in groups]  # shard order, whatever order the tasks finished in
-    probs = np.concatenate([p[0] for p in ordered])
-    labels = np.concatenate([p[1] for p in ordered])
-    keys = [k for p in ordered for k in p[2]]
-    refs = [r for p in ordered for r in p[3]]
-    extra = {**(report.pop("extra", None) or {}), "ray_tasks": [len(p[1]) for p in ordered]}
-    return report_predictions(manifest, probs, labels, keys, refs, out_dir, image_size=image_size, extra=extra,
-                              **report)
+    per_task = [len(p[1]) for p in ordered]
+    extra = {**(report.pop("extra", None) or {}), "ray_tasks": per_task, "ranks": per_task}
+    return report_predictions(manifest, *merge_predictions(manifest, ordered), out_dir, image_size=image_size,
+                              extra=extra, **report)

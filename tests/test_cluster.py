@@ -100,25 +100,47 @@ def _ray_overrides(tiny_sets, out_dir: str, *extra: str) -> list[str]:
             f"run.out_dir={out_dir}", "run.progress=false", "run.log_every=5", "cluster.num_workers=2", *extra]
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_zero_trains_and_resumes_from_its_s3_checkpoint(ray_cluster, s3, tiny_sets, stage):
+@pytest.mark.parametrize("stage,precision", [(2, "bf16"), (3, "fp32")])
+def test_deepspeed_zero_trains_and_resumes_from_its_s3_checkpoint(ray_cluster, s3, tiny_sets, stage, precision):
+    """2 Ray workers write a ZeRO checkpoint to S3 and 2 workers resume from it with its optimiser state. ZeRO-2
+    runs in bf16 (DeepSpeed's CPU accelerator has it), where DeepSpeed names the ZeRO files "bf16_zero_pp_rank_N"
+    and state.pt must hold the fp32 master weights, not bf16-rounded ones; then 1 worker resumes the same run
+    (elastic: from the fp32 weights, its epoch restarted in the 1-worker order)."""
     from trainer.checkpoint import list_checkpoints, load_checkpoint
     from trainer.config import load_config
 
     out = f"s3://{s3.bucket}/deepspeed-zero{stage}"
     over = _ray_overrides(tiny_sets, out, "engine.name=deepspeed", f"engine.zero_stage={stage}",
-                          "optim.epochs=1", "run.checkpoint_every=2", f"data.val={tiny_sets['test']}")
-    first = _launch(load_config(None, over + ["run.max_steps=4"]), ray_cluster.address)
-    assert first["steps"] == 4 and first["engine"] == "deepspeed" and first["world"] == 2
+                          f"run.precision={precision}", "optim.epochs=2", "run.checkpoint_every=6",
+                          f"data.val={tiny_sets['test']}")
+    first = _launch(load_config(None, over + ["run.max_steps=12"]), ray_cluster.address)  # 10 steps an epoch
+    assert first["steps"] == 12 and first["engine"] == "deepspeed" and first["world"] == 2
     index = json.loads(storage.read_bytes(f"{first['checkpoint']}/index.json"))
-    ranks = {name.split("zero_pp_rank_")[1].split("_")[0] for name in index["files"] if "zero_pp_rank_" in name}
-    assert index["engine"] == "deepspeed" and ranks == {"0", "1"}  # both ranks' partitions uploaded
-    second = _launch(load_config(None, over + ["run.max_steps=6"]), ray_cluster.address)
-    assert second["steps"] == 6 and second["resumed_from"].endswith("step-00000004")
-    assert second["val"]["map"] > 0.0
+    zero = [name for name in index["files"] if "zero_pp_rank_" in name and "optim_states" in name]
+    assert index["engine"] == "deepspeed" and len(zero) == 2  # both ranks' partitions uploaded
+    assert all(("/bf16_zero_pp_rank_" in n) == (precision == "bf16") for n in zero), zero
+    weights = load_checkpoint(first["checkpoint"])["student"]
+    assert all(t.dtype == torch.float32 for t in weights.values() if t.is_floating_point())
+    if precision == "bf16":  # the fp32 masters: bf16 rounding would change them
+        assert any(bool((t != t.bfloat16().float()).any()) for k, t in weights.items() if k.endswith("weight"))
+    second = _launch(load_config(None, over + ["run.max_steps=14"]), ray_cluster.address)
+    assert second["steps"] == 14 and second["resumed_from"].endswith("step-00000012")
+    assert second["resume"] == {"from": second["resumed_from"], "from_world": 2, "from_step": 12,
+                                "optimizer": "restored"}
+    assert 0.0 < second["val"]["map"] <= 1.0
     for url in list_checkpoints(out):
         state = load_checkpoint(url)
         assert state["student"]["main_head.weight"].shape[0] == 3 and state["engine_name"] == "deepspeed"
+    if stage != 2:
+        return
+    # elastic: one worker continues the 2-worker run; epoch 1 restarts at step 1 x 20 of the 1-worker plan
+    third = _launch(load_config(None, over + ["cluster.num_workers=1", "run.max_steps=22"]), ray_cluster.address)
+    assert third["world"] == 1 and third["resumed_from"].endswith("step-00000014")
+    assert third["resume"] == {"from": third["resumed_from"], "from_world": 2, "from_step": 14, "optimizer": "fresh"}
+    assert third["steps"] == 22 and third["epochs"] == pytest.approx(22 / 20)
+    # metrics.jsonl on S3 holds this attempt's lines: it continued at step 20, not 14
+    metrics = [json.loads(line) for line in storage.read_bytes(f"{out}/metrics.jsonl").decode().splitlines()]
+    assert {m["step"] for m in metrics} == {22}
 
 
 def test_a_killed_worker_is_restarted_and_the_run_finishes_from_the_newest_checkpoint(ray_cluster, s3, tiny_sets):

@@ -47,9 +47,10 @@ def test_two_ranks_with_uneven_shards_finish_with_equal_steps(uneven, tmp_path, 
         assert keys == {f"k{i:03d}" for i in range(72)}  # every sample seen, padding only repeats
 
 
-def test_torchrun_trains_with_two_ddp_processes(tiny_sets, tmp_path):
+def test_torchrun_trains_with_two_ddp_processes_and_one_process_resumes(tiny_sets, tmp_path):
     """`torchrun --nproc_per_node 2 -m trainer.cli train` (the README's multi-process command): both ranks run
-    the planned steps in one process group, rank 0 alone writes metrics, summary and the checkpoint."""
+    the planned steps in one process group, rank 0 alone writes metrics, summary and the checkpoint; then the
+    same run resumes in one process (a restart with fewer workers)."""
     from conftest import TEACHER_SIZE
 
     out = tmp_path / "torchrun"
@@ -66,3 +67,40 @@ def test_torchrun_trains_with_two_ddp_processes(tiny_sets, tmp_path):
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]  # one writer: no line twice
     assert (out / "checkpoints" / "step-00000003" / "index.json").exists()
+    # elastic: one process continues the 2-process run with the whole optimiser state; the data order depends on
+    # the world, so the interrupted epoch 0 restarts in the 1-process order (10 -> 20 steps an epoch)
+    single = [sys.executable, "-m", "trainer.cli", *cmd[cmd.index("trainer.cli") + 1:]]
+    resume = subprocess.run(single + ["run.resume=auto", "run.max_steps=4"], capture_output=True, text=True,
+                            timeout=300, cwd=Path(__file__).parents[1], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert resume.returncode == 0, resume.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world"] == 1 and summary["steps"] == 4 and summary["resumed_from"].endswith("step-00000003")
+    assert summary["resume"] == {"from": summary["resumed_from"], "from_world": 2, "from_step": 3,
+                                 "optimizer": "restored"}
+    appended = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert appended == [1, 2, 3, 1, 2, 3, 4]  # restarted at the epoch's start: step 0 of the 1-process plan
+
+
+NO_SYNC_JOB = """
+import sys, torch, torch.distributed as dist
+from torch import nn
+from trainer.engine import ddp_module
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[1], rank=0, world_size=1)
+ddp = nn.parallel.DistributedDataParallel(nn.Linear(4, 2))
+compiled = torch.compile(ddp)  # wraps lazily: nothing is compiled until called
+assert not isinstance(compiled, nn.parallel.DistributedDataParallel)  # what the engine used to test
+assert ddp_module(compiled) is ddp and ddp_module(ddp) is ddp and ddp_module(nn.Linear(4, 2)) is None
+with ddp_module(compiled).no_sync():
+    assert not ddp.require_backward_grad_sync
+assert ddp.require_backward_grad_sync
+dist.destroy_process_group()
+print("ok")
+"""
+
+
+def test_no_sync_is_found_through_the_compiled_wrapper():
+    """With engine.compile the student is torch.compile(DDP(student)); gradient accumulation must still skip the
+    all-reduce of every micro-batch but the last, so the engine finds DDP inside the compiled module."""
+    proc = subprocess.run([sys.executable, "-c", NO_SYNC_JOB, str(free_port())], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

@@ -100,3 +100,59 @@ def test_torchvision_trunk_student_has_both_heads():
     out = student(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
     assert out["main"].shape == (2, 4) and out["aux"].shape == (2, 10)
     assert student.arch == "mobilenet_v3_small"
+
+
+def test_autocast_dtype_honours_the_precision_on_every_device():
+    from trainer.engine import autocast_dtype
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")  # a device name needs no GPU
+    assert autocast_dtype("auto", cpu) is None and autocast_dtype("fp32", gpu) is None
+    assert autocast_dtype("auto", gpu, bf16_supported=True) == torch.bfloat16
+    assert autocast_dtype("auto", gpu, bf16_supported=False) == torch.float16  # V100/T4: fp16 + scaler
+    assert autocast_dtype("bf16", cpu) == torch.bfloat16 and autocast_dtype("fp16", cpu) == torch.float16
+
+
+def test_main_head_scores_stay_fp32_when_the_trunk_runs_in_bf16():
+    """Under bf16 autocast, and with the weights themselves cast to bf16 (DeepSpeed's bf16 mode), the main
+    logits are the fp32 head applied to the fp32-cast features: not bf16 logits with 8-bit mantissas."""
+    import torch.nn.functional as F
+
+    student = build_student("resnet18", "NONE", 3, None).eval()
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        features = student.trunk(student.normalize(x))
+        main = student(x)["main"]
+    assert features.dtype == torch.bfloat16 and main.dtype == torch.float32
+    head = student.main_head
+    assert torch.equal(main, F.linear(features.float(), head.weight, head.bias))
+    assert len(set(main[:, 1].tolist())) == 64  # 64 distinct scores (bf16 logits would tie many)
+    student.to(torch.bfloat16)
+    with torch.no_grad():
+        cast = student(x)["main"]
+    assert cast.dtype == torch.float32 and student.normalize.mean.dtype == torch.bfloat16
+    torch.testing.assert_close(cast, main, atol=0.5, rtol=0.1)  # the same network, one rounding apart
+
+
+def test_teacher_prepared_for_a_gpu_is_cast_once_and_channels_last(tiny_sets):
+    """prepare() casts the frozen weights once (autocast would re-cast them every step) and lays convolutions
+    out channels_last, keeping the input normalisation and the weights digest of the fp32 original; its top-1
+    labels on real images agree with the fp32 teacher's."""
+    from conftest import TEACHER_SIZE
+    from data.loader import ShardStream, make_loader
+    from data.shards import read_manifest
+
+    batch = next(iter(make_loader(ShardStream(read_manifest(tiny_sets["test"]), train=False, image_size=TEACHER_SIZE,
+                                              batch_size=96), 0)))
+    reference = build_teacher("efficientnet_lite0", "", TEACHER_SIZE)
+    teacher = build_teacher("efficientnet_lite0", "", TEACHER_SIZE)
+    digest = teacher.digest()
+    teacher.prepare(torch.device("cpu"), torch.bfloat16, channels_last=True)
+    assert teacher.digest() == digest
+    assert all(p.dtype == torch.bfloat16 for p in teacher.trunk.parameters())
+    assert teacher.normalize.mean.dtype == torch.float32
+    convs = [m.weight for m in teacher.trunk.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    logits = teacher(batch["image"])
+    assert logits.dtype == torch.float32
+    agree = (logits.argmax(1) == reference(batch["image"]).argmax(1)).float().mean()
+    assert agree >= 0.85, f"bf16 teacher agrees with fp32 on {agree:.0%} of top-1 labels"

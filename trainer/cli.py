@@ -26,10 +26,15 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
+    """One process, every rank of a torchrun job (each scores its share of the shards, rank 0 writes the report),
+    or Ray tasks."""
     import torch
+    import torch.distributed as dist
 
     from trainer.checkpoint import load_checkpoint, load_student_from_checkpoint
+    from trainer.engine import autocast_dtype
     from trainer.evaluate import evaluate_to_report
+    from trainer.train import init_distributed, resolve_device
 
     state = load_checkpoint(args.checkpoint)
     image_size = args.image_size or state["config"]["data"]["image_size"]
@@ -39,12 +44,20 @@ def _eval(args: argparse.Namespace) -> None:
 
         connect(args.ray_address)
         results = ray_evaluate(args.checkpoint, args.data, args.out, image_size=image_size,
-                               batch_size=args.batch_size, **report)
+                               batch_size=args.batch_size, precision=args.precision, **report)
     else:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device("auto")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL's object gather uses the current device
+        rank, world = init_distributed(device)
         student = load_student_from_checkpoint(args.checkpoint).to(device)
         results = evaluate_to_report(student, args.data, args.out, image_size=image_size, device=device,
-                                     batch_size=args.batch_size, num_workers=args.num_workers, **report)
+                                     batch_size=args.batch_size, num_workers=args.num_workers,
+                                     dtype=autocast_dtype(args.precision, device), rank=rank, world=world, **report)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        if results is None:  # not rank 0: it wrote the report
+            return
     print(f"mAP {100 * results['map']:.2f} over {len(results['ap'])} rare classes; report in {args.out}/report.md")
 
 
@@ -83,9 +96,9 @@ def _shards_plan(args: argparse.Namespace) -> None:
 
 def _teacher_label(args: argparse.Namespace) -> None:
     """One process, or every rank of a torchrun job (each labels its share of the shards)."""
-    import torch
     import torch.distributed as dist
 
+    from trainer.engine import autocast_dtype
     from trainer.models import build_teacher
     from trainer.teacher_label import label_shard_set
     from trainer.train import init_distributed, resolve_device
@@ -96,7 +109,8 @@ def _teacher_label(args: argparse.Namespace) -> None:
         connect(args.ray_address)
         for location in args.data:
             print(ray_teacher_label(location, teacher=args.teacher, weights=args.weights, image_size=args.image_size,
-                                    topk=args.topk, batch_size=args.batch_size, overwrite=args.overwrite))
+                                    topk=args.topk, batch_size=args.batch_size, overwrite=args.overwrite,
+                                    precision=args.precision))
         return
     device = resolve_device("auto")
     rank, world = init_distributed(device)
@@ -105,8 +119,7 @@ def _teacher_label(args: argparse.Namespace) -> None:
     for location in args.data:
         url = label_shard_set(teacher, location, image_size=args.image_size, topk=args.topk, device=device,
                               batch_size=args.batch_size, num_workers=args.num_workers, overwrite=args.overwrite,
-                              rank=rank, world=world, barrier=barrier,
-                              dtype=torch.bfloat16 if device.type == "cuda" else None)
+                              rank=rank, world=world, barrier=barrier, dtype=autocast_dtype(args.precision, device))
         if rank == 0:
             print(url)
 
@@ -146,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--image-size", type=int, default=0, help="default: the training image size")
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--num-workers", type=int, default=0)
+    e.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="the forward pass's dtype (auto: bf16 on a GPU, fp16 on one without, fp32 on CPU); "
+                   "scores are an fp32 softmax either way")
     _ray_flags(e)
     e.set_defaults(func=_eval)
 
@@ -199,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--batch-size", type=int, default=128)
     tl.add_argument("--num-workers", type=int, default=0, help="decoding processes per labelling process")
     tl.add_argument("--overwrite", action="store_true")
+    tl.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                    help="the teacher's compute dtype (auto: bf16 on GPU, fp32 on CPU); labels are fp32 softmax")
     _ray_flags(tl)
     tl.set_defaults(func=_teacher_label)
 

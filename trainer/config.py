@@ -144,9 +144,12 @@ class RunConfig:
     device: str = "auto"
     """auto (cuda if available), cpu or cuda."""
     precision: str = "auto"
-    """auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16."""
+    """auto (bf16 on a GPU with bf16, else fp16 with a loss scaler; fp32 on CPU), fp32, bf16 or fp16 (explicit
+    bf16/fp16 are honoured on CPU too). Scores (main head, softmax) are fp32 whatever this says."""
     channels_last: bool = True
-    """Use channels_last memory format on GPU."""
+    """Use channels_last memory format on GPU (student, teacher and input batches)."""
+    cudnn_benchmark: bool = True
+    """Let cuDNN pick the fastest convolution algorithms for the (fixed) training input shape on GPU."""
     log_every: int = 20
     """Steps between logged scalars (the only host syncs of the loop)."""
     eval_every: float = 0.0

@@ -22,11 +22,29 @@ from trainer.config import JobConfig
 log = logging.getLogger("bgsplit.engine")
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 on GPU by default; CPU runs in fp32 (CPU autocast is slower than fp32 on most machines)."""
-    if device.type != "cuda" or precision == "fp32":
+def autocast_dtype(precision: str, device: torch.device, bf16_supported: bool | None = None) -> torch.dtype | None:
+    """The mixed-precision dtype a run computes in, or None for fp32.
+
+    "auto" is bf16 on a GPU that has it, fp16 (with a loss scaler) on one that does not (V100, T4), and fp32 on
+    CPU, where autocast is slower than fp32 on most machines. An explicit "bf16" or "fp16" is honoured on any
+    device (CPU autocast supports both), so the GPU precision paths, checkpoint names included, can be exercised
+    on a CPU machine."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return None
-    return torch.float16 if precision == "fp16" else torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if precision == "bf16":
+        return torch.bfloat16
+    if bf16_supported is None:
+        bf16_supported = torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if bf16_supported else torch.float16
+
+
+def ddp_module(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
+    """The DistributedDataParallel inside ``model``, looking through torch.compile's wrapper: ``no_sync`` lives
+    there, and missing it on a compiled student all-reduces every micro-batch of an accumulated step."""
+    inner = getattr(model, "_orig_mod", model)
+    return inner if isinstance(inner, nn.parallel.DistributedDataParallel) else None
 
 
 def build_optimizer(params: list[nn.Parameter], cfg: JobConfig) -> torch.optim.Optimizer:
@@ -79,7 +97,7 @@ class DDPEngine(Engine):
     def __init__(self, student: nn.Module, optimizer: torch.optim.Optimizer, cfg: JobConfig, device: torch.device):
         super().__init__(student, optimizer, cfg, device)
         self.dtype = autocast_dtype(cfg.run.precision, device)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         model: nn.Module = student
         if dist.is_initialized() and dist.get_world_size() > 1:
             # the aux head gets no gradient in the fine-tuning baseline (lambda = 0)
@@ -92,12 +110,12 @@ class DDPEngine(Engine):
         self.model = model
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        return torch.autocast("cuda", dtype=self.dtype) if self.dtype else contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor, last: bool, micro_batches: int) -> None:
         # gradients are all-reduced on the last micro-batch only
-        sync = last or not isinstance(self.model, nn.parallel.DistributedDataParallel)
-        with contextlib.nullcontext() if sync else self.model.no_sync():
+        ddp = ddp_module(self.model)
+        with contextlib.nullcontext() if last or ddp is None else ddp.no_sync():
             self.scaler.scale(loss / micro_batches).backward()
 
     def step(self) -> None:
@@ -132,10 +150,13 @@ def deepspeed_config(cfg: JobConfig, device: torch.device, world: int) -> dict[s
     }
     if dtype is not None and cfg.engine.torch_autocast:
         ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16" if dtype == torch.bfloat16 else "float16"}
-    elif dtype == torch.bfloat16:
-        ds["bf16"] = {"enabled": True}
-    elif dtype == torch.float16:
-        ds["fp16"] = {"enabled": True}
+    elif dtype is not None:
+        # DeepSpeed casts the parameters only; BatchNorm's running statistics must share their weights' dtype
+        # or the first forward fails ("expected scalar type BFloat16 but found Float"). engine.torch_autocast
+        # keeps weights and statistics in fp32 instead.
+        name = "bf16" if dtype == torch.bfloat16 else "fp16"
+        ds[name] = {"enabled": True}
+        ds["data_types"] = {"buffer_dtype": name}
     return ds
 
 
@@ -178,10 +199,27 @@ class DeepSpeedEngine(Engine):
         """Already taken in ``backward``: DeepSpeed updates at its own accumulation boundary."""
 
     def student_state_dict(self) -> dict[str, torch.Tensor] | None:
-        if self.cfg.engine.zero_stage == 3:
-            # gathers the partitioned parameters: every rank must call it; rank 0 gets the weights
-            return self.engine._zero3_consolidated_16bit_state_dict()
-        return self.student.state_dict()
+        """Full fp32 weights: the optimiser's fp32 master of every parameter where DeepSpeed keeps one (bf16/fp16
+        modes, ZeRO 1-3: partitions are gathered, so every rank calls this), buffers cast up to fp32. state.pt
+        is what evaluation, export and a resume onto another world size read, so it must not be bf16-rounded."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        state = {}
+        for name, param in self.student.named_parameters():
+            full = safe_get_full_fp32_param(param)  # a collective under ZeRO; None where the param is the master
+            state[name] = (param.detach() if full is None else full).float().cpu().clone()
+        for name, buffer in self.student.named_buffers():
+            if name in self.student.state_dict(keep_vars=True):  # persistent buffers only
+                state[name] = buffer.detach().float().cpu().clone() if buffer.is_floating_point() else buffer.cpu()
+        return state
+
+    def own_files(self, tag: str) -> set[str]:
+        """The names of this rank's files in a DeepSpeed checkpoint, as the installed DeepSpeed writes them
+        (ZeRO 1-2 in bf16 prefix them "bf16_", ZeRO-3 adds per-rank model states), not a hand-kept list."""
+        names = {os.path.basename(self.engine._get_ckpt_name("", tag))}
+        if hasattr(self.engine.optimizer, "dp_process_group"):  # DeepSpeed's own test for writing them
+            names.add(os.path.basename(self.engine._get_zero_ckpt_name("", tag)))
+        return names
 
     def _save_sharded(self, folder: str) -> None:
         self.engine.save_checkpoint(folder, tag=self.TAG, save_latest=False)

@@ -22,9 +22,11 @@ class Normalize(nn.Module):
         self.register_buffer("mean", torch.tensor(norm[0]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(norm[1]).view(1, 3, 1, 1), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the buffers' dtype follows the module's: DeepSpeed's bf16 mode casts the student and wants bf16 input
-        return (x.to(self.mean.dtype) - self.mean) / self.std
+    def forward(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Normalised in fp32 (0..255 inputs lose digits in bf16), then given the dtype the network's first
+        layer wants (DeepSpeed's bf16 mode casts the student's weights and expects bf16 input)."""
+        out = (x.float() - self.mean.float()) / self.std.float()
+        return out if dtype is None else out.to(dtype)
 
 
 class Teacher(nn.Module):
@@ -48,11 +50,29 @@ class Teacher(nn.Module):
         return super().train(False)
 
     def digest(self) -> str:
-        """A hash of the weights: what cached teacher labels are keyed by (the same name can mean other
-        weights: V1 vs V2, another checkpoint). Hashing ~100 MB takes well under a second, once per run."""
+        """A hash of the weights as loaded: what cached teacher labels are keyed by (the same name can mean other
+        weights: V1 vs V2, another checkpoint). ``prepare`` keeps the digest of the weights as loaded, so a bf16 copy
+        on a GPU still finds the labels its fp32 original wrote. Hashing ~100 MB takes well under a second."""
+        frozen = getattr(self, "_digest_before_cast", None)
+        if frozen is not None:
+            return frozen
         from data.teacher_labels import weights_digest
 
         return weights_digest(self.state_dict())
+
+    def prepare(self, device: torch.device, dtype: torch.dtype | None = None, channels_last: bool = False
+                ) -> "Teacher":
+        """Ready the frozen teacher for a run: on the device, in channels_last, and with its weights cast once
+        to the autocast dtype, so autocast does not re-cast every frozen weight at every step (it is outside
+        the engine, which never sees it). The input normalisation stays fp32."""
+        self.to(device)
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+        if dtype is not None and dtype != next(self.trunk.parameters()).dtype:
+            self._digest_before_cast = self.digest()
+            self.trunk.to(dtype)
+            self.classifier.to(dtype)
+        return self
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -60,7 +80,8 @@ class Teacher(nn.Module):
         if self.image_size and x.shape[-1] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True,
                               align_corners=False)
-        return self.classifier(self.trunk(x)).float()
+        weight = next(self.trunk.parameters(), None)
+        return self.classifier(self.trunk(x if weight is None else x.to(weight.dtype))).float()
 
 
 class _MainHead(nn.Module):
@@ -99,7 +120,18 @@ class NormedLinear(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * (F.normalize(x, dim=1) @ F.normalize(self.weight, dim=1).t())
+        return self.scale * (F.normalize(x.float(), dim=1) @ F.normalize(self.weight.float(), dim=1).t())
+
+
+def fp32_logits(head: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """The main head in fp32 whatever the trunk ran in: its softmax is the score AP is computed from, and bf16
+    (8 bits of mantissa) collapses tens of thousands of distinct scores into a few thousand ties. The head is
+    tiny (K+1 outputs), so this costs nothing; weights cast by DeepSpeed's bf16 mode are read up to fp32."""
+    with torch.autocast(features.device.type, enabled=False):
+        if isinstance(head, nn.Linear):
+            bias = head.bias.float() if head.bias is not None else None
+            return F.linear(features.float(), head.weight.float(), bias)
+        return head(features.float()).float()
 
 
 class Student(nn.Module):
@@ -130,14 +162,15 @@ class Student(nn.Module):
         return self
 
     def main_logits(self, features: torch.Tensor) -> torch.Tensor:
-        logits = self.main_head(features)
+        logits = fp32_logits(self.main_head, features)
         if self.fixed_background_logit is None:
             return logits
         background = logits.new_full((logits.shape[0], 1), float(self.fixed_background_logit))
         return torch.cat([background, logits], dim=1)
 
     def forward(self, images: torch.Tensor, with_aux: bool = True) -> dict[str, torch.Tensor]:
-        features = self.trunk(self.normalize(images))
+        first = next(self.trunk.parameters())
+        features = self.trunk(self.normalize(images, first.dtype))
         out = {"main": self.main_logits(features)}
         if with_aux and self.aux_head is not None:
             out["aux"] = self.aux_head(features)

@@ -54,7 +54,7 @@ def label_shards(teacher: Teacher, manifest: Manifest, shards: list[int], spec: 
     if not shards:
         return 0
     device = device or torch.device("cpu")
-    teacher = teacher.to(device)
+    teacher = teacher.prepare(device, dtype, channels_last=device.type == "cuda")
     stream = ShardStream(manifest, train=False, image_size=spec.image_size, batch_size=batch_size, shards=shards)
     open_: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # shard -> (indices, probs, filled)
     expected = {s.url: s.count for s in manifest.shards}
@@ -63,7 +63,7 @@ def label_shards(teacher: Teacher, manifest: Manifest, shards: list[int], spec: 
         if "image" not in batch:
             continue
         with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            logits = teacher(batch["image"].to(device))
+            logits = teacher(batch["image"].to(device, non_blocking=True))
         idx, prob = (t.cpu().numpy() for t in teacher_topk(logits.float(), spec.topk))
         for row, (shard, index) in enumerate(batch["ref"]):
             if shard not in open_:

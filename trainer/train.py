@@ -39,12 +39,42 @@ log = logging.getLogger("bgsplit.train")
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("run.device=cuda but no GPU is visible: use run.device=auto or cpu")
-    if name == "cpu" or not torch.cuda.is_available():
+    """``auto`` takes a usable GPU, else the CPU. ``cuda``, and ``auto`` under BGSPLIT_REQUIRE_GPU=1 (the Docker
+    image sets it), refuse the CPU instead: a GPU job that quietly trains on the CPU only shows as hours lost.
+    "Usable" means a tiny op runs, because a host driver older than this wheel's CUDA can still show the GPU."""
+    if name == "cpu":
         return torch.device("cpu")
+    import warnings  # local: this function is the only user
+
+    required = name == "cuda" or os.environ.get("BGSPLIT_REQUIRE_GPU", "0") == "1"
+
+    def refuse(what: str) -> ValueError:
+        under_env = required and name != "cuda"  # auto, refused only because of the variable
+        asked = f"run.device={name}" + (" with BGSPLIT_REQUIRE_GPU=1" if under_env else "")
+        cpu_run = "run.device=cpu" + (" or BGSPLIT_REQUIRE_GPU=0" if under_env else "")
+        if torch.version.cuda:
+            build = f"torch {torch.__version__} is built for CUDA {torch.version.cuda}"
+            fix = f"run on a host whose NVIDIA driver supports CUDA {torch.version.cuda} (docker run --gpus all)"
+        else:
+            build, fix = f"torch {torch.__version__} is a CPU-only build", "install a CUDA build of torch"
+        return ValueError(f"{asked} but {what}; {build}: {fix}, or for a CPU run set {cpu_run}")
+
+    with warnings.catch_warnings(record=True) as caught:  # torch says why CUDA failed to start only as a warning
+        warnings.simplefilter("always")
+        visible = torch.cuda.is_available()
+    if not visible:
+        if not required:
+            return torch.device("cpu")
+        why = next((str(w.message).strip().splitlines()[0] for w in caught if str(w.message).strip()), "")
+        raise refuse("no GPU is usable: torch.cuda.is_available() is False" + (f" ({why})" if why else ""))
     # one GPU per process: torchrun and Ray both say which one through LOCAL_RANK
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    try:
+        (torch.ones(1, device=device) + 1).item()
+    except RuntimeError as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise refuse(f"{device} is visible yet a CUDA op on it fails ({first})") from e
+    return device
 
 
 def collective_timeout() -> timedelta:
@@ -90,6 +120,38 @@ def teacher_labels_for(manifest: Manifest, cfg: JobConfig, teacher: Teacher) -> 
     return TeacherLabels(manifest, LabelSpec(teacher.arch, size, cfg.teacher.topk, teacher.digest()))
 
 
+def find_resume(cfg: JobConfig, rank: int) -> tuple[str | None, dict[str, Any] | None]:
+    """``run.resume``: '' starts fresh, 'auto' takes the newest complete checkpoint under run.out_dir (rank 0
+    decides, so every rank loads the same one; a collective), else the given checkpoint."""
+    resume = cfg.run.resume
+    url = None
+    if rank == 0:
+        url = latest_checkpoint(cfg.run.out_dir) if resume == "auto" else resume or None
+        if resume == "auto":
+            for stale in incomplete_checkpoints(cfg.run.out_dir):  # a crashed upload: never a checkpoint
+                log.warning("removing incomplete checkpoint %s (its upload never finished)", stale)
+                remove_checkpoint(stale)
+    url = broadcast(url)
+    return (url, load_checkpoint(url)) if url is not None else (None, None)
+
+
+def check_resumable(state: dict[str, Any], cfg: JobConfig, meta: dict[str, Any], url: str) -> None:
+    check_compatible(state, meta, url)
+    saved_engine = state.get("engine_name", "ddp")
+    if saved_engine != cfg.engine.name:
+        raise ValueError(f"cannot resume from {url}: it was written by engine.name={saved_engine} but this run "
+                         f"uses engine.name={cfg.engine.name}; use the same engine or a new run.out_dir")
+
+
+def set_schedule_step(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
+    """Put a LambdaLR at ``step`` (the LR it would have there), as if it had been stepped that often."""
+    scheduler.last_epoch = step
+    lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+
+
 def drw_epoch(cfg: JobConfig) -> float:
     start = cfg.loss.drw_start_epoch
     return start * cfg.optim.epochs if start < 1 else start
@@ -129,6 +191,10 @@ class Trainer:
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: str | None = None
     writer: CheckpointWriter | None = None
+    resume_url: str | None = None
+    """The checkpoint this run continues from (decided in ``build``, before the engine wraps the student)."""
+    resume_state: dict[str, Any] | None = None
+    resume_info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.writer = CheckpointWriter(self.cfg.run.out_dir, self.cfg.run.keep_checkpoints, self.rank, self.world,
@@ -145,6 +211,8 @@ class Trainer:
         device = device or resolve_device(cfg.run.device)
         if device.type == "cuda":
             torch.cuda.set_device(device)
+            # every training batch has one shape: let cuDNN time its algorithms once and keep the fastest
+            torch.backends.cudnn.benchmark = cfg.run.cudnn_benchmark
         rank, world = init_distributed(device)
         manifest = read_manifest(cfg.data.train)
         # one listing, so a shard that went missing fails here and not hours into the run; on every rank, so no
@@ -152,9 +220,10 @@ class Trainer:
         check_objects(manifest)
         use_aux = cfg.loss.aux_weight > 0
         teacher = None
+        dtype = autocast_dtype(cfg.run.precision, device)
         if use_aux:
             teacher = build_teacher(cfg.teacher.name, cfg.teacher.weights,
-                                    cfg.teacher.image_size or cfg.data.image_size).to(device)
+                                    cfg.teacher.image_size or cfg.data.image_size)
         normalized = cfg.model.normalized_main_head or cfg.loss.main == "ldam_drw"
         student = build_student(cfg.model.trunk, cfg.model.weights, manifest.num_classes, teacher,
                                 fixed_background_logit=cfg.model.fixed_background_logit,
@@ -164,6 +233,16 @@ class Trainer:
         if device.type == "cuda" and cfg.run.channels_last:
             student = student.to(memory_format=torch.channels_last)
         labels = teacher_labels_for(manifest, cfg, teacher) if use_aux and cfg.teacher.mode == "cached" else None
+        if teacher is not None and cfg.teacher.mode == "online":  # cached labels: it never runs in training
+            teacher.prepare(device, dtype, channels_last=device.type == "cuda" and cfg.run.channels_last)
+        resume_url, resume_state = find_resume(cfg, rank)
+        if resume_state is not None:
+            check_resumable(resume_state, cfg, model_meta(cfg, manifest, student), resume_url)
+            if cfg.engine.name == "deepspeed":
+                # DeepSpeed casts and partitions the student when it wraps it and keeps its own fp32 master
+                # copy: the trained weights go in first, so a resume that cannot use the checkpoint's ZeRO
+                # files (another world size, precision or stage) still continues from them
+                student.load_state_dict(resume_state["student"])
         stream = ShardStream(manifest, train=True, image_size=cfg.data.image_size, batch_size=cfg.data.batch_size,
                              seed=cfg.run.seed, sampling=cfg.data.sampling,
                              positive_fraction=cfg.data.positive_fraction,
@@ -181,17 +260,17 @@ class Trainer:
         scheduler = build_scheduler(optimizer, steps_per_epoch, cfg.optim)
         engine = build_engine(student, optimizer, cfg, device)
         # the task runs the wrapped student (gradients are synchronised) and the bare, frozen teacher
-        task = BGSplitTask(engine.model, teacher, cfg, manifest.counts, drw_epoch(cfg),
-                           teacher_dtype=autocast_dtype(cfg.run.precision, device))
+        task = BGSplitTask(engine.model, teacher, cfg, manifest.counts, drw_epoch(cfg), teacher_dtype=dtype)
         return cls(cfg, device, manifest, teacher, student, task, stream, engine, scheduler, steps_per_epoch,
-                   total, rank, world)
+                   total, rank, world, resume_url=resume_url, resume_state=resume_state)
 
     # -- state ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Rank 0's checkpoint payload. A collective call (RNG states are gathered from every rank, ZeRO-3
         gathers the weights): every rank calls it, the other ranks' return value is not written."""
         rngs = gather(rng_state())
-        return {"version": 2, "step": self.step, "engine_name": self.engine.name,
+        return {"version": 2, "step": self.step, "steps_per_epoch": self.steps_per_epoch,
+                "engine_name": self.engine.name,
                 "student": self.engine.student_state_dict(), "engine": self.engine.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "loader": self.loader_state.state_dict(), "rng": rngs,
                 "world": self.world, "config": self.cfg.to_dict(),
@@ -199,11 +278,11 @@ class Trainer:
                 "skipped": self.skipped.tolist(), "skipped_by_shard": self.skipped_by_shard}
 
     def load_state_dict(self, state: dict[str, Any], url: str = "checkpoint") -> None:
-        check_compatible(state, model_meta(self.cfg, self.manifest, self.student), url)
-        saved_engine = state.get("engine_name", "ddp")
-        if saved_engine != self.engine.name:
-            raise ValueError(f"cannot resume from {url}: it was written by engine.name={saved_engine} but this run "
-                             f"uses engine.name={self.engine.name}; use the same engine or a new run.out_dir")
+        """Everything but DeepSpeed's partitioned files (``_load_sharded``). A checkpoint of another world size
+        resumes too: DDP's state.pt holds the whole optimiser; the data order and the step count depend on the
+        world, so the run restarts the interrupted epoch in the new world's order (nothing of it is skipped;
+        what was done of it is done again) with the step and the LR schedule at that epoch's start."""
+        check_resumable(state, self.cfg, model_meta(self.cfg, self.manifest, self.student), url)
         if self.engine.name == "ddp":
             self.student.load_state_dict(state["student"])
             self.engine.load_state_dict(state["engine"] if "engine" in state else state)
@@ -216,39 +295,57 @@ class Trainer:
         self.history = list(state.get("history", []))
         self.skipped = torch.tensor(state.get("skipped", [0] * len(SKIP_KINDS)), dtype=torch.long)
         self.skipped_by_shard = dict(state.get("skipped_by_shard", {}))
+        saved_world = int(state.get("world", self.world))
+        self.resume_info = {"from": url, "from_world": saved_world, "from_step": self.step}
+        if saved_world != self.world:
+            epoch = self.loader_state.epoch
+            self.loader_state = LoaderState(epoch=epoch)
+            self.step = epoch * self.steps_per_epoch
+            set_schedule_step(self.scheduler, self.step)
+            log.warning("%s was written by %d ranks, this run has %d: restarting its epoch %d from the start in "
+                        "this world's order (step %d -> %d)", url, saved_world, self.world, epoch,
+                        self.resume_info["from_step"], self.step)
 
     def maybe_resume(self) -> str | None:
-        """``run.resume``: '' starts fresh, 'auto' takes the newest complete checkpoint under run.out_dir (rank 0
-        decides, so every rank loads the same one), else the given checkpoint."""
-        resume = self.cfg.run.resume
-        url = None
-        if self.rank == 0:
-            url = latest_checkpoint(self.cfg.run.out_dir) if resume == "auto" else resume or None
-            if resume == "auto":
-                for stale in incomplete_checkpoints(self.cfg.run.out_dir):  # a crashed upload: never a checkpoint
-                    log.warning("removing incomplete checkpoint %s (its upload never finished)", stale)
-                    remove_checkpoint(stale)
-        url = broadcast(url)
-        if url is None:
+        """Continue from the checkpoint ``build`` found (``run.resume``: '' starts fresh, 'auto' takes the newest
+        complete one under run.out_dir, else the one given)."""
+        url, state = self.resume_url, self.resume_state
+        if url is None or state is None:
             return None
-        self.load_state_dict(load_checkpoint(url), url)
-        if self.engine.sharded_save is not None:
-            self._load_sharded(url)
+        self.load_state_dict(state, url)
+        self.resume_info["optimizer"] = "restored"
+        if self.engine.sharded_save is not None and not self._load_sharded(url, self.resume_info["from_world"]):
+            self.resume_info["optimizer"] = "fresh"
+        self.resume_state = None  # the payload can be large; it is not needed again
         self.resumed_from = url
         log.info("resumed from %s at step %d (epoch %d, batch %d)", url, self.step, self.loader_state.epoch,
                  self.loader_state.batches)
         return url
 
-    def _load_sharded(self, url: str) -> None:
-        """Fetch this rank's DeepSpeed files (its own ZeRO partition and the shared model states) and load them."""
+    def _load_sharded(self, url: str, saved_world: int) -> bool:
+        """Fetch this rank's DeepSpeed files (its own ZeRO partition and the shared model states) and load them.
+
+        Only possible when the checkpoint has the files this rank would write, under the names the installed
+        DeepSpeed gives them (bf16 mode prefixes ZeRO files with "bf16_"), and the world is the same. Otherwise
+        (another world size, precision or ZeRO stage) the run keeps the fp32 weights ``build`` loaded from
+        state.pt and starts its optimiser state (momentum) afresh; all ranks decide together, since DeepSpeed's
+        loading is collective. Returns whether the optimiser state was restored."""
         import tempfile
 
-        mine = f"zero_pp_rank_{self.rank}_"
+        tag = self.engine.TAG
+        folder = storage.join(url, DEEPSPEED, tag)
+        mine = self.engine.own_files(tag)
+        present = set(storage.listdir(folder)) if storage.exists(folder) else set()
+        usable = all(gather(saved_world == self.world and mine <= present))
+        if not usable:
+            log.warning("%s: DeepSpeed's files there (%s) are not this run's (%d ranks, expects %s): resuming from "
+                        "its fp32 weights with a fresh optimiser state", url, ", ".join(sorted(present)) or "none",
+                        self.world, ", ".join(sorted(mine)))
+            return False
         with tempfile.TemporaryDirectory(prefix=f"bgsplit-resume-r{self.rank}-") as local:
-            tag = getattr(self.engine, "TAG", "state")
-            download_folder(storage.join(url, DEEPSPEED, tag), os.path.join(local, tag),
-                            keep=lambda n: "zero_pp_rank_" not in n or n.startswith(mine))
+            download_folder(folder, os.path.join(local, tag), keep=lambda n: n in mine or "zero_pp_rank_" not in n)
             self.engine.load_sharded(local)
+        return True
 
     def save(self) -> str:
         """Start writing a checkpoint of the current step (every rank calls this); the upload runs on."""
@@ -281,16 +378,26 @@ class Trainer:
         return sums
 
     def validate(self) -> dict[str, Any] | None:
-        """Rank 0 evaluates the bare student; under ZeRO-3 every rank takes part (the weights are partitioned
-        and gathered layer by layer), the others' results are dropped."""
+        """Every rank scores its share of the validation shards with the bare student and gets the metrics of
+        the whole set (a collective: every rank calls it). One rank scoring everything would keep the others
+        waiting at the next collective, past NCCL's timeout on a large set. ``ranks`` in the result: images
+        each rank scored. Under ZeRO-3 every forward gathers the partitioned weights from all ranks, so they
+        also run the same number of forward passes (lockstep).
+
+        Rank 0's buffers go to every rank first: each rank's last training forward moved its BatchNorm running
+        statistics with its own batch (DDP re-broadcasts rank 0's only at the next forward), and the scores must
+        be those of the weights rank 0 saves."""
         if not self.cfg.data.val:
             return None
+        if self.world > 1:
+            for buffer in self.student.buffers():
+                dist.broadcast(buffer, src=0)
         zero3 = self.engine.name == "deepspeed" and self.cfg.engine.zero_stage == 3
-        if self.rank != 0 and not zero3:
-            return None
         return evaluate_student(self.student, read_manifest(self.cfg.data.val), self.cfg.data.image_size,
                                 self.cfg.data.batch_size, self.device, self.cfg.data.num_workers,
-                                self.cfg.data.eval_resize_ratio)
+                                self.cfg.data.eval_resize_ratio, dtype=autocast_dtype(self.cfg.run.precision,
+                                                                                      self.device),
+                                rank=self.rank, world=self.world, lockstep=zero3)
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -348,7 +455,7 @@ class Trainer:
         self.writer.wait()  # the final checkpoint must be complete before the run says it is done
         summary = {"steps": self.step, "epochs": self.step / self.steps_per_epoch, "checkpoint": path,
                    "seconds": time.time() - start_time, "val": final, "world": self.world,
-                   "engine": self.engine.name, "resumed_from": self.resumed_from,
+                   "engine": self.engine.name, "resumed_from": self.resumed_from, "resume": self.resume_info,
                    "checkpoint_uploads": {"count": self.writer.uploads,
                                           "seconds": round(self.writer.upload_seconds, 3),
                                           "failures": self.writer.failures},
