@@ -29,8 +29,19 @@ def test_class_balanced_weights_and_loss():
     want_w = [r / sum(raw) * 3 for r in raw]
     assert class_balanced_weights(counts, beta).tolist() == pytest.approx(want_w, rel=1e-6)
     loss = build_main_loss(LossConfig(main="class_balanced", cb_beta=beta), counts, 0)(LOGITS, LABELS, 0.0)
-    want = (want_w[0] * _ce([2, 0, -1], 0) + want_w[2] * _ce([0.5, 1.5, 0], 2)) / (want_w[0] + want_w[2])
+    want = (want_w[0] * _ce([2, 0, -1], 0) + want_w[2] * _ce([0.5, 1.5, 0], 2)) / 2  # mean of w_y * CE
     assert loss.item() == pytest.approx(want, rel=1e-6)
+
+
+def test_class_balanced_loss_keeps_its_weight_on_an_all_background_batch():
+    """At 99.9% background most batches hold no positive. Cui et al.'s loss is then w_0 * CE; a loss divided by
+    the batch's weight sum (F.cross_entropy(weight=w)) would cancel w_0 and train like plain CE."""
+    counts, beta = [99_900, 50, 50], 0.999
+    w0 = class_balanced_weights(counts, beta)[0].item()
+    logits, labels = torch.tensor([[1.0, 0.5, -0.5], [0.2, 0.1, 0.0]]), torch.tensor([0, 0])
+    plain = build_main_loss(LossConfig(main="ce"), counts, 0)(logits, labels, 0.0).item()
+    cb = build_main_loss(LossConfig(main="class_balanced", cb_beta=beta), counts, 0)(logits, labels, 0.0).item()
+    assert w0 < 0.1 and cb == pytest.approx(w0 * plain, rel=1e-6)
 
 
 def test_focal_reduces_to_ce_at_gamma_zero_and_downweights_easy():

@@ -156,3 +156,28 @@ def test_teacher_prepared_for_a_gpu_is_cast_once_and_channels_last(tiny_sets):
     assert logits.dtype == torch.float32
     agree = (logits.argmax(1) == reference(batch["image"]).argmax(1)).float().mean()
     assert agree >= 0.85, f"bf16 teacher agrees with fp32 on {agree:.0%} of top-1 labels"
+
+
+def test_aux_head_is_not_copied_from_a_teacher_with_other_weights(teacher):
+    """Same architecture name, other weights (here a randomly initialised trunk): the teacher's classifier reads
+    features this trunk does not make, so the aux head starts fresh."""
+    random_trunk = build_student("efficientnet_lite0", "NONE", 3, teacher)
+    assert not torch.equal(random_trunk.aux_head.weight, teacher.classifier.weight)
+    assert torch.equal(build_student("efficientnet_lite0", "DEFAULT", 3, teacher).aux_head.weight,
+                       teacher.classifier.weight)
+
+
+def test_an_unset_teacher_weights_means_the_papers_resnet50_v1():
+    from trainer.models import teacher_weights
+
+    assert teacher_weights("resnet50", "") == "IMAGENET1K_V1"  # torchvision's DEFAULT would be V2
+    assert teacher_weights("resnet50", "IMAGENET1K_V2") == "IMAGENET1K_V2"
+    assert teacher_weights("efficientnet_lite0", "") == "DEFAULT"
+
+
+def test_inat_configs_use_the_authors_crop_scale():
+    from pathlib import Path
+
+    for name in ("inat_bg_1.yaml", "inat_bg_100.yaml"):
+        cfg = load_config(str(Path(__file__).parents[1] / "configs" / name), [])
+        assert cfg.data.min_crop_scale == 0.08, name  # torchvision's RandomResizedCrop default (0.08, 1)

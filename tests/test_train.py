@@ -135,3 +135,17 @@ def test_bad_samples_are_counted_per_shard_in_the_run_summary(tmp_path):
                                                                           "bad_shards": 0}}
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert saved["skipped_by_shard"] == summary["skipped_by_shard"]
+
+
+def test_a_fresh_rerun_starts_metrics_anew_and_a_resume_appends(tiny_sets, tmp_path):
+    """metrics.jsonl used to be appended by every run into the same out_dir, so a rerun read as one long run."""
+    def steps() -> list[int]:
+        return [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+
+    common = ("data.val=", "run.log_every=1", "loss.aux_weight=0")
+    train(tiny_config(tiny_sets, tmp_path / "run", "run.max_steps=2", *common))
+    assert steps() == [1, 2]
+    train(tiny_config(tiny_sets, tmp_path / "run", "run.max_steps=2", *common))  # fresh: run.resume=''
+    assert steps() == [1, 2]
+    train(tiny_config(tiny_sets, tmp_path / "run", "run.max_steps=3", "run.resume=auto", *common))
+    assert steps() == [1, 2, 3]

@@ -30,6 +30,13 @@ def ldam_margins(counts: list[int], max_margin: float) -> torch.Tensor:
     return (m * (max_margin / m.max())).float()
 
 
+def class_balanced_ce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Cui et al.'s class-balanced softmax loss: the batch mean of w_y * CE. Not ``F.cross_entropy(weight=w)``,
+    which divides by the batch's weight sum: at 99.9% background most batches hold no positive, and that ratio
+    then cancels the weights and leaves plain CE."""
+    return (F.cross_entropy(logits.float(), labels, reduction="none") * weights.to(logits.device)[labels]).mean()
+
+
 def focal_loss(logits: torch.Tensor, labels: torch.Tensor, gamma: float) -> torch.Tensor:
     logp = F.log_softmax(logits.float(), dim=1).gather(1, labels[:, None]).squeeze(1)
     return (-(1.0 - logp.exp()).pow(gamma) * logp).mean()
@@ -42,7 +49,7 @@ def build_main_loss(cfg: LossConfig, counts: list[int], drw_epoch: float) -> Mai
         return lambda logits, labels, epoch: F.cross_entropy(logits.float(), labels)
     if kind == "class_balanced":
         weights = class_balanced_weights(counts, cfg.cb_beta)
-        return lambda logits, labels, epoch: F.cross_entropy(logits.float(), labels, weight=weights.to(logits.device))
+        return lambda logits, labels, epoch: class_balanced_ce(logits, labels, weights)
     if kind == "focal":
         return lambda logits, labels, epoch: focal_loss(logits, labels, cfg.focal_gamma)
     if kind == "logit_adjust":

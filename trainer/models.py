@@ -95,6 +95,15 @@ class _MainHead(nn.Module):
         return self.student.main_logits(features)
 
 
+PAPER_TEACHER_WEIGHTS = {"resnet50": "IMAGENET1K_V1"}
+"""Where the paper names a teacher's weights, ``teacher.weights=""`` means those: torchvision's default for
+resnet50 is V2, a different (and differently trained) teacher than the paper's."""
+
+
+def teacher_weights(name: str, weights: str) -> str:
+    return weights or PAPER_TEACHER_WEIGHTS.get(name, "DEFAULT")
+
+
 def build_teacher(name: str, weights: str = "", image_size: int = 0) -> Teacher:
     """A registry name (efficientnet_lite0, a torchvision model) or 'checkpoint' with a bgsplit checkpoint path."""
     if name == "checkpoint":
@@ -103,7 +112,7 @@ def build_teacher(name: str, weights: str = "", image_size: int = 0) -> Teacher:
         student = load_student_from_checkpoint(weights)
         return Teacher("checkpoint", student.trunk, _MainHead(student), student.num_classes, student.norm,
                        image_size)
-    backbone = load_backbone(name, weights or "DEFAULT")
+    backbone = load_backbone(name, teacher_weights(name, weights))
     if backbone.classifier is None:
         raise ValueError(f"teacher '{name}' has no classifier: it cannot label images")
     return Teacher(backbone.name, backbone.trunk, backbone.classifier, backbone.classifier.out_features,
@@ -177,12 +186,20 @@ class Student(nn.Module):
         return out
 
 
+def same_weights(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k].to(sb[k].dtype), sb[k])
+                                          for k in sa)
+
+
 def build_student(trunk: str, weights: str, num_classes: int, teacher: Teacher | None, *,
                   aux_classes: int | None = None, fixed_background_logit: float | None = None,
                   normalized_main_head: bool = False, logit_scale: float = 30.0,
                   init_aux_from_teacher: bool = True, freeze_bn_stats: bool = False) -> Student:
-    """The aux head copies the teacher's classifier when trunk and teacher are the same network, so the aux loss
-    starts near its optimum and its gradient regularises the trunk instead of first training a random head."""
+    """The aux head copies the teacher's classifier when the student's trunk *is* the teacher's (same network,
+    same weights), so the aux loss starts near its optimum and its gradient regularises the trunk instead of first
+    training a random head. Same name with other weights (V1 vs V2, random init) is not enough: that classifier
+    reads features the student's trunk does not produce."""
     backbone = load_backbone(trunk, weights)
     if aux_classes is None:
         aux_classes = teacher.num_classes if teacher is not None else 0
@@ -191,7 +208,8 @@ def build_student(trunk: str, weights: str, num_classes: int, teacher: Teacher |
                       freeze_bn_stats=freeze_bn_stats)
     if (init_aux_from_teacher and teacher is not None and student.aux_head is not None
             and teacher.arch == trunk and isinstance(teacher.classifier, nn.Linear)
-            and teacher.classifier.weight.shape == student.aux_head.weight.shape):
+            and teacher.classifier.weight.shape == student.aux_head.weight.shape
+            and same_weights(student.trunk, teacher.trunk)):
         with torch.no_grad():
             student.aux_head.weight.copy_(teacher.classifier.weight)
             student.aux_head.bias.copy_(teacher.classifier.bias)

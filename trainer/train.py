@@ -403,7 +403,8 @@ class Trainer:
         cfg = self.cfg
         if not storage.is_remote(cfg.run.out_dir):
             os.makedirs(cfg.run.out_dir, exist_ok=True)
-        logger = MetricsLogger(cfg.run.out_dir) if self.rank == 0 else _NoLogger()
+        logger = MetricsLogger(cfg.run.out_dir, append=self.resumed_from is not None) if self.rank == 0 \
+            else _NoLogger()
         bar = _progress(self.total_steps, self.step, cfg.run.progress and self.rank == 0)
         eval_every = int(round(cfg.run.eval_every * self.steps_per_epoch)) if cfg.run.eval_every else 0
         window: dict[str, torch.Tensor] = {}
@@ -492,13 +493,19 @@ class Trainer:
 
 
 class MetricsLogger:
-    """metrics.jsonl (one JSON object a log interval) plus TensorBoard scalars when tensorboard is installed."""
+    """metrics.jsonl (one JSON object a log interval) plus TensorBoard scalars when tensorboard is installed.
 
-    def __init__(self, out_dir: str):
+    A fresh run starts the file anew (a rerun into the same run.out_dir must not read as one long run); a resumed
+    run appends to what its earlier attempts wrote. On object storage, where nothing can be appended, the file
+    is written whole at the end, the earlier attempts' lines first."""
+
+    def __init__(self, out_dir: str, append: bool = False):
         self.remote = storage.is_remote(out_dir)
         self.path = storage.join(out_dir, "metrics.jsonl")
         self.lines: list[str] = []
-        self.file = None if self.remote else open(self.path, "a")
+        if self.remote and append and storage.exists(self.path):
+            self.lines = storage.read_bytes(self.path).decode().splitlines()
+        self.file = None if self.remote else open(self.path, "a" if append else "w")
         self.tb = None
         if not self.remote:
             try:
