@@ -95,3 +95,82 @@ def split_holdout(num_items: int, holdout: int | float, seed: int) -> tuple[np.n
         raise ValueError(f"holdout of {holdout} does not fit a source of {num_items} items")
     perm = np.random.default_rng([seed, 7919]).permutation(num_items)
     return np.sort(perm[n_hold:]), np.sort(perm[:n_hold])
+
+
+def holdout_shares(sizes: list[int], num_background: int, holdout: int, rare_classes: list[str], *,
+                   per_class: int | None = None) -> tuple[list[int], int]:
+    """How many images a validation carve-out of ``holdout`` takes from each rare class, and from the background.
+
+    ``sizes[k]`` is how many images rare class ``rare_classes[k]`` has in the source. By default each rare class
+    gives its share of the source (``holdout * size / source size``, rounded half up) but at least 1 and at most
+    all but one, so the validation set mirrors the source's class mix (the paper evaluates on the natural mix) and
+    scores every class; where the floors overfill a tiny holdout, the largest shares give one back. ``per_class``
+    instead takes exactly that many from every rare class (for a steadier validation AP on a huge source, where a
+    class's share is 1). The background (every non-rare class, uniformly) fills the rest of ``holdout``.
+    """
+    num_items = sum(sizes) + num_background
+    if not 0 < holdout < num_items:
+        raise ValueError(f"--holdout {holdout} does not fit a source of {num_items} images: use 1 to {num_items - 1}")
+    if per_class is not None and per_class < 1:
+        raise ValueError(f"--holdout-positives-per-class must be >= 1, got {per_class}")
+    count, each = len(rare_classes), per_class or 1
+    if holdout < count * each:
+        raise ValueError(f"--holdout {holdout} cannot hold {each} image(s) of each of the {count} rare classes: use "
+                         f"--holdout {count * each} or more")
+    for name, n in zip(rare_classes, sizes):
+        if n == 0:
+            raise ValueError(f"rare class '{name}' has no images in this source; check the split file")
+        if n <= each:
+            raise ValueError(f"rare class '{name}' has {n} image(s): too few to hold out {each} and train on the "
+                             "rest; " + (f"use --holdout-positives-per-class {n - 1} or less" if n > 1 else
+                                         "drop the class or build without --holdout"))
+    if per_class is not None:
+        shares = [per_class] * count
+    else:
+        shares = [min(n - 1, max(1, math.floor(holdout * n / num_items + 0.5))) for n in sizes]
+        while sum(shares) > holdout:  # the floors of 1 overfilled a tiny holdout: the largest shares give back
+            shares[int(np.argmax(shares))] -= 1
+    background = holdout - sum(shares)
+    if num_background and background >= num_background:
+        raise ValueError(f"--holdout {holdout} would take all {num_background} background images: use --holdout "
+                         f"{sum(shares) + num_background - 1} or less")
+    return shares, background
+
+
+def check_training_positives(rare_classes: list[str], sizes: list[int], shares: list[int], positives_per_class: int,
+                             *, holdout: int, per_class: int | None = None) -> None:
+    """Refuse a carve-out that leaves a rare class fewer than ``positives_per_class`` images to train on."""
+    for name, n, held in zip(rare_classes, sizes, shares):
+        left = n - held
+        if left >= positives_per_class:
+            continue
+        fixes = [f"--holdout-positives-per-class {n - positives_per_class}"] if n > positives_per_class else []
+        raise ValueError(f"rare class '{name}' has {n} images and the holdout takes {held} ("
+                         + (f"--holdout-positives-per-class {per_class}" if per_class else f"its share of --holdout "
+                            f"{holdout}") + f"), leaving {left} to train on, fewer than --positives-per-class "
+                         f"{positives_per_class}: use " + " or ".join([*fixes, f"--positives-per-class {left}"]))
+
+
+def stratified_holdout(labels: list[str], rare_classes: list[str], holdout: int, seed: int, *,
+                       per_class: int | None = None,
+                       positives_per_class: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Carve a validation set out of the training source: (rest, holdout) index arrays, disjoint, seeded.
+
+    Model selection must never look at the test split, so the validation set comes from training images. It is
+    stratified (:func:`holdout_shares` gives the counts): each rare class and the background are drawn apart, each
+    from its own seeded permutation (so a larger share extends a smaller one). The carve-out depends only on
+    (labels, rare classes, holdout, per_class, seed): the validation set and every training set built beside it
+    with those values are disjoint, whatever their caps. ``positives_per_class`` is only checked: a carve-out that
+    leaves a class fewer than that to train on is an error naming the fix, never a silently smaller training set.
+    """
+    mains = main_labels_for(labels, rare_classes)
+    members = [np.flatnonzero(mains == k) for k in range(len(rare_classes) + 1)]
+    sizes = [len(m) for m in members[1:]]
+    shares, background = holdout_shares(sizes, len(members[0]), holdout, list(rare_classes), per_class=per_class)
+    if positives_per_class is not None:
+        check_training_positives(list(rare_classes), sizes, shares, positives_per_class, holdout=holdout,
+                                 per_class=per_class)
+    held = [np.random.default_rng([seed, 7919, k]).permutation(m)[:n]
+            for k, (m, n) in enumerate(zip(members, [background, *shares]))]
+    held_all = np.sort(np.concatenate(held))
+    return np.setdiff1d(np.arange(len(labels)), held_all, assume_unique=True), held_all

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 from data import storage
-from data.bg_construction import BGSelection, select_bg, split_holdout
+from data.bg_construction import BGSelection, positives_for_background_fraction, select_bg, stratified_holdout
 from data.ingest import (Resize, ShardResult, ShardTask, estimate_sample_bytes, finished, plan_shards, run_tasks,
                          samples_per_shard, spec_hash)
 from data.shards import (FORMAT, Manifest, ShardInfo, invalidate, manifest_url, read_manifest, record_name,
@@ -39,6 +39,10 @@ class BuildSpec:
     max_background: int | None = None
     seed: int = 0
     holdout: int = 0
+    """Images carved out of the source as a validation set, stratified (data.bg_construction.holdout_shares): each
+    rare class gives its share of the source's class mix (at least 1), the background the rest. The carve-out
+    depends on (holdout, holdout_positives_per_class, seed) only, so parts built with the same three are disjoint;
+    a "rest" part whose class would be left fewer than ``positives_per_class`` is an error."""
     part: str = "all"
     subsample: int | None = None
     max_count: int = 10000
@@ -46,6 +50,8 @@ class BuildSpec:
     resize_short_side: int | None = None
     """Re-encode images whose short side is longer to JPEG at this short side; None stores every image as is."""
     jpeg_quality: int = 90
+    holdout_positives_per_class: int | None = None
+    """With a holdout: take exactly this many images of every rare class instead of the class's share."""
 
 
 PREFIX = "shard"
@@ -81,7 +87,9 @@ def _check(spec: BuildSpec) -> None:
 def _select(items: list[SourceItem], spec: BuildSpec) -> BGSelection:
     pool = np.arange(len(items))
     if spec.holdout:
-        rest, held = split_holdout(len(items), spec.holdout, spec.seed)
+        rest, held = stratified_holdout([item.label for item in items], list(spec.rare), spec.holdout, spec.seed,
+                                        per_class=spec.holdout_positives_per_class,
+                                        positives_per_class=spec.positives_per_class)
         pool = held if spec.part == "holdout" else rest
     if spec.subsample is not None and spec.subsample < len(pool):
         # a uniform subset keeps the source's class proportions (and so its background fraction)
@@ -90,7 +98,20 @@ def _select(items: list[SourceItem], spec: BuildSpec) -> BGSelection:
     sel = select_bg(labels, list(spec.rare), positives_per_class=spec.positives_per_class,
                     background_fraction=spec.background_fraction, max_background=spec.max_background,
                     seed=spec.seed)
+    if spec.holdout and spec.part != "holdout":
+        _warn_short(sel, spec)
     return BGSelection(indices=pool[sel.indices], main_labels=sel.main_labels, rare_classes=sel.rare_classes)
+
+
+def _warn_short(sel: BGSelection, spec: BuildSpec) -> None:
+    """Say exactly how many positives a training set beside a holdout got where it is short of its cap."""
+    cap = spec.positives_per_class
+    if spec.background_fraction is not None:
+        cap = positives_for_background_fraction(sel.counts[0], len(spec.rare), spec.background_fraction)
+    for k, name in enumerate(spec.rare, start=1):
+        if cap is not None and sel.counts[k] < cap:
+            log.warning("rare class '%s': %d training positives, fewer than the %d asked for (the holdout and "
+                        "subsample left no more)", name, sel.counts[k], cap)
 
 
 class _Bar:
@@ -206,7 +227,8 @@ def _manifest(out: str, spec: BuildSpec, class_names: list[str], tasks: list[Sha
 def build_command(source_spec: str, out: str, *, split_file: str | None = None, rare: str | None = None,
                   positives_per_class: int | None = None, background_fraction: float | None = None,
                   max_background: int | None = None, subsample: int | None = None, seed: int = 0, holdout: int = 0,
-                  holdout_out: str | None = None, max_count: int = 10000, max_bytes: int = 512 << 20,
+                  holdout_out: str | None = None, holdout_positives_per_class: int | None = None,
+                  max_count: int = 10000, max_bytes: int = 512 << 20,
                   resize_short_side: int | None = None, jpeg_quality: int = 90, workers: int = 0,
                   runner: Runner | None = None,
                   progress: bool = True) -> dict[str, Manifest]:
@@ -215,12 +237,16 @@ def build_command(source_spec: str, out: str, *, split_file: str | None = None, 
     rare_ids = tuple(rare_classes_from(split_file, rare, source))
     if holdout and not holdout_out:
         raise ValueError("--holdout needs --holdout-out (where to write the validation set)")
+    if holdout_positives_per_class is not None and not holdout:
+        raise ValueError("--holdout-positives-per-class needs --holdout (the validation set's size)")
     spec = BuildSpec(source_spec, rare_ids, positives_per_class, background_fraction, max_background, seed,
-                     holdout, "rest", subsample, max_count, max_bytes, resize_short_side, jpeg_quality)
+                     holdout, "rest", subsample, max_count, max_bytes, resize_short_side, jpeg_quality,
+                     holdout_positives_per_class)
     built = {"main": build_set(source, spec, out, progress=progress, workers=workers, runner=runner)}
     if holdout:
         val_spec = BuildSpec(source_spec, rare_ids, seed=seed, holdout=holdout, part="holdout", max_count=max_count,
-                             max_bytes=max_bytes, resize_short_side=resize_short_side, jpeg_quality=jpeg_quality)
+                             max_bytes=max_bytes, resize_short_side=resize_short_side, jpeg_quality=jpeg_quality,
+                             holdout_positives_per_class=holdout_positives_per_class)
         built["holdout"] = build_set(source, val_spec, holdout_out, progress=progress, workers=workers,
                                      runner=runner)
     return built

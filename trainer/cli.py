@@ -78,7 +78,8 @@ def _shards_build(args: argparse.Namespace) -> None:
     build_command(source, args.out, split_file=args.split_file, rare=args.rare,
                   positives_per_class=args.positives_per_class, background_fraction=args.background_fraction,
                   max_background=args.max_background, seed=args.seed, holdout=args.holdout,
-                  holdout_out=args.holdout_out, subsample=args.subsample,
+                  holdout_out=args.holdout_out, holdout_positives_per_class=args.holdout_positives_per_class,
+                  subsample=args.subsample,
                   max_count=args.max_count, max_bytes=int(args.max_mb * (1 << 20)),
                   resize_short_side=args.resize_short_side, jpeg_quality=args.jpeg_quality, workers=args.workers,
                   runner=runner)
@@ -179,7 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--background-fraction", type=float, help="or: cap positives to reach this background fraction")
     b.add_argument("--max-background", type=int, help="random subset of the background (debugging sizes)")
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--holdout", type=int, default=0, help="carve this many source images out as a validation set")
+    b.add_argument("--holdout", type=int, default=0, help="carve this many source images out as a validation set, "
+                   "stratified: each rare class gives its share of the source's mix (at least 1; an error, naming "
+                   "the fix, if fewer than --positives-per-class are left to train on), the background the rest")
+    b.add_argument("--holdout-positives-per-class", type=int,
+                   help="with --holdout: take exactly this many images of every rare class instead of its share "
+                   "(a steadier validation AP where a class's share of a huge source is 1)")
     b.add_argument("--holdout-out", help="where to write the validation set")
     b.add_argument("--subsample", type=int, help="uniform random subset of the source (keeps class proportions)")
     b.add_argument("--max-count", type=int, default=10000, help="samples per shard at most")
