@@ -106,3 +106,28 @@ def test_aux_topk_renormalises_the_truncated_teacher():
     logp = [v - math.log(sum(math.exp(u) for u in s[0].tolist())) for v in s[0].tolist()]
     want = -(0.75 * logp[3] + 0.25 * logp[0])
     assert aux_topk(s, idx, prob, 1.0).item() == pytest.approx(want, rel=1e-6)
+
+
+def test_trunk_lr_multiplier_scales_the_trunk_group_through_the_schedule():
+    """optim.trunk_lr_mult gives the trunk its own parameter group at a fraction of the heads' LR, on the same
+    schedule; every trainable parameter is in exactly one group."""
+    from trainer.config import load_config
+    from trainer.engine import build_optimizer
+    from trainer.models import build_student
+    from trainer.schedule import build_scheduler, lr_at
+
+    cfg = load_config(None, ["optim.trunk_lr_mult=0.1", "optim.lr=0.01", "optim.warmup_epochs=1",
+                             "optim.warmup_start_lr=0.001"])
+    student = build_student("resnet18", "NONE", 3, None)
+    opt = build_optimizer(student, cfg)
+    sched = build_scheduler(opt, 10, cfg.optim)
+    trunk, heads = opt.param_groups
+    assert {id(p) for p in trunk["params"]} == {id(p) for p in student.trunk.parameters()}
+    assert len(trunk["params"]) + len(heads["params"]) == len(list(student.parameters()))
+    for step in range(12):
+        want = lr_at(step, 10, cfg.optim)
+        assert heads["lr"] == pytest.approx(want) and trunk["lr"] == pytest.approx(0.1 * want)
+        opt.step()
+        sched.step()
+    single = build_optimizer(student, load_config(None, []))
+    assert len(single.param_groups) == 1

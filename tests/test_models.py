@@ -181,3 +181,23 @@ def test_inat_configs_use_the_authors_crop_scale():
     for name in ("inat_bg_1.yaml", "inat_bg_100.yaml"):
         cfg = load_config(str(Path(__file__).parents[1] / "configs" / name), [])
         assert cfg.data.min_crop_scale == 0.08, name  # torchvision's RandomResizedCrop default (0.08, 1)
+
+
+def test_model_dropout_false_turns_off_dropout_and_stochastic_depth():
+    """With frozen BN statistics the only train-mode randomness is dropout and drop-connect: off, train mode
+    gives eval mode's output; on (the default), it does not (so the check can fail). torchvision trunks keep
+    theirs in Dropout and StochasticDepth modules."""
+    from torchvision.ops import StochasticDepth
+
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    for dropout in (True, False):
+        torch.manual_seed(0)
+        student = build_student("efficientnet_lite0", "DEFAULT", 3, None, freeze_bn_stats=True, dropout=dropout)
+        with torch.no_grad():
+            evaluated = student.eval()(x)["main"]
+            trained = student.train()(x)["main"]
+        assert torch.allclose(trained, evaluated, atol=1e-5) is (not dropout), dropout
+    for dropout in (True, False):
+        trunk = build_student("efficientnet_b0", "NONE", 3, None, dropout=dropout).trunk
+        rates = [m.p for m in trunk.modules() if isinstance(m, (torch.nn.Dropout, StochasticDepth))]
+        assert rates and (max(rates) > 0) is dropout

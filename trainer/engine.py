@@ -47,11 +47,27 @@ def ddp_module(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
     return inner if isinstance(inner, nn.parallel.DistributedDataParallel) else None
 
 
-def build_optimizer(params: list[nn.Parameter], cfg: JobConfig) -> torch.optim.Optimizer:
+def param_groups(student: nn.Module, trunk_lr_mult: float) -> list[dict[str, Any]]:
+    """The trainable parameters as {trunk, heads} groups, each with its ``lr_mult`` (the schedule's factor).
+
+    One group when the multiplier is 1. A lower trunk LR keeps a pre-trained trunk near its features while new
+    heads train (bench/aux_study.py: at the demo's LR the trunk leaves the teacher's features within 10 steps)."""
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    trunk_module = getattr(student, "trunk", None)
+    if trunk_lr_mult == 1.0 or trunk_module is None:
+        return [{"params": trainable, "lr_mult": 1.0}]
+    trunk_ids = {id(p) for p in trunk_module.parameters()}
+    groups = [{"params": [p for p in trainable if id(p) in trunk_ids], "lr_mult": trunk_lr_mult},
+              {"params": [p for p in trainable if id(p) not in trunk_ids], "lr_mult": 1.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(student: nn.Module, cfg: JobConfig) -> torch.optim.Optimizer:
+    groups = param_groups(student, cfg.optim.trunk_lr_mult)
     if cfg.optim.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+        return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                weight_decay=cfg.optim.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
 
 
 class Engine:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.backbones import Backbone, load_backbone
+from trainer.backbones import Backbone, disable_dropout, load_backbone
 
 
 class Normalize(nn.Module):
@@ -195,12 +195,15 @@ def same_weights(a: nn.Module, b: nn.Module) -> bool:
 def build_student(trunk: str, weights: str, num_classes: int, teacher: Teacher | None, *,
                   aux_classes: int | None = None, fixed_background_logit: float | None = None,
                   normalized_main_head: bool = False, logit_scale: float = 30.0,
-                  init_aux_from_teacher: bool = True, freeze_bn_stats: bool = False) -> Student:
+                  init_aux_from_teacher: bool = True, freeze_bn_stats: bool = False,
+                  dropout: bool = True) -> Student:
     """The aux head copies the teacher's classifier when the student's trunk *is* the teacher's (same network,
     same weights), so the aux loss starts near its optimum and its gradient regularises the trunk instead of first
     training a random head. Same name with other weights (V1 vs V2, random init) is not enough: that classifier
     reads features the student's trunk does not produce."""
     backbone = load_backbone(trunk, weights)
+    if not dropout:
+        disable_dropout(backbone.trunk)
     if aux_classes is None:
         aux_classes = teacher.num_classes if teacher is not None else 0
     student = Student(backbone, num_classes, aux_classes, fixed_background_logit=fixed_background_logit,

@@ -24,8 +24,9 @@ def lr_at(step: int, steps_per_epoch: int, cfg: OptimConfig) -> float:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, steps_per_epoch: int,
                     cfg: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR (so it has state_dict/load_state_dict) whose factor makes the LR equal ``lr_at``."""
+    """A LambdaLR (so it has state_dict/load_state_dict) whose factor makes the LR equal ``lr_at``, times each
+    parameter group's ``lr_mult`` (optim.trunk_lr_mult)."""
     for group in optimizer.param_groups:
-        group["lr"] = cfg.lr
-        group["initial_lr"] = cfg.lr
+        group["lr"] = cfg.lr * group.get("lr_mult", 1.0)
+        group["initial_lr"] = group["lr"]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, steps_per_epoch, cfg) / cfg.lr)

@@ -229,7 +229,7 @@ class Trainer:
                                 fixed_background_logit=cfg.model.fixed_background_logit,
                                 normalized_main_head=normalized, logit_scale=cfg.loss.ldam_scale,
                                 init_aux_from_teacher=cfg.model.init_aux_from_teacher,
-                                freeze_bn_stats=cfg.model.freeze_bn_stats).to(device)
+                                freeze_bn_stats=cfg.model.freeze_bn_stats, dropout=cfg.model.dropout).to(device)
         if device.type == "cuda" and cfg.run.channels_last:
             student = student.to(memory_format=torch.channels_last)
         labels = teacher_labels_for(manifest, cfg, teacher) if use_aux and cfg.teacher.mode == "cached" else None
@@ -256,7 +256,7 @@ class Trainer:
         total = int(math.ceil(cfg.optim.epochs * steps_per_epoch))
         if cfg.run.max_steps:
             total = min(total, cfg.run.max_steps)
-        optimizer = build_optimizer([p for p in student.parameters() if p.requires_grad], cfg)
+        optimizer = build_optimizer(student, cfg)
         scheduler = build_scheduler(optimizer, steps_per_epoch, cfg.optim)
         engine = build_engine(student, optimizer, cfg, device)
         # the task runs the wrapped student (gradients are synchronised) and the bare, frozen teacher
