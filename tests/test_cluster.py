@@ -67,6 +67,25 @@ def _student(checkpoint: str) -> dict[str, torch.Tensor]:
     return load_checkpoint(checkpoint)["student"]
 
 
+def _evaluate_checkpoint(url: str, val: str, dtype: torch.dtype | None = None) -> dict:
+    """The checkpoint's student scored on its own in this process, as the Ray workers' validation scored it: one
+    thread (the workers run with OMP_NUM_THREADS=1, and oneDNN's last bits depend on the thread count), batch 16,
+    32 px. ``dtype`` bf16: the weights rounded to bf16 as DeepSpeed's bf16 mode holds them, run under autocast."""
+    from data.shards import read_manifest
+    from trainer.checkpoint import load_student_from_checkpoint
+    from trainer.evaluate import evaluate_student
+
+    student = load_student_from_checkpoint(url)
+    if dtype is not None:
+        student = student.to(dtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return evaluate_student(student, read_manifest(val), 32, 16, torch.device("cpu"), dtype=dtype)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_two_ray_ddp_workers_equal_one_process_with_the_same_global_batch(ray_cluster, one_batch_set, tmp_path):
     """Gradients all-reduced over 2 ranks x 32 images = one process with 64 images, step for step."""
     from trainer.train import train
@@ -127,7 +146,17 @@ def test_deepspeed_zero_trains_and_resumes_from_its_s3_checkpoint(ray_cluster, s
     assert second["steps"] == 14 and second["resumed_from"].endswith("step-00000012")
     assert second["resume"] == {"from": second["resumed_from"], "from_world": 2, "from_step": 12,
                                 "optimizer": "restored"}
-    assert 0.0 < second["val"]["map"] <= 1.0
+    # the validation mAP is that of the weights written: state.pt's student, scored here alone, gives the
+    # 2 workers' (gathered, manifest-ordered) result. Catches a validation of other weights (the ZeRO-3 partition
+    # of one rank, a step before the checkpoint), a checkpoint without the fp32 masters or the BatchNorm
+    # statistics, and scores that depend on how the ranks split the set.
+    bf16 = torch.bfloat16 if precision == "bf16" else None
+    again = _evaluate_checkpoint(second["checkpoint"], tiny_sets["test"], bf16)
+    assert set(second["val"]["ap"]) == set(again["ap"]) == {"Trouser", "Bag"}
+    ranks = second["val"]["ranks"]  # images each worker scored: both took part, together the whole set
+    assert len(ranks) == 2 and min(ranks) > 0 and sum(ranks) == sum(again["ranks"]) == 300, ranks
+    assert again["map"] == pytest.approx(second["val"]["map"], abs=1e-6), (again, second["val"])
+    assert again["ap"] == pytest.approx(second["val"]["ap"], abs=1e-6)
     for url in list_checkpoints(out):
         state = load_checkpoint(url)
         assert state["student"]["main_head.weight"].shape[0] == 3 and state["engine_name"] == "deepspeed"
@@ -192,4 +221,8 @@ def test_ray_job_submit_runs_the_debug_config(ray_cluster, s3, tiny_sets):
     summary = json.loads(storage.read_bytes(f"{out}/summary.json"))
     # validation ran on the rare classes of the test set, and the job printed what the run wrote
     assert set(summary["val"]["ap"]) == {"Trouser", "Bag"} and result["val_map"] == summary["val"]["map"]
+    # and it is the mAP of the checkpoint the job wrote (debug.yaml: fp32), scored here on its own: catches a
+    # reported number that belongs to other weights or another evaluation than the saved student's
+    again = _evaluate_checkpoint(f"{out}/checkpoints/step-00000004", tiny_sets["test"])
+    assert again["map"] == pytest.approx(summary["val"]["map"], abs=1e-6), (again, summary["val"])
     assert storage.exists(f"{out}/checkpoints/step-00000004/index.json")

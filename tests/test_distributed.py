@@ -81,6 +81,42 @@ def test_torchrun_trains_with_two_ddp_processes_and_one_process_resumes(tiny_set
     assert appended == [1, 2, 3, 1, 2, 3, 4]  # restarted at the epoch's start: step 0 of the 1-process plan
 
 
+def test_torchrun_ddp_ranks_see_different_batches_and_end_with_identical_weights(tiny_sets, tmp_path):
+    """DDP all-reduces the gradients: 2 torchrun ranks, each on its own share of the data, must hold bit-identical
+    parameters after every step. Each rank writes its own weights (tests/ddp_sync_job.py), since rank 0 alone
+    writes the checkpoint. Catches a student that is not wrapped in DDP (or an optimiser that steps the bare
+    module's unsynchronised gradients), an aux head left out of the all-reduce, and ranks that start from
+    different initial weights. BatchNorm running statistics are not compared: each rank's last forward moves
+    them with its own batch (DDP broadcasts rank 0's at the next forward), which is expected."""
+    import torch
+    from conftest import TEACHER_SIZE
+
+    out = tmp_path / "sync"
+    out.mkdir()
+    job = Path(__file__).with_name("ddp_sync_job.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(job), str(out), f"data.train={tiny_sets['train']}", "data.val=",
+           "data.image_size=32", "data.batch_size=16", "data.shuffle_buffer_mb=0.2", "teacher.mode=cached",
+           f"teacher.image_size={TEACHER_SIZE}", "model.trunk=resnet18", "model.weights=NONE",
+           "loss.aux_weight=0.5", "optim.lr=0.05", "optim.warmup_epochs=0", "run.max_steps=3", "run.device=cpu",
+           f"run.out_dir={out / 'run'}", "run.progress=false", "run.log_every=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2))
+    assert r0["world"] == r1["world"] == 2 and len(r0["losses"]) == len(r1["losses"]) == 3
+    # the ranks trained on different batches (so unsynchronised gradients would have pulled them apart)...
+    assert all(a != b for a, b in zip(r0["losses"], r1["losses"])), (r0["losses"], r1["losses"])
+    # ...from the same start, and end with the same weights to the last bit
+    assert r0["before"].keys() == r1["after"].keys() and "aux_head.weight" in r0["after"]
+    for k in r0["before"]:
+        assert torch.equal(r0["before"][k], r1["before"][k]), f"{k} differs between ranks before training"
+        assert torch.equal(r0["after"][k], r1["after"][k]), f"{k} differs between ranks after training"
+    # and the weights did move (three steps of LR 0.05), so equality is not that of untouched weights
+    for k in ("trunk.conv1.weight", "main_head.weight", "aux_head.weight"):
+        assert float((r0["after"][k] - r0["before"][k]).abs().max()) > 1e-4, k
+
+
 NO_SYNC_JOB = """
 import sys, torch, torch.distributed as dist
 from torch import nn

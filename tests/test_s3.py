@@ -63,6 +63,18 @@ def test_train_from_s3_with_a_cached_teacher_on_s3(s3_set, teacher, tmp_path):
     # the same bytes, labels and order from the object store: the same three steps, the same validation
     assert summary["val"]["map"] == pytest.approx(summaries["local"]["val"]["map"], abs=1e-6)
     assert summary["val"]["ap"] == pytest.approx(summaries["local"]["val"]["ap"], abs=1e-6)
+    # and that mAP is the one of the weights the run saved: its checkpoint, loaded on its own and scored on the
+    # S3 set (one process, fp32 on CPU, the run's batches), gives it to the last digit. Catches a validation of
+    # other weights than those saved (a checkpoint of an earlier step, BatchNorm statistics left out), of another
+    # head or transform, and AP keyed by other names than the rare classes.
+    from trainer.checkpoint import load_student_from_checkpoint
+    from trainer.evaluate import evaluate_student
+
+    student = load_student_from_checkpoint(summary["checkpoint"])
+    again = evaluate_student(student, read_manifest(remote.root), 32, 16, torch.device("cpu"))
+    assert set(again["ap"]) == set(summary["val"]["ap"]) == {"Trouser", "Bag"}  # RARE = ("1", "8")
+    assert again["map"] == pytest.approx(summary["val"]["map"], abs=1e-6)
+    assert again["ap"] == pytest.approx(summary["val"]["ap"], abs=1e-6)
 
 
 def test_a_missing_shard_object_is_skipped_and_counted(s3, tmp_path):
