@@ -48,10 +48,14 @@ def test_missing_config_file(tmp_path):
 def test_shipped_configs_load():
     from pathlib import Path
 
+    from trainer.experiment import load_spec
+
     configs = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
-    assert {p.name for p in configs} >= {"debug.yaml", "fmnist_bg.yaml", "inat_bg_100.yaml", "inat_bg_1.yaml"}
-    for p in configs:
-        load_config(p)
+    assert {p.name for p in configs} >= {"debug.yaml", "fmnist_bg.yaml", "inat_bg_100.yaml", "inat_bg_1.yaml",
+                                         "experiment_fmnist.yaml"}
+    for p in configs:  # experiment specs (settings x methods x seeds) have their own schema
+        load_spec(str(p)) if p.name.startswith("experiment_") else load_config(p)
+    configs = [p for p in configs if not p.name.startswith("experiment_")]
     inat = load_config(configs[[p.name for p in configs].index("inat_bg_100.yaml")])
     assert inat.model.trunk == "resnet50" and inat.teacher.weights == "IMAGENET1K_V1"
     assert inat.data.batch_size == 256 and inat.optim.epochs == 90

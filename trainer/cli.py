@@ -233,6 +233,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--prepare-only", action="store_true", help="build the data and teacher labels, train nothing")
     d.set_defaults(func=_demo)
 
+    x = sub.add_parser("experiment", help="tuned comparison: settings x methods x seeds, hyper-parameters chosen "
+                       "on validation with one shared grid and budget, test scored once per final run")
+    x.add_argument("config", help="experiment YAML (configs/experiment_fmnist.yaml)")
+    x.add_argument("--out", default="artifacts/experiment")
+    x.add_argument("--quick", action="store_true", help="1 setting, 2 methods, 2 grid points, 1 seed (a smoke run)")
+    # a light import (yaml and trainer.config); torch loads only when the command runs
+    from trainer.experiment import experiment_cli
+
+    x.set_defaults(func=experiment_cli)
+
     f = sub.add_parser("fetch-weights", help="download torchvision weights into torch's cache (needs a network)")
     f.add_argument("model")
     f.add_argument("weights", help="e.g. IMAGENET1K_V1")

@@ -1,0 +1,223 @@
+"""`bgsplit experiment`: grid sampling, validation-only selection, paired CIs, resume, config errors, and one real
+--quick run. Everything but the last test uses a synthetic scorer (no training)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+
+from trainer.cli import main
+from trainer.config import ConfigError
+from trainer.experiment import (
+    ExperimentSpec,
+    MethodSpec,
+    base_method,
+    load_spec,
+    method_grid,
+    paired_difference,
+    parse_spec,
+    run_experiment,
+    sample_grid,
+    t_quantile_975,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "configs" / "experiment_fmnist.yaml"
+
+
+def test_grid_sampling_shares_one_budget_and_is_deterministic():
+    spec = load_spec(SHIPPED)
+    for name, method in spec.methods.items():
+        grid = method_grid(spec.grid, method.grid)
+        points = sample_grid(grid, spec.budget, spec.tune_seed, name)
+        assert len(points) == min(spec.budget, len(grid))
+        assert points == sample_grid(grid, spec.budget, spec.tune_seed, name)  # same seed, same points
+        assert all(p in grid for p in points) and len({json.dumps(p) for p in points}) == len(points)
+        assert all(set(p) == set(spec.grid) | set(method.grid) for p in points)
+    grid = method_grid({"optim.lr": [1, 2, 3]}, {"loss.aux_weight": [4, 5, 6]})
+    assert len(grid) == 9
+    draws = {json.dumps(sample_grid(grid, 4, seed, "bg-split")) for seed in range(20)}
+    assert len(draws) > 1  # the seed matters
+    assert method_grid({"optim.lr": [1, 2]}, {"optim.lr": [7]}) == [{"optim.lr": 7}]  # own axis wins
+
+
+def test_base_method_pairs_by_name():
+    methods = ["fine-tune", "bg-split", "re-sample", "re-sample + bg-split", "focal", "lonely + bg-split"]
+    assert base_method("bg-split", methods) == "fine-tune"
+    assert base_method("re-sample + bg-split", methods) == "re-sample"
+    assert base_method("re-sample", methods) is None
+    assert base_method("lonely + bg-split", methods) is None  # no base method in the experiment
+
+
+def test_paired_difference_ci_by_hand():
+    variant = {0: 0.5, 1: 0.6, 2: 0.7}
+    base = {0: 0.4, 1: 0.4, 2: 0.5, 3: 0.9}  # seed 3 has no partner: left out
+    p = paired_difference(variant, base)
+    assert p["seeds"] == [0, 1, 2] and p["n"] == 3
+    # diffs 0.1, 0.2, 0.2: mean 1/6, sample sd sqrt(((1/15)^2 + 2 (1/30)^2) / 2) = 0.057735, t_{.975,2} = 4.303
+    half = 4.303 * 0.0577350 / math.sqrt(3)
+    assert p["mean"] == pytest.approx(1 / 6)
+    assert p["ci95"] == pytest.approx([1 / 6 - half, 1 / 6 + half], abs=1e-6)
+    one = paired_difference({0: 0.3}, {0: 0.1})
+    assert one["mean"] == pytest.approx(0.2) and one["ci95"] is None
+    assert t_quantile_975(60) == pytest.approx(2.000, abs=1e-3)
+    assert t_quantile_975(120) == pytest.approx(1.980, abs=1e-3)
+
+
+class FakeScorer:
+    """Validation mAP peaks at lr 0.003 (and aux weight 0.1); test mAP is anti-correlated with it, so any use of
+    the test split in selection would pick another point. Records every call."""
+
+    def __init__(self, sets):
+        self.sets, self.calls = sets, []
+
+    def __call__(self, cfg, eval_set):
+        self.calls.append({"eval_set": eval_set, "out_dir": cfg.run.out_dir, "seed": cfg.run.seed,
+                           "lr": cfg.optim.lr, "aux": cfg.loss.aux_weight, "sampling": cfg.data.sampling})
+        assert cfg.data.val == "" and cfg.data.test == ""  # the run itself never sees another split
+        closeness = -abs(math.log(cfg.optim.lr / 0.003)) - abs(cfg.loss.aux_weight - 0.1)
+        if eval_set == self.sets["val"]:
+            return {"map": 0.5 + 0.1 * closeness, "ap": {}}
+        return {"map": 0.5 - 0.1 * closeness + 0.05 * cfg.loss.aux_weight + 0.01 * cfg.run.seed, "ap": {}}
+
+
+def _fake_sets(tmp_path, version="1"):
+    sets = {}
+    for name in ("train-a", "train-b", "val", "test"):
+        (tmp_path / "data" / name).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / name / "manifest.json").write_text(json.dumps({"name": name, "v": version}))
+        sets[name] = str(tmp_path / "data" / name)
+    return {"A": sets["train-a"], "B": sets["train-b"], "val": sets["val"], "test": sets["test"]}
+
+
+def _spec(**changes):
+    spec = ExperimentSpec(
+        base=str(ROOT / "configs" / "fmnist_bg.yaml"),
+        methods={"fine-tune": MethodSpec(["loss.aux_weight=0"]),
+                 "bg-split": MethodSpec([], {"loss.aux_weight": [0.03, 0.1, 0.3]}),
+                 "re-sample": MethodSpec(["data.sampling=balanced", "loss.aux_weight=0"]),
+                 "re-sample + bg-split": MethodSpec(["data.sampling=balanced"], {"loss.aux_weight": [0.1, 0.3]})},
+        grid={"optim.lr": [0.001, 0.003, 0.01]}, budget=4, seeds=[0, 1, 2], tune_seed=7)
+    spec.data = dataclasses.replace(spec.data, settings={"A": 2, "B": 10})
+    return dataclasses.replace(spec, **changes)
+
+
+def test_selection_uses_validation_only_and_scores_test_once_per_final_run(tmp_path):
+    sets = _fake_sets(tmp_path)
+    spec, scorer = _spec(), FakeScorer(sets)
+    doc = run_experiment(spec, str(tmp_path / "out"), score=scorer, code="c0", sets=sets, log=lambda _: None)
+    tune_calls = [c for c in scorer.calls if "tune-" in c["out_dir"]]
+    final_calls = [c for c in scorer.calls if "final-" in c["out_dir"]]
+    assert len(tune_calls) + len(final_calls) == len(scorer.calls)
+    assert all(c["eval_set"] == sets["val"] and c["seed"] == spec.tune_seed for c in tune_calls)
+    assert all(c["eval_set"] == sets["test"] for c in final_calls)
+    # every (setting, method, seed) final run scored on test exactly once
+    keys = [(Path(c["out_dir"]).parts[-4], Path(c["out_dir"]).parts[-3], c["seed"]) for c in final_calls]
+    assert len(keys) == len(set(keys)) == 2 * 4 * 3
+    # the budget: grids of 3, 9, 3 and 6 points give 3, 4, 3 and 4 tuning runs per setting
+    used = {m: c["tuning_runs"] for m, c in doc["chosen"]["A"].items()}
+    assert used == {"fine-tune": 3, "bg-split": 4, "re-sample": 3, "re-sample + bg-split": 4}
+    # chosen by validation: the best val point among the sampled ones, never the best test point
+    for setting in ("A", "B"):
+        for method, chosen in doc["chosen"][setting].items():
+            tuned = [r for r in doc["runs"] if r["setting"] == setting and r["method"] == method
+                     and r["phase"] == "tune"]
+            assert all(r["split"] == "val" for r in tuned)
+            assert chosen["point"] == max(tuned, key=lambda r: r["map"])["point"]
+            assert chosen["point"]["optim.lr"] == 0.003
+            finals = [r for r in doc["runs"] if r["setting"] == setting and r["method"] == method
+                      and r["phase"] == "final"]
+            assert [r["seed"] for r in finals] == [0, 1, 2] and all(r["point"] == chosen["point"] for r in finals)
+    # pairs: bg-split vs fine-tune and re-sample + bg-split vs re-sample, per setting, by seed
+    pairs = {(p["setting"], p["variant"]): p for p in doc["pairs"]}
+    assert set(pairs) == {(s, v) for s in "AB" for v in ("bg-split", "re-sample + bg-split")}
+    p = pairs[("A", "bg-split")]
+    assert p["base"] == "fine-tune" and p["n"] == 3 and p["ci95"][0] <= p["mean"] <= p["ci95"][1]
+    md = (tmp_path / "out" / "results.md").read_text()
+    for text in ("Test mAP", "paired by seed", "Chosen hyper-parameters", "Wall time", "4 / 9", "3 / 3"):
+        assert text in md
+    assert (tmp_path / "out" / "plot.png").stat().st_size > 0
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {r["phase"] for r in saved["runs"]} == {"tune", "final"} and not any(r["reused"] for r in saved["runs"])
+
+
+def test_resume_reuses_finished_runs_and_reruns_only_what_changed(tmp_path):
+    sets = _fake_sets(tmp_path)
+    out = str(tmp_path / "out")
+    first = FakeScorer(sets)
+    doc1 = run_experiment(_spec(), out, score=first, code="c0", sets=sets, log=lambda _: None)
+    again = FakeScorer(sets)
+    doc2 = run_experiment(_spec(), out, score=again, code="c0", sets=sets, log=lambda _: None)
+    assert again.calls == [] and all(r["reused"] for r in doc2["runs"])
+    assert [r["map"] for r in doc2["runs"]] == [r["map"] for r in doc1["runs"]]
+    # a changed override of one method reruns that method's runs only
+    spec = _spec()
+    spec.methods["fine-tune"] = MethodSpec(["loss.aux_weight=0", "optim.momentum=0.8"])
+    changed = FakeScorer(sets)
+    doc3 = run_experiment(spec, out, score=changed, code="c0", sets=sets, log=lambda _: None)
+    fresh = [r for r in doc3["runs"] if not r["reused"]]
+    assert {r["method"] for r in fresh} == {"fine-tune"} and len(changed.calls) == len(fresh) == 2 * (3 + 3)
+    # a killed run: its result file is missing, so only it runs again
+    victim = Path(next(r["run_dir"] for r in doc3["runs"] if r["method"] == "bg-split" and r["seed"] == 1
+                       and r["phase"] == "final")) / "experiment_result.json"
+    victim.unlink()
+    partial = FakeScorer(sets)
+    run_experiment(spec, out, score=partial, code="c0", sets=sets, log=lambda _: None)
+    assert len(partial.calls) == 1 and partial.calls[0]["out_dir"] == str(victim.parent)
+    # new code or a rebuilt data set: everything runs again
+    newcode = FakeScorer(sets)
+    run_experiment(spec, out, score=newcode, code="c1", sets=sets, log=lambda _: None)
+    assert len(newcode.calls) == len(doc3["runs"])
+    rebuilt = _fake_sets(tmp_path, version="2")
+    newdata = FakeScorer(rebuilt)
+    run_experiment(spec, out, score=newdata, code="c1", sets=rebuilt, log=lambda _: None)
+    assert len(newdata.calls) == len(doc3["runs"])
+
+
+def test_unknown_experiment_key_is_a_one_line_error(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="unknown experiment key 'budjet'"):
+        parse_spec({"budjet": 3, "methods": {"a": {}}})
+    with pytest.raises(ConfigError, match="unknown experiment key 'methods.a.gird'"):
+        parse_spec({"methods": {"a": {"gird": {}}}})
+    with pytest.raises(ConfigError, match="unknown experiment key 'data.setings'"):
+        parse_spec({"data": {"setings": {}}, "methods": {"a": {}}})
+    with pytest.raises(ConfigError, match="'grid.optim.lr' must be a non-empty list"):
+        parse_spec({"grid": {"optim.lr": 0.1}, "methods": {"a": {}}})
+    with pytest.raises(ConfigError, match="'methods.a.overrides' must be a list"):
+        parse_spec({"methods": {"a": {"overrides": "loss.aux_weight=0"}}})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(SHIPPED.read_text() + "seedz: [1]\n")
+    assert main(["experiment", str(bad), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bgsplit: error: unknown experiment key 'seedz'") and "\n" not in err
+    # a bad training override in a method is the job config's own one-line error, before anything trains
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(SHIPPED.read_text().replace("loss.aux_weight=0]", "loss.aux_wieght=0]", 1)
+                    .replace("base: fmnist_bg.yaml", f"base: {ROOT / 'configs' / 'fmnist_bg.yaml'}"))
+    with pytest.raises(ConfigError, match="aux_wieght"):
+        run_experiment(load_spec(typo), str(tmp_path / "o"), score=lambda cfg, s: {"map": 0.0}, code="c",
+                       sets=_fake_sets(tmp_path) | {"99.6% bg": "x", "98.0% bg": "y"}, log=lambda _: None)
+
+
+@pytest.mark.slow
+def test_quick_experiment_end_to_end_through_the_cli(tmp_path):
+    out = tmp_path / "exp"
+    start = time.time()
+    assert main(["experiment", str(SHIPPED), "--quick", "--out", str(out)]) == 0
+    seconds = time.time() - start
+    doc = json.loads((out / "results.json").read_text())
+    assert len(doc["runs"]) == 2 * (2 + 1)  # 2 methods x (2 tuning points + 1 final seed)
+    assert all((r["split"] == "val") == (r["phase"] == "tune") for r in doc["runs"])
+    assert all(0.0 <= r["map"] <= 1.0 for r in doc["runs"])
+    assert (out / "results.md").read_text().count("| 99.6% bg |") >= 4
+    assert (out / "plot.png").stat().st_size > 0
+    # the tuning runs dropped their checkpoints, the final runs kept theirs
+    assert not list(out.rglob("tune-*/checkpoints")) and len(list(out.rglob("final-*/seed0/checkpoints"))) == 2
+    # a rerun reuses every run
+    assert main(["experiment", str(SHIPPED), "--quick", "--out", str(out)]) == 0
+    assert all(r["reused"] for r in json.loads((out / "results.json").read_text())["runs"])
+    print(f"quick experiment: {seconds:.0f}s")
