@@ -149,3 +149,20 @@ def test_a_fresh_rerun_starts_metrics_anew_and_a_resume_appends(tiny_sets, tmp_p
     assert steps() == [1, 2]
     train(tiny_config(tiny_sets, tmp_path / "run", "run.max_steps=3", "run.resume=auto", *common))
     assert steps() == [1, 2, 3]
+
+
+def test_trunk_lr_mult_zero_is_a_linear_probe(tiny_sets, tmp_path):
+    """optim.trunk_lr_mult=0: the trunk is a fixed feature extractor (weights and BN statistics untouched, no
+    gradients, eval mode in training) while the main head trains."""
+    cfg = tiny_config(tiny_sets, tmp_path / "probe", "optim.trunk_lr_mult=0", "loss.aux_weight=0", "data.val=",
+                      "run.max_steps=3")
+    trainer = Trainer.build(cfg)
+    trunk = {k: v.clone() for k, v in trainer.student.trunk.state_dict().items()}
+    head = trainer.student.main_head.weight.detach().clone()
+    trainer.fit()
+    assert all(not p.requires_grad for p in trainer.student.trunk.parameters())
+    trainer.student.train()
+    assert not trainer.student.trunk.training and trainer.student.main_head.training
+    after = trainer.student.trunk.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in trunk.items())  # BN running statistics included
+    assert not torch.equal(trainer.student.main_head.weight, head)

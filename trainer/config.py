@@ -137,7 +137,7 @@ class OptimConfig:
     """Micro-batches accumulated per optimiser step."""
     trunk_lr_mult: float = 1.0
     """The trunk's LR as a fraction of the heads' (same schedule): < 1 keeps a pre-trained trunk near its
-    features while the new main head trains."""
+    features while the new main head trains; 0 is a linear probe (trunk frozen, in eval mode, no gradients)."""
     clip_grad_norm: float = 0.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
 

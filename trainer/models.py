@@ -162,8 +162,17 @@ class Student(nn.Module):
                           else nn.Linear(backbone.feature_dim, rare_outputs))
         self.aux_head = nn.Linear(backbone.feature_dim, aux_classes) if aux_classes else None
 
+    def freeze_trunk(self) -> "Student":
+        """A linear probe (optim.trunk_lr_mult=0): the trunk is a fixed feature extractor, in eval mode (running
+        BN statistics, no dropout) and without gradients, so its backward pass is not even computed."""
+        self.trunk_frozen = True
+        self.trunk.requires_grad_(False)
+        return self.train(self.training)
+
     def train(self, mode: bool = True) -> "Student":
         super().train(mode)
+        if mode and getattr(self, "trunk_frozen", False):
+            self.trunk.eval()
         if mode and self.freeze_bn_stats:
             for m in self.trunk.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):

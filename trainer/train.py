@@ -256,6 +256,8 @@ class Trainer:
         total = int(math.ceil(cfg.optim.epochs * steps_per_epoch))
         if cfg.run.max_steps:
             total = min(total, cfg.run.max_steps)
+        if cfg.optim.trunk_lr_mult == 0:
+            student.freeze_trunk()
         optimizer = build_optimizer(student, cfg)
         scheduler = build_scheduler(optimizer, steps_per_epoch, cfg.optim)
         engine = build_engine(student, optimizer, cfg, device)
