@@ -122,43 +122,68 @@ def stats(monkeypatch):
     return storage.STATS
 
 
+class FakeClock:
+    """storage's view of time: sleep() moves it on at once, so the back-off schedule and the deadline are checked
+    as exact figures, whatever the machine's speed or load."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    fake = FakeClock()
+    monkeypatch.setattr(storage, "time", fake)
+    return fake
+
+
 def outage_lines(caplog) -> tuple[list[str], list[str]]:
     lines = [r.getMessage() for r in caplog.records if r.name == "bgsplit.storage"]
     return [m for m in lines if "outage:" in m], [m for m in lines if "recovered" in m]
 
 
-def test_a_short_outage_is_waited_out_with_one_line_when_it_starts_and_one_when_it_ends(stats, caplog):
-    start = time.monotonic()
+def test_a_short_outage_is_waited_out_with_one_line_when_it_starts_and_one_when_it_ends(stats, caplog, clock):
+    start = clock.now
 
     def store():
-        if time.monotonic() - start < 1.5:
+        if clock.now - start < 1.5:
             raise bce.EndpointConnectionError(endpoint_url=ENDPOINT)
         return b"payload"
 
     with caplog.at_level(logging.INFO, logger="bgsplit.storage"):
         assert storage.with_retries(store, "read s3://b/x bytes 0-1000") == b"payload"
-    took = time.monotonic() - start
-    assert 1.5 <= took < 5  # back-off 0.2, 0.4, 0.8, 1.6 s: the fifth attempt, at about 3 s, goes through
-    assert 3 <= stats["retries"] <= 6 and stats["failures"] == 0
-    assert 1.5 <= stats["outage_seconds"] <= took
+    took = clock.now - start
+    # capped exponential back-off with +-10% jitter: 0.2, 0.4, 0.8 (and 1.6 if those fell short of 1.5 s)
+    assert all(0.9 <= s / (0.2 * 2 ** i) <= 1.1 for i, s in enumerate(clock.sleeps))
+    assert 1.5 <= took <= sum(0.2 * 2 ** i * 1.1 for i in range(4))  # went through once the store was back
+    assert stats["retries"] == len(clock.sleeps) in (3, 4) and stats["failures"] == 0
+    assert stats["outage_seconds"] == pytest.approx(took)
     began, ended = outage_lines(caplog)
     assert len(began) == 1 and len(ended) == 1 and len(caplog.records) == 2
     assert "read s3://b/x bytes 0-1000" in began[0] and "EndpointConnectionError" in began[0]
 
 
-def test_an_outage_longer_than_the_timeout_raises_one_line(stats, caplog):
+def test_an_outage_longer_than_the_timeout_raises_one_line(stats, caplog, clock):
     storage.configure(outage_timeout_s=1)
     calls = []
 
     def store():
-        calls.append(time.monotonic())
+        calls.append(clock.now)
         raise bce.EndpointConnectionError(endpoint_url=ENDPOINT)
 
-    start = time.monotonic()
+    start = clock.now
     with caplog.at_level(logging.INFO, logger="bgsplit.storage"), pytest.raises(storage.StorageOutage) as info:
         storage.with_retries(store, "read s3://b/x bytes 0-1000")
-    took = time.monotonic() - start
-    assert 1.0 <= took < 3
+    # the last sleep is cut to the deadline, which is then reached exactly: no attempt past it, none short of it
+    assert clock.now - start == pytest.approx(1.0) and calls[-1] - start == pytest.approx(1.0)
     message = str(info.value)
     assert "\n" not in message and isinstance(info.value, OSError)
     assert message.startswith("read s3://b/x bytes 0-1000: ")
