@@ -85,18 +85,6 @@ def select_bg(labels: list[str], rare_classes: list[str], *, positives_per_class
     return BGSelection(indices=indices, main_labels=mains[indices], rare_classes=tuple(rare_classes))
 
 
-def split_holdout(num_items: int, holdout: int | float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Carve a validation set out of the training source: (rest, holdout) index arrays, disjoint, seeded.
-
-    Model selection must never look at the test split, so the validation set comes from training images.
-    """
-    n_hold = int(math.floor(holdout * num_items)) if isinstance(holdout, float) and holdout < 1 else int(holdout)
-    if not 0 <= n_hold < num_items:
-        raise ValueError(f"holdout of {holdout} does not fit a source of {num_items} items")
-    perm = np.random.default_rng([seed, 7919]).permutation(num_items)
-    return np.sort(perm[n_hold:]), np.sort(perm[:n_hold])
-
-
 def holdout_shares(sizes: list[int], num_background: int, holdout: int, rare_classes: list[str], *,
                    per_class: int | None = None) -> tuple[list[int], int]:
     """How many images a validation carve-out of ``holdout`` takes from each rare class, and from the background.

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data.bg_construction import positives_for_background_fraction, select_bg, split_holdout
+from data.bg_construction import positives_for_background_fraction, select_bg, stratified_holdout
 from data.loader import ShardStream, worker_skip
 from data.shards import FORMAT, MANIFEST, read_manifest, write_shard_set
 
@@ -97,9 +97,10 @@ def test_bg_construction_counts():
 
 
 def test_holdout_is_disjoint_and_seeded():
-    rest, held = split_holdout(100, 30, seed=3)
+    labels = [str(i % 10) for i in range(100)]
+    rest, held = stratified_holdout(labels, ["1", "2"], 30, seed=3)
     assert len(held) == 30 and len(rest) == 70 and not set(rest) & set(held)
-    assert np.array_equal(held, split_holdout(100, 30, seed=3)[1])
+    assert np.array_equal(held, stratified_holdout(labels, ["1", "2"], 30, seed=3)[1])
 
 
 def test_worker_skip_matches_round_robin():
