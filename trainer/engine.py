@@ -224,8 +224,9 @@ class DeepSpeedEngine(Engine):
         for name, param in self.student.named_parameters():
             full = safe_get_full_fp32_param(param)  # a collective under ZeRO; None where the param is the master
             state[name] = (param.detach() if full is None else full).float().cpu().clone()
+        persistent = self.student.state_dict(keep_vars=True).keys()
         for name, buffer in self.student.named_buffers():
-            if name in self.student.state_dict(keep_vars=True):  # persistent buffers only
+            if name in persistent:
                 state[name] = buffer.detach().float().cpu().clone() if buffer.is_floating_point() else buffer.cpu()
         return state
 
