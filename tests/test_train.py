@@ -166,3 +166,29 @@ def test_trunk_lr_mult_zero_is_a_linear_probe(tiny_sets, tmp_path):
     after = trainer.student.trunk.state_dict()
     assert all(torch.equal(after[k], v) for k, v in trunk.items())  # BN running statistics included
     assert not torch.equal(trainer.student.main_head.weight, head)
+
+
+def test_lp_ft_holds_the_trunk_during_the_probe_phase_then_fine_tunes_it(tiny_sets, tmp_path):
+    """optim.lp_epochs: while the probe phase lasts the trunk neither moves nor drops out (eval mode, so its
+    BN statistics stay too) although the head trains; the step after it ends, the whole student trains."""
+    common = ("loss.aux_weight=0", "data.val=", "run.max_steps=4")
+    probe_steps = 2
+    steps_per_epoch = Trainer.build(tiny_config(tiny_sets, tmp_path / "count", *common)).steps_per_epoch
+    trainer = Trainer.build(tiny_config(tiny_sets, tmp_path / "lpft", *common,
+                                        f"optim.lp_epochs={(probe_steps - 0.5) / steps_per_epoch}"))
+    assert [g["role"] for g in trainer.engine.optimizer.param_groups] == ["trunk", "heads"]
+    trunk = {k: v.clone() for k, v in trainer.student.trunk.state_dict().items()}
+    head = trainer.student.main_head.weight.detach().clone()
+    modes: list[bool] = []  # the trunk's mode at each training forward
+    trainer.student.trunk.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    trainer.total_steps = probe_steps
+    trainer.fit()
+    after = trainer.student.trunk.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in trunk.items())
+    assert not torch.equal(trainer.student.main_head.weight, head)
+    assert all(p.requires_grad for p in trainer.student.trunk.parameters())  # DDP's hooks never change
+    trainer.total_steps = probe_steps + 1
+    trainer.fit()
+    assert modes == [False] * probe_steps + [True]
+    after = trainer.student.trunk.state_dict()
+    assert any(not torch.equal(after[k], v) for k, v in trunk.items() if v.is_floating_point())

@@ -138,6 +138,10 @@ class OptimConfig:
     trunk_lr_mult: float = 1.0
     """The trunk's LR as a fraction of the heads' (same schedule): < 1 keeps a pre-trained trunk near its
     features while the new main head trains; 0 is a linear probe (trunk frozen, in eval mode, no gradients)."""
+    lp_epochs: float = 0.0
+    """LP-FT (Kumar et al., 2022): for the first lp_epochs the trunk's LR is 0 and it runs in eval mode (a linear
+    probe on the pre-trained features), then the whole student fine-tunes at the schedule's LR x trunk_lr_mult.
+    The trunk's gradients are still computed during the probe, so DDP's and DeepSpeed's hooks never change."""
     clip_grad_norm: float = 0.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
 
@@ -331,6 +335,9 @@ def validate(cfg: JobConfig) -> JobConfig:
         raise ConfigError(f"loss.aux_weight must be >= 0, got {cfg.loss.aux_weight}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
+    if cfg.optim.trunk_lr_mult < 0 or cfg.optim.lp_epochs < 0:
+        raise ConfigError(f"optim.trunk_lr_mult and optim.lp_epochs must be >= 0, got {cfg.optim.trunk_lr_mult} "
+                          f"and {cfg.optim.lp_epochs}")
     if cfg.cluster.num_workers < 1 or cfg.cluster.max_failures < 0:
         raise ConfigError("cluster.num_workers must be >= 1 and cluster.max_failures >= 0")
     if cfg.storage.outage_timeout_s <= 0:

@@ -47,23 +47,24 @@ def ddp_module(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
     return inner if isinstance(inner, nn.parallel.DistributedDataParallel) else None
 
 
-def param_groups(student: nn.Module, trunk_lr_mult: float) -> list[dict[str, Any]]:
-    """The trainable parameters as {trunk, heads} groups, each with its ``lr_mult`` (the schedule's factor).
+def param_groups(student: nn.Module, trunk_lr_mult: float, split: bool = False) -> list[dict[str, Any]]:
+    """The trainable parameters as {trunk, heads} groups, each with its ``lr_mult`` (the schedule's factor) and
+    ``role`` (the schedule holds the trunk's LR at 0 during LP-FT's probe phase).
 
-    One group when the multiplier is 1. A lower trunk LR keeps a pre-trained trunk near its features while new
+    One group when the multiplier is 1 and ``split`` is not asked for. A lower trunk LR keeps a pre-trained trunk near its features while new
     heads train (bench/aux_study.py: at the demo's LR the trunk leaves the teacher's features within 10 steps)."""
     trainable = [p for p in student.parameters() if p.requires_grad]
     trunk_module = getattr(student, "trunk", None)
-    if trunk_lr_mult == 1.0 or trunk_module is None:
-        return [{"params": trainable, "lr_mult": 1.0}]
+    if (trunk_lr_mult == 1.0 and not split) or trunk_module is None:
+        return [{"params": trainable, "lr_mult": 1.0, "role": "all"}]
     trunk_ids = {id(p) for p in trunk_module.parameters()}
-    groups = [{"params": [p for p in trainable if id(p) in trunk_ids], "lr_mult": trunk_lr_mult},
-              {"params": [p for p in trainable if id(p) not in trunk_ids], "lr_mult": 1.0}]
+    groups = [{"params": [p for p in trainable if id(p) in trunk_ids], "lr_mult": trunk_lr_mult, "role": "trunk"},
+              {"params": [p for p in trainable if id(p) not in trunk_ids], "lr_mult": 1.0, "role": "heads"}]
     return [g for g in groups if g["params"]]
 
 
 def build_optimizer(student: nn.Module, cfg: JobConfig) -> torch.optim.Optimizer:
-    groups = param_groups(student, cfg.optim.trunk_lr_mult)
+    groups = param_groups(student, cfg.optim.trunk_lr_mult, split=cfg.optim.lp_epochs > 0)
     if cfg.optim.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                weight_decay=cfg.optim.weight_decay)

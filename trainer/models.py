@@ -171,7 +171,7 @@ class Student(nn.Module):
 
     def train(self, mode: bool = True) -> "Student":
         super().train(mode)
-        if mode and getattr(self, "trunk_frozen", False):
+        if mode and (getattr(self, "trunk_frozen", False) or getattr(self, "trunk_probe", False)):
             self.trunk.eval()
         if mode and self.freeze_bn_stats:
             for m in self.trunk.modules():

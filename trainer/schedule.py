@@ -25,8 +25,21 @@ def lr_at(step: int, steps_per_epoch: int, cfg: OptimConfig) -> float:
 def build_scheduler(optimizer: torch.optim.Optimizer, steps_per_epoch: int,
                     cfg: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR (so it has state_dict/load_state_dict) whose factor makes the LR equal ``lr_at``, times each
-    parameter group's ``lr_mult`` (optim.trunk_lr_mult)."""
+    parameter group's ``lr_mult`` (optim.trunk_lr_mult); the trunk group's is 0 during LP-FT's probe phase."""
     for group in optimizer.param_groups:
         group["lr"] = cfg.lr * group.get("lr_mult", 1.0)
         group["initial_lr"] = group["lr"]
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, steps_per_epoch, cfg) / cfg.lr)
+
+    def factor(step: int) -> float:
+        return lr_at(step, steps_per_epoch, cfg) / cfg.lr
+
+    def trunk_factor(step: int) -> float:
+        return 0.0 if in_probe_phase(step, steps_per_epoch, cfg) else factor(step)
+
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [trunk_factor if g.get("role") == "trunk" else factor for g in optimizer.param_groups])
+
+
+def in_probe_phase(step: int, steps_per_epoch: int, cfg: OptimConfig) -> bool:
+    """LP-FT's first phase (optim.lp_epochs): the trunk is held fixed while the heads train."""
+    return step < cfg.lp_epochs * max(steps_per_epoch, 1)

@@ -32,7 +32,7 @@ from trainer.config import JobConfig
 from trainer.engine import Engine, autocast_dtype, build_engine, build_optimizer
 from trainer.evaluate import evaluate_student
 from trainer.models import Student, Teacher, build_student, build_teacher
-from trainer.schedule import build_scheduler
+from trainer.schedule import build_scheduler, in_probe_phase
 from trainer.task import BGSplitTask
 
 log = logging.getLogger("bgsplit.train")
@@ -364,6 +364,7 @@ class Trainer:
 
     def train_step(self, micro_batches: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """One optimiser step over ``grad_accum`` micro-batches; returns detached loss tensors (no sync)."""
+        self.student.trunk_probe = in_probe_phase(self.step, self.steps_per_epoch, self.cfg.optim)
         self.engine.model.train()
         epoch = self.step / self.steps_per_epoch
         sums: dict[str, torch.Tensor] = {}
