@@ -145,6 +145,28 @@ def test_selection_uses_validation_only_and_scores_test_once_per_final_run(tmp_p
     assert {r["phase"] for r in saved["runs"]} == {"tune", "final"} and not any(r["reused"] for r in saved["runs"])
 
 
+def test_an_ablation_reuses_the_chosen_point_and_runs_only_its_settings(tmp_path):
+    """soft aux as an ablation of bg-split: no tuning runs of its own, bg-split's chosen point plus loss.aux=soft,
+    final runs in setting A only, paired against bg-split by seed."""
+    sets = _fake_sets(tmp_path)
+    spec = _spec()
+    spec.methods["bg-split (soft)"] = MethodSpec(["loss.aux=soft"], ablation_of="bg-split", settings=["A"])
+    scorer = FakeScorer(sets)
+    doc = run_experiment(spec, str(tmp_path / "out"), score=scorer, code="c0", sets=sets, log=lambda _: None)
+    runs = [r for r in doc["runs"] if r["method"] == "bg-split (soft)"]
+    assert [(r["setting"], r["phase"], r["seed"]) for r in runs] == [("A", "final", s) for s in (0, 1, 2)]
+    hard = doc["chosen"]["A"]["bg-split"]
+    assert all(r["point"] == hard["point"] and r["overrides"] == [*hard["overrides"], "loss.aux=soft"]
+               for r in runs)
+    assert "bg-split (soft)" not in doc["chosen"]["B"]
+    pairs = [(p["setting"], p["base"]) for p in doc["pairs"] if p["variant"] == "bg-split (soft)"]
+    assert pairs == [("A", "bg-split")]
+    with pytest.raises(ConfigError, match="ablation_of names 'nope'"):
+        parse_spec({"data": {"settings": {"A": 2}}, "methods": {"x": {"ablation_of": "nope"}}})
+    with pytest.raises(ConfigError, match="settings names"):
+        parse_spec({"data": {"settings": {"A": 2}}, "methods": {"x": {"settings": ["Z"]}}})
+
+
 def test_resume_reuses_finished_runs_and_reruns_only_what_changed(tmp_path):
     sets = _fake_sets(tmp_path)
     out = str(tmp_path / "out")

@@ -56,6 +56,11 @@ class MethodSpec:
     """Dotted config overrides that define the method (e.g. loss.aux_weight=0)."""
     grid: dict[str, list[Any]] = field(default_factory=dict)
     """The method's own hyper-parameter axes, added to the shared grid (same key: the method's values win)."""
+    ablation_of: str = ""
+    """An ablation: no tuning of its own, it trains with the point chosen for this (earlier) method plus its
+    overrides, and is paired with it (e.g. soft aux targets against hard ones at the same LR and lambda)."""
+    settings: list[str] = field(default_factory=list)
+    """The settings it runs in (empty: all)."""
 
 
 @dataclass
@@ -125,8 +130,25 @@ def parse_spec(doc: dict[str, Any]) -> ExperimentSpec:
         raise ConfigError("experiment key 'methods' must map method names to {overrides: [...], grid: {...}}")
     for name, body in methods.items():
         body = _check_keys(body or {}, MethodSpec, f"methods.{name}.")
-        spec.methods[str(name)] = MethodSpec(overrides=_strings(body.get("overrides", []), f"methods.{name}.overrides"),
-                                             grid=_axes(body.get("grid", {}), f"methods.{name}.grid"))
+        method = MethodSpec(overrides=_strings(body.get("overrides", []), f"methods.{name}.overrides"),
+                            grid=_axes(body.get("grid", {}), f"methods.{name}.grid"),
+                            ablation_of=str(body.get("ablation_of", "")),
+                            settings=_strings(body.get("settings", []), f"methods.{name}.settings"))
+        if method.ablation_of and method.ablation_of not in spec.methods:
+            raise ConfigError(f"methods.{name}.ablation_of names '{method.ablation_of}', which is not a method "
+                              "listed before it")
+        if method.ablation_of and method.grid:
+            raise ConfigError(f"methods.{name} is an ablation: it reuses {method.ablation_of}'s chosen point and "
+                              "takes no grid")
+        of = spec.methods.get(method.ablation_of)
+        if of is not None and of.settings and not set(method.settings or spec.data.settings) <= set(of.settings):
+            raise ConfigError(f"methods.{name} runs in settings where {method.ablation_of} does not; give it "
+                              f"settings: {of.settings}")
+        unknown = [s for s in method.settings if s not in spec.data.settings]
+        if unknown:
+            raise ConfigError(f"methods.{name}.settings names {unknown}; the settings are "
+                              f"{list(spec.data.settings)}")
+        spec.methods[str(name)] = method
     for key in ("budget", "tune_seed"):
         if key in doc:
             if not isinstance(doc[key], int) or isinstance(doc[key], bool):
@@ -189,8 +211,12 @@ def point_overrides(point: dict[str, Any]) -> list[str]:
     return [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in point.items()]
 
 
-def base_method(method: str, methods: Sequence[str]) -> str | None:
-    """The method a BG-split variant is paired with: 'X + bg-split' -> 'X', 'bg-split' -> 'fine-tune'."""
+def base_method(method: str, methods: Sequence[str], spec_methods: dict[str, MethodSpec] | None = None
+                ) -> str | None:
+    """The method a BG-split variant is paired with: 'X + bg-split' -> 'X', 'bg-split' -> 'fine-tune'; an
+    ablation with the method it ablates."""
+    if spec_methods is not None and spec_methods[method].ablation_of:
+        return spec_methods[method].ablation_of
     if method == BG_SPLIT:
         base = BASELINE
     elif method.endswith(f" + {BG_SPLIT}"):
@@ -327,9 +353,17 @@ def run_setting(spec: ExperimentSpec, setting: str, sets: dict[str, str], out: s
     runs: list[dict[str, Any]] = []
     chosen: dict[str, Any] = {}
     for method, mspec in spec.methods.items():
-        grid = method_grid(spec.grid, mspec.grid)
-        points = sample_grid(grid, spec.budget, spec.tune_seed, method)
+        if mspec.settings and setting not in mspec.settings:
+            continue
         mdir = os.path.join(out, "runs", _slug(setting), _slug(method))
+        if mspec.ablation_of:
+            of = chosen[mspec.ablation_of]
+            best = {"point": of["point"], "overrides": [*of["overrides"], *mspec.overrides]}
+            chosen[method] = {**of, "ablation_of": mspec.ablation_of, "tuning_runs": 0}
+            points = []
+        else:
+            grid = method_grid(spec.grid, mspec.grid)
+            points = sample_grid(grid, spec.budget, spec.tune_seed, method)
         tuned = []
         for point in points:
             overrides = [*mspec.overrides, *point_overrides(point)]
@@ -342,9 +376,10 @@ def run_setting(spec: ExperimentSpec, setting: str, sets: dict[str, str], out: s
                        f"({rec['seconds']:.0f}s{', reused' if rec['reused'] else ''})")
             runs.append(rec)
             tuned.append(rec)
-        best = max(tuned, key=lambda r: r["map"])  # first best in grid order on a tie
-        chosen[method] = {"point": best["point"], "val_map": best["map"], "grid_size": len(grid),
-                          "tuning_runs": len(points), "budget": spec.budget}
+        if tuned:
+            best = max(tuned, key=lambda r: r["map"])  # first best in grid order on a tie
+            chosen[method] = {"point": best["point"], "overrides": best["overrides"], "val_map": best["map"],
+                              "grid_size": len(grid), "tuning_runs": len(points), "budget": spec.budget}
         for seed in spec.seeds:
             cfg = job_config(spec, sets[setting], os.path.join(mdir, f"final-{_hash(best['overrides'])}",
                                                                f"seed{seed}"), seed, best["overrides"])
@@ -370,8 +405,8 @@ def summarize_runs(spec: ExperimentSpec, runs: list[dict[str, Any]]) -> dict[str
                 table.append({"setting": setting, "method": method, "mean": mean, "std": std, "n": len(maps),
                               "maps": [maps[s] for s in sorted(maps)]})
         for method in spec.methods:
-            base = base_method(method, list(spec.methods))
-            if base is not None:
+            base = base_method(method, list(spec.methods), spec.methods)
+            if base is not None and by_method[method] and by_method[base]:
                 pairs.append({"setting": setting, "variant": method, "base": base,
                               **paired_difference(by_method[method], by_method[base])})
     return {"table": table, "pairs": pairs}
@@ -401,6 +436,8 @@ def results_markdown(spec: ExperimentSpec, summary: dict[str, Any], chosen: dict
     for setting, methods in chosen.items():
         for method, c in methods.items():
             point = ", ".join(f"{k}={v}" for k, v in c["point"].items()) or "(no axes)"
+            if c.get("ablation_of"):
+                point = f"{c['ablation_of']}'s: {point}"
             lines.append(f"| {setting} | {method} | {point} | {_pct(c['val_map'])} | "
                          f"{c['tuning_runs']} / {c['grid_size']} |")
     trained = [r for r in runs if not r["reused"]]
