@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import IO, Any, Callable, Iterable, Iterator
+from typing import IO, Any
 
 from data import storage
 
@@ -130,8 +132,16 @@ def read_manifest(location: str) -> Manifest:
 def check_objects(manifest: Manifest) -> None:
     """Refuse a set whose listed shards or records are not all there (one listing, not a request per shard):
     training on it would silently lose those samples, or fail hours in."""
-    present = set(storage.listdir(manifest.root))
-    missing = [name for s in manifest.shards for name in (s.url, s.record) if name not in present]
+    listings: dict[str, set[str]] = {}  # shards kept from a parent set live in its folder: one listing per folder
+    missing = []
+    for s in manifest.shards:
+        for name in (s.url, s.record):
+            url = storage.join(manifest.root, name)
+            folder = storage.dirname(url)
+            if folder not in listings:
+                listings[folder] = set(storage.listdir(folder))
+            if url[len(folder):].lstrip("/" + os.sep) not in listings[folder]:
+                missing.append(name)
     if missing:
         raise FileNotFoundError(f"shard set {manifest.root} lists {len(missing)} object(s) that are missing "
                                 f"(first: {missing[0]}): rebuild it with `bgsplit shards build` (a re-run rewrites "

@@ -20,7 +20,8 @@ import random
 import tempfile
 import threading
 import time
-from typing import IO, Callable, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import IO, TypeVar
 
 log = logging.getLogger("bgsplit.storage")
 T = TypeVar("T")
@@ -232,6 +233,11 @@ def is_remote(url: str) -> bool:
 
 
 def join(base: str, *parts: str) -> str:
+    """``base``/``parts``; a part that is itself a URL or an absolute path starts afresh (as os.path.join does),
+    so a manifest can list shards that live in another set (`shards add-labels` keeps its parent's shards)."""
+    for i in range(len(parts) - 1, -1, -1):
+        if is_remote(parts[i]) or (not is_remote(base) and os.path.isabs(parts[i])):
+            return join(parts[i], *parts[i + 1:])
     if is_remote(base):
         return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
     return os.path.join(base, *parts)
@@ -422,6 +428,10 @@ def remove(url: str, recursive: bool = False) -> None:
         with_retries(lambda: _call(fs, "rm", path, recursive=recursive), f"remove {url}")
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once at import (os.umask can only be read by setting it)
+
+
 @contextlib.contextmanager
 def atomic_write(url: str) -> Iterator[IO[bytes]]:
     """Write a file that appears under ``url`` only once the block finished without an exception."""
@@ -441,6 +451,7 @@ def atomic_write(url: str) -> Iterator[IO[bytes]]:
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
     fd, tmp_path = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".partial", dir=folder)
+    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide reports and review pages from other users
     try:
         with os.fdopen(fd, "wb") as f:
             yield f

@@ -17,7 +17,9 @@ import functools
 import hashlib
 import io
 import json
+import os
 from dataclasses import asdict, dataclass
+
 import numpy as np
 
 from data import storage
@@ -61,8 +63,14 @@ def set_url(root: str, spec: LabelSpec) -> str:
     return storage.join(root, LABELS_DIR, spec.name)
 
 
+def labels_name(shard_url: str) -> str:
+    """A shard's label file name: its file name's stem, so shards a set keeps from a parent set (listed by their
+    full URL) get their labels in this set's label folder too."""
+    return shard_url.replace(os.sep, "/").rsplit("/", 1)[-1].rsplit(".", 1)[0] + ".npz"
+
+
 def shard_labels_url(root: str, spec: LabelSpec, shard_url: str) -> str:
-    return storage.join(set_url(root, spec), shard_url.rsplit(".", 1)[0] + ".npz")
+    return storage.join(set_url(root, spec), labels_name(shard_url))
 
 
 def _shard_list(manifest: Manifest) -> dict[str, int]:
@@ -82,7 +90,7 @@ def write_shard_labels(root: str, spec: LabelSpec, shard_url: str, indices: np.n
 def labelled_shards(manifest: Manifest, spec: LabelSpec) -> set[str]:
     """Shards whose label file is already there (one listing): a re-run labels only the rest."""
     present = set(storage.listdir(set_url(manifest.root, spec)))
-    return {s.url for s in manifest.shards if s.url.rsplit(".", 1)[0] + ".npz" in present}
+    return {s.url for s in manifest.shards if labels_name(s.url) in present}
 
 
 def finish_label_set(manifest: Manifest, spec: LabelSpec, num_classes: int, extra: dict | None = None) -> str:

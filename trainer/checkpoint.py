@@ -86,7 +86,7 @@ def latest_checkpoint(out_dir: str) -> str | None:
     return found[-1] if found else None
 
 
-def _state_url(url: str) -> str:
+def state_url(url: str) -> str:
     """A checkpoint folder or its state.pt; a plain .pt file (exported weights) is read as it is."""
     url = url.rstrip("/")
     if url.endswith(".pt"):
@@ -100,10 +100,10 @@ def _state_url(url: str) -> str:
 
 
 def load_checkpoint(url: str) -> dict[str, Any]:
-    state_url = _state_url(url)
-    if not storage.exists(state_url):
+    state = state_url(url)
+    if not storage.exists(state):
         raise FileNotFoundError(f"checkpoint {url} does not exist: give an existing checkpoint, or run.resume=auto")
-    return torch.load(io.BytesIO(storage.read_bytes(state_url)), map_location="cpu", weights_only=False)
+    return torch.load(io.BytesIO(storage.read_bytes(state)), map_location="cpu", weights_only=False)
 
 
 def check_compatible(state: dict[str, Any], model_meta: dict[str, Any], url: str) -> None:
