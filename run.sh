@@ -8,15 +8,26 @@ cd "$(dirname "$0")"
 VENV=${BGSPLIT_VENV:-.venv}
 PY=${PYTHON:-python3}
 
+apt_install() {
+  if command -v apt-get >/dev/null; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "$@"
+  else
+    echo "run.sh: install the Debian package(s) $* (or their equivalents)" >&2
+  fi
+}
+
 install_system() {
   # Real images offline: Fashion-MNIST from Debian (31 MB). Skipped when already present.
   if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
-    if command -v apt-get >/dev/null; then
-      SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-      $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist
-    else
-      echo "run.sh: install the Debian package dataset-fashion-mnist (or use bgsplit's torchvision download)" >&2
-    fi
+    apt_install dataset-fashion-mnist
+  fi
+}
+
+install_browser() {
+  # The mining review page is tested in a real headless Chromium, driven by selenium through Debian's driver.
+  if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+    apt_install chromium chromium-driver
   fi
 }
 
@@ -40,6 +51,6 @@ install_python
 case "$cmd" in
   install) ;;
   demo) exec "$VENV/bin/bgsplit" demo "$@" ;;
-  test) exec "$VENV/bin/python" -m pytest -q "$@" ;;
+  test) install_browser; exec "$VENV/bin/python" -m pytest -q "$@" ;;
   *) echo "usage: ./run.sh {demo|test|install} [args]" >&2; exit 2 ;;
 esac

@@ -1,4 +1,5 @@
-"""The heavy passes over a whole shard set as Ray tasks: `shards build`, `teacher-label` and `eval` with ``--ray``.
+"""The heavy passes over a whole shard set as Ray tasks: `shards build`, `teacher-label`, `eval` and `mine` with
+``--ray``.
 
 Over millions of images one machine's process pool is the bottleneck; these run the very same per-shard work
 (data.ingest.write_shard, trainer.teacher_label.label_shards, trainer.evaluate.predict) as Ray tasks spread over
@@ -13,7 +14,8 @@ checkpoints must be reachable from every node (object storage, or a shared file 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger("bgsplit.cluster")
 
@@ -106,7 +108,12 @@ def ray_teacher_label(location: str, *, teacher: str, weights: str = "", image_s
     from data.shards import read_manifest
     from data.teacher_labels import finish_label_set, set_url
     from trainer.models import build_teacher
-    from trainer.teacher_label import is_complete, label_spec, shards_to_label, unpublish
+    from trainer.teacher_label import (
+        is_complete,
+        label_spec,
+        shards_to_label,
+        unpublish,
+    )
 
     manifest = read_manifest(location)
     model = build_teacher(teacher, weights)  # for the weights digest that keys the label set
@@ -166,3 +173,36 @@ def ray_evaluate(checkpoint: str, location: str, out_dir: str, *, image_size: in
     extra = {**(report.pop("extra", None) or {}), "ray_tasks": per_task, "ranks": per_task}
     return report_predictions(manifest, *merge_predictions(manifest, ordered), out_dir, image_size=image_size,
                               extra=extra, **report)
+
+
+# -- mine -------------------------------------------------------------------------------------------------------
+def _mine_group(job, fingerprint: str, shards: list[int]) -> dict[str, int]:
+    from trainer.mine import score_shares
+
+    return score_shares(job, fingerprint, shards)
+
+
+def ray_mine(job, *, shards_per_task: int = 4, gpus_per_task: float = 0.0) -> dict[str, Any]:
+    """`bgsplit mine --ray`: each task scores a few shares of the pool and publishes a part per share; a task whose
+    worker died is retried (its finished shares are skipped), then the driver merges the parts and publishes."""
+    import ray
+
+    from data.shards import read_manifest
+    from trainer.checkpoint import load_checkpoint
+    from trainer.mine import pool_identity, publish
+
+    manifest = read_manifest(job.pool)
+    meta = load_checkpoint(job.checkpoint)["model_meta"]
+    fingerprint = job.fingerprint(pool_identity(manifest))
+    groups = [list(range(i, min(i + shards_per_task, len(manifest.shards))))
+              for i in range(0, len(manifest.shards), shards_per_task)]
+    remote = ray.remote(num_cpus=1, num_gpus=gpus_per_task, max_retries=MAX_RETRIES)(_mine_group)
+    totals = {"scored": 0, "shares": 0, "reused": 0, "ray_tasks": len(groups)}
+
+    def add(done: dict[str, int]) -> None:
+        for k, v in done.items():
+            totals[k] += v
+
+    _in_flight(2 * _cluster_cpus(), lambda g: remote.remote(job, fingerprint, g), groups, add)
+    class_names = meta.get("class_names") or [f"class {i}" for i in range(meta["num_classes"])]
+    return {**publish(job, fingerprint, manifest, class_names), "this_run": totals}

@@ -125,6 +125,52 @@ def _teacher_label(args: argparse.Namespace) -> None:
             print(url)
 
 
+def _mine(args: argparse.Namespace) -> None:
+    """One process, every rank of a torchrun job (each scores its share of the pool, rank 0 merges), or Ray
+    tasks. A source that is not a shard set yet is built into OUT/pool first (rank 0; the others wait)."""
+    import torch.distributed as dist
+
+    from trainer.checkpoint import load_checkpoint
+    from trainer.mine import MineJob, mine, pool_set
+    from trainer.train import init_distributed, resolve_device
+
+    if args.top < 1:
+        raise ValueError(f"--top must be at least 1, got {args.top}")
+    image_size = args.image_size or load_checkpoint(args.checkpoint)["config"]["data"]["image_size"]
+    if args.ray:
+        from cluster.passes import connect, ray_mine
+
+        connect(args.ray_address)
+        job = MineJob(args.checkpoint, pool_set(args.pool, args.out, args.workers), args.out, args.top, image_size,
+                      args.batch_size, args.precision, tuple(args.exclude), args.num_workers)
+        print(json.dumps(ray_mine(job, gpus_per_task=args.gpus_per_task), indent=1))
+        return
+    rank, world = init_distributed(resolve_device("auto"))
+    barrier = dist.barrier if world > 1 else None
+    pool = pool_set(args.pool, args.out, args.workers) if rank == 0 else None
+    if barrier is not None:
+        box = [pool]
+        dist.broadcast_object_list(box, src=0)
+        pool = box[0]
+    job = MineJob(args.checkpoint, pool, args.out, args.top, image_size, args.batch_size, args.precision,
+                  tuple(args.exclude), args.num_workers)
+    summary = mine(job, rank=rank, world=world, barrier=barrier)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if summary is not None:
+        print(json.dumps(summary, indent=1))
+
+
+def _shards_add_labels(args: argparse.Namespace) -> None:
+    from data.add_labels import add_labels
+
+    manifest = add_labels(args.data, args.labels, args.pool, args.out)
+    added = manifest.meta["added"]
+    print(f"{args.out}: {manifest.count} images; added {added['positives']} positives and {added['hard_negatives']} "
+          f"hard negatives in {added['new_shards']} new shard(s) ({added['already_known']} labelled key(s) were "
+          f"already in {args.data}); the parent's shards are listed where they are, not copied")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from trainer.demo import run_demo
 
@@ -210,6 +256,35 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--seed", type=int, default=0, help="run.seed (the shard order; epoch 0 is shown)")
     pl.add_argument("--json", action="store_true", help="the whole summary as JSON")
     pl.set_defaults(func=_shards_plan)
+
+    al = s.add_parser("add-labels", help="a new version of a training set with reviewed candidates added: "
+                      "confirmed positives to their class, rejected ones as hard-negative background")
+    al.add_argument("--data", required=True, help="the training shard set to extend (left untouched)")
+    al.add_argument("--labels", required=True, help="labels.csv exported from review.html")
+    al.add_argument("--pool", required=True, help="the shard set the candidates were mined from (mine's OUT/pool "
+                    "when the pool was a source)")
+    al.add_argument("--out", required=True, help="where the new version goes (its manifest lists the parent's "
+                    "shards by URL: nothing existing is copied)")
+    al.set_defaults(func=_shards_add_labels)
+
+    m = sub.add_parser("mine", help="score an unlabeled pool, keep the top N per rare class; candidates.jsonl, "
+                       "contact sheets, review.html (one process, torchrun, or --ray)")
+    m.add_argument("--checkpoint", required=True)
+    m.add_argument("--pool", required=True, help="a shard set, or any source `shards build` reads (folder:, "
+                   "manifest:, wds:, fmnist:...), local or on S3; a source is built into OUT/pool first")
+    m.add_argument("--top", type=int, default=100, help="candidates kept per rare class")
+    m.add_argument("--out", required=True)
+    m.add_argument("--exclude", nargs="*", default=[], help="shard sets whose keys are never candidates (the "
+                   "training and validation sets; read whole, so meant for sets of up to a few million)")
+    m.add_argument("--image-size", type=int, default=0, help="default: the training image size")
+    m.add_argument("--batch-size", type=int, default=256)
+    m.add_argument("--num-workers", type=int, default=0, help="decoding processes per scoring process")
+    m.add_argument("--workers", type=int, default=0, help="processes building a source pool into shards")
+    m.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="the trunk's dtype (auto: bf16 on a GPU, fp32 on CPU); scores are an fp32 softmax either way")
+    m.add_argument("--gpus-per-task", type=float, default=0.0, help="with --ray")
+    _ray_flags(m)
+    m.set_defaults(func=_mine)
 
     tl = sub.add_parser("teacher-label", help="store the teacher's top-k labels in shard sets (per shard; "
                         "resumable; under torchrun every rank labels its share)")

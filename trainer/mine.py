@@ -1,0 +1,275 @@
+"""`bgsplit mine`: find the rare classes in an unlabeled pool, for a person to confirm and train on again.
+
+The pool can hold millions of images, so nothing here grows with it. The unit of work is a *share*, one shard
+of the pool: scoring a share keeps its top N per rare class and publishes them whole as a part file
+(``parts/<fingerprint>/<shard>.json``). The merge reads the parts one at a time into a bounded top N per class.
+Because a part is published only when its share is done, a killed worker loses that share only, and a rerun (or
+a Ray retry) scores just the shares without a part. The fingerprint names everything that decides the scores
+(checkpoint, pool, input size, N, exclusions), so parts from another checkpoint are never merged in.
+
+Which share a worker scores is trainer.evaluate.eval_shards (pure, balanced by samples); one process, torchrun
+ranks and Ray tasks run the same ``score_shares``.
+"""
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from data import storage
+from data.shards import Manifest, iter_tar, read_manifest
+
+log = logging.getLogger("bgsplit.mine")
+
+PARTS = "parts"
+CANDIDATES = "candidates.jsonl"
+SUMMARY = "mine.json"
+
+
+@dataclass(frozen=True)
+class MineJob:
+    """What a worker needs to score its shares: everything is a URL or a number, so it pickles to Ray tasks."""
+
+    checkpoint: str
+    pool: str
+    """The pool's shard set (a source other than a shard set is built into ``out/pool`` first)."""
+    out: str
+    top: int
+    image_size: int
+    batch_size: int = 256
+    precision: str = "auto"
+    exclude: tuple[str, ...] = ()
+    """Shard sets whose keys are never candidates (the training and validation sets)."""
+    num_workers: int = 0
+
+    def fingerprint(self, pool_identity: str) -> str:
+        doc = {"checkpoint": self.checkpoint, "checkpoint_id": checkpoint_identity(self.checkpoint),
+               "pool": pool_identity, "top": self.top, "image_size": self.image_size, "exclude": sorted(self.exclude)}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def checkpoint_identity(checkpoint: str) -> str:
+    """A digest of the checkpoint's weights file: another checkpoint written to the same URL is another identity."""
+    from trainer.checkpoint import state_url
+
+    return hashlib.sha256(storage.read_bytes(state_url(checkpoint))).hexdigest()[:16]
+
+
+def pool_identity(manifest: Manifest) -> str:
+    return hashlib.sha256(json.dumps(manifest.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------ top N
+
+
+@dataclass
+class TopN:
+    """The N best (score, key, shard, index) of each rare class seen so far; memory is N x K whatever the pool.
+
+    Ties are broken by (shard, index) ascending, so the result does not depend on how the pool was split."""
+
+    n: int
+    classes: int
+    """Rare classes (the main head's outputs 1..K)."""
+    heaps: dict[int, list[tuple[float, tuple[int, int], str, str, int]]] = field(default_factory=dict)
+
+    def push(self, cls: int, score: float, key: str, shard: str, index: int, order: int) -> None:
+        # the heap's root is the worst kept: lowest score, then the latest (shard order, index)
+        item = (score, (-order, -index), key, shard, index)
+        heap = self.heaps.setdefault(cls, [])
+        if len(heap) < self.n:
+            heapq.heappush(heap, item)
+        elif item > heap[0]:
+            heapq.heapreplace(heap, item)
+
+    def add_scores(self, probs: np.ndarray, keys: list[str], shard: str, indices: list[int], order: int,
+                   skip: set[str] | frozenset = frozenset()) -> None:
+        """One share's softmax rows (n x K+1): only each class's N best rows are pushed."""
+        keep = np.array([k not in skip for k in keys], dtype=bool)
+        for cls in range(1, self.classes + 1):
+            scores = np.where(keep, probs[:, cls], -np.inf)
+            best = np.argsort(-scores, kind="stable")[: self.n]
+            for i in best:
+                if np.isfinite(scores[i]):
+                    self.push(cls, float(scores[i]), keys[i], shard, indices[i], order)
+
+    def merge(self, other: TopN) -> None:
+        for cls, heap in other.heaps.items():
+            for score, (neg_order, neg_index), key, shard, index in heap:
+                self.push(cls, score, key, shard, index, -neg_order)
+
+    def ranked(self, cls: int) -> list[dict[str, Any]]:
+        """Best first."""
+        rows = sorted(self.heaps.get(cls, []), reverse=True)
+        return [{"key": key, "score": score, "shard": shard, "index": index, "order": -neg_order}
+                for score, (neg_order, _), key, shard, index in rows]
+
+    def to_json(self) -> dict[str, Any]:
+        return {str(c): self.ranked(c) for c in range(1, self.classes + 1)}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any], n: int, classes: int) -> TopN:
+        top = cls(n, classes)
+        for c, rows in doc.items():
+            for r in rows:
+                top.push(int(c), float(r["score"]), r["key"], r["shard"], int(r["index"]), int(r["order"]))
+        return top
+
+
+# ------------------------------------------------------------------------------------------------ shares
+
+
+def part_url(out: str, fingerprint: str, shard_url: str) -> str:
+    return storage.join(out, PARTS, fingerprint, os.path.basename(shard_url).rsplit(".", 1)[0] + ".json")
+
+
+def keys_of(locations: Iterable[str]) -> set[str]:
+    """Every sample key of these shard sets (a pass over their shards' bytes; meant for training and validation
+    sets, not for a pool of millions)."""
+    keys: set[str] = set()
+    for location in locations:
+        manifest = read_manifest(location)
+        for shard in manifest.shards:
+            with storage.open_read(storage.join(manifest.root, shard.url)) as stream:
+                keys.update(key for key, _ in iter_tar(stream))
+    return keys
+
+
+def score_shares(job: MineJob, fingerprint: str, shards: list[int], chunk: int = 8) -> dict[str, int]:
+    """Score the given shares of the pool (those without a part), publishing one part per share.
+
+    Shares are scored ``chunk`` at a time (one DataLoader, its workers started once per chunk)."""
+    import torch
+
+    from trainer.checkpoint import load_student_from_checkpoint
+    from trainer.engine import autocast_dtype
+    from trainer.evaluate import predict
+    from trainer.train import resolve_device
+
+    manifest = read_manifest(job.pool)
+    todo = [s for s in shards if not storage.exists(part_url(job.out, fingerprint, manifest.shards[s].url))]
+    if not todo:
+        return {"scored": 0, "shares": 0, "reused": len(shards)}
+    device = resolve_device("auto")
+    student = load_student_from_checkpoint(job.checkpoint).to(device)
+    classes = student.num_classes - 1
+    skip = keys_of(job.exclude) if job.exclude else set()
+    dtype = autocast_dtype(job.precision, device)
+    scored = 0
+    for start in range(0, len(todo), chunk):
+        group = todo[start:start + chunk]
+        with torch.inference_mode():
+            probs, _, keys, refs = predict(student, manifest, job.image_size, job.batch_size, device,
+                                           job.num_workers, shards=group, dtype=dtype)
+        scored += len(keys)
+        urls = np.array([u for u, _ in refs]) if refs else np.array([], dtype=str)
+        for s in group:
+            url = manifest.shards[s].url
+            rows = np.flatnonzero(urls == url)
+            top = TopN(job.top, classes)
+            top.add_scores(probs[rows], [keys[i] for i in rows], storage.join(manifest.root, url),
+                           [refs[i][1] for i in rows], s, skip)
+            doc = {"shard": url, "scored": len(rows), "count": manifest.shards[s].count, "top": top.to_json()}
+            storage.write_bytes(part_url(job.out, fingerprint, url), json.dumps(doc).encode())
+    return {"scored": scored, "shares": len(todo), "reused": len(shards) - len(todo)}
+
+
+def merge_parts(job: MineJob, fingerprint: str, manifest: Manifest, classes: int) -> tuple[TopN, int]:
+    """All shares' parts into one top N per class, one part in memory at a time; refuses a missing part."""
+    top, scored = TopN(job.top, classes), 0
+    missing = [s.url for s in manifest.shards if not storage.exists(part_url(job.out, fingerprint, s.url))]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} share(s) of pool {manifest.root} are not scored yet (first: {missing[0]}): "
+                           "run `bgsplit mine` again, it scores only those")
+    for s in manifest.shards:
+        doc = json.loads(storage.read_bytes(part_url(job.out, fingerprint, s.url)))
+        top.merge(TopN.from_json(doc["top"], job.top, classes))
+        scored += doc["scored"]
+    return top, scored
+
+
+def candidates(top: TopN, class_names: list[str]) -> Iterator[dict[str, Any]]:
+    for cls in range(1, top.classes + 1):
+        for rank, row in enumerate(top.ranked(cls), start=1):
+            yield {"key": row["key"], "class": cls, "class_name": class_names[cls], "score": row["score"],
+                   "rank": rank, "shard": row["shard"], "index": row["index"], "url": f"{row['shard']}#{row['key']}"}
+
+
+def fetch_images(manifest: Manifest, rows: list[dict[str, Any]]) -> dict[str, dict[str, bytes]]:
+    """key -> the sample's tar members (image, cls, json), read back by byte range for the winners only."""
+    from data.order import Ref
+    from data.reader import ShardReader
+
+    index = {storage.join(manifest.root, s.url): i for i, s in enumerate(manifest.shards)}
+    wanted = {(index[r["shard"]], r["index"]): r["key"] for r in rows}
+    fetched = ShardReader(manifest, manifest.shards).fetch(Ref(s, i, 0) for s, i in wanted)
+    return {sample.key: sample.fields for ref, sample in fetched.items() if sample is not None}
+
+
+def image_member(fields: dict[str, bytes]) -> bytes | None:
+    from data.loader import IMAGE_EXTS
+
+    return next((fields[e] for e in IMAGE_EXTS if e in fields), None)
+
+
+def publish(job: MineJob, fingerprint: str, manifest: Manifest, class_names: list[str]) -> dict[str, Any]:
+    """candidates.jsonl, contact sheets and review.html from the merged parts; mine.json last (it marks done)."""
+    from trainer.review import write_review
+
+    top, scored = merge_parts(job, fingerprint, manifest, len(class_names) - 1)
+    rows = list(candidates(top, class_names))
+    storage.write_bytes(storage.join(job.out, CANDIDATES),
+                        "".join(json.dumps(r) + "\n" for r in rows).encode())
+    fields = fetch_images(manifest, rows)
+    thumbs = {k: img for k, f in fields.items() if (img := image_member(f)) is not None}
+    review = write_review(job.out, rows, thumbs, class_names)
+    summary = {"pool": manifest.root, "pool_images": manifest.count, "scored": scored, "shares": len(manifest.shards),
+               "checkpoint": job.checkpoint, "top": job.top, "classes": class_names[1:], "candidates": len(rows),
+               "fingerprint": fingerprint, "outputs": {"candidates": storage.join(job.out, CANDIDATES), **review}}
+    storage.write_bytes(storage.join(job.out, SUMMARY), json.dumps(summary, indent=1).encode())
+    return summary
+
+
+def pool_set(pool: str, out: str, workers: int = 0) -> str:
+    """The pool as a shard set: itself, or a source spec (folder:, manifest:, wds:, fmnist:...) built into
+    ``out/pool`` with every image as background (labels, if any, stay in each sample's json, unseen)."""
+    from data.shards import manifest_url
+
+    if storage.exists(manifest_url(pool)):
+        return pool
+    if ":" not in pool or pool.split(":", 1)[0] in ("s3", "gs", "file", "memory"):
+        raise FileNotFoundError(f"pool {pool} is neither a shard set (no manifest.json there) nor a source spec "
+                                "such as folder:/path, manifest:/list.csv or wds:PATTERN")
+    from data.build import BuildSpec, build_set
+    from data.sources import open_source
+
+    location = storage.join(out, "pool")
+    build_set(open_source(pool), BuildSpec(pool, ()), location, workers=workers)
+    return location
+
+
+def mine(job: MineJob, *, rank: int = 0, world: int = 1, barrier=None) -> dict[str, Any] | None:
+    """Score this rank's shares, then (rank 0, after ``barrier``) merge and publish. Returns rank 0's summary."""
+    from trainer.checkpoint import load_checkpoint
+    from trainer.evaluate import eval_shards
+
+    manifest = read_manifest(job.pool)
+    state_meta = load_checkpoint(job.checkpoint)["model_meta"]
+    class_names = state_meta.get("class_names") or [f"class {i}" for i in range(state_meta["num_classes"])]
+    fingerprint = job.fingerprint(pool_identity(manifest))
+    mine_shares = eval_shards([s.count for s in manifest.shards], rank, world)
+    done = score_shares(job, fingerprint, mine_shares)
+    log.info("rank %d of %d: %d shares scored (%d images), %d already done", rank, world, done["shares"],
+             done["scored"], done["reused"])
+    if barrier is not None:
+        barrier()
+    if rank != 0:
+        return None
+    return {**publish(job, fingerprint, manifest, class_names), "this_run": done}
