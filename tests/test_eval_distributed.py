@@ -205,3 +205,16 @@ def test_fp32_is_the_cpu_default_and_bf16_autocast_still_gives_fp32_scores(check
     assert fp32.dtype == bf16.dtype == np.float32
     assert not np.array_equal(fp32, bf16)  # the forward did run in bf16...
     assert np.abs(fp32 - bf16).max() < 0.05  # ...and scores stay close
+
+
+@pytest.mark.slow
+def test_mine_under_torchrun_gives_one_process_candidates(checkpoint, tiny_sets, tmp_path):
+    """`torchrun --nproc_per_node 2 -m trainer.cli mine`: each rank scores its shares, rank 0 alone merges and
+    publishes; the candidates equal one process's (batches are cut per shard, so the scores are the same bits)."""
+    mine = ["mine", "--checkpoint", checkpoint, "--pool", tiny_sets["test"], "--top", "7", "--batch-size", "24"]
+    _cli(*mine, "--out", str(tmp_path / "one"))
+    proc = _cli(*mine, "--out", str(tmp_path / "two"), ranks=2)
+    assert proc.stdout.count('"candidates"') == 1  # one rank publishes
+    one, two = ((tmp_path / d / "candidates.jsonl").read_text() for d in ("one", "two"))
+    assert one == two and len(one.splitlines()) == 7 * (len(read_manifest(tiny_sets["test"]).class_names) - 1)
+    assert len(list((tmp_path / "two" / "parts").rglob("*.json"))) == len(read_manifest(tiny_sets["test"]).shards)

@@ -1,4 +1,4 @@
-"""`shards build`, `teacher-label` and `eval` with --ray on a real local Ray cluster give what one process gives."""
+"""`shards build`, `teacher-label`, `eval` and `mine` with --ray on a real local Ray cluster give what one process gives."""
 from __future__ import annotations
 
 import filecmp
@@ -69,3 +69,22 @@ def test_build_label_and_eval_as_ray_tasks_match_one_process(ray_address, tmp_pa
     for name, ap in a["ap"].items():
         assert b["ap"][name] == pytest.approx(ap, abs=1e-6)
     assert (tmp_path / "rep-ray" / "top_scoring.png").stat().st_size > 0
+
+
+def test_mine_as_ray_tasks_matches_one_process(ray_address, tmp_path, tiny_sets):
+    from trainer.config import load_config
+    from trainer.train import train
+
+    cfg = load_config(None, [f"data.train={tiny_sets['train']}", "data.val=", "data.image_size=32",
+                             "data.batch_size=16", "loss.aux_weight=0", "run.max_steps=3", "run.progress=false",
+                             f"run.out_dir={tmp_path / 'run'}", "run.device=cpu"])
+    checkpoint = train(cfg)["checkpoint"]
+    mine = ["mine", "--checkpoint", checkpoint, "--pool", tiny_sets["test"], "--top", "6", "--batch-size", "32"]
+    assert main([*mine, "--out", str(tmp_path / "local")]) == 0
+    assert main([*mine, "--out", str(tmp_path / "ray"), "--ray", "--ray-address", ray_address]) == 0
+    local = [json.loads(line) for line in (tmp_path / "local" / "candidates.jsonl").read_text().splitlines()]
+    remote = [json.loads(line) for line in (tmp_path / "ray" / "candidates.jsonl").read_text().splitlines()]
+    assert [(r["key"], r["class"], r["rank"]) for r in remote] == [(r["key"], r["class"], r["rank"]) for r in local]
+    assert np.allclose([r["score"] for r in remote], [r["score"] for r in local], atol=1e-6)
+    summary = json.loads((tmp_path / "ray" / "mine.json").read_text())
+    assert summary["scored"] == read_manifest(tiny_sets["test"]).count

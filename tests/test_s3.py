@@ -146,3 +146,41 @@ def test_retries_in_loader_worker_processes_reach_the_training_process(s3_set, m
     assert sum(w["bytes_read"] for w in worker) >= sum(s.bytes for s in remote.shards)
     assert not failed  # the parent did not read the shards: only the reported counts show the retries
     assert (storage.STATS["retries"], storage.STATS["failures"]) == (before["retries"], before["failures"])
+
+
+def test_mine_an_s3_pool_into_s3_and_add_labels_there(s3, s3_set, tiny_sets, tmp_path):
+    """The pool, the mined outputs and the new training-set version all on the object store: the same candidates
+    as from the local copy of the pool, and a new version whose manifest lists its parent's S3 shards."""
+    import csv
+    import json
+
+    from data.add_labels import add_labels
+    from data.shards import check_objects
+    from trainer.mine import CANDIDATES, MineJob, mine
+    from trainer.train import train
+
+    local, remote = s3_set
+    checkpoint = train(tiny_config(tiny_sets, tmp_path / "run", "run.max_steps=3", "data.val=",
+                                   "loss.aux_weight=0"))["checkpoint"]
+    prefix = _prefix(s3)
+    rows = {}
+    for name, pool, where in (("local", local.root, str(tmp_path / "mined")), ("s3", remote.root, f"{prefix}/mined")):
+        summary = mine(MineJob(checkpoint, pool, where, 4, 32, batch_size=32))
+        assert summary["scored"] == local.count
+        rows[name] = [json.loads(line) for line in storage.read_bytes(storage.join(where, CANDIDATES)).splitlines()]
+    assert [(r["key"], r["class"]) for r in rows["s3"]] == [(r["key"], r["class"]) for r in rows["local"]]
+    assert all(r["shard"].startswith("s3://") for r in rows["s3"])
+    assert storage.exists(f"{prefix}/mined/review.html")
+    parent = build_set(FashionMNISTSource("train"), BuildSpec("fmnist:train", RARE, subsample=60, max_count=25),
+                       f"{prefix}/train", progress=False)
+    picked = list({r["key"]: r for r in rows["s3"]}.values())[:3]
+    labels = tmp_path / "labels.csv"
+    with open(labels, "w", newline="") as f:
+        w = csv.DictWriter(f, ["key", "class", "label", "shard", "index"])
+        w.writeheader()
+        w.writerows({"key": r["key"], "class": r["class"], "label": "no", "shard": r["shard"], "index": r["index"]}
+                    for r in picked)
+    new = add_labels(parent.root, str(labels), remote.root, f"{prefix}/train-v2")
+    assert new.count == parent.count + 3 and new.counts[0] == parent.counts[0] + 3
+    assert [s.url for s in new.shards[:len(parent.shards)]] == parent.shard_urls()
+    check_objects(read_manifest(f"{prefix}/train-v2"))
