@@ -214,7 +214,7 @@ def test_mine_under_torchrun_gives_one_process_candidates(checkpoint, tiny_sets,
     mine = ["mine", "--checkpoint", checkpoint, "--pool", tiny_sets["test"], "--top", "7", "--batch-size", "24"]
     _cli(*mine, "--out", str(tmp_path / "one"))
     proc = _cli(*mine, "--out", str(tmp_path / "two"), ranks=2)
-    assert proc.stdout.count('"candidates"') == 1  # one rank publishes
+    assert proc.stdout.count('"pool_images"') == 1  # one rank publishes
     one, two = ((tmp_path / d / "candidates.jsonl").read_text() for d in ("one", "two"))
     assert one == two and len(one.splitlines()) == 7 * (len(read_manifest(tiny_sets["test"]).class_names) - 1)
     assert len(list((tmp_path / "two" / "parts").rglob("*.json"))) == len(read_manifest(tiny_sets["test"]).shards)
