@@ -91,7 +91,7 @@ def _group(candidates: list[dict], class_names: list[str]) -> dict[int, list[dic
 
 
 def contact_sheet(class_name: str, items: list[dict], images: dict[str, Image.Image | None]) -> Image.Image:
-    """One RGB image: a title line, then a SHEET_COLUMNS-wide grid of letterboxed cells captioned '#rank score'."""
+    """One RGB image: a title line, then a SHEET_COLUMNS-wide grid of letterboxed cells captioned '#rank: score'."""
     rows = math.ceil(len(items) / SHEET_COLUMNS)
     width = SHEET_PAD + SHEET_COLUMNS * (SHEET_CELL + SHEET_PAD)
     sheet = Image.new("RGB", (width, SHEET_TITLE_H + rows * (SHEET_CELL + SHEET_CAPTION_H + SHEET_PAD)), SHEET_BG_RGB)
@@ -111,7 +111,7 @@ def contact_sheet(class_name: str, items: list[dict], images: dict[str, Image.Im
             sheet.paste(fitted.convert("RGB"), (x + (SHEET_CELL - fitted.width) // 2,
                                                 y + (SHEET_CELL - fitted.height) // 2))
         draw.text((x + SHEET_CELL // 2, y + SHEET_CELL + SHEET_CAPTION_H // 2),
-                  f"#{cand['rank']} {float(cand['score']):.3f}", fill=(0, 0, 0), font=font, anchor="mm")
+                  f"#{cand['rank']}: {float(cand['score']):.3f}", fill=(0, 0, 0), font=font, anchor="mm")
     return sheet
 
 
