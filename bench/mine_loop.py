@@ -74,6 +74,7 @@ def main() -> None:
     p.add_argument("--top", type=int, default=100)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--overrides", nargs="*", default=[], help="training overrides (the demo's recipe otherwise)")
+    p.add_argument("--arms", nargs="+", default=["mined", "random"], choices=["mined", "random"])
     args = p.parse_args()
     started = time.time()
     spec = DemoSpec(settings=(("99.0% bg", 5),))
@@ -87,11 +88,12 @@ def main() -> None:
     rows.append({"arm": "start", "round": 0, "train_images": read_manifest(sets["99.0% bg"]).count, **base})
     print(json.dumps(rows[-1]), flush=True)
     rng = random.Random(0)
-    for arm in ("mined", "random"):
+    for arm in args.arms:
         train, model = sets["99.0% bg"], base["checkpoint"]
         labelled: set[str] = set()
         for r in range(1, args.rounds + 1):
             rdir = os.path.join(args.out, arm, f"round{r}")
+            os.makedirs(rdir, exist_ok=True)
             t0 = time.time()
             if arm == "mined":
                 summary = mine(MineJob(model, pool, os.path.join(rdir, "mine"), args.top, 64,
