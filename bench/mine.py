@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-        result = {"config": vars(args), "cpus": os.cpu_count(), "machine": platform.platform(), "device": device, "cells": cells, "seconds_total": round(time.time() - t0, 1)}
+        result = {"config": vars(args), "cpus": os.cpu_count(), "machine": platform.platform(), "device": device,
+                  "cells": cells, "seconds_total": round(time.time() - t0, 1)}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1))
         print(f"results in {args.json} ({result['seconds_total']}s)")

@@ -96,8 +96,8 @@ def _class_of(row: dict[str, Any], class_names: list[str], where: str) -> int:
     raw_id, name = (row.get("class") or "").strip(), (row.get("class_name") or "").strip()
     if raw_id:
         if not raw_id.isdigit() or not 1 <= int(raw_id) < len(class_names):
-            raise LabelError(f"{where}: unknown class id {raw_id}; this set's rare classes are 1..{len(class_names) - 1}"
-                             f" ({', '.join(class_names[1:])})")
+            raise LabelError(f"{where}: unknown class id {raw_id}; this set's rare classes are "
+                             f"1..{len(class_names) - 1} ({', '.join(class_names[1:])})")
         if name and name != class_names[int(raw_id)]:
             raise LabelError(f"{where}: class {raw_id} is {class_names[int(raw_id)]!r} in this set, not {name!r}: "
                              "were the candidates mined with a model of another set?")

@@ -186,8 +186,8 @@ def merge_parts(job: MineJob, fingerprint: str, manifest: Manifest, classes: int
     top, scored = TopN(job.top, classes), 0
     missing = [s.url for s in manifest.shards if not storage.exists(part_url(job.out, fingerprint, s.url))]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} share(s) of pool {manifest.root} are not scored yet (first: {missing[0]}): "
-                           "run `bgsplit mine` again, it scores only those")
+        raise FileNotFoundError(f"{len(missing)} share(s) of pool {manifest.root} are not scored yet (first: "
+                                f"{missing[0]}): run `bgsplit mine` again, it scores only those")
     for s in manifest.shards:
         doc = json.loads(storage.read_bytes(part_url(job.out, fingerprint, s.url)))
         top.merge(TopN.from_json(doc["top"], job.top, classes))
