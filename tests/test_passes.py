@@ -1,4 +1,5 @@
-"""`shards build`, `teacher-label`, `eval` and `mine` with --ray on a real local Ray cluster give what one process gives."""
+"""`shards build`, `teacher-label`, `eval` and `mine` with --ray on a real local Ray cluster give what one process
+gives."""
 from __future__ import annotations
 
 import filecmp

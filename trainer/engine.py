@@ -51,8 +51,9 @@ def param_groups(student: nn.Module, trunk_lr_mult: float, split: bool = False) 
     """The trainable parameters as {trunk, heads} groups, each with its ``lr_mult`` (the schedule's factor) and
     ``role`` (the schedule holds the trunk's LR at 0 during LP-FT's probe phase).
 
-    One group when the multiplier is 1 and ``split`` is not asked for. A lower trunk LR keeps a pre-trained trunk near its features while new
-    heads train (bench/aux_study.py: at the demo's LR the trunk leaves the teacher's features within 10 steps)."""
+    One group when the multiplier is 1 and ``split`` is not asked for. A lower trunk LR keeps a pre-trained trunk
+    near its features while new heads train (bench/aux_study.py: at the demo's LR the trunk leaves the teacher's
+    features within 10 steps)."""
     trainable = [p for p in student.parameters() if p.requires_grad]
     trunk_module = getattr(student, "trunk", None)
     if (trunk_lr_mult == 1.0 and not split) or trunk_module is None:
