@@ -33,11 +33,11 @@ def _rank(job, rank: int, world: int, threads: int) -> None:
 
     from data.shards import read_manifest
     from trainer.evaluate import eval_shards
-    from trainer.mine import pool_identity, score_shares
+    from trainer.mine import checkpoint_facts, pool_identity, score_shares
 
     torch.set_num_threads(threads)
     manifest = read_manifest(job.pool)
-    score_shares(job, job.fingerprint(pool_identity(manifest)),
+    score_shares(job, job.fingerprint(checkpoint_facts(job.checkpoint)[0], pool_identity(manifest)),
                  eval_shards([s.count for s in manifest.shards], rank, world))
 
 
@@ -45,7 +45,6 @@ def measure(job, procs: int) -> dict:
     """Wall time of one whole mine: ``procs`` ranks score their shares, then rank 0's merge and publish."""
     import torch
 
-    from trainer.checkpoint import load_checkpoint
     from trainer.mine import mine
 
     start = time.time()
@@ -60,7 +59,6 @@ def measure(job, procs: int) -> dict:
             if w.exitcode:
                 raise RuntimeError(f"a scoring rank exited with {w.exitcode}")
     torch.set_num_threads(os.cpu_count() or 1)
-    load_checkpoint(job.checkpoint)
     summary = mine(job)  # with procs > 1 every share is done: this is the merge and the outputs
     seconds = time.time() - start
     return {"img_s": summary["scored"] / seconds, "seconds": seconds, "images": summary["scored"],

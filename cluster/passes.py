@@ -188,12 +188,11 @@ def ray_mine(job, *, shards_per_task: int = 4, gpus_per_task: float = 0.0) -> di
     import ray
 
     from data.shards import read_manifest
-    from trainer.checkpoint import load_checkpoint
-    from trainer.mine import pool_identity, publish
+    from trainer.mine import checkpoint_facts, pool_identity, publish
 
     manifest = read_manifest(job.pool)
-    meta = load_checkpoint(job.checkpoint)["model_meta"]
-    fingerprint = job.fingerprint(pool_identity(manifest))
+    checkpoint_id, class_names = checkpoint_facts(job.checkpoint)
+    fingerprint = job.fingerprint(checkpoint_id, pool_identity(manifest))
     groups = [list(range(i, min(i + shards_per_task, len(manifest.shards))))
               for i in range(0, len(manifest.shards), shards_per_task)]
     remote = ray.remote(num_cpus=1, num_gpus=gpus_per_task, max_retries=MAX_RETRIES)(_mine_group)
@@ -204,5 +203,4 @@ def ray_mine(job, *, shards_per_task: int = 4, gpus_per_task: float = 0.0) -> di
             totals[k] += v
 
     _in_flight(2 * _cluster_cpus(), lambda g: remote.remote(job, fingerprint, g), groups, add)
-    class_names = meta.get("class_names") or [f"class {i}" for i in range(meta["num_classes"])]
     return {**publish(job, fingerprint, manifest, class_names), "this_run": totals}

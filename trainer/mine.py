@@ -49,17 +49,25 @@ class MineJob:
     """Shard sets whose keys are never candidates (the training and validation sets)."""
     num_workers: int = 0
 
-    def fingerprint(self, pool_identity: str) -> str:
-        doc = {"checkpoint": self.checkpoint, "checkpoint_id": checkpoint_identity(self.checkpoint),
-               "pool": pool_identity, "top": self.top, "image_size": self.image_size, "exclude": sorted(self.exclude)}
+    def fingerprint(self, checkpoint_id: str, pool_identity: str) -> str:
+        doc = {"checkpoint": self.checkpoint, "checkpoint_id": checkpoint_id, "pool": pool_identity, "top": self.top,
+               "image_size": self.image_size, "exclude": sorted(self.exclude)}
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def checkpoint_identity(checkpoint: str) -> str:
-    """A digest of the checkpoint's weights file: another checkpoint written to the same URL is another identity."""
+def checkpoint_facts(checkpoint: str) -> tuple[str, list[str]]:
+    """The checkpoint's identity (a digest of its weights file: another checkpoint written to the same URL is
+    another identity) and its class names, from one read of the file."""
+    import io
+
+    import torch
+
     from trainer.checkpoint import state_url
 
-    return hashlib.sha256(storage.read_bytes(state_url(checkpoint))).hexdigest()[:16]
+    data = storage.read_bytes(state_url(checkpoint))
+    meta = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)["model_meta"]
+    names = meta.get("class_names") or [f"class {i}" for i in range(meta["num_classes"])]
+    return hashlib.sha256(data).hexdigest()[:16], names
 
 
 def pool_identity(manifest: Manifest) -> str:
@@ -257,13 +265,11 @@ def pool_set(pool: str, out: str, workers: int = 0) -> str:
 
 def mine(job: MineJob, *, rank: int = 0, world: int = 1, barrier=None) -> dict[str, Any] | None:
     """Score this rank's shares, then (rank 0, after ``barrier``) merge and publish. Returns rank 0's summary."""
-    from trainer.checkpoint import load_checkpoint
     from trainer.evaluate import eval_shards
 
     manifest = read_manifest(job.pool)
-    state_meta = load_checkpoint(job.checkpoint)["model_meta"]
-    class_names = state_meta.get("class_names") or [f"class {i}" for i in range(state_meta["num_classes"])]
-    fingerprint = job.fingerprint(pool_identity(manifest))
+    checkpoint_id, class_names = checkpoint_facts(job.checkpoint)
+    fingerprint = job.fingerprint(checkpoint_id, pool_identity(manifest))
     mine_shares = eval_shards([s.count for s in manifest.shards], rank, world)
     done = score_shares(job, fingerprint, mine_shares)
     log.info("rank %d of %d: %d shares scored (%d images), %d already done", rank, world, done["shares"],
