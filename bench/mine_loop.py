@@ -1,6 +1,6 @@
 """The mining loop, measured: train, mine a 60,000-image pool, label the top candidates, add them, train again.
 
-On Fashion-MNIST-BG (rare: Dress, Sandal, Shirt), starting from the demo's 99%-background training set:
+On Fashion-MNIST-BG (rare: Dress, Sandal, Shirt), starting from a 99%-background training set (5 positives a class, the demo's background):
 
     round 0   train on the starting set; test mAP
     round r   mine the pool (all 60,000 Fashion-MNIST training images, labels hidden; the training and
@@ -31,7 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data import storage
 from data.add_labels import add_labels
 from data.shards import iter_tar, read_manifest
-from trainer.demo import DemoSpec, prepare_data, run_config, train_and_test
+from trainer.checkpoint import latest_checkpoint
+from trainer.config import load_config
+from trainer.experiment import train_and_score
+from trainer.experiment_data import DataSpec, build_sets
 from trainer.mine import CANDIDATES, MineJob, keys_of, mine, pool_set
 
 
@@ -59,11 +62,19 @@ def write_labels(path: str, picks: list[tuple[str, int]], truth: dict[str, str],
     return {rare[c - 1]: sum(v) / len(v) for c, v in sorted(per_class.items())}
 
 
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "fmnist_bg.yaml"
+
+
 def train_round(train: str, out: str, test: str, seeds: list[int], overrides: list[str]) -> dict:
-    runs = [train_and_test(run_config(train, os.path.join(out, f"seed{s}"), s, overrides), test) for s in seeds]
-    maps = [r["test_map"] for r in runs]
-    return {"test_map": sum(maps) / len(maps), "test_maps": maps, "checkpoint": runs[0]["checkpoint"],
-            "train_seconds": sum(r["seconds"] for r in runs)}
+    maps, seconds = [], 0.0
+    for s in seeds:
+        cfg = load_config(CONFIG, [f"data.train={train}", "data.val=", f"run.out_dir={os.path.join(out, f'seed{s}')}",
+                                   f"run.seed={s}", "run.progress=false", *overrides])
+        t0 = time.time()
+        maps.append(train_and_score(cfg, test)["map"])
+        seconds += time.time() - t0
+    return {"test_map": sum(maps) / len(maps), "test_maps": maps,
+            "checkpoint": latest_checkpoint(os.path.join(out, f"seed{seeds[0]}")), "train_seconds": seconds}
 
 
 def main() -> None:
@@ -77,8 +88,8 @@ def main() -> None:
     p.add_argument("--arms", nargs="+", default=["mined", "random"], choices=["mined", "random"])
     args = p.parse_args()
     started = time.time()
-    spec = DemoSpec(settings=(("99.0% bg", 5),))
-    sets = prepare_data(os.path.join(args.out, "data"), spec, 64, cache_teacher=False)
+    spec = DataSpec(settings={"99.0% bg": 5})
+    sets = build_sets(os.path.join(args.out, "data"), spec)
     rare = list(spec.rare)
     pool = pool_set("fmnist:train", os.path.join(args.out, "pool-build"))
     truth = hidden_labels(pool)

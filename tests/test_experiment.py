@@ -243,3 +243,17 @@ def test_quick_experiment_end_to_end_through_the_cli(tmp_path):
     assert main(["experiment", str(SHIPPED), "--quick", "--out", str(out)]) == 0
     assert all(r["reused"] for r in json.loads((out / "results.json").read_text())["runs"])
     print(f"quick experiment: {seconds:.0f}s")
+
+
+@pytest.mark.slow
+def test_quick_demo_is_the_experiment_with_reports(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    # configs/demo.yaml tunes nothing: only final runs, each scored once on test
+    assert [(r["method"], r["phase"], r["split"]) for r in doc["runs"]] == [("fine-tune", "final", "test"),
+                                                                           ("bg-split", "final", "test")]
+    for method in ("fine-tune", "bg-split"):
+        assert (out / "report" / method / "report.md").exists() and (out / "report" / method / "pr_curves.png").exists()
+        assert (out / "best" / "99.6-bg" / f"{method}.yaml").exists()
+    assert "| 99.6% bg | bg-split |" in (out / "results.md").read_text()

@@ -1,4 +1,4 @@
-"""Tests for trainer.report: files, PNGs, JSON round-trip, lazy image loading, tables."""
+"""Tests for trainer.report: files, PNGs, JSON round-trip, lazy image loading."""
 
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ from PIL import Image
 
 from trainer.metrics import evaluate
 from trainer.report import (
-    methods_table_markdown,
-    methods_table_text,
     plot_pr_curves,
     plot_top_scoring_grid,
     write_report,
@@ -124,35 +122,6 @@ def test_write_report_links_existing_pngs(tmp_path: Path) -> None:
 def test_write_report_requires_evaluate_keys(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="lacks keys"):
         write_report({"ap": {}}, tmp_path, "x")
-
-
-ROWS = [
-    {"setting": "99.3% bg", "method": "bgsplit", "maps": [0.5, 0.7]},
-    {"setting": "99.3% bg", "method": "baseline", "maps": [0.71]},
-    {"setting": "90% bg", "method": "baseline", "maps": [None, float("nan")]},
-]
-
-
-def test_methods_table_markdown_mean_std() -> None:
-    lines = methods_table_markdown(ROWS).splitlines()
-    assert lines[0] == "| setting | method | mAP (%) | seeds |"
-    assert lines[2] == "| 99.3% bg | bgsplit | 60.0 ± 14.1 | 2 |"
-    assert lines[3] == "| 99.3% bg | baseline | 71.0 ± 0.0 | 1 |"
-    assert lines[4] == "| 90% bg | baseline | n/a | 0 |"
-
-
-def test_methods_table_text_is_aligned() -> None:
-    lines = methods_table_text(ROWS).splitlines()
-    assert len(lines) == 2 + len(ROWS)
-    assert len({len(line) for line in lines}) == 1
-    assert "60.0 ± 14.1" in lines[2]
-    column = lines[0].index("method")
-    assert all(line[column:].startswith(("method", "-", "bgsplit", "baseline")) for line in lines)
-
-
-def test_methods_table_rejects_missing_keys() -> None:
-    with pytest.raises(ValueError, match="maps"):
-        methods_table_text([{"setting": "a", "method": "b"}])
 
 
 def test_summary_nan_never_leaks_into_json(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from trainer.config import ConfigError, JobConfig, load_config
+from trainer.experiment_data import DataSpec, check_sets, locate_sets, parse_sets
 
 Score = Callable[[JobConfig, str], dict[str, Any]]
 """(config to train, evaluation set location) -> {"map": float, "ap": {...}}; trains once, scores once."""
@@ -35,25 +36,9 @@ BASELINE = "fine-tune"
 
 
 @dataclass
-class DataSpec:
-    """How the Fashion-MNIST-BG sets are built (the demo's recipe: data.build.build_set)."""
-
-    rare: list[str] = field(default_factory=lambda: ["3", "5", "6"])
-    """Rare Fashion-MNIST class ids (labels 1..K in this order)."""
-    background: int = 1485
-    """Background images in every training set (the same images for every setting)."""
-    settings: dict[str, int] = field(default_factory=lambda: {"99.6% bg": 2, "98.0% bg": 10})
-    """Setting name -> positives per rare class in its training set."""
-    holdout: int = 1000
-    """Validation images carved out of the training source (selection only)."""
-    test_images: int = 1500
-    """Test images drawn from the Fashion-MNIST test split (scored once per final run)."""
-
-
-@dataclass
 class MethodSpec:
     overrides: list[str] = field(default_factory=list)
-    """Dotted config overrides that define the method (e.g. loss.aux_weight=0)."""
+    """Dotted config overrides that define the method (e.g. loss.aux_weight=0); probe.* keys for a probe."""
     grid: dict[str, list[Any]] = field(default_factory=dict)
     """The method's own hyper-parameter axes, added to the shared grid (same key: the method's values win)."""
     ablation_of: str = ""
@@ -61,6 +46,10 @@ class MethodSpec:
     overrides, and is paired with it (e.g. soft aux targets against hard ones at the same LR and lambda)."""
     settings: list[str] = field(default_factory=list)
     """The settings it runs in (empty: all)."""
+    kind: str = "train"
+    """train (a bgsplit training run per point and seed) or probe (trainer.probe on the frozen teacher's cached
+    features: its whole grid of probe.* axes searched on validation, the budget and shared grid not applying;
+    deterministic, so one final fit stands for every seed)."""
 
 
 @dataclass
@@ -72,13 +61,23 @@ class ExperimentSpec:
     """Overrides applied to every run before the method's."""
     methods: dict[str, MethodSpec] = field(default_factory=dict)
     grid: dict[str, list[Any]] = field(default_factory=dict)
-    """Shared hyper-parameter axes (dotted key -> values) that every method is tuned over."""
+    """Shared hyper-parameter axes (dotted key -> values) that every trained method is tuned over."""
     budget: int = 4
     """Validation runs per method: a larger grid is sampled down to this many points (fixed seed)."""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     """Final runs per setting x method, one per seed, each scored once on the test split."""
     tune_seed: int = 1000
     """run.seed of every tuning run, and the seed of the grid sampling."""
+    curve_every: float = 0.0
+    """Epochs between validation scores recorded along every final run (0: none). The curves are only looked at,
+    never used to choose anything: selection is the tuning runs' final validation mAP."""
+    pairs: list[list[str]] = field(default_factory=list)
+    """Extra [variant, base] pairs to report by seed, besides each BG-split variant against its base."""
+    reports: bool = False
+    """Write an evaluation report (PR curves, top-scoring images) of each trained method's first final run in
+    the first setting, under report/<method>/ (the demo's)."""
+    title: str = "tuned comparison"
+    """The results page's heading."""
 
 
 # ------------------------------------------------------------------------------------------------ spec loading
@@ -109,6 +108,26 @@ def _strings(values: Any, where: str) -> list[str]:
     return list(values)
 
 
+_SET_KEYS = {"sets"}
+_BUILD_KEYS = {f.name for f in dataclasses.fields(DataSpec)} - _SET_KEYS
+
+
+def _parse_data(doc: dict[str, Any]) -> DataSpec:
+    data = _check_keys(doc, DataSpec, "data.")
+    if "sets" in data:
+        mixed = sorted(set(data) & _BUILD_KEYS)
+        if mixed:
+            raise ConfigError(f"experiment data gives both sets and construction keys {mixed}: name built shard "
+                              "sets with data.sets, or a source and its -BG construction, not both")
+        sets = parse_sets(data["sets"])
+        return DataSpec(sets=sets, settings={name: None for name in sets["train"]})
+    spec = DataSpec(**{**dataclasses.asdict(DataSpec()), **data})
+    spec.rare = [str(r) for r in spec.rare]
+    if not isinstance(spec.settings, dict) or not spec.settings:
+        raise ConfigError("experiment key 'data.settings' must map setting names to positives per class")
+    return spec
+
+
 def parse_spec(doc: dict[str, Any]) -> ExperimentSpec:
     """Build an ExperimentSpec from a YAML mapping; an unknown key is a one-line ConfigError naming it."""
     doc = _check_keys(doc or {}, ExperimentSpec, "")
@@ -116,11 +135,7 @@ def parse_spec(doc: dict[str, Any]) -> ExperimentSpec:
     if "base" in doc:
         spec.base = str(doc["base"])
     if "data" in doc:
-        data = _check_keys(doc["data"], DataSpec, "data.")
-        spec.data = DataSpec(**{**dataclasses.asdict(DataSpec()), **data})
-        spec.data.rare = [str(r) for r in spec.data.rare]
-        if not isinstance(spec.data.settings, dict) or not spec.data.settings:
-            raise ConfigError("experiment key 'data.settings' must map setting names to positives per class")
+        spec.data = _parse_data(doc["data"])
     if "overrides" in doc:
         spec.overrides = _strings(doc["overrides"], "overrides")
     if "grid" in doc:
@@ -129,26 +144,7 @@ def parse_spec(doc: dict[str, Any]) -> ExperimentSpec:
     if not isinstance(methods, dict) or not methods:
         raise ConfigError("experiment key 'methods' must map method names to {overrides: [...], grid: {...}}")
     for name, body in methods.items():
-        body = _check_keys(body or {}, MethodSpec, f"methods.{name}.")
-        method = MethodSpec(overrides=_strings(body.get("overrides", []), f"methods.{name}.overrides"),
-                            grid=_axes(body.get("grid", {}), f"methods.{name}.grid"),
-                            ablation_of=str(body.get("ablation_of", "")),
-                            settings=_strings(body.get("settings", []), f"methods.{name}.settings"))
-        if method.ablation_of and method.ablation_of not in spec.methods:
-            raise ConfigError(f"methods.{name}.ablation_of names '{method.ablation_of}', which is not a method "
-                              "listed before it")
-        if method.ablation_of and method.grid:
-            raise ConfigError(f"methods.{name} is an ablation: it reuses {method.ablation_of}'s chosen point and "
-                              "takes no grid")
-        of = spec.methods.get(method.ablation_of)
-        if of is not None and of.settings and not set(method.settings or spec.data.settings) <= set(of.settings):
-            raise ConfigError(f"methods.{name} runs in settings where {method.ablation_of} does not; give it "
-                              f"settings: {of.settings}")
-        unknown = [s for s in method.settings if s not in spec.data.settings]
-        if unknown:
-            raise ConfigError(f"methods.{name}.settings names {unknown}; the settings are "
-                              f"{list(spec.data.settings)}")
-        spec.methods[str(name)] = method
+        spec.methods[str(name)] = _parse_method(spec, str(name), body)
     for key in ("budget", "tune_seed"):
         if key in doc:
             if not isinstance(doc[key], int) or isinstance(doc[key], bool):
@@ -158,9 +154,63 @@ def parse_spec(doc: dict[str, Any]) -> ExperimentSpec:
         if not isinstance(doc["seeds"], list) or not all(isinstance(s, int) for s in doc["seeds"]):
             raise ConfigError(f"experiment key 'seeds' must be a list of integers, got {doc['seeds']!r}")
         spec.seeds = list(doc["seeds"])
+    if "curve_every" in doc:
+        if not isinstance(doc["curve_every"], (int, float)) or doc["curve_every"] < 0:
+            raise ConfigError(f"experiment key 'curve_every' must be epochs >= 0, got {doc['curve_every']!r}")
+        spec.curve_every = float(doc["curve_every"])
+    for key in ("reports",):
+        if key in doc:
+            if not isinstance(doc[key], bool):
+                raise ConfigError(f"experiment key '{key}' must be true or false, got {doc[key]!r}")
+            setattr(spec, key, doc[key])
+    if "title" in doc:
+        spec.title = str(doc["title"])
+    if "pairs" in doc:
+        pairs = doc["pairs"]
+        if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
+            raise ConfigError(f"experiment key 'pairs' must be a list of [variant, base] method names, got {pairs!r}")
+        for variant, base in pairs:
+            for m in (variant, base):
+                if m not in spec.methods:
+                    raise ConfigError(f"experiment key 'pairs' names '{m}', which is not a method: the methods are "
+                                      f"{list(spec.methods)}")
+        spec.pairs = [[str(v), str(b)] for v, b in pairs]
     if spec.budget < 1 or not spec.seeds:
         raise ConfigError("experiment needs budget >= 1 and at least one seed")
     return spec
+
+
+def _parse_method(spec: ExperimentSpec, name: str, body: Any) -> MethodSpec:
+    body = _check_keys(body or {}, MethodSpec, f"methods.{name}.")
+    method = MethodSpec(overrides=_strings(body.get("overrides", []), f"methods.{name}.overrides"),
+                        grid=_axes(body.get("grid", {}), f"methods.{name}.grid"),
+                        ablation_of=str(body.get("ablation_of", "")),
+                        settings=_strings(body.get("settings", []), f"methods.{name}.settings"),
+                        kind=str(body.get("kind", "train")))
+    if method.kind not in ("train", "probe"):
+        raise ConfigError(f"methods.{name}.kind is {method.kind!r}: choose train or probe")
+    if method.kind == "probe":
+        if method.ablation_of:
+            raise ConfigError(f"methods.{name} is a probe: it cannot be an ablation")
+        from trainer.probe import probe_params
+
+        for point in method_grid({}, method.grid):  # every point must be a valid probe: fail before any run
+            probe_params([*method.overrides, *point_overrides(point)])
+    if method.ablation_of and method.ablation_of not in spec.methods:
+        raise ConfigError(f"methods.{name}.ablation_of names '{method.ablation_of}', which is not a method "
+                          "listed before it")
+    if method.ablation_of and method.grid:
+        raise ConfigError(f"methods.{name} is an ablation: it reuses {method.ablation_of}'s chosen point and "
+                          "takes no grid")
+    of = spec.methods.get(method.ablation_of)
+    if of is not None and of.settings and not set(method.settings or spec.data.settings) <= set(of.settings):
+        raise ConfigError(f"methods.{name} runs in settings where {method.ablation_of} does not; give it "
+                          f"settings: {of.settings}")
+    unknown = [s for s in method.settings if s not in spec.data.settings]
+    if unknown:
+        raise ConfigError(f"methods.{name}.settings names {unknown}; the settings are "
+                          f"{list(spec.data.settings)}")
+    return method
 
 
 def load_spec(path: str | Path) -> ExperimentSpec:
@@ -178,9 +228,14 @@ def quick_spec(spec: ExperimentSpec) -> ExperimentSpec:
     """The smoke run: first setting, first two methods, two grid points, one seed, half-epoch runs."""
     first = next(iter(spec.data.settings.items()))
     methods = dict(list(spec.methods.items())[:2])
+    if spec.data.built:
+        data = dataclasses.replace(spec.data, settings=dict([first]),
+                                   sets={**spec.data.sets, "train": {first[0]: spec.data.sets["train"][first[0]]}})
+    else:
+        data = dataclasses.replace(spec.data, settings=dict([first]), holdout=300, test_images=500)
     return dataclasses.replace(
-        spec, data=dataclasses.replace(spec.data, settings=dict([first]), holdout=300, test_images=500),
-        methods=methods, budget=2, seeds=spec.seeds[:1], overrides=[*spec.overrides, "optim.epochs=0.5"])
+        spec, data=data, methods=methods, budget=2, seeds=spec.seeds[:1], curve_every=0.0,
+        pairs=[p for p in spec.pairs if set(p) <= set(methods)], overrides=[*spec.overrides, "optim.epochs=0.5"])
 
 
 # ------------------------------------------------------------------------------------------------ pure logic
@@ -269,21 +324,58 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in ".-" else "-" for c in text.replace(" + ", "+").replace("+", "-plus-"))
+    """A folder name for a setting or method: '99.6% bg' -> '99.6-bg', 're-sample + bg-split' ->
+    're-sample-plus-bg-split'."""
+    kept = "".join(c if c.isalnum() or c in ".-" else " " for c in text.replace("+", " plus "))
+    return "-".join(kept.split())
 
 
 def _hash(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def code_fingerprint() -> str:
+    """Hash of bgsplit's own source under data/ and trainer/ (sub-folders included: a change to a source reader
+    changes what a run trains on): a stored result is reused only if neither its config nor the code changed."""
+    digest = hashlib.sha256()
+    for path in sorted([*ROOT.glob("data/**/*.py"), *ROOT.glob("trainer/**/*.py")]):
+        digest.update(str(path.relative_to(ROOT)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def manifest_identity(location: str) -> str:
-    """Hash of a set's manifest.json (a rebuilt set gets a new identity); '' for no set."""
+    """Hash of a set's manifest (what it holds: its shards, counts and build spec; not how long the build took), so
+    a set rebuilt from the same spec (byte-identical shards) keeps its identity and its stored results, and a set
+    built differently gets another; '' for no set."""
     if not location:
         return ""
     from data import storage
     from data.shards import manifest_url
 
-    return hashlib.sha256(storage.read_bytes(manifest_url(location))).hexdigest()[:16]
+    doc = json.loads(storage.read_bytes(manifest_url(location)))
+    meta = {k: v for k, v in doc.get("meta", {}).items() if not k.endswith("_seconds")}  # timings vary by rebuild
+    return _hash({**doc, "meta": meta}) + "m"
+
+
+def config_key(cfg: JobConfig) -> dict[str, Any]:
+    """The config as what it sets away from JobConfig's defaults (dotted key -> value): a field added to the
+    config later, at its default, leaves every stored result reusable."""
+    def flat(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in doc.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    defaults = flat(JobConfig().to_dict())
+    return {k: v for k, v in flat(cfg.to_dict()).items() if k not in defaults or defaults[k] != v}
+
+
+ProbeScore = Callable[[Any, str, str], dict[str, Any]]
+"""(trainer.probe.ProbeParams, training set, evaluation set) -> {"map", "ap", "fit"}: fit once, score once."""
 
 
 @dataclass
@@ -293,32 +385,51 @@ class Runner:
     score: Score
     code: str
     log: Callable[[str], None] = print
+    probe: ProbeScore | None = None
+    keep_results: bool = False
+    """Reuse a stored result made by another version of the code (a study that spans sessions while the code
+    moves on); results.md counts the runs per code version, so the mix is never hidden."""
 
     def run(self, cfg: JobConfig, eval_set: str, record: dict[str, Any]) -> dict[str, Any]:
-        key = {"config": cfg.to_dict(), "code": self.code, "eval_set": eval_set,
+        key = {"config": config_key(cfg), "eval_set": eval_set,
                "data": {"train": manifest_identity(cfg.data.train), "val": manifest_identity(cfg.data.val),
                         "eval": manifest_identity(eval_set)}}
-        path = Path(cfg.run.out_dir) / "experiment_result.json"
-        record = {**record, "run_dir": cfg.run.out_dir}
+        return self._cached(cfg.run.out_dir, key, {**record, "image_size": cfg.data.image_size},
+                            lambda: self.score(cfg, eval_set))
+
+    def run_probe(self, params: Any, train: str, eval_set: str, out_dir: str, record: dict[str, Any]
+                  ) -> dict[str, Any]:
+        if self.probe is None:
+            raise ValueError("a probe method needs a probe scorer")
+        key = {"probe": dataclasses.asdict(params), "eval_set": eval_set,
+               "data": {"train": manifest_identity(train), "eval": manifest_identity(eval_set)}}
+        return self._cached(out_dir, key, record, lambda: self.probe(params, train, eval_set))
+
+    def _cached(self, out_dir: str, key: dict[str, Any], record: dict[str, Any],
+                compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        path = Path(out_dir) / "experiment_result.json"
+        record = {**record, "run_dir": out_dir}
         if path.exists():
             stored = json.loads(path.read_text())
-            if stored.get("key") == key:
-                return {**record, **stored["result"], "reused": True}
+            if stored.get("key") == key and (stored.get("code") == self.code or self.keep_results):
+                return {**record, **stored["result"], "code": stored.get("code"), "reused": True}
         # not reusable: a checkpoint left by an earlier config or a killed attempt must not outlive its result
-        shutil.rmtree(Path(cfg.run.out_dir) / "checkpoints", ignore_errors=True)
+        shutil.rmtree(Path(out_dir) / "checkpoints", ignore_errors=True)
         start = time.time()
-        scored = self.score(cfg, eval_set)
+        scored = compute()
         result = {"map": float(scored["map"]), "ap": scored.get("ap", {}), "seconds": time.time() - start,
-                  "overrides": record.get("overrides", [])}
+                  "overrides": record.get("overrides", []), "curve": scored.get("curve", []),
+                  "fit": scored.get("fit", {})}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": key, "result": result}, indent=1, default=str))
+        tmp.write_text(json.dumps({"key": key, "code": self.code, "result": result}, indent=1, default=str))
         os.replace(tmp, path)  # a killed experiment never leaves a half-written result to be reused
-        return {**record, **result, "reused": False}
+        return {**record, **result, "code": self.code, "reused": False}
 
 
 def train_and_score(cfg: JobConfig, eval_set: str, keep_checkpoint: bool = True) -> dict[str, Any]:
-    """The real scorer: train ``cfg`` from scratch, score its final student on ``eval_set`` once."""
+    """The real scorer: train ``cfg`` from scratch, score its final student on ``eval_set`` once. With data.val
+    set (final runs of a study with curves), the validation mAP along the way comes back as ``curve``."""
     from data.shards import read_manifest
     from trainer.evaluate import evaluate_student
     from trainer.train import Trainer
@@ -329,7 +440,8 @@ def train_and_score(cfg: JobConfig, eval_set: str, keep_checkpoint: bool = True)
                               0, cfg.data.eval_resize_ratio)
     if not keep_checkpoint:  # tuning runs are never loaded again: 27 MB each is too much to keep x100
         shutil.rmtree(Path(cfg.run.out_dir) / "checkpoints", ignore_errors=True)
-    return {"map": result["map"], "ap": result["ap"]}
+    curve = [[h["step"] / trainer.steps_per_epoch, h["val_map"]] for h in trainer.history if "val_map" in h]
+    return {"map": result["map"], "ap": result["ap"], "curve": curve}
 
 
 def default_score(cfg: JobConfig, eval_set: str) -> dict[str, Any]:
@@ -337,114 +449,305 @@ def default_score(cfg: JobConfig, eval_set: str) -> dict[str, Any]:
     return train_and_score(cfg, eval_set, keep_checkpoint=f"{os.sep}final-" in cfg.run.out_dir)
 
 
+@dataclass
+class FeatureProbe:
+    """The real probe scorer: the base config's teacher, features cached under ``cache_dir``."""
+
+    teacher_name: str
+    teacher_weights: str
+    cache_dir: str
+    resize_ratio: float = 1.15
+    _teacher: Any = None
+
+    def __call__(self, params: Any, train: str, eval_set: str) -> dict[str, Any]:
+        from trainer.metrics import evaluate
+        from trainer.models import build_teacher
+        from trainer.probe import extract_features, probe_scores
+
+        if self._teacher is None:
+            self._teacher = build_teacher(self.teacher_name, self.teacher_weights)
+        feats = [extract_features(self._teacher, loc, params.image_size, cache_dir=self.cache_dir,
+                                  identity=manifest_identity(loc), resize_ratio=self.resize_ratio)
+                 for loc in (train, eval_set)]
+        probs, fit = probe_scores(feats[0], feats[1], params)
+        result = evaluate(probs, feats[1].labels, feats[1].class_names)
+        return {"map": result["map"], "ap": result["ap"], "fit": fit}
+
+
 # ------------------------------------------------------------------------------------------------ the experiment
 
 
-def job_config(spec: ExperimentSpec, train: str, out_dir: str, seed: int, overrides: list[str]) -> JobConfig:
-    # data.val stays empty: the one evaluation of a run is done by the scorer, on the split the phase allows
+def job_config(spec: ExperimentSpec, train: str, out_dir: str, seed: int, overrides: list[str], *,
+               val: str = "", curve_every: float = 0.0) -> JobConfig:
+    # data.val stays empty unless curves are recorded: the one scored evaluation of a run is done by the scorer,
+    # on the split the phase allows; a curve on validation is only looked at, never used to choose
+    curve = [f"data.val={val}", f"run.eval_every={curve_every}"] if curve_every else []
     return load_config(spec.base, [f"data.train={train}", "data.val=", "data.test=", f"run.out_dir={out_dir}",
                                    f"run.seed={seed}", "run.progress=false", "run.resume=", *spec.overrides,
-                                   *overrides])
+                                   *overrides, *curve])
+
+
+def best_config(spec: ExperimentSpec, sets: dict[str, str], setting: str, method: str, overrides: list[str]
+                ) -> dict[str, Any]:
+    """The full training config of a method's chosen point, ready for `bgsplit train --config` (swap data.train
+    for the full-size set)."""
+    cfg = job_config(spec, sets[setting], f"runs/{_slug(method)}", 0, overrides)
+    doc = cfg.to_dict()
+    doc["data"].update(val=sets["val"], test=sets["test"])
+    doc["run"].update(progress=True)
+    return doc
+
+
+def _write_best(out: str, setting: str, method: str, doc: dict[str, Any], how: str) -> str:
+    path = Path(out, "best", _slug(setting), f"{_slug(method)}.yaml")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = (f"# bgsplit experiment: {method}'s chosen point in setting '{setting}' ({how}).\n"
+              f"# Train it: bgsplit train --config {path} data.train=<your full training set>\n")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(header + yaml.safe_dump(doc, sort_keys=False))
+    os.replace(tmp, path)
+    return str(path)
 
 
 def run_setting(spec: ExperimentSpec, setting: str, sets: dict[str, str], out: str, runner: Runner
                 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Tune every method on the validation split, then train the seeds with the chosen point, score test once."""
+    """Tune every method on the validation split, then train the seeds with the chosen points, score test once.
+
+    Final runs go seed by seed across the methods, so a long study stopped part-way (and resumed in a later
+    session) already has paired seeds of every method, not every seed of the first methods only."""
     runs: list[dict[str, Any]] = []
     chosen: dict[str, Any] = {}
     for method, mspec in spec.methods.items():
         if mspec.settings and setting not in mspec.settings:
             continue
         mdir = os.path.join(out, "runs", _slug(setting), _slug(method))
-        if mspec.ablation_of:
-            of = chosen[mspec.ablation_of]
-            best = {"point": of["point"], "overrides": [*of["overrides"], *mspec.overrides]}
-            chosen[method] = {**of, "ablation_of": mspec.ablation_of, "tuning_runs": 0}
-            points = []
-        else:
-            grid = method_grid(spec.grid, mspec.grid)
-            points = sample_grid(grid, spec.budget, spec.tune_seed, method)
-        tuned = []
-        for point in points:
-            overrides = [*mspec.overrides, *point_overrides(point)]
-            cfg = job_config(spec, sets[setting], os.path.join(mdir, f"tune-{_hash(overrides)}"), spec.tune_seed,
-                             overrides)
-            rec = runner.run(cfg, sets["val"], {"setting": setting, "method": method, "phase": "tune",
-                                                "split": "val", "seed": spec.tune_seed, "point": point,
-                                                "overrides": overrides})
-            runner.log(f"  {setting:9s} {method:24s} tune {point}: val mAP {100 * rec['map']:5.1f} "
-                       f"({rec['seconds']:.0f}s{', reused' if rec['reused'] else ''})")
-            runs.append(rec)
-            tuned.append(rec)
-        if tuned:
-            best = max(tuned, key=lambda r: r["map"])  # first best in grid order on a tie
-            chosen[method] = {"point": best["point"], "overrides": best["overrides"], "val_map": best["map"],
-                              "grid_size": len(grid), "tuning_runs": len(points), "budget": spec.budget}
-        for seed in spec.seeds:
-            cfg = job_config(spec, sets[setting], os.path.join(mdir, f"final-{_hash(best['overrides'])}",
-                                                               f"seed{seed}"), seed, best["overrides"])
-            rec = runner.run(cfg, sets["test"], {"setting": setting, "method": method, "phase": "final",
-                                                 "split": "test", "seed": seed, "point": best["point"],
-                                                 "overrides": best["overrides"]})
+        tune = _tune_probe if mspec.kind == "probe" else _tune_method
+        tuned, chosen[method] = tune(spec, setting, method, mspec, sets, mdir, runner, chosen)
+        runs += tuned
+        if mspec.kind == "train":
+            how = ("best validation mAP" if chosen[method]["tuning_runs"] else
+                   f"ablation: the point of {mspec.ablation_of}" if mspec.ablation_of else "its only point")
+            chosen[method]["best_config"] = _write_best(
+                out, setting, method, best_config(spec, sets, setting, method, chosen[method]["overrides"]), how)
+    for seed in spec.seeds:
+        for method, c in chosen.items():
+            mdir = os.path.join(out, "runs", _slug(setting), _slug(method), f"final-{_hash(c['overrides'])}")
+            base = {"setting": setting, "method": method, "phase": "final", "split": "test", "seed": seed,
+                    "point": c["point"], "overrides": c["overrides"]}
+            if spec.methods[method].kind == "probe":
+                if seed != spec.seeds[0]:
+                    continue  # deterministic: one fit stands for every seed
+                from trainer.probe import probe_params
+
+                rec = runner.run_probe(probe_params(c["overrides"]), sets[setting], sets["test"], mdir,
+                                       {**base, "deterministic": True})
+            else:
+                cfg = job_config(spec, sets[setting], os.path.join(mdir, f"seed{seed}"), seed, c["overrides"],
+                                 val=sets["val"], curve_every=spec.curve_every)
+                rec = runner.run(cfg, sets["test"], base)
             runner.log(f"  {setting:9s} {method:24s} seed {seed}: test mAP {100 * rec['map']:5.1f} "
                        f"({rec['seconds']:.0f}s{', reused' if rec['reused'] else ''})")
             runs.append(rec)
     return runs, chosen
 
 
-def summarize_runs(spec: ExperimentSpec, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Test mAP mean/std per setting x method and the paired BG-split differences, from the final runs only."""
-    table, pairs = [], []
+def _log_tune(runner: Runner, setting: str, method: str, point: dict[str, Any], rec: dict[str, Any]) -> None:
+    runner.log(f"  {setting:9s} {method:24s} tune {point}: val mAP {100 * rec['map']:5.1f} "
+               f"({rec['seconds']:.0f}s{', reused' if rec['reused'] else ''})")
+
+
+def _tune_method(spec: ExperimentSpec, setting: str, method: str, mspec: MethodSpec, sets: dict[str, str],
+                 mdir: str, runner: Runner, chosen: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """A trained method's validation runs over the shared grid and its own axes (none for an ablation, which
+    takes the chosen point of the method it ablates, or for a grid of one point)."""
+    grid = method_grid(spec.grid, mspec.grid)
+    if mspec.ablation_of:
+        of = chosen[mspec.ablation_of]
+        return [], {**of, "overrides": [*of["overrides"], *mspec.overrides], "ablation_of": mspec.ablation_of,
+                    "tuning_runs": 0}
+    if len(grid) == 1:  # nothing to choose: no validation run is spent on it
+        return [], {"point": grid[0], "overrides": [*mspec.overrides, *point_overrides(grid[0])], "val_map": None,
+                    "grid_size": 1, "tuning_runs": 0, "budget": spec.budget}
+    points = sample_grid(grid, spec.budget, spec.tune_seed, method)
+    tuned = []
+    for point in points:
+        overrides = [*mspec.overrides, *point_overrides(point)]
+        cfg = job_config(spec, sets[setting], os.path.join(mdir, f"tune-{_hash(overrides)}"), spec.tune_seed,
+                         overrides)
+        rec = runner.run(cfg, sets["val"], {"setting": setting, "method": method, "phase": "tune", "split": "val",
+                                            "seed": spec.tune_seed, "point": point, "overrides": overrides})
+        _log_tune(runner, setting, method, point, rec)
+        tuned.append(rec)
+    best = max(tuned, key=lambda r: r["map"])  # first best in grid order on a tie
+    return tuned, {"point": best["point"], "overrides": best["overrides"], "val_map": best["map"],
+                   "grid_size": len(grid), "tuning_runs": len(points), "budget": spec.budget}
+
+
+def _tune_probe(spec: ExperimentSpec, setting: str, method: str, mspec: MethodSpec, sets: dict[str, str],
+                mdir: str, runner: Runner, chosen: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """A probe, tuned over its own axes only on validation (the shared grid is for trained methods). A fit on
+    cached features costs seconds, so the whole grid is searched, not a budget's sample of it: a stronger
+    baseline, which can only shrink a trained method's margin over it."""
+    from trainer.probe import probe_params
+
+    grid = method_grid({}, mspec.grid)
+    points = grid if len(grid) > 1 else []
+    tuned = []
+    for point in points:
+        overrides = [*mspec.overrides, *point_overrides(point)]
+        rec = runner.run_probe(probe_params(overrides), sets[setting], sets["val"],
+                               os.path.join(mdir, f"tune-{_hash(overrides)}"),
+                               {"setting": setting, "method": method, "phase": "tune", "split": "val",
+                                "seed": spec.tune_seed, "point": point, "overrides": overrides})
+        _log_tune(runner, setting, method, point, rec)
+        tuned.append(rec)
+    best = max(tuned, key=lambda r: r["map"]) if tuned else {
+        "point": grid[0], "overrides": [*mspec.overrides, *point_overrides(grid[0])], "map": None}
+    return tuned, {"point": best["point"], "overrides": best["overrides"], "val_map": best["map"],
+                   "grid_size": len(grid), "tuning_runs": len(points), "budget": spec.budget, "deterministic": True}
+
+
+def _maps_by_seed(finals: list[dict[str, Any]], setting: str, method: str, seeds: Sequence[int]) -> dict[int, float]:
+    rows = [r for r in finals if r["setting"] == setting and r["method"] == method]
+    if rows and rows[0].get("deterministic"):  # one deterministic fit stands for every seed
+        return {s: rows[0]["map"] for s in seeds}
+    return {r["seed"]: r["map"] for r in rows}
+
+
+def summarize_runs(spec: ExperimentSpec, runs: list[dict[str, Any]], chosen: dict[str, Any] | None = None
+                   ) -> dict[str, Any]:
+    """Test mAP mean/std per setting x method, the paired differences (each BG-split variant against its base,
+    the configured pairs, and the best trained method against the best probe, both picked on validation), the
+    validation curves, and which method validation recommends; from the final runs only."""
+    table, pairs, curves, advice = [], [], [], []
+    chosen = chosen or {}
     finals = [r for r in runs if r["phase"] == "final"]
     for setting in spec.data.settings:
-        by_method = {m: {r["seed"]: r["map"] for r in finals if r["setting"] == setting and r["method"] == m}
-                     for m in spec.methods}
-        for method, maps in by_method.items():
-            if maps:
-                mean, std = mean_std(list(maps.values()))
-                table.append({"setting": setting, "method": method, "mean": mean, "std": std, "n": len(maps),
-                              "maps": [maps[s] for s in sorted(maps)]})
+        by_method = {m: _maps_by_seed(finals, setting, m, spec.seeds) for m in spec.methods}
         for method in spec.methods:
-            base = base_method(method, list(spec.methods), spec.methods)
-            if base is not None and by_method[method] and by_method[base]:
-                pairs.append({"setting": setting, "variant": method, "base": base,
-                              **paired_difference(by_method[method], by_method[base])})
-    return {"table": table, "pairs": pairs}
+            rows = [r for r in finals if r["setting"] == setting and r["method"] == method]
+            if rows:
+                mean, std = mean_std([r["map"] for r in rows])
+                table.append({"setting": setting, "method": method, "mean": mean, "std": std, "n": len(rows),
+                              "maps": [r["map"] for r in sorted(rows, key=lambda r: r["seed"])],
+                              "deterministic": bool(rows[0].get("deterministic")),
+                              "val_map": chosen.get(setting, {}).get(method, {}).get("val_map")})
+            curve = _mean_curve([r["curve"] for r in rows if r.get("curve")])
+            if curve:
+                curves.append({"setting": setting, "method": method, "n": sum(1 for r in rows if r.get("curve")),
+                               **curve})
+        wanted = [(m, base_method(m, list(spec.methods), spec.methods), "BG split") for m in spec.methods]
+        wanted += [(v, b, "configured") for v, b in spec.pairs]
+        ranked = _ranked_by_validation(spec, chosen.get(setting, {}), by_method)
+        trained = [m for m in ranked if spec.methods[m].kind == "train"]
+        probes = [m for m in ranked if spec.methods[m].kind == "probe"]
+        if trained and probes:
+            wanted.append((trained[0], probes[0], "best trained vs best probe (by validation)"))
+        seen = set()
+        for variant, base, why in wanted:
+            if base is None or (variant, base) in seen or not by_method.get(variant) or not by_method.get(base):
+                continue
+            seen.add((variant, base))
+            pairs.append({"setting": setting, "variant": variant, "base": base, "why": why,
+                          **paired_difference(by_method[variant], by_method[base])})
+        if ranked:
+            pick = {"setting": setting, "method": ranked[0], "val_map": chosen[setting][ranked[0]]["val_map"]}
+            if len(ranked) > 1:
+                pick.update(runner_up=ranked[1], vs=paired_difference(by_method[ranked[0]], by_method[ranked[1]]))
+            advice.append(pick)
+    return {"table": table, "pairs": pairs, "curves": curves, "advice": advice}
+
+
+def _ranked_by_validation(spec: ExperimentSpec, chosen: dict[str, Any], by_method: dict[str, dict[int, float]]
+                          ) -> list[str]:
+    """Methods with a validation score of their own (tuned, not ablations), best first: the test split never
+    decides which method is recommended."""
+    scored = [m for m, c in chosen.items() if c.get("val_map") is not None and not c.get("ablation_of")
+              and by_method.get(m)]
+    return sorted(scored, key=lambda m: -chosen[m]["val_map"])
+
+
+def _mean_curve(curves: list[list[list[float]]]) -> dict[str, Any]:
+    """Validation mAP per recorded epoch averaged over seeds, with its peak and its end (does it fall?)."""
+    if not curves:
+        return {}
+    length = min(len(c) for c in curves)
+    epochs = [curves[0][i][0] for i in range(length)]
+    means = [sum(c[i][1] for c in curves) / len(curves) for i in range(length)]
+    peak = max(range(length), key=lambda i: means[i])
+    return {"epochs": epochs, "val_map": means, "peak_epoch": epochs[peak], "peak": means[peak],
+            "final": means[-1]}
 
 
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}"
 
 
+def _ci(p: dict[str, Any]) -> str:
+    return "n/a (one seed)" if p["ci95"] is None else f"[{_pct(p['ci95'][0])}, {_pct(p['ci95'][1])}]"
+
+
 def results_markdown(spec: ExperimentSpec, summary: dict[str, Any], chosen: dict[str, Any], runs: list[dict],
-                     seconds: float) -> str:
-    lines = ["# bgsplit experiment: tuned comparison on Fashion-MNIST-BG", "",
-             (f"Hyper-parameters chosen on the validation split (budget {spec.budget} runs per method, run.seed "
-              f"{spec.tune_seed}); each final model scored once on the test split; seeds {spec.seeds}. "
-              "mAP in points."), "", "## Test mAP (mean ± std over seeds)", "",
-             "| setting | method | test mAP | seeds |", "| --- | --- | ---: | ---: |"]
+                     seconds: float, data: dict[str, Any] | None = None) -> str:
+    tuned = any(c["tuning_runs"] for methods in chosen.values() for c in methods.values())
+    how = (f"Hyper-parameters chosen on the validation split (budget {spec.budget} runs per method, run.seed "
+           f"{spec.tune_seed})" if tuned else "Nothing tuned: every method runs its configured point")
+    lines = [f"# bgsplit experiment: {spec.title}", "",
+             (f"{how}; each final model scored once on the test split; seeds {spec.seeds}. mAP in points. A probe "
+              "is one deterministic fit: its single test score pairs with every seed."), ""]
+    if data:
+        lines += ["## Data", "", "| set | images | background | per class |", "| --- | ---: | ---: | --- |"]
+        for name, d in data.items():
+            lines.append(f"| {name} | {d['count']} | {100 * d['background_fraction']:.2f}% | "
+                         + ", ".join(f"{c} {n}" for c, n in zip(d["class_names"][1:], d["counts"][1:])) + " |")
+        lines.append("")
+    lines += ["## Test mAP (mean ± std over seeds)", "",
+              "| setting | method | test mAP | seeds | val mAP (chosen point) |", "| --- | --- | ---: | ---: | ---: |"]
     for row in summary["table"]:
-        lines.append(f"| {row['setting']} | {row['method']} | {_pct(row['mean'])} ± {_pct(row['std'])} | "
-                     f"{row['n']} |")
-    lines += ["", "## BG-split variant minus its base method (paired by seed, 95% t interval)", "",
-              "| setting | variant | base | mean diff | 95% CI | seeds |", "| --- | --- | --- | ---: | ---: | ---: |"]
+        n = "1 (deterministic)" if row["deterministic"] else row["n"]
+        lines.append(f"| {row['setting']} | {row['method']} | {_pct(row['mean'])} ± {_pct(row['std'])} | {n} | "
+                     f"{_pct(row['val_map'])} |")
+    lines += ["", "## Paired differences (variant minus base, paired by seed, 95% t interval)", "",
+              "| setting | variant | base | mean diff | 95% CI | seeds | why |",
+              "| --- | --- | --- | ---: | ---: | ---: | --- |"]
     for p in summary["pairs"]:
-        ci = "n/a (one seed)" if p["ci95"] is None else f"[{_pct(p['ci95'][0])}, {_pct(p['ci95'][1])}]"
-        lines.append(f"| {p['setting']} | {p['variant']} | {p['base']} | {_pct(p['mean'])} | {ci} | {p['n']} |")
+        lines.append(f"| {p['setting']} | {p['variant']} | {p['base']} | {_pct(p['mean'])} | {_ci(p)} | {p['n']} | "
+                     f"{p['why']} |")
+    if summary["advice"]:
+        lines += ["", "## Which method to use (chosen on validation)", ""]
+        for a in summary["advice"]:
+            text = f"- {a['setting']}: **{a['method']}** (val mAP {_pct(a['val_map'])})"
+            if "vs" in a:
+                text += (f"; against the runner-up on validation, {a['runner_up']}, its test mAP differs by "
+                         f"{_pct(a['vs']['mean'])} points, 95% CI {_ci(a['vs'])}")
+            lines.append(text + ".")
+    if summary["curves"]:
+        lines += ["", "## Validation mAP along the final runs (mean over seeds; looked at, never used to choose)",
+                  "", "| setting | method | seeds | peak (epoch) | at the end | end minus peak |",
+                  "| --- | --- | ---: | ---: | ---: | ---: |"]
+        for c in summary["curves"]:
+            lines.append(f"| {c['setting']} | {c['method']} | {c['n']} | {_pct(c['peak'])} ({c['peak_epoch']:.0f}) |"
+                         f" {_pct(c['final'])} | {_pct(c['final'] - c['peak'])} |")
+        lines += ["", "![validation curves](curves.png)"]
     lines += ["", "## Chosen hyper-parameters (best validation mAP)", "",
-              "| setting | method | chosen | val mAP | runs used / grid size |", "| --- | --- | --- | ---: | ---: |"]
+              "| setting | method | chosen | val mAP | runs used / grid size | training config |",
+              "| --- | --- | --- | ---: | ---: | --- |"]
     for setting, methods in chosen.items():
         for method, c in methods.items():
             point = ", ".join(f"{k}={v}" for k, v in c["point"].items()) or "(no axes)"
             if c.get("ablation_of"):
                 point = f"{c['ablation_of']}'s: {point}"
             lines.append(f"| {setting} | {method} | {point} | {_pct(c['val_map'])} | "
-                         f"{c['tuning_runs']} / {c['grid_size']} |")
+                         f"{c['tuning_runs']} / {c['grid_size']} | {c.get('best_config', '(probe)')} |")
     trained = [r for r in runs if not r["reused"]]
+    codes: dict[str, int] = {}
+    for r in runs:
+        codes[r.get("code") or "?"] = codes.get(r.get("code") or "?", 0) + 1
     lines += ["", "## Wall time", "",
               (f"{seconds:.0f} s in all; {len(runs)} runs ({len(trained)} trained now, "
                f"{len(runs) - len(trained)} reused); {sum(r['seconds'] for r in runs):.0f} s of training + scoring "
-               f"over all runs (mean {sum(r['seconds'] for r in runs) / max(len(runs), 1):.0f} s a run)."), "",
+               f"over all runs (mean {sum(r['seconds'] for r in runs) / max(len(runs), 1):.0f} s a run). Runs per "
+               f"code version: {', '.join(f'{c} {n}' for c, n in codes.items())}."), "",
               "![test mAP per method](plot.png)", ""]
     return "\n".join(lines)
 
@@ -472,65 +775,118 @@ def plot_results(summary: dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
-def prepare_sets(root: str, data: DataSpec) -> dict[str, str]:
-    """Build the training set of each setting, the validation set and the test set (idempotent)."""
-    from data.build import BuildSpec, build_set
-    from data.sources import FashionMNISTSource
+def plot_curves(summary: dict[str, Any], path: str) -> None:
+    """Validation mAP against epoch for every method, one panel per setting."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-    src_train, src_test = FashionMNISTSource("train"), FashionMNISTSource("test")
-    sets: dict[str, str] = {}
-    for name, positives in data.settings.items():
-        sets[name] = os.path.join(root, f"train-{_slug(name)}")
-        build_set(src_train, BuildSpec("fmnist:train", tuple(data.rare), positives_per_class=positives,
-                                       max_background=data.background, holdout=data.holdout, part="rest"),
-                  sets[name], progress=False)
-    sets["val"] = os.path.join(root, "val")
-    build_set(src_train, BuildSpec("fmnist:train", tuple(data.rare), holdout=data.holdout, part="holdout"),
-              sets["val"], progress=False)
-    sets["test"] = os.path.join(root, "test")
-    build_set(src_test, BuildSpec("fmnist:test", tuple(data.rare), subsample=data.test_images), sets["test"],
-              progress=False)
-    return sets
+    settings = list(dict.fromkeys(c["setting"] for c in summary["curves"]))
+    fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4), squeeze=False)
+    for ax, setting in zip(axes[0], settings):
+        for c in summary["curves"]:
+            if c["setting"] == setting:
+                ax.plot(c["epochs"], [100 * v for v in c["val_map"]], marker=".", label=f"{c['method']} ({c['n']})")
+        ax.set_title(setting)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("validation mAP (mean over seeds)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def check_configs(spec: ExperimentSpec, sets: dict[str, str]) -> None:
+    """Every config the experiment will train, loaded once up front: a typo in a method's override or grid is a
+    one-line error before the first run, not hours in."""
+    for setting in spec.data.settings:
+        for name, mspec in spec.methods.items():
+            if mspec.kind == "train" and not mspec.ablation_of:
+                for point in method_grid(spec.grid, mspec.grid):
+                    job_config(spec, sets[setting], "runs/check", 0, [*mspec.overrides, *point_overrides(point)])
+            elif mspec.ablation_of:
+                job_config(spec, sets[setting], "runs/check", 0, mspec.overrides)
+
+
+def write_reports(spec: ExperimentSpec, runs: list[dict[str, Any]], sets: dict[str, str], out: str,
+                  log: Callable[[str], None]) -> None:
+    """The first final run of each trained method in the first setting, evaluated into a report (PR curves,
+    top-scoring images): what the demo shows a reader beside its table."""
+    from trainer.checkpoint import latest_checkpoint, load_student_from_checkpoint
+    from trainer.evaluate import evaluate_to_report
+
+    setting = next(iter(spec.data.settings))
+    for method, mspec in spec.methods.items():
+        first = next((r for r in runs if r["setting"] == setting and r["method"] == method and r["phase"] == "final"
+                      and mspec.kind == "train"), None)
+        checkpoint = latest_checkpoint(first["run_dir"]) if first else None
+        if checkpoint is None:
+            continue
+        evaluate_to_report(load_student_from_checkpoint(checkpoint), sets["test"],
+                           os.path.join(out, "report", _slug(method)), image_size=first["image_size"],
+                           title=f"{setting}, {method}, seed {first['seed']}")
+    log(f"reports and plots: {out}/report/<method>/report.md, pr_curves.png, top_scoring.png")
 
 
 def run_experiment(spec: ExperimentSpec, out: str, *, score: Score | None = None, code: str | None = None,
-                   sets: dict[str, str] | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Tune, train and score every setting x method; write results.json, results.md and plot.png under ``out``.
+                   sets: dict[str, str] | None = None, log: Callable[[str], None] = print,
+                   probe: ProbeScore | None = None, keep_results: bool = False) -> dict[str, Any]:
+    """Tune, train and score every setting x method; write results.json, results.md, plot.png (and curves.png,
+    best/<setting>/<method>.yaml) under ``out``.
 
-    ``score`` (default: really train and evaluate), ``code`` (default: the source fingerprint) and ``sets``
-    (default: build the Fashion-MNIST-BG sets under out/data) are parameters so tests can fake them."""
+    ``score`` (default: really train and evaluate), ``probe`` (default: fit on the teacher's cached features),
+    ``code`` (default: the source fingerprint) and ``sets`` (default: the spec's sets, or build them under
+    out/data, then check them) are parameters so tests can fake them."""
     started = time.time()
-    if code is None:
-        from trainer.demo import code_fingerprint
-        code = code_fingerprint()
+    code = code or code_fingerprint()
+    settings = list(spec.data.settings)
+    data = None
     if sets is None:
-        sets = prepare_sets(os.path.join(out, "data"), spec.data)
-    runner = Runner(score or default_score, code, log)
+        sets = locate_sets(os.path.join(out, "data"), spec.data)
+        data = check_sets(sets, settings)
+    check_configs(spec, sets)
+    if probe is None and any(m.kind == "probe" for m in spec.methods.values()):
+        base = load_config(spec.base, spec.overrides)
+        probe = FeatureProbe(base.teacher.name, base.teacher.weights, os.path.join(out, "features"),
+                             base.data.eval_resize_ratio)
+    runner = Runner(score or default_score, code, log, probe, keep_results)
     runs: list[dict[str, Any]] = []
     chosen: dict[str, Any] = {}
-    for setting in spec.data.settings:
+    for setting in settings:
         setting_runs, chosen[setting] = run_setting(spec, setting, sets, out, runner)
         runs += setting_runs
-    summary = summarize_runs(spec, runs)
+    summary = summarize_runs(spec, runs, chosen)
     seconds = time.time() - started
-    doc = {"spec": dataclasses.asdict(spec), "code": code, "sets": sets, "runs": runs, "chosen": chosen,
-           **summary, "seconds": seconds}
+    doc = {"spec": dataclasses.asdict(spec), "code": code, "sets": sets, "data": data, "runs": runs,
+           "chosen": chosen, **summary, "seconds": seconds}
     os.makedirs(out, exist_ok=True)
+    if spec.reports:
+        write_reports(spec, runs, sets, out, log)
     Path(out, "results.json").write_text(json.dumps(doc, indent=1, default=str))
-    Path(out, "results.md").write_text(results_markdown(spec, summary, chosen, runs, seconds))
+    markdown = results_markdown(spec, summary, chosen, runs, seconds, data)
+    Path(out, "results.md").write_text(markdown)
     plot_results(summary, os.path.join(out, "plot.png"))
-    log(f"results: {out}/results.json, results.md, plot.png ({seconds:.0f}s)")
+    if summary["curves"]:
+        plot_curves(summary, os.path.join(out, "curves.png"))
+    log("\n" + markdown.split("## Chosen hyper-parameters")[0].strip() + "\n")
+    log(f"results: {out}/results.json, results.md, plot.png; training configs of the chosen points: {out}/best/ "
+        f"({seconds:.0f}s)")
     return doc
 
 
-def experiment_command(config: str, out: str, quick: bool = False) -> dict[str, Any]:
+def set_threads() -> None:
+    """torch's intra-op threads: OMP_NUM_THREADS where set (runs sharing the machine), else every core."""
     import torch
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)))
+
+
+def experiment_command(config: str, out: str, quick: bool = False, keep_results: bool = False) -> dict[str, Any]:
+    set_threads()
     spec = load_spec(config)
-    return run_experiment(quick_spec(spec) if quick else spec, out)
+    return run_experiment(quick_spec(spec) if quick else spec, out, keep_results=keep_results)
 
 
 def experiment_cli(args: Any) -> None:
-    """`bgsplit experiment CONFIG [--out DIR] [--quick]` (trainer.cli's handler)."""
-    experiment_command(args.config, args.out, args.quick)
+    """`bgsplit experiment CONFIG [--out DIR] [--quick] [--keep-results]` (trainer.cli's handler)."""
+    experiment_command(args.config, args.out, args.quick, args.keep_results)

@@ -28,15 +28,12 @@ from trainer.metrics import (  # noqa: E402
     check_eval_inputs,
     pr_curve,
     rare_class_names,
-    summarize,
 )
 
 __all__ = [
     "plot_pr_curves",
     "plot_top_scoring_grid",
     "write_report",
-    "methods_table_markdown",
-    "methods_table_text",
     "PR_CURVES_PNG",
     "TOP_SCORING_PNG",
 ]
@@ -299,43 +296,3 @@ def write_report(
 
 
 # --------------------------------------------------------------------------- method tables
-
-_TABLE_HEADER = ("setting", "method", "mAP (%)", "seeds")
-
-
-def _method_cells(row: Mapping[str, Any]) -> tuple[str, str, str, str]:
-    """(setting, method, 'mean ± std' in percentage points, seed count) for one row.
-
-    ``None`` entries count as NaN because JSON reports store NaN as null;
-    seeds counts only the finite values actually averaged.
-    """
-    missing = [key for key in ("setting", "method", "maps") if key not in row]
-    if missing:
-        raise ValueError(f"methods table row lacks keys: {', '.join(missing)}")
-    maps = [float("nan") if value is None else float(value) for value in row["maps"]]
-    mean, std = summarize(maps)
-    seeds = sum(not math.isnan(value) for value in maps)
-    score = "n/a" if seeds == 0 else f"{100 * mean:.1f} ± {100 * std:.1f}"
-    return str(row["setting"]), str(row["method"]), score, str(seeds)
-
-
-def methods_table_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
-    """Markdown table comparing methods across settings, mean ± std over seeds."""
-    lines = ["| " + " | ".join(_TABLE_HEADER) + " |", "| --- | --- | ---: | ---: |"]
-    for row in rows:
-        lines.append("| " + " | ".join(_md_cell(cell) for cell in _method_cells(row)) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def methods_table_text(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The same table with space-aligned columns, for printing in a terminal."""
-    table = [_TABLE_HEADER] + [_method_cells(row) for row in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(_TABLE_HEADER))]
-
-    def render(cells: Sequence[str]) -> str:
-        # Text columns left-aligned, numeric columns right-aligned.
-        parts = [cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(cells, widths))]
-        return "  ".join(parts).rstrip()
-
-    separator = "  ".join("-" * w for w in widths)
-    return "\n".join([render(table[0]), separator] + [render(cells) for cells in table[1:]]) + "\n"

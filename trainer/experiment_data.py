@@ -1,0 +1,179 @@
+"""The data an experiment compares methods on: shard sets a user already has, or sets built from any source.
+
+A comparison is only worth reading if its sets are what they claim, so every set is checked before the first
+run starts (one line each, naming the experiment key and the fix): a missing set, sets that disagree on the
+classes, a validation or test key that is also a training key, a split without a positive of some class.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from trainer.config import ConfigError
+
+
+@dataclass
+class DataSpec:
+    """Either ``sets`` (shard sets already built) or a source plus a -BG construction (data.build.build_set)."""
+
+    sets: dict[str, Any] = field(default_factory=dict)
+    """Built shard sets: {train: {setting: location}, val: location, test: location}; local paths or URLs.
+    When given, the construction keys below are not used (and the settings are the keys of ``train``)."""
+    source: str = "fmnist:train"
+    """Any source `bgsplit shards build` reads (folder:, manifest:, inat:, wds:, fmnist:): training sets and the
+    validation carve-out come from it."""
+    test_source: str = "fmnist:test"
+    """The source the test set is drawn from (another split of the data: never the training source)."""
+    rare: list[str] = field(default_factory=lambda: ["3", "5", "6"])
+    """Rare classes by the source's label or by name (Fashion-MNIST: "3" or "Dress"); labels 1..K in order."""
+    background: int | None = 1485
+    """Background images in every training set (the same images in every setting); null: all of them."""
+    settings: dict[str, int | None] = field(default_factory=lambda: {"99.6% bg": 2, "98.0% bg": 10})
+    """Setting name -> positives per rare class in its training set."""
+    holdout: int = 1000
+    """Validation images carved out of the training source (selection only), stratified by class."""
+    test_images: int | None = 1500
+    """Test images drawn from the test source (uniformly, keeping its class mix); null: all of them."""
+    seed: int = 0
+    """Seed of the carve-out and of the draw of positives and background."""
+    resize_short_side: int | None = None
+    """Store images re-encoded at this short side (large photos); null keeps them as they are."""
+
+    @property
+    def built(self) -> bool:
+        return bool(self.sets)
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in ".-" else "-" for c in text.replace(" + ", "+").replace("+", "-plus-"))
+
+
+def parse_sets(value: Any) -> dict[str, Any]:
+    """``data.sets`` as {train: {setting: loc}, val: loc, test: loc}, local paths made absolute (a run under Ray or
+    in another folder must read the same sets)."""
+    if not isinstance(value, dict) or set(value) != {"train", "val", "test"}:
+        raise ConfigError("experiment key 'data.sets' must map exactly train (setting -> set), val and test to shard "
+                          f"sets, got keys {sorted(value) if isinstance(value, dict) else value!r}")
+    train = value["train"]
+    if not isinstance(train, dict) or not train or not all(isinstance(v, str) and v for v in train.values()):
+        raise ConfigError("experiment key 'data.sets.train' must map setting names to shard-set locations")
+    for key in ("val", "test"):
+        if not isinstance(value[key], str) or not value[key]:
+            raise ConfigError(f"experiment key 'data.sets.{key}' must be a shard-set location")
+    return {"train": {str(k): _absolute(v) for k, v in train.items()}, "val": _absolute(value["val"]),
+            "test": _absolute(value["test"])}
+
+
+def _absolute(location: str) -> str:
+    return location if "://" in location else os.path.abspath(location)
+
+
+def resolve_rare(source: Any, wanted: list[str], where: str) -> tuple[str, ...]:
+    """Rare classes given by label or by class name -> the source's labels; an unknown one lists the valid
+    names and the closest match."""
+    labels = sorted({item.label for item in source.items()})
+    names = source.class_names() or {}
+    by_name = {str(n).lower(): label for label, n in names.items() if label in labels}
+    out = []
+    for name in wanted:
+        if name in labels:
+            out.append(name)
+        elif name.lower() in by_name:
+            out.append(by_name[name.lower()])
+        else:
+            choices = labels + [names[label] for label in labels if label in names]
+            near = difflib.get_close_matches(name, choices, n=1)
+            shown = ", ".join(f"{label} ({names[label]})" if names.get(label, label) != label else label
+                              for label in labels[:40])
+            raise ConfigError(f"unknown rare class '{name}' in {where}: {f'did you mean {near[0]!r}? ' if near else ''}"
+                              f"the source {source.name} has {len(labels)} classes: {shown}"
+                              f"{' ...' if len(labels) > 40 else ''}")
+    if len(set(out)) != len(out):
+        raise ConfigError(f"{where} names a class twice: {wanted}")
+    return tuple(out)
+
+
+def build_sets(root: str, data: DataSpec) -> dict[str, str]:
+    """Build the training set of each setting, the validation carve-out and the test set (idempotent)."""
+    from data.build import BuildSpec, build_set
+    from data.sources import open_source
+
+    for name, positives in data.settings.items():
+        if not isinstance(positives, int) or positives < 1:
+            raise ConfigError(f"experiment setting '{name}' asks for {positives!r} positives per class: every rare "
+                              "class needs at least 1 training positive (data.settings maps names to counts >= 1)")
+    src = open_source(data.source)
+    rare = resolve_rare(src, list(data.rare), "experiment key 'data.rare'")
+    test_src = open_source(data.test_source)
+    resolve_rare(test_src, list(rare), "experiment key 'data.test_source' (the test source lacks a rare class)")
+    common = {"seed": data.seed, "resize_short_side": data.resize_short_side}
+    sets: dict[str, str] = {}
+    for name, positives in data.settings.items():
+        sets[name] = os.path.join(root, f"train-{_slug(name)}")
+        build_set(src, BuildSpec(data.source, rare, positives_per_class=positives, max_background=data.background,
+                                 holdout=data.holdout, part="rest", **common), sets[name], progress=False)
+    sets["val"] = os.path.join(root, "val")
+    build_set(src, BuildSpec(data.source, rare, holdout=data.holdout, part="holdout", **common), sets["val"],
+              progress=False)
+    sets["test"] = os.path.join(root, "test")
+    build_set(test_src, BuildSpec(data.test_source, rare, subsample=data.test_images, **common), sets["test"],
+              progress=False)
+    return sets
+
+
+def locate_sets(root: str, data: DataSpec) -> dict[str, str]:
+    """{setting: training set, val, test}: the given sets, or the built ones under ``root``."""
+    if data.built:
+        return {**data.sets["train"], "val": data.sets["val"], "test": data.sets["test"]}
+    return build_sets(root, data)
+
+
+def _where(name: str, settings: list[str]) -> str:
+    return f"data.sets.train[{name!r}]" if name in settings else f"data.sets.{name}"
+
+
+def check_sets(sets: dict[str, str], settings: list[str], *, keys: bool = True) -> dict[str, Any]:
+    """Refuse sets a comparison cannot be trusted on, before anything trains; returns each set's counts.
+
+    ``keys``: also read every sample key (one pass over the shards) to refuse validation or test images that are
+    also training images."""
+    from data.shards import read_manifest
+
+    manifests = {}
+    for name in [*settings, "val", "test"]:
+        try:
+            manifests[name] = read_manifest(sets[name])
+        except FileNotFoundError:
+            raise ConfigError(f"experiment {_where(name, settings)}: no shard set at {sets[name]} (no manifest.json)"
+                              ": build it with `bgsplit shards build`, or fix the path") from None
+    first = manifests["val"]
+    for name, m in manifests.items():
+        if m.class_names != first.class_names or m.rare_classes != first.rare_classes:
+            raise ConfigError(f"experiment sets disagree on the classes: {_where(name, settings)} has "
+                              f"{m.class_names[1:]} (ids {m.rare_classes}) but data.sets.val has "
+                              f"{first.class_names[1:]} (ids {first.rare_classes}): build every set with the same "
+                              "--rare classes in the same order")
+    for name, m in manifests.items():
+        for k, cls in enumerate(m.class_names[1:], start=1):
+            if m.counts[k] == 0:
+                role = "training" if name in settings else name
+                raise ConfigError(f"experiment {_where(name, settings)} ({sets[name]}) has no {role} positive of "
+                                  f"class '{cls}': a setting needs at least one of every rare class (add images of "
+                                  "it, or drop the class from every set)")
+    if keys:
+        from trainer.mine import keys_of
+
+        train_keys = {name: keys_of([sets[name]]) for name in settings}
+        for held in ("val", "test"):
+            held_keys = keys_of([sets[held]])
+            for name, tk in train_keys.items():
+                shared = held_keys & tk
+                if shared:
+                    raise ConfigError(f"experiment data.sets.{held} ({sets[held]}) shares {len(shared)} image key(s)"
+                                      f" with {_where(name, settings)} (first: {sorted(shared)[0]}): a method "
+                                      f"would be scored on images it trained on; carve the {held} set out with "
+                                      "`bgsplit shards build --holdout` or draw it from another split")
+    return {name: {"count": m.count, "counts": m.counts, "background_fraction": m.background_fraction,
+                   "class_names": m.class_names} for name, m in manifests.items()}
