@@ -1,8 +1,12 @@
 """`bgsplit shards add-labels`: a person's confirmed candidates back into a training set, as a new version.
 
-The new set's manifest lists every shard of the parent by its full URL, so not one existing background shard is
+The new set's manifest lists every shard of the parent where it is, so not one existing background shard is
 rewritten (at millions of images a copy would cost what the whole build did), plus new shards for what was
-labelled: confirmed positives in positive shards, rejected candidates in background shards. Rejected candidates
+labelled: confirmed positives in positive shards, rejected candidates in background shards. The parent's shards
+are listed relative to the new manifest's folder (``../train/shard-background-000000.tar``) when both sets are
+local or under one bucket, so the pair reads the same from any working directory, machine or prefix they are
+moved to together; by absolute URL when the parent is on another bucket or store. A local parent cannot be listed
+by a set on an object store (no other machine could read it): that is refused, naming the fix. Rejected candidates
 are the most useful background there is (hard negatives: images the model took for a rare class), which is why
 they are kept rather than dropped.
 
@@ -17,6 +21,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +30,7 @@ from data.shards import (
     Manifest,
     ShardInfo,
     TarShard,
+    check_objects,
     iter_tar,
     make_record,
     manifest_url,
@@ -176,10 +182,20 @@ def add_labels(data: str, labels_csv: str, pool: str, out: str) -> Manifest:
     """Write ``out``: ``data``'s shards (by URL) plus the labelled samples of ``pool``. Idempotent: the same
     inputs to the same ``out`` return the existing set."""
     parent = read_manifest(data)
+    kept_urls = [storage.absolute(storage.join(parent.root, s.url)) for s in parent.shards]
+    local = next((u for u in kept_urls if not storage.is_remote(u)), None)
+    if storage.is_remote(out) and local is not None:
+        there = f"{storage.dirname(out.rstrip('/'))}/{os.path.basename(storage.dirname(local))}"
+        raise LabelError(f"--data {data} has shards on the local disk ({local}) but --out {out} is on an object "
+                         "store, where no other machine could read them: copy the parent set there first (e.g. "
+                         f"`aws s3 sync {storage.dirname(local)} {there}`) and give that as --data, or give a local "
+                         "--out")
+    check_objects(parent)  # a version of a set with shards gone would be broken from the start
     if not storage.exists(labels_csv):
         raise LabelError(f"labels file {labels_csv} does not exist: export it from review.html")
     text = storage.read_bytes(labels_csv).decode("utf-8-sig")
-    digest = hashlib.sha256(json.dumps([manifest_url(data), text]).encode()).hexdigest()[:12]
+    # the parent's absolute location: the same inputs give the same digest from any working directory
+    digest = hashlib.sha256(json.dumps([storage.absolute(manifest_url(data)), text]).encode()).hexdigest()[:12]
     if storage.exists(manifest_url(out)):
         existing = read_manifest(out)
         if existing.meta.get("added", {}).get("digest") == digest:
@@ -196,8 +212,9 @@ def add_labels(data: str, labels_csv: str, pool: str, out: str) -> Manifest:
     fields = pool_samples(read_manifest(pool), new) if new else {}
     samples = [(lb, _image(fields[lb.key])) for lb in sorted(new, key=lambda lb: lb.key)]
     num_classes = len(parent.class_names)
-    shards = [ShardInfo(url=storage.join(parent.root, s.url), kind=s.kind, count=s.count, bytes=s.bytes)
-              for s in parent.shards]
+    # absolute here; write_manifest lists them relative to the new manifest's folder (data.shards._stored_url)
+    shards = [ShardInfo(url=url, kind=s.kind, count=s.count, bytes=s.bytes)
+              for url, s in zip(kept_urls, parent.shards)]
     kept = len(shards)
     shards += _write_shards(out, digest, "positive", [s for s in samples if s[0].cls > 0], parent.class_names,
                             num_classes)
@@ -206,11 +223,15 @@ def add_labels(data: str, labels_csv: str, pool: str, out: str) -> Manifest:
     counts = list(parent.counts)
     for lb, _ in samples:
         counts[lb.cls] += 1
-    added = {"digest": digest, "labels": labels_csv, "pool": pool, "parent": parent.root,
+    # the parent as the shards are listed (relative to the new set's folder where possible); labels and pool where
+    # they were when this version was made
+    parent_at = storage.relative(storage.absolute(parent.root), out) or storage.absolute(parent.root)
+    added = {"digest": digest, "labels": storage.absolute(labels_csv), "pool": storage.absolute(pool),
+             "parent": parent_at,
              "positives": {parent.class_names[c]: sum(lb.cls == c for lb, _ in samples) for c in range(1, num_classes)},
              "hard_negatives": sum(lb.cls == 0 for lb, _ in samples), "already_known": len(labels) - len(new),
              "new_shards": len(shards) - kept}
-    meta = {"parent": parent.root, "parent_meta": {k: v for k, v in parent.meta.items() if k != "labelled_keys"},
+    meta = {"parent": parent_at, "parent_meta": {k: v for k, v in parent.meta.items() if k != "labelled_keys"},
             "added": added,
             "labelled_keys": {**parent.meta.get("labelled_keys", {}), **{lb.key: lb.cls for lb in labels}}}
     manifest = Manifest(root=out, rare_classes=list(parent.rare_classes), class_names=list(parent.class_names),

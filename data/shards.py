@@ -47,7 +47,8 @@ def image_extension(data: bytes) -> str:
 @dataclass
 class ShardInfo:
     url: str
-    """Shard file name relative to the manifest's folder."""
+    """Shard file name relative to the manifest's folder; a shard kept from another set (`shards add-labels`) is
+    held as its absolute path or URL here and written to manifest.json relative to the manifest's folder."""
     kind: str
     """'positive' or 'background'."""
     count: int
@@ -68,6 +69,9 @@ class Manifest:
     shards: list[ShardInfo]
     counts: list[int]
     meta: dict[str, Any] = field(default_factory=dict)
+    cwd_relative: bool = False
+    """Read from a manifest of an older `shards add-labels`, which listed its parent's shards relative to the
+    working directory it ran in: they were resolved against this process's working directory instead."""
 
     @property
     def num_classes(self) -> int:
@@ -92,6 +96,8 @@ class Manifest:
         return [s for s in self.shards if kind is None or s.kind == kind]
 
     def to_json(self) -> dict[str, Any]:
+        shards = [{**s.__dict__, "url": _stored_url(self.root, s.url)} for s in self.shards]
+        extra = {"shard_paths": SHARD_PATHS} if any(not _is_name(s.url) for s in self.shards) else {}
         return {
             "format": FORMAT,
             "rare_classes": self.rare_classes,
@@ -100,9 +106,48 @@ class Manifest:
             "count": self.count,
             "counts": self.counts,
             "background_fraction": self.background_fraction,
-            "shards": [s.__dict__ for s in self.shards],
+            **extra,
+            "shards": shards,
             "meta": self.meta,
         }
+
+
+SHARD_PATHS = "relative-to-manifest"
+"""Marks a manifest whose shards outside its folder are listed relative to that folder (or by absolute URL);
+one without it that lists such shards was written by an older add-labels, relative to its working directory."""
+
+
+def _is_name(url: str) -> bool:
+    """A plain file name: a shard in the manifest's own folder."""
+    return not storage.is_remote(url) and "/" not in url and os.sep not in url
+
+
+def _local_in_remote(root: str, url: str) -> bool:
+    """An absolute local path listed by a set on an object store (an older add-labels wrote them): only readable on
+    the machine that has that path, and joining it to the root's URL would not find it there either."""
+    return storage.is_remote(root) and not storage.is_remote(url) and os.path.isabs(url)
+
+
+def _stored_url(root: str, url: str) -> str:
+    """How manifest.json lists a shard: a shard of the set's own folder by name, one elsewhere relative to the
+    manifest's folder when both are local or under the same bucket, by its absolute URL otherwise."""
+    if _is_name(url) or _local_in_remote(root, url):
+        return url
+    full = storage.join(root, url)
+    return storage.relative(full, root) or storage.absolute(full)
+
+
+def _resolved_url(root: str, url: str, marked: bool) -> tuple[str, bool]:
+    """A listed shard as this process reads it: its name, or the absolute location of one outside the set's folder
+    (so joining it to the root, wherever the root was given from, finds it); True for a working-directory-relative
+    path of an older manifest."""
+    if _is_name(url):
+        return url, False
+    if _local_in_remote(root, url):
+        return os.path.normpath(url), False
+    if marked or storage.is_remote(url) or os.path.isabs(url):
+        return storage.absolute(storage.join(root, url)), False
+    return os.path.abspath(url), True
 
 
 def manifest_url(location: str) -> str:
@@ -121,18 +166,23 @@ def read_manifest(location: str) -> Manifest:
     if doc.get("format") != FORMAT:
         raise ValueError(f"{url} is not a bgsplit shard manifest of this version (format {doc.get('format')!r}, "
                          f"want {FORMAT}): rebuild the set with `bgsplit shards build`")
-    shards = [ShardInfo(**s) for s in doc["shards"]]
+    root = storage.dirname(url)
+    shards, cwd_relative = [], False
+    for s in doc["shards"]:
+        resolved, legacy = _resolved_url(root, s["url"], doc.get("shard_paths") == SHARD_PATHS)
+        shards.append(ShardInfo(**{**s, "url": resolved}))
+        cwd_relative |= legacy
     if not shards:
         raise ValueError(f"shard manifest {url} lists no shards: rebuild the set with `bgsplit shards build`")
-    return Manifest(root=storage.dirname(url), rare_classes=list(doc["rare_classes"]),
-                    class_names=list(doc["class_names"]), shards=shards, counts=list(doc["counts"]),
-                    meta=doc.get("meta", {}))
+    return Manifest(root=root, rare_classes=list(doc["rare_classes"]), class_names=list(doc["class_names"]),
+                    shards=shards, counts=list(doc["counts"]), meta=doc.get("meta", {}), cwd_relative=cwd_relative)
 
 
-def check_objects(manifest: Manifest) -> None:
-    """Refuse a set whose listed shards or records are not all there (one listing, not a request per shard):
-    training on it would silently lose those samples, or fail hours in."""
-    listings: dict[str, set[str]] = {}  # shards kept from a parent set live in its folder: one listing per folder
+def missing_shards(manifest: Manifest) -> list[tuple[ShardInfo, str]]:
+    """The listed shards whose tar or completion record is not there, each with the absolute location of the first
+    missing object of it; one listing per folder, not a request per shard (shards kept from a parent set live in
+    its folder)."""
+    listings: dict[str, set[str]] = {}
     missing = []
     for s in manifest.shards:
         for name in (s.url, s.record):
@@ -141,11 +191,36 @@ def check_objects(manifest: Manifest) -> None:
             if folder not in listings:
                 listings[folder] = set(storage.listdir(folder))
             if url[len(folder):].lstrip("/" + os.sep) not in listings[folder]:
-                missing.append(name)
-    if missing:
-        raise FileNotFoundError(f"shard set {manifest.root} lists {len(missing)} object(s) that are missing "
-                                f"(first: {missing[0]}): rebuild it with `bgsplit shards build` (a re-run rewrites "
-                                "only what is missing)")
+                missing.append((s, storage.absolute(url)))
+                break
+    return missing
+
+
+def check_objects(manifest: Manifest) -> None:
+    """Refuse a set whose listed shards or records are not all there, in one line that counts the shards, names
+    the first missing object and the fix for the set's kind: training on it would silently lose those samples, or
+    fail hours in. Training and `bgsplit shards plan` both call it."""
+    missing = missing_shards(manifest)
+    if not missing:
+        return
+    shard, first = missing[0]
+    lacking = " or lack their completion record" if any(u.endswith(".json") for _, u in missing) else ""
+    head = (f"shard set {storage.absolute(manifest.root)} lists {len(missing)} shard(s) that are missing{lacking} "
+            f"(first: {first})")
+    if "parent" not in manifest.meta:
+        raise FileNotFoundError(f"{head}: rebuild it with `bgsplit shards build` (a re-run rewrites only what is "
+                                "missing)")
+    again = "re-run `bgsplit shards add-labels` with a new --out"
+    if _is_name(shard.url):
+        raise FileNotFoundError(f"{head}: the shards this labelled version added are gone; {again}")
+    if manifest.cwd_relative:
+        raise FileNotFoundError(f"{head}: this labelled version was written by an older `bgsplit shards add-labels`, "
+                                "which listed its parent's shards relative to the directory it ran in; run from "
+                                f"that directory, or {again} (the parent's shards are then listed relative to the "
+                                "new set's folder)")
+    raise FileNotFoundError(f"{head}: this labelled version lists its parent's shards where they are, without a "
+                            f"copy; restore the parent set at {storage.dirname(first)}, "
+                            f"or {again} from a parent that exists")
 
 
 def sample_fields(key: str, image: bytes, label: int, orig: str) -> dict[str, bytes]:

@@ -234,13 +234,63 @@ def is_remote(url: str) -> bool:
 
 def join(base: str, *parts: str) -> str:
     """``base``/``parts``; a part that is itself a URL or an absolute path starts afresh (as os.path.join does),
-    so a manifest can list shards that live in another set (`shards add-labels` keeps its parent's shards)."""
+    so a manifest can list shards that live in another set. ``..`` segments are resolved (lexically), so a part
+    relative to a set's folder (``../train/shard-000000.tar``: how `shards add-labels` lists its parent's shards)
+    names the same object on any machine; on an object store they never climb above the bucket."""
     for i in range(len(parts) - 1, -1, -1):
         if is_remote(parts[i]) or (not is_remote(base) and os.path.isabs(parts[i])):
             return join(parts[i], *parts[i + 1:])
     if is_remote(base):
-        return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
-    return os.path.join(base, *parts)
+        return normalize("/".join([base.rstrip("/"), *[p.strip("/") for p in parts]]))
+    return normalize(os.path.join(base, *parts))
+
+
+def _has_dots(path: str, sep: str) -> bool:
+    return ".." in path.split(sep)
+
+
+def normalize(url: str) -> str:
+    """``url`` with its ``.`` and ``..`` segments resolved, when it has a ``..`` (otherwise unchanged, so every name
+    that never had one stays byte-identical). Raises ValueError for a URL whose ``..`` climbs above its bucket."""
+    if not is_remote(url):
+        return os.path.normpath(url) if _has_dots(url.replace(os.sep, "/"), "/") else url
+    scheme, rest = url.split("://", 1)
+    if not _has_dots(rest, "/"):
+        return url
+    anchor, *segments = rest.split("/")
+    kept: list[str] = []
+    for segment in segments:
+        if segment == "..":
+            if not kept:
+                raise ValueError(f"{url} climbs above {scheme}://{anchor}: a path relative to a set's folder cannot "
+                                 "leave its bucket; list the object by its full URL")
+            kept.pop()
+        elif segment not in ("", "."):
+            kept.append(segment)
+    return "/".join([f"{scheme}://{anchor}", *kept])
+
+
+def absolute(url: str) -> str:
+    """The location of ``url`` independent of the working directory: an absolute path, or the normalised URL."""
+    return normalize(url) if is_remote(url) else os.path.abspath(url)
+
+
+def relative(url: str, folder: str) -> str | None:
+    """``url`` as a path relative to ``folder`` (``../train/shard-000000.tar``), such that ``join(folder, result)``
+    is ``url`` again; None when no such path exists: one is local and the other a URL, or they are URLs of another
+    scheme or bucket."""
+    if is_remote(url) != is_remote(folder):
+        return None
+    if not is_remote(url):
+        return os.path.relpath(os.path.abspath(url), os.path.abspath(folder))
+    (scheme, rest), (folder_scheme, folder_rest) = normalize(url).split("://", 1), normalize(folder).split("://", 1)
+    anchor, _, path = rest.partition("/")
+    folder_anchor, _, folder_path = folder_rest.rstrip("/").partition("/")
+    if (scheme, anchor) != (folder_scheme, folder_anchor):
+        return None
+    import posixpath
+
+    return posixpath.relpath("/" + path, "/" + folder_path)
 
 
 def dirname(url: str) -> str:

@@ -87,9 +87,11 @@ def _shards_build(args: argparse.Namespace) -> None:
 
 def _shards_plan(args: argparse.Namespace) -> None:
     from data.plan import describe_plan, plan_for_manifest
-    from data.shards import read_manifest
+    from data.shards import check_objects, read_manifest
 
-    summary = plan_for_manifest(read_manifest(args.data), world=args.world, workers=args.workers,
+    manifest = read_manifest(args.data)
+    check_objects(manifest)  # the check training makes first: a plan for a set it would refuse is no plan
+    summary = plan_for_manifest(manifest, world=args.world, workers=args.workers,
                                 batch_size=args.batch_size, mode=args.mode, policy=args.policy,
                                 sampling=args.sampling, positive_fraction=args.positive_fraction, seed=args.seed)
     print(json.dumps(summary, indent=1) if args.json else describe_plan(summary))
@@ -162,25 +164,36 @@ def _mine(args: argparse.Namespace) -> None:
 
 
 def _shards_add_labels(args: argparse.Namespace) -> None:
+    from data import storage
     from data.add_labels import add_labels
 
     manifest = add_labels(args.data, args.labels, args.pool, args.out)
     added = manifest.meta["added"]
+    kept = manifest.shards[:len(manifest.shards) - added["new_shards"]]
+    how = ("relative to the new set's folder: move the sets together" if all(
+        storage.relative(s.url, manifest.root) is not None for s in kept) else "by URL")
     print(f"{args.out}: {manifest.count} images; added {added['positives']} positives and {added['hard_negatives']} "
           f"hard negatives in {added['new_shards']} new shard(s) ({added['already_known']} labelled key(s) were "
-          f"already in {args.data}); the parent's shards are listed where they are, not copied")
+          f"already in {args.data}); the parent's shards are listed where they are ({how}), not copied")
 
 
 def _demo(args: argparse.Namespace) -> None:
     from trainer.demo import run_demo
 
-    run_demo(args.out, quick=args.quick, seeds=args.seeds, prepare_only=args.prepare_only)
+    run_demo(args.out, quick=args.quick, seeds=args.seeds, prepare_only=args.prepare_only,
+             keep_results=args.keep_results)
 
 
 def _fetch_weights(args: argparse.Namespace) -> None:
     from trainer.backbones import fetch_torchvision_weights
 
     print(fetch_torchvision_weights(args.model, args.weights))
+
+
+def _keep_results_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--keep-results", action="store_true",
+                        help="reuse stored run results made by another version of bgsplit's code (a study spanning "
+                             "sessions); results.md counts the runs per code version")
 
 
 def _ray_flags(parser: argparse.ArgumentParser) -> None:
@@ -304,8 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="Fashion-MNIST-BG: fine-tuning vs BG splitting vs imbalance baselines")
     d.add_argument("--out", default="artifacts/demo")
     d.add_argument("--quick", action="store_true", help="one seed, shorter runs (a smoke test)")
-    d.add_argument("--seeds", type=int, default=3)
-    d.add_argument("--prepare-only", action="store_true", help="build the data and teacher labels, train nothing")
+    d.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (configs/demo.yaml's otherwise)")
+    d.add_argument("--prepare-only", action="store_true", help="build and check the data, train nothing")
+    _keep_results_flag(d)
     d.set_defaults(func=_demo)
 
     x = sub.add_parser("experiment", help="tuned comparison: settings x methods x seeds, hyper-parameters chosen "
@@ -313,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("config", help="experiment YAML (configs/experiment_fmnist.yaml)")
     x.add_argument("--out", default="artifacts/experiment")
     x.add_argument("--quick", action="store_true", help="1 setting, 2 methods, 2 grid points, 1 seed (a smoke run)")
+    _keep_results_flag(x)
     # a light import (yaml and trainer.config); torch loads only when the command runs
     from trainer.experiment import experiment_cli
 
