@@ -170,6 +170,12 @@ def test_keep_results_reuses_runs_of_other_code_and_says_so(own_sets, tmp_path):
                          keep_results=True, log=lambda _: None)
     assert ran == [] and all(r["reused"] and r["code"] == "old" for r in doc["runs"])
     assert "Runs per code version: old 2" in Path(out, "results.md").read_text()
+    # a study moved to another folder (a fresh clone, another machine) keeps its results: keys hold no paths
+    import shutil
+    shutil.copytree(out, tmp_path / "moved")
+    moved = run_experiment(spec, str(tmp_path / "moved"), score=lambda c, s: ran.append(1) or score(c, s),
+                           code="old", log=lambda _: None)
+    assert ran == [] and all(r["reused"] for r in moved["runs"])
     run_experiment(spec, out, score=lambda c, s: ran.append(1) or score(c, s), code="new", log=lambda _: None)
     assert len(ran) == 2  # without the flag, new code reruns
 
@@ -188,3 +194,21 @@ def test_experiment_cli_refuses_a_missing_set_in_one_line(tmp_path, capsys):
     assert main(["experiment", str(path), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert "data.sets.train['A']: no shard set at" in err and "\n" not in err
+
+
+def test_the_own_data_template_runs_on_a_users_sets(own_sets, tmp_path):
+    """configs/experiment_own_data.yaml with only its set paths changed: what a user with their own sets writes."""
+    doc = yaml.safe_load((ROOT / "configs" / "experiment_own_data.yaml").read_text())
+    doc["base"] = str(ROOT / "configs" / doc["base"])
+    doc["data"]["sets"] = {"train": {"mine": own_sets["B"]}, "val": own_sets["val"], "test": own_sets["test"]}
+    lines = [line for line in (ROOT / "configs" / "experiment_own_data.yaml").read_text().splitlines()
+             if line.strip() and not line.lstrip().startswith("#")]
+    assert len(lines) <= 14  # the whole config a user writes
+    spec = parse_spec(doc)
+    calls = []
+    result = run_experiment(spec, str(tmp_path / "out"), score=_fake_score(spec.data.sets), code="c",
+                            probe=_fake_probe(calls), log=lambda _: None)
+    assert {r["method"] for r in result["table"]} == set(spec.methods)
+    assert result["advice"][0]["method"] == "re-sample + bg-split" and "vs" in result["advice"][0]  # fake: aux +0.1
+    cfg = load_config(tmp_path / "out" / "best" / "mine" / "re-sample-plus-bg-split.yaml", [])
+    assert cfg.teacher.image_size == 0 and cfg.data.train == own_sets["B"]

@@ -328,6 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", default="artifacts/experiment")
     x.add_argument("--quick", action="store_true", help="1 setting, 2 methods, 2 grid points, 1 seed (a smoke run)")
     _keep_results_flag(x)
+    x.add_argument("--ray", action="store_true", help="run each phase's train-and-score runs as Ray Tune trials in "
+                   "parallel (use under `ray job submit`; --out and the sets must be reachable from every node)")
+    x.add_argument("--ray-address", default="", help="Ray address; default RAY_ADDRESS or a new local cluster")
+    x.add_argument("--cpus-per-trial", type=float, default=1.0, help="with --ray: CPUs (and torch threads) a trial")
+    x.add_argument("--gpus-per-trial", type=float, default=0.0, help="with --ray: GPUs a trial (1 on a GPU cluster)")
     # a light import (yaml and trainer.config); torch loads only when the command runs
     from trainer.experiment import experiment_cli
 

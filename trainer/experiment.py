@@ -27,6 +27,7 @@ import yaml
 
 from trainer.config import ConfigError, JobConfig, load_config
 from trainer.experiment_data import DataSpec, check_sets, locate_sets, parse_sets
+from trainer.experiment_data import slug as _slug
 
 Score = Callable[[JobConfig, str], dict[str, Any]]
 """(config to train, evaluation set location) -> {"map": float, "ap": {...}}; trains once, scores once."""
@@ -323,13 +324,6 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 # ------------------------------------------------------------------------------------------------ runs and cache
 
 
-def _slug(text: str) -> str:
-    """A folder name for a setting or method: '99.6% bg' -> '99.6-bg', 're-sample + bg-split' ->
-    're-sample-plus-bg-split'."""
-    kept = "".join(c if c.isalnum() or c in ".-" else " " for c in text.replace("+", " plus "))
-    return "-".join(kept.split())
-
-
 def _hash(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
@@ -362,8 +356,9 @@ def manifest_identity(location: str) -> str:
 
 
 def config_key(cfg: JobConfig) -> dict[str, Any]:
-    """The config as what it sets away from JobConfig's defaults (dotted key -> value): a field added to the
-    config later, at its default, leaves every stored result reusable."""
+    """The config as what it sets away from JobConfig's defaults (dotted key -> value), without where the run and
+    its sets are (the sets enter a result's key by their manifests' identity): a field added to the config later,
+    at its default, and a study moved to another folder or machine, leave every stored result reusable."""
     def flat(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         out: dict[str, Any] = {}
         for k, v in doc.items():
@@ -371,7 +366,9 @@ def config_key(cfg: JobConfig) -> dict[str, Any]:
         return out
 
     defaults = flat(JobConfig().to_dict())
-    return {k: v for k, v in flat(cfg.to_dict()).items() if k not in defaults or defaults[k] != v}
+    where = {"data.train", "data.val", "data.test", "run.out_dir"}
+    return {k: v for k, v in flat(cfg.to_dict()).items()
+            if k not in where and (k not in defaults or defaults[k] != v)}
 
 
 ProbeScore = Callable[[Any, str, str], dict[str, Any]]
@@ -379,8 +376,52 @@ ProbeScore = Callable[[Any, str, str], dict[str, Any]]
 
 
 @dataclass
+class Trial:
+    """One train-and-score run, as an executor gets it: everything needed to run it anywhere and store its result
+    where the experiment looks for it (``cfg.run.out_dir``), so a driver that dies loses only runs in flight."""
+
+    cfg: JobConfig
+    eval_set: str
+    key: dict[str, Any]
+    code: str
+
+
+Execute = Callable[[list[Trial], Callable[[int, dict[str, Any]], None]], None]
+"""Runs trials (in this process, or as Ray Tune trials), calling ``on_done(i, result)`` as trial i finishes."""
+
+
+def store_result(out_dir: str, key: dict[str, Any], code: str, result: dict[str, Any]) -> None:
+    path = Path(out_dir) / "experiment_result.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"key": key, "code": code, "result": result}, indent=1, default=str))
+    os.replace(tmp, path)  # a killed experiment never leaves a half-written result to be reused
+
+
+def _result(scored: dict[str, Any], start: float) -> dict[str, Any]:
+    return {"map": float(scored["map"]), "ap": scored.get("ap", {}), "seconds": time.time() - start,
+            "started": start, "curve": scored.get("curve", []), "fit": scored.get("fit", {})}
+
+
+def run_trial(trial: Trial, score: Score) -> dict[str, Any]:
+    """Train and score one trial and store its result beside its run: what every executor runs."""
+    start = time.time()
+    result = _result(score(trial.cfg, trial.eval_set), start)
+    store_result(trial.cfg.run.out_dir, trial.key, trial.code, result)
+    return result
+
+
+def sequential(score: Score) -> Execute:
+    """The executor without a cluster: one trial after another in this process."""
+    def execute(trials: list[Trial], on_done: Callable[[int, dict[str, Any]], None]) -> None:
+        for i, trial in enumerate(trials):
+            on_done(i, run_trial(trial, score))
+    return execute
+
+
+@dataclass
 class Runner:
-    """Runs one (config, evaluation set) pair, or reuses its stored result when nothing that affects it changed."""
+    """Runs (config, evaluation set) pairs, reusing each stored result when nothing that affects it changed."""
 
     score: Score
     code: str
@@ -389,42 +430,73 @@ class Runner:
     keep_results: bool = False
     """Reuse a stored result made by another version of the code (a study that spans sessions while the code
     moves on); results.md counts the runs per code version, so the mix is never hidden."""
+    execute: Execute | None = None
+    """How the runs that are not stored are run (default: ``sequential(score)``)."""
 
     def run(self, cfg: JobConfig, eval_set: str, record: dict[str, Any]) -> dict[str, Any]:
-        key = {"config": config_key(cfg), "eval_set": eval_set,
-               "data": {"train": manifest_identity(cfg.data.train), "val": manifest_identity(cfg.data.val),
-                        "eval": manifest_identity(eval_set)}}
-        return self._cached(cfg.run.out_dir, key, {**record, "image_size": cfg.data.image_size},
-                            lambda: self.score(cfg, eval_set))
+        return self.run_many([(cfg, eval_set, record)])[0]
+
+    def run_many(self, items: list[tuple[JobConfig, str, dict[str, Any]]]) -> list[dict[str, Any]]:
+        """Every (config, evaluation set, record): stored results at once, the rest handed to the executor in one
+        batch (independent runs: parallel trials on a cluster); records in the order given."""
+        records: list[dict[str, Any] | None] = [None] * len(items)
+        pending: list[tuple[int, Trial, dict[str, Any]]] = []
+        for i, (cfg, eval_set, record) in enumerate(items):
+            key = {"config": config_key(cfg),
+                   "data": {"train": manifest_identity(cfg.data.train), "val": manifest_identity(cfg.data.val),
+                            "eval": manifest_identity(eval_set)}}
+            record = {**record, "image_size": cfg.data.image_size, "run_dir": cfg.run.out_dir}
+            stored = self._stored(cfg.run.out_dir, key)
+            if stored is not None:
+                records[i] = {**record, **stored}
+                self._log(records[i])
+            else:
+                # a checkpoint left by an earlier config or a killed attempt must not outlive its result
+                shutil.rmtree(Path(cfg.run.out_dir) / "checkpoints", ignore_errors=True)
+                pending.append((i, Trial(cfg, eval_set, key, self.code), record))
+
+        def on_done(j: int, result: dict[str, Any]) -> None:
+            i, _, record = pending[j]
+            records[i] = {**record, **result, "code": self.code, "reused": False}
+            self._log(records[i])
+
+        if pending:
+            (self.execute or sequential(self.score))([t for _, t, _ in pending], on_done)
+        missing = [items[i][0].run.out_dir for i, r in enumerate(records) if r is None]
+        if missing:
+            raise RuntimeError(f"{len(missing)} run(s) gave no result (first: {missing[0]}): rerun the experiment "
+                               "(finished runs are reused)")
+        return records  # type: ignore[return-value]
 
     def run_probe(self, params: Any, train: str, eval_set: str, out_dir: str, record: dict[str, Any]
                   ) -> dict[str, Any]:
         if self.probe is None:
             raise ValueError("a probe method needs a probe scorer")
-        key = {"probe": dataclasses.asdict(params), "eval_set": eval_set,
+        key = {"probe": dataclasses.asdict(params),
                "data": {"train": manifest_identity(train), "eval": manifest_identity(eval_set)}}
-        return self._cached(out_dir, key, record, lambda: self.probe(params, train, eval_set))
-
-    def _cached(self, out_dir: str, key: dict[str, Any], record: dict[str, Any],
-                compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        path = Path(out_dir) / "experiment_result.json"
         record = {**record, "run_dir": out_dir}
+        stored = self._stored(out_dir, key)
+        if stored is None:
+            start = time.time()
+            result = _result(self.probe(params, train, eval_set), start)
+            store_result(out_dir, key, self.code, result)
+            stored = {**result, "code": self.code, "reused": False}
+        rec = {**record, **stored}
+        self._log(rec)
+        return rec
+
+    def _stored(self, out_dir: str, key: dict[str, Any]) -> dict[str, Any] | None:
+        path = Path(out_dir) / "experiment_result.json"
         if path.exists():
             stored = json.loads(path.read_text())
             if stored.get("key") == key and (stored.get("code") == self.code or self.keep_results):
-                return {**record, **stored["result"], "code": stored.get("code"), "reused": True}
-        # not reusable: a checkpoint left by an earlier config or a killed attempt must not outlive its result
-        shutil.rmtree(Path(out_dir) / "checkpoints", ignore_errors=True)
-        start = time.time()
-        scored = compute()
-        result = {"map": float(scored["map"]), "ap": scored.get("ap", {}), "seconds": time.time() - start,
-                  "overrides": record.get("overrides", []), "curve": scored.get("curve", []),
-                  "fit": scored.get("fit", {})}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": key, "code": self.code, "result": result}, indent=1, default=str))
-        os.replace(tmp, path)  # a killed experiment never leaves a half-written result to be reused
-        return {**record, **result, "code": self.code, "reused": False}
+                return {**stored["result"], "code": stored.get("code"), "reused": True}
+        return None
+
+    def _log(self, rec: dict[str, Any]) -> None:
+        what = f"tune {rec['point']}: val" if rec["phase"] == "tune" else f"seed {rec['seed']}: test"
+        self.log(f"  {rec['setting']:9s} {rec['method']:24s} {what} mAP {100 * rec['map']:5.1f} "
+                 f"({rec['seconds']:.0f}s{', reused' if rec['reused'] else ''})")
 
 
 def train_and_score(cfg: JobConfig, eval_set: str, keep_checkpoint: bool = True) -> dict[str, Any]:
@@ -513,98 +585,95 @@ def run_setting(spec: ExperimentSpec, setting: str, sets: dict[str, str], out: s
                 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Tune every method on the validation split, then train the seeds with the chosen points, score test once.
 
-    Final runs go seed by seed across the methods, so a long study stopped part-way (and resumed in a later
-    session) already has paired seeds of every method, not every seed of the first methods only."""
+    Each phase is one batch of independent runs (parallel trials on a cluster). Final runs go seed by seed across
+    the methods, so a long study stopped part-way (and resumed in a later session) already has paired seeds of
+    every method, not every seed of the first methods only."""
     runs: list[dict[str, Any]] = []
     chosen: dict[str, Any] = {}
-    for method, mspec in spec.methods.items():
-        if mspec.settings and setting not in mspec.settings:
+    active = {m: ms for m, ms in spec.methods.items() if not ms.settings or setting in ms.settings}
+    mdirs = {m: os.path.join(out, "runs", _slug(setting), _slug(m)) for m in active}
+    points = {m: _tuning_points(spec, m, ms) for m, ms in active.items() if ms.kind == "train"}
+    batch = [(job_config(spec, sets[setting], os.path.join(mdirs[m], f"tune-{_hash(overrides)}"), spec.tune_seed,
+                         overrides),
+              sets["val"], {"setting": setting, "method": m, "phase": "tune", "split": "val", "seed": spec.tune_seed,
+                            "point": point, "overrides": overrides})
+             for m, pts in points.items() for point, overrides in pts]
+    for method, mspec in active.items():  # probes first: seconds each, and a floor to read the rest against
+        if mspec.kind == "probe":
+            probe_runs, chosen[method] = _tune_probe(spec, setting, method, mspec, sets, mdirs[method], runner)
+            runs += probe_runs
+    tuned = runner.run_many(batch)
+    runs += tuned
+    for method, mspec in active.items():
+        if mspec.kind == "probe":
             continue
-        mdir = os.path.join(out, "runs", _slug(setting), _slug(method))
-        tune = _tune_probe if mspec.kind == "probe" else _tune_method
-        tuned, chosen[method] = tune(spec, setting, method, mspec, sets, mdir, runner, chosen)
-        runs += tuned
-        if mspec.kind == "train":
-            how = ("best validation mAP" if chosen[method]["tuning_runs"] else
-                   f"ablation: the point of {mspec.ablation_of}" if mspec.ablation_of else "its only point")
-            chosen[method]["best_config"] = _write_best(
-                out, setting, method, best_config(spec, sets, setting, method, chosen[method]["overrides"]), how)
+        chosen[method] = _choose(spec, method, mspec, [r for r in tuned if r["method"] == method], chosen)
+        how = ("best validation mAP" if chosen[method]["tuning_runs"] else
+               f"ablation: the point of {mspec.ablation_of}" if mspec.ablation_of else "its only point")
+        chosen[method]["best_config"] = _write_best(
+            out, setting, method, best_config(spec, sets, setting, method, chosen[method]["overrides"]), how)
+    finals = []
     for seed in spec.seeds:
         for method, c in chosen.items():
-            mdir = os.path.join(out, "runs", _slug(setting), _slug(method), f"final-{_hash(c['overrides'])}")
+            fdir = os.path.join(mdirs[method], f"final-{_hash(c['overrides'])}")
             base = {"setting": setting, "method": method, "phase": "final", "split": "test", "seed": seed,
                     "point": c["point"], "overrides": c["overrides"]}
             if spec.methods[method].kind == "probe":
-                if seed != spec.seeds[0]:
-                    continue  # deterministic: one fit stands for every seed
-                from trainer.probe import probe_params
+                if seed == spec.seeds[0]:  # deterministic: one fit stands for every seed
+                    from trainer.probe import probe_params
 
-                rec = runner.run_probe(probe_params(c["overrides"]), sets[setting], sets["test"], mdir,
-                                       {**base, "deterministic": True})
-            else:
-                cfg = job_config(spec, sets[setting], os.path.join(mdir, f"seed{seed}"), seed, c["overrides"],
-                                 val=sets["val"], curve_every=spec.curve_every)
-                rec = runner.run(cfg, sets["test"], base)
-            runner.log(f"  {setting:9s} {method:24s} seed {seed}: test mAP {100 * rec['map']:5.1f} "
-                       f"({rec['seconds']:.0f}s{', reused' if rec['reused'] else ''})")
-            runs.append(rec)
+                    runs.append(runner.run_probe(probe_params(c["overrides"]), sets[setting], sets["test"], fdir,
+                                                 {**base, "deterministic": True}))
+                continue
+            finals.append((job_config(spec, sets[setting], os.path.join(fdir, f"seed{seed}"), seed, c["overrides"],
+                                      val=sets["val"], curve_every=spec.curve_every), sets["test"], base))
+    runs += runner.run_many(finals)
     return runs, chosen
 
 
-def _log_tune(runner: Runner, setting: str, method: str, point: dict[str, Any], rec: dict[str, Any]) -> None:
-    runner.log(f"  {setting:9s} {method:24s} tune {point}: val mAP {100 * rec['map']:5.1f} "
-               f"({rec['seconds']:.0f}s{', reused' if rec['reused'] else ''})")
+def _tuning_points(spec: ExperimentSpec, method: str, mspec: MethodSpec) -> list[tuple[dict[str, Any], list[str]]]:
+    """A trained method's validation runs: its sample of the shared grid x its own axes; none for an ablation
+    (it takes the chosen point of the method it ablates) or a grid of one point (nothing to choose)."""
+    grid = method_grid(spec.grid, mspec.grid)
+    if mspec.ablation_of or len(grid) == 1:
+        return []
+    return [(p, [*mspec.overrides, *point_overrides(p)]) for p in sample_grid(grid, spec.budget, spec.tune_seed,
+                                                                               method)]
 
 
-def _tune_method(spec: ExperimentSpec, setting: str, method: str, mspec: MethodSpec, sets: dict[str, str],
-                 mdir: str, runner: Runner, chosen: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """A trained method's validation runs over the shared grid and its own axes (none for an ablation, which
-    takes the chosen point of the method it ablates, or for a grid of one point)."""
+def _choose(spec: ExperimentSpec, method: str, mspec: MethodSpec, tuned: list[dict[str, Any]],
+            chosen: dict[str, Any]) -> dict[str, Any]:
     grid = method_grid(spec.grid, mspec.grid)
     if mspec.ablation_of:
         of = chosen[mspec.ablation_of]
-        return [], {**of, "overrides": [*of["overrides"], *mspec.overrides], "ablation_of": mspec.ablation_of,
-                    "tuning_runs": 0}
-    if len(grid) == 1:  # nothing to choose: no validation run is spent on it
-        return [], {"point": grid[0], "overrides": [*mspec.overrides, *point_overrides(grid[0])], "val_map": None,
-                    "grid_size": 1, "tuning_runs": 0, "budget": spec.budget}
-    points = sample_grid(grid, spec.budget, spec.tune_seed, method)
-    tuned = []
-    for point in points:
-        overrides = [*mspec.overrides, *point_overrides(point)]
-        cfg = job_config(spec, sets[setting], os.path.join(mdir, f"tune-{_hash(overrides)}"), spec.tune_seed,
-                         overrides)
-        rec = runner.run(cfg, sets["val"], {"setting": setting, "method": method, "phase": "tune", "split": "val",
-                                            "seed": spec.tune_seed, "point": point, "overrides": overrides})
-        _log_tune(runner, setting, method, point, rec)
-        tuned.append(rec)
+        return {**of, "overrides": [*of["overrides"], *mspec.overrides], "ablation_of": mspec.ablation_of,
+                "tuning_runs": 0}
+    if not tuned:
+        return {"point": grid[0], "overrides": [*mspec.overrides, *point_overrides(grid[0])], "val_map": None,
+                "grid_size": 1, "tuning_runs": 0, "budget": spec.budget}
     best = max(tuned, key=lambda r: r["map"])  # first best in grid order on a tie
-    return tuned, {"point": best["point"], "overrides": best["overrides"], "val_map": best["map"],
-                   "grid_size": len(grid), "tuning_runs": len(points), "budget": spec.budget}
+    return {"point": best["point"], "overrides": best["overrides"], "val_map": best["map"], "grid_size": len(grid),
+            "tuning_runs": len(tuned), "budget": spec.budget}
 
 
 def _tune_probe(spec: ExperimentSpec, setting: str, method: str, mspec: MethodSpec, sets: dict[str, str],
-                mdir: str, runner: Runner, chosen: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                mdir: str, runner: Runner) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """A probe, tuned over its own axes only on validation (the shared grid is for trained methods). A fit on
     cached features costs seconds, so the whole grid is searched, not a budget's sample of it: a stronger
     baseline, which can only shrink a trained method's margin over it."""
     from trainer.probe import probe_params
 
     grid = method_grid({}, mspec.grid)
-    points = grid if len(grid) > 1 else []
-    tuned = []
-    for point in points:
-        overrides = [*mspec.overrides, *point_overrides(point)]
-        rec = runner.run_probe(probe_params(overrides), sets[setting], sets["val"],
-                               os.path.join(mdir, f"tune-{_hash(overrides)}"),
-                               {"setting": setting, "method": method, "phase": "tune", "split": "val",
-                                "seed": spec.tune_seed, "point": point, "overrides": overrides})
-        _log_tune(runner, setting, method, point, rec)
-        tuned.append(rec)
+    tuned = [runner.run_probe(probe_params(overrides), sets[setting], sets["val"],
+                              os.path.join(mdir, f"tune-{_hash(overrides)}"),
+                              {"setting": setting, "method": method, "phase": "tune", "split": "val",
+                               "seed": spec.tune_seed, "point": point, "overrides": overrides})
+             for point in (grid if len(grid) > 1 else [])
+             for overrides in [[*mspec.overrides, *point_overrides(point)]]]
     best = max(tuned, key=lambda r: r["map"]) if tuned else {
         "point": grid[0], "overrides": [*mspec.overrides, *point_overrides(grid[0])], "map": None}
     return tuned, {"point": best["point"], "overrides": best["overrides"], "val_map": best["map"],
-                   "grid_size": len(grid), "tuning_runs": len(points), "budget": spec.budget, "deterministic": True}
+                   "grid_size": len(grid), "tuning_runs": len(tuned), "budget": spec.budget, "deterministic": True}
 
 
 def _maps_by_seed(finals: list[dict[str, Any]], setting: str, method: str, seeds: Sequence[int]) -> dict[int, float]:
@@ -830,13 +899,15 @@ def write_reports(spec: ExperimentSpec, runs: list[dict[str, Any]], sets: dict[s
 
 def run_experiment(spec: ExperimentSpec, out: str, *, score: Score | None = None, code: str | None = None,
                    sets: dict[str, str] | None = None, log: Callable[[str], None] = print,
-                   probe: ProbeScore | None = None, keep_results: bool = False) -> dict[str, Any]:
+                   probe: ProbeScore | None = None, keep_results: bool = False,
+                   execute: Execute | None = None) -> dict[str, Any]:
     """Tune, train and score every setting x method; write results.json, results.md, plot.png (and curves.png,
     best/<setting>/<method>.yaml) under ``out``.
 
     ``score`` (default: really train and evaluate), ``probe`` (default: fit on the teacher's cached features),
     ``code`` (default: the source fingerprint) and ``sets`` (default: the spec's sets, or build them under
-    out/data, then check them) are parameters so tests can fake them."""
+    out/data, then check them) are parameters so tests can fake them; ``execute`` runs each phase's batch of
+    trials (default: one after another here; cluster.trials.tune_executor: Ray Tune trials)."""
     started = time.time()
     code = code or code_fingerprint()
     settings = list(spec.data.settings)
@@ -849,7 +920,7 @@ def run_experiment(spec: ExperimentSpec, out: str, *, score: Score | None = None
         base = load_config(spec.base, spec.overrides)
         probe = FeatureProbe(base.teacher.name, base.teacher.weights, os.path.join(out, "features"),
                              base.data.eval_resize_ratio)
-    runner = Runner(score or default_score, code, log, probe, keep_results)
+    runner = Runner(score or default_score, code, log, probe, keep_results, execute)
     runs: list[dict[str, Any]] = []
     chosen: dict[str, Any] = {}
     for setting in settings:
@@ -881,12 +952,20 @@ def set_threads() -> None:
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)))
 
 
-def experiment_command(config: str, out: str, quick: bool = False, keep_results: bool = False) -> dict[str, Any]:
+def experiment_command(config: str, out: str, quick: bool = False, keep_results: bool = False,
+                       execute: Execute | None = None) -> dict[str, Any]:
     set_threads()
     spec = load_spec(config)
-    return run_experiment(quick_spec(spec) if quick else spec, out, keep_results=keep_results)
+    return run_experiment(quick_spec(spec) if quick else spec, out, keep_results=keep_results, execute=execute)
 
 
 def experiment_cli(args: Any) -> None:
-    """`bgsplit experiment CONFIG [--out DIR] [--quick] [--keep-results]` (trainer.cli's handler)."""
-    experiment_command(args.config, args.out, args.quick, args.keep_results)
+    """`bgsplit experiment CONFIG [--out DIR] [--quick] [--keep-results] [--ray ...]` (trainer.cli's handler)."""
+    execute = None
+    if args.ray:
+        from cluster.trials import tune_executor
+
+        execute = tune_executor(args.ray_address, args.cpus_per_trial, args.gpus_per_trial,
+                                os.path.join(os.path.abspath(args.out), "tune"))
+    experiment_command(args.config, os.path.abspath(args.out) if args.ray else args.out, args.quick,
+                       args.keep_results, execute)

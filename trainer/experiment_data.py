@@ -46,8 +46,11 @@ class DataSpec:
         return bool(self.sets)
 
 
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in ".-" else "-" for c in text.replace(" + ", "+").replace("+", "-plus-"))
+def slug(text: str) -> str:
+    """A folder name for a setting or method: '99.6% bg' -> '99.6-bg', 're-sample + bg-split' ->
+    're-sample-plus-bg-split'."""
+    kept = "".join(c if c.isalnum() or c in ".-" else " " for c in text.replace("+", " plus "))
+    return "-".join(kept.split())
 
 
 def parse_sets(value: Any) -> dict[str, Any]:
@@ -111,7 +114,7 @@ def build_sets(root: str, data: DataSpec) -> dict[str, str]:
     common = {"seed": data.seed, "resize_short_side": data.resize_short_side}
     sets: dict[str, str] = {}
     for name, positives in data.settings.items():
-        sets[name] = os.path.join(root, f"train-{_slug(name)}")
+        sets[name] = os.path.join(root, f"train-{slug(name)}")
         build_set(src, BuildSpec(data.source, rare, positives_per_class=positives, max_background=data.background,
                                  holdout=data.holdout, part="rest", **common), sets[name], progress=False)
     sets["val"] = os.path.join(root, "val")
