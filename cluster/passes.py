@@ -138,9 +138,9 @@ def _predict_group(checkpoint: str, location: str, shards: list[int], image_size
     import torch
 
     from data.shards import read_manifest
-    from trainer.checkpoint import load_student_from_checkpoint
     from trainer.engine import autocast_dtype
     from trainer.evaluate import predict
+    from trainer.models import load_student_from_checkpoint
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     student = load_student_from_checkpoint(checkpoint).to(device)

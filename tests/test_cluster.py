@@ -72,7 +72,7 @@ def _evaluate_checkpoint(url: str, val: str, dtype: torch.dtype | None = None) -
     thread (the workers run with OMP_NUM_THREADS=1, and oneDNN's last bits depend on the thread count), batch 16,
     32 px. ``dtype`` bf16: the weights rounded to bf16 as DeepSpeed's bf16 mode holds them, run under autocast."""
     from data.shards import read_manifest
-    from trainer.checkpoint import load_student_from_checkpoint
+    from trainer.models import load_student_from_checkpoint
     from trainer.evaluate import evaluate_student
 
     student = load_student_from_checkpoint(url)

@@ -117,7 +117,7 @@ def test_a_ranks_share_scores_the_same_bits_as_the_whole_set(checkpoint, tiny_se
     head) give a sample other low bits when its batch holds other images or has another size: with batches of 24
     that ran across shard boundaries, 20 of these 300 scores differed (by up to 2e-7) between a rank's share and
     the whole set. Batches cut per shard hold the same images however the shards are split."""
-    from trainer.checkpoint import load_student_from_checkpoint
+    from trainer.models import load_student_from_checkpoint
     from trainer.evaluate import merge_predictions, predict
 
     m, cpu = read_manifest(tiny_sets["test"]), torch.device("cpu")
@@ -164,7 +164,7 @@ def test_two_ranks_report_the_same_ap_as_one_to_the_last_digit(checkpoint, tiny_
 def test_validation_in_a_two_rank_ddp_run_is_shared_and_matches_one_process(tiny_sets, tmp_path):
     """Trainer.validate under `torchrun --nproc_per_node 2 -m trainer.cli train`: both ranks score about half the
     validation set, and the metrics are those of one process scoring all of it with the saved weights."""
-    from trainer.checkpoint import load_student_from_checkpoint
+    from trainer.models import load_student_from_checkpoint
     from trainer.evaluate import evaluate_student
 
     out = tmp_path / "run"
@@ -187,7 +187,7 @@ def test_validation_in_a_two_rank_ddp_run_is_shared_and_matches_one_process(tiny
 
 
 def test_fp32_is_the_cpu_default_and_bf16_autocast_still_gives_fp32_scores(checkpoint, tiny_sets, tmp_path):
-    from trainer.checkpoint import load_student_from_checkpoint
+    from trainer.models import load_student_from_checkpoint
     from trainer.cli import main
     from trainer.engine import autocast_dtype
     from trainer.evaluate import predict

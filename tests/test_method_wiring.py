@@ -351,7 +351,7 @@ def test_ldam_builds_a_cosine_main_head_with_the_configured_scale_and_its_margin
     weights at drw_start_epoch * epochs; the checkpoint's student comes back with the same head. Catches LDAM on
     a plain linear head (margins in unbounded logit units), a scale taken from elsewhere (default 30), margins
     not multiplied by the scale, DRW from the start or never, and a checkpoint that rebuilds a linear head."""
-    from trainer.checkpoint import load_student_from_checkpoint
+    from trainer.models import load_student_from_checkpoint
     from trainer.train import Trainer
 
     scale, epochs = 7.0, 4.0

@@ -20,10 +20,10 @@ from conftest import tiny_config
 from data.add_labels import LabelError, add_labels
 from data.shards import check_objects, iter_tar, read_manifest
 from data.sources import FashionMNISTSource
-from trainer.checkpoint import load_student_from_checkpoint
 from trainer.cli import main
 from trainer.evaluate import predict
 from trainer.mine import CANDIDATES, PARTS, MineJob, TopN, mine, pool_set
+from trainer.models import load_student_from_checkpoint
 from trainer.train import train
 
 TOP = 5

@@ -3,8 +3,15 @@ import pytest
 import torch
 
 from trainer.config import load_config
-from trainer.models import build_student, build_teacher
+from trainer.models import StudentSpec, build_student, build_teacher
 from trainer.task import BGSplitTask
+
+
+def _student(trunk, weights, num_classes, teacher, *, aux_classes=None, fixed_background_logit=None, **how):
+    """A student of this shape (the aux head over the teacher's classes unless told), trunk from ``weights``."""
+    aux = aux_classes if aux_classes is not None else (teacher.num_classes if teacher is not None else 0)
+    spec = StudentSpec(trunk, num_classes, aux, fixed_background_logit=fixed_background_logit)
+    return build_student(spec, teacher, weights=weights, **how)
 
 
 def _bn_stats(module):
@@ -13,7 +20,7 @@ def _bn_stats(module):
 
 def test_teacher_is_frozen_through_training_steps(teacher):
     cfg = load_config(None, ["loss.aux_weight=1.0", "teacher.mode=online"])
-    student = build_student("efficientnet_lite0", "DEFAULT", 3, teacher)
+    student = _student("efficientnet_lite0", "DEFAULT", 3, teacher)
     task = BGSplitTask(student, teacher, cfg, [10, 1, 1], drw_epoch=100)
     opt = torch.optim.SGD(student.parameters(), lr=0.1)
     before = _bn_stats(teacher)
@@ -40,17 +47,17 @@ def test_teacher_is_frozen_through_training_steps(teacher):
 
 
 def test_aux_head_starts_as_the_teacher_classifier(teacher):
-    student = build_student("efficientnet_lite0", "DEFAULT", 3, teacher)
+    student = _student("efficientnet_lite0", "DEFAULT", 3, teacher)
     assert torch.equal(student.aux_head.weight, teacher.classifier.weight)
     assert torch.equal(student.aux_head.bias, teacher.classifier.bias)
     assert student.aux_head.weight.data_ptr() != teacher.classifier.weight.data_ptr()
-    off = build_student("efficientnet_lite0", "DEFAULT", 3, teacher, init_aux_from_teacher=False)
+    off = _student("efficientnet_lite0", "DEFAULT", 3, teacher, init_aux_from_teacher=False)
     assert not torch.equal(off.aux_head.weight, teacher.classifier.weight)
 
 
 def test_student_and_teacher_agree_at_start(teacher):
     """Same trunk, same weights, aux head = teacher classifier: the aux logits equal the teacher's (eval mode)."""
-    student = build_student("efficientnet_lite0", "DEFAULT", 3, teacher).eval()
+    student = _student("efficientnet_lite0", "DEFAULT", 3, teacher).eval()
     x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
     with torch.no_grad():
         assert torch.allclose(student(x)["aux"], teacher(x), atol=1e-4)
@@ -58,7 +65,7 @@ def test_student_and_teacher_agree_at_start(teacher):
 
 @pytest.mark.parametrize("constant", [0.0, 2.5])
 def test_fixed_background_logit_has_no_gradient(constant):
-    student = build_student("efficientnet_lite0", "DEFAULT", 3, None, fixed_background_logit=constant)
+    student = _student("efficientnet_lite0", "DEFAULT", 3, None, fixed_background_logit=constant)
     assert student.main_head.out_features == 2  # rare classes only: the background has no weights
     x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
     logits = student(x)["main"]
@@ -96,7 +103,7 @@ def test_unknown_model_name():
 
 
 def test_torchvision_trunk_student_has_both_heads():
-    student = build_student("mobilenet_v3_small", "NONE", 4, None, aux_classes=10)
+    student = _student("mobilenet_v3_small", "NONE", 4, None, aux_classes=10)
     out = student(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
     assert out["main"].shape == (2, 4) and out["aux"].shape == (2, 10)
     assert student.arch == "mobilenet_v3_small"
@@ -117,7 +124,7 @@ def test_main_head_scores_stay_fp32_when_the_trunk_runs_in_bf16():
     logits are the fp32 head applied to the fp32-cast features: not bf16 logits with 8-bit mantissas."""
     import torch.nn.functional as F
 
-    student = build_student("resnet18", "NONE", 3, None).eval()
+    student = _student("resnet18", "NONE", 3, None).eval()
     x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         features = student.trunk(student.normalize(x))
@@ -161,9 +168,9 @@ def test_teacher_prepared_for_a_gpu_is_cast_once_and_channels_last(tiny_sets):
 def test_aux_head_is_not_copied_from_a_teacher_with_other_weights(teacher):
     """Same architecture name, other weights (here a randomly initialised trunk): the teacher's classifier reads
     features this trunk does not make, so the aux head starts fresh."""
-    random_trunk = build_student("efficientnet_lite0", "NONE", 3, teacher)
+    random_trunk = _student("efficientnet_lite0", "NONE", 3, teacher)
     assert not torch.equal(random_trunk.aux_head.weight, teacher.classifier.weight)
-    assert torch.equal(build_student("efficientnet_lite0", "DEFAULT", 3, teacher).aux_head.weight,
+    assert torch.equal(_student("efficientnet_lite0", "DEFAULT", 3, teacher).aux_head.weight,
                        teacher.classifier.weight)
 
 
@@ -192,12 +199,12 @@ def test_model_dropout_false_turns_off_dropout_and_stochastic_depth():
     x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     for dropout in (True, False):
         torch.manual_seed(0)
-        student = build_student("efficientnet_lite0", "DEFAULT", 3, None, freeze_bn_stats=True, dropout=dropout)
+        student = _student("efficientnet_lite0", "DEFAULT", 3, None, freeze_bn_stats=True, dropout=dropout)
         with torch.no_grad():
             evaluated = student.eval()(x)["main"]
             trained = student.train()(x)["main"]
         assert torch.allclose(trained, evaluated, atol=1e-5) is (not dropout), dropout
     for dropout in (True, False):
-        trunk = build_student("efficientnet_b0", "NONE", 3, None, dropout=dropout).trunk
+        trunk = _student("efficientnet_b0", "NONE", 3, None, dropout=dropout).trunk
         rates = [m.p for m in trunk.modules() if isinstance(m, (torch.nn.Dropout, StochasticDepth))]
         assert rates and (max(rates) > 0) is dropout

@@ -67,7 +67,7 @@ def test_train_from_s3_with_a_cached_teacher_on_s3(s3_set, teacher, tmp_path):
     # S3 set (one process, fp32 on CPU, the run's batches), gives it to the last digit. Catches a validation of
     # other weights than those saved (a checkpoint of an earlier step, BatchNorm statistics left out), of another
     # head or transform, and AP keyed by other names than the rare classes.
-    from trainer.checkpoint import load_student_from_checkpoint
+    from trainer.models import load_student_from_checkpoint
     from trainer.evaluate import evaluate_student
 
     student = load_student_from_checkpoint(summary["checkpoint"])

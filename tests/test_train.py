@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from trainer.checkpoint import latest_checkpoint, load_checkpoint, load_student_from_checkpoint
+from trainer.checkpoint import latest_checkpoint, load_checkpoint
 from trainer.evaluate import evaluate_to_report
+from trainer.models import load_student_from_checkpoint
 from trainer.train import Trainer, train
 
 
@@ -64,17 +65,23 @@ def test_resume_with_another_number_of_classes_is_refused(tiny_sets, tmp_path):
     cfg = tiny_config(tiny_sets, tmp_path / "r", "loss.aux_weight=0", "run.max_steps=2")
     train(cfg)
     ckpt = latest_checkpoint(str(tmp_path / "r"))
-    state = load_checkpoint(ckpt)
-    state["model_meta"]["num_classes"] = 5
+    assert load_checkpoint(ckpt)["student_spec"]["num_classes"] == 3
+    # the same folder as a 5-class student would have written it: its shape in meta.json, its head in state.pt
+    state_file, meta_file = f"{ckpt}/state.pt", f"{ckpt}/meta.json"
+    state = torch.load(state_file, weights_only=True)
     state["student"]["main_head.weight"] = torch.zeros(5, 1280)
-    state_file = f"{ckpt}/state.pt"
+    state["student"]["main_head.bias"] = torch.zeros(5)
     torch.save(state, state_file)
-    before = open(state_file, "rb").read()
+    meta = json.loads(open(meta_file).read())
+    meta["student_spec"]["num_classes"] = 5
+    open(meta_file, "w").write(json.dumps(meta))
+    before = open(state_file, "rb").read(), open(meta_file, "rb").read()
     with pytest.raises(ValueError) as e:
         train(tiny_config(tiny_sets, tmp_path / "r", "loss.aux_weight=0", "run.max_steps=4", "run.resume=auto"))
     msg = str(e.value)
     assert "num_classes=5" in msg and "num_classes=3" in msg and "\n" not in msg
-    assert open(state_file, "rb").read() == before  # nothing already written is lost
+    assert "run.out_dir" in msg  # the fix
+    assert (open(state_file, "rb").read(), open(meta_file, "rb").read()) == before  # nothing written is lost
 
 
 def test_a_set_whose_manifest_lists_missing_objects_is_refused_in_one_line(tiny_sets, tmp_path):

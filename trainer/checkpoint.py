@@ -1,9 +1,14 @@
-"""Training checkpoints on any fsspec URL: written in the background, visible only when complete, keep-last-k.
+"""Training checkpoints on any fsspec URL: written in the background, visible only when complete, keep-last-k;
+opening one never runs code from it.
 
 A checkpoint is a folder (object-store prefix) ``<out_dir>/checkpoints/step-NNNNNNNN/`` holding
 
-- ``state.pt``: written by rank 0: student, scheduler, engine state (the optimiser under DDP), loader position,
-  every rank's RNG state, config, model shape, metrics history;
+- ``state.pt``: written by rank 0: tensors and plain containers only (dict, list, tuple, int, float, str, bool,
+  None): the student's weights, the engine state (the optimiser under DDP), the LR schedule's state, the loader
+  position, every rank's RNG state (numpy's and Python's as their parts). It is read with
+  ``torch.load(..., weights_only=True)``, which builds tensors and containers and calls nothing else;
+- ``meta.json``: written by rank 0: the format, the step, the student's shape (``StudentSpec``: trunk, classes,
+  heads, class names), the config, the metrics history, the engine, the world, the skip counts;
 - ``deepspeed/``: DeepSpeed's own files when that engine runs (every rank uploads its ZeRO partition, then
   drops a ``rank-NNNNN.done`` marker carrying this save's nonce);
 - ``index.json``: written last, by rank 0, once its own upload and every rank's marker are there.
@@ -15,12 +20,19 @@ thread while training goes on; the state is serialised to bytes first, so later 
 written, and a new save first waits for the previous upload (at most one in flight). ``save`` is called on every
 rank: the collective parts (gathering RNG states, DeepSpeed's partitioned save) happen there, never under
 ``if rank == 0``.
+
+A file that is not such a checkpoint (a foreign pickle, a truncated file, a plain state dict) is refused with a
+one-line ``CheckpointError`` and nothing in it runs. A checkpoint of the previous format (``bgsplit-checkpoint/2``:
+a pickled state.pt, no meta.json) is refused too, unless the caller trusts it: ``BGSPLIT_TRUST_CHECKPOINT=1``
+(``bgsplit eval`` and ``bgsplit mine`` set it with ``--trust-checkpoint``; training resume reads it directly),
+or ``trust=True`` here; it is then loaded as before, with ``weights_only=False``.
 """
 from __future__ import annotations
 
 import io
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -28,6 +40,9 @@ import shutil
 import tempfile
 import threading
 import time
+import warnings
+import zipfile
+from collections import OrderedDict
 from typing import Any, Callable
 
 import numpy as np
@@ -38,9 +53,27 @@ from data import storage
 log = logging.getLogger("bgsplit.checkpoint")
 
 PATTERN = re.compile(r"^step-(\d{8})$")
-INDEX, STATE, DEEPSPEED = "index.json", "state.pt", "deepspeed"
-FORMAT = "bgsplit-checkpoint/2"
+INDEX, STATE, META, DEEPSPEED = "index.json", "state.pt", "meta.json", "deepspeed"
+FORMAT = "bgsplit-checkpoint/3"
+LEGACY_FORMAT = "bgsplit-checkpoint/2"
 MARKER_TIMEOUT_S = float(os.environ.get("BGSPLIT_CHECKPOINT_MARKER_TIMEOUT", "1800"))
+TRUST_ENV = "BGSPLIT_TRUST_CHECKPOINT"
+"""``1``: checkpoints of the previous format (pickled objects in state.pt) are loaded with weights_only=False."""
+
+TRUST_FIX = (f"if you trust whoever wrote it, load it as before with {TRUST_ENV}=1 (bgsplit eval / mine: "
+             "--trust-checkpoint), or use a checkpoint written by this version of bgsplit")
+VALID_FIX = "give a checkpoint folder written by `bgsplit train` (<run.out_dir>/checkpoints/step-NNNNNNNN)"
+
+
+class CheckpointError(ValueError):
+    """A file that is not a usable checkpoint; the message is one line naming the file and the fix."""
+
+
+def trusted(trust: bool | None = None) -> bool:
+    """``trust`` when given, else the environment's BGSPLIT_TRUST_CHECKPOINT."""
+    if trust is not None:
+        return bool(trust)
+    return os.environ.get(TRUST_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
 def checkpoint_dir(out_dir: str) -> str:
@@ -51,21 +84,81 @@ def step_url(out_dir: str, step: int) -> str:
     return storage.join(checkpoint_dir(out_dir), f"step-{step:08d}")
 
 
+# -- RNG states as plain data ---------------------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's generators as tensors and plain values (what ``weights_only=True`` reads back): numpy's
+    ``('MT19937', keys, pos, has_gauss, cached_gaussian)`` and Python's ``(version, 625 ints, gauss_next)``
+    are stored as their parts; ``set_rng_state`` rebuilds the tuples bit for bit."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": int(version), "state": torch.tensor(internal, dtype=torch.int64),
+                   "gauss_next": None if gauss_next is None else float(gauss_next)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
+def _numpy_state(saved: Any) -> Any:
+    if not isinstance(saved, dict):  # a trusted checkpoint of the previous format: numpy's own tuple
+        return saved
+    keys = saved["keys"].numpy() if torch.is_tensor(saved["keys"]) else np.asarray(saved["keys"])
+    return (saved["name"], keys.astype(np.uint32), int(saved["pos"]), int(saved["has_gauss"]),
+            float(saved["cached_gaussian"]))
+
+
+def _python_state(saved: Any) -> Any:
+    if not isinstance(saved, dict):  # the previous format: random.getstate()'s tuple
+        return saved
+    internal = saved["state"].tolist() if torch.is_tensor(saved["state"]) else list(saved["state"])
+    return int(saved["version"]), tuple(int(v) for v in internal), saved["gauss_next"]
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    np.random.set_state(_numpy_state(state["numpy"]))
+    random.setstate(_python_state(state["python"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def check_plain(value: Any, where: str = "state") -> None:
+    """Refuse, before anything is written, what ``weights_only=True`` would not read back: anything but tensors,
+    dicts with str/int keys, lists, tuples, int, float, str, bool and None. Names the first offending path."""
+    if value is None or type(value) in (bool, int, float, str):
+        return
+    if isinstance(value, torch.Tensor) and type(value) in (torch.Tensor, torch.nn.Parameter):
+        return
+    if type(value) in (dict, OrderedDict):
+        for k, v in value.items():
+            if type(k) not in (str, int):
+                raise TypeError(f"checkpoint {where} has a key {k!r} of type {type(k).__name__}: state.pt keys are "
+                                "str or int")
+            check_plain(v, f"{where}[{k!r}]")
+        return
+    if type(value) in (list, tuple):
+        for i, v in enumerate(value):
+            check_plain(v, f"{where}[{i}]")
+        return
+    raise TypeError(f"checkpoint {where} is a {type(value).__module__}.{type(value).__qualname__}: state.pt holds "
+                    "tensors and plain containers only (put it in meta.json, or convert it)")
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinities (a validation mAP with no positive) as null: meta.json stays strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+# -- finding ----------------------------------------------------------------------------------------------------
 def _steps(out_dir: str) -> list[tuple[int, str]]:
     folder = checkpoint_dir(out_dir)
     return sorted((int(m.group(1)), storage.join(folder, n))
@@ -87,7 +180,8 @@ def latest_checkpoint(out_dir: str) -> str | None:
 
 
 def state_url(url: str) -> str:
-    """A checkpoint folder or its state.pt; a plain .pt file (exported weights) is read as it is."""
+    """A checkpoint folder or its state.pt; a plain .pt file is read as it is (and must have meta.json beside
+    it, unless it is trusted as a checkpoint of the previous format)."""
     url = url.rstrip("/")
     if url.endswith(".pt"):
         return url
@@ -95,38 +189,129 @@ def state_url(url: str) -> str:
         if storage.exists(storage.join(url, STATE)):
             raise FileNotFoundError(f"checkpoint {url} is incomplete (no {INDEX}: its upload did not finish); "
                                     "use an older checkpoint or run.resume=auto")
+        if storage.exists(url):
+            raise CheckpointError(f"{url} is not a bgsplit checkpoint (no {INDEX} there): {VALID_FIX}")
         raise FileNotFoundError(f"checkpoint {url} does not exist: give an existing checkpoint, or run.resume=auto")
     return storage.join(url, STATE)
 
 
-def load_checkpoint(url: str) -> dict[str, Any]:
-    state = state_url(url)
-    if not storage.exists(state):
+def meta_url(state: str) -> str:
+    return storage.join(storage.dirname(state), META)
+
+
+# -- reading ----------------------------------------------------------------------------------------------------
+def _unsafe_globals(data: bytes) -> list[str] | None:
+    """What a torch zip file's pickle would call beyond tensors and containers (read, never run); None when the
+    bytes are not a complete torch zip file."""
+    if not zipfile.is_zipfile(io.BytesIO(data)):
+        return None
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(data)))
+    except Exception:  # noqa: BLE001 - a damaged archive: the caller says so
+        return None
+
+
+def _why_refused(data: bytes) -> str:
+    if not data:
+        return "it is empty"
+    found = _unsafe_globals(data)
+    if found is None:
+        if data[:2] == b"PK":
+            return "it is a truncated or damaged torch file"
+        return "it is not a file written by torch.save (a raw pickle, a truncated download or another kind of file)"
+    if found:
+        shown = ", ".join(sorted(found)[:3]) + (", ..." if len(found) > 3 else "")
+        return f"it holds pickled objects beyond tensors and containers (it would call {shown})"
+    return "it is not a readable torch file"
+
+
+def _weights_only(data: bytes, file: str, fix: str) -> Any:
+    """``torch.load(weights_only=True)``: tensors and containers or a one-line CheckpointError; nothing runs."""
+    try:
+        with warnings.catch_warnings():  # torch warns about a foreign file's pickle protocol: the refusal says it
+            warnings.simplefilter("ignore")
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - every failure of an untrusted file is the same one-line refusal
+        raise CheckpointError(f"{file} was refused unread: {_why_refused(data)}; nothing in it was run; "
+                              f"{fix}") from e
+
+
+def _read_meta_file(file: str) -> dict[str, Any] | None:
+    """meta.json beside a state.pt, or None when there is none (the previous format, or not a checkpoint)."""
+    if not storage.exists(file):
+        return None
+    try:
+        meta = json.loads(storage.read_bytes(file))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is not valid JSON ({e}); {VALID_FIX}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("format"), str):
+        raise CheckpointError(f"{file} is not a bgsplit checkpoint description (no format field); {VALID_FIX}")
+    if meta["format"] != FORMAT:
+        raise CheckpointError(f"{file} is format {meta['format']!r}; this bgsplit reads {FORMAT!r}: use the bgsplit "
+                              "version that wrote it, or " + VALID_FIX)
+    return meta
+
+
+def _legacy(file: str, data: bytes, trust: bool | None) -> dict[str, Any]:
+    """A state.pt without meta.json: the previous format (pickled), a bare weights file, or something else."""
+    found = _unsafe_globals(data)
+    if found == []:  # only tensors and containers: safe to read, but it must describe a student to be of use
+        state = _weights_only(data, file, VALID_FIX)
+        if isinstance(state, dict) and isinstance(state.get("model_meta"), dict) and "student" in state:
+            return _from_legacy(state)
+        raise CheckpointError(f"{file} is a plain tensor file, not a bgsplit checkpoint (no {META} beside it, no "
+                              f"student description in it); {VALID_FIX}")
+    if found is None:  # not a torch zip file (bgsplit has only ever written those): no trust makes it one
+        raise CheckpointError(f"{file} was refused unread: {_why_refused(data)}; nothing in it was run; {VALID_FIX}")
+    if not trusted(trust):
+        raise CheckpointError(f"{file} was refused unread: a checkpoint of the previous format (a pickled "
+                              f"state.pt, no {META}) or a foreign pickle; nothing in it was run; {TRUST_FIX}")
+    log.warning("%s: loading a checkpoint of the previous format with weights_only=False (%s=1): this runs "
+                "whatever code the file holds", file, TRUST_ENV)
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{file} is not a readable checkpoint ({first}); {VALID_FIX}") from e
+    if not isinstance(state, dict) or "student" not in state or not isinstance(state.get("model_meta"), dict):
+        raise CheckpointError(f"{file} is not a bgsplit checkpoint (no student weights or description); {VALID_FIX}")
+    return _from_legacy(state)
+
+
+def _from_legacy(state: dict[str, Any]) -> dict[str, Any]:
+    """The previous format's keys in this format's names (its model_meta has StudentSpec's field names)."""
+    return {"format": LEGACY_FORMAT, **state, "student_spec": dict(state["model_meta"])}
+
+
+def read_meta(url: str, trust: bool | None = None) -> dict[str, Any]:
+    """A checkpoint's meta.json (format, step, ``student_spec``, config, history, ...) without reading
+    state.pt; for a trusted checkpoint of the previous format, the same fields out of its pickle."""
+    file = state_url(url)
+    meta = _read_meta_file(meta_url(file))
+    if meta is not None:
+        return meta
+    if not storage.exists(file):
         raise FileNotFoundError(f"checkpoint {url} does not exist: give an existing checkpoint, or run.resume=auto")
-    return torch.load(io.BytesIO(storage.read_bytes(state)), map_location="cpu", weights_only=False)
+    state = _legacy(file, storage.read_bytes(file), trust)
+    return {k: v for k, v in state.items() if k not in ("student", "engine", "scheduler", "rng", "loader")}
 
 
-def check_compatible(state: dict[str, Any], model_meta: dict[str, Any], url: str) -> None:
-    """Refuse to resume into a student of another shape; say which field differs and what to do."""
-    saved = state.get("model_meta", {})
-    for field in ("num_classes", "trunk", "aux_classes", "fixed_background_logit", "normalized_main_head"):
-        if field in saved and saved[field] != model_meta.get(field):
-            raise ValueError(f"cannot resume from {url}: it has {field}={saved[field]!r} but this run has "
-                             f"{field}={model_meta.get(field)!r}; use a new run.out_dir or the matching config")
+def load_checkpoint(url: str, trust: bool | None = None) -> dict[str, Any]:
+    """state.pt (read with weights_only=True) and meta.json as one dict: meta.json's fields, then state.pt's.
 
-
-def load_student_from_checkpoint(url: str):
-    """Rebuild a trained student (for evaluation or as a teacher) from a checkpoint alone."""
-    from trainer.models import build_student
-
-    state = load_checkpoint(url)
-    meta = state["model_meta"]
-    student = build_student(meta["trunk"], "NONE", meta["num_classes"], None, aux_classes=meta["aux_classes"],
-                            fixed_background_logit=meta["fixed_background_logit"],
-                            normalized_main_head=meta["normalized_main_head"], logit_scale=meta["logit_scale"])
-    student.load_state_dict(state["student"])
-    student.class_names = meta.get("class_names")
-    return student.eval()
+    ``trust`` (default: BGSPLIT_TRUST_CHECKPOINT) only concerns checkpoints of the previous format."""
+    file = state_url(url)
+    if not storage.exists(file):
+        raise FileNotFoundError(f"checkpoint {url} does not exist: give an existing checkpoint, or run.resume=auto")
+    meta = _read_meta_file(meta_url(file))
+    data = storage.read_bytes(file)
+    if meta is None:
+        return _legacy(file, data, trust)
+    state = _weights_only(data, file, "the checkpoint is damaged or was replaced: use another one (an older step, "
+                          "or run.resume=auto once this folder is removed)")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file} holds a {type(state).__name__}, not a checkpoint's state; {VALID_FIX}")
+    return {**meta, **state}
 
 
 def download_folder(url: str, local: str, keep: Callable[[str], bool] = lambda name: True) -> str:
@@ -166,8 +351,10 @@ class CheckpointWriter:
         self.upload_seconds = 0.0
 
     def save(self, step: int, state: dict[str, Any] | None, nonce: str,
-             sharded: Callable[[str], None] | None = None) -> str:
-        """Write checkpoint ``step``. ``state`` is rank 0's payload (None elsewhere); ``sharded(folder)`` writes
+             sharded: Callable[[str], None] | None = None, meta: dict[str, Any] | None = None) -> str:
+        """Write checkpoint ``step``. ``state`` is rank 0's state.pt payload (None elsewhere: tensors and plain
+        containers, checked here, so what is written is what ``weights_only=True`` reads back) and ``meta``
+        its JSON description (meta.json; the format and the step are added); ``sharded(folder)`` writes
         an engine's per-rank files into a local folder (a collective call: every rank makes it). ``nonce`` must
         be the same on every rank (rank 0 draws it and broadcasts it) so stale markers of an earlier, crashed
         attempt at the same step are never mistaken for this one. A failed earlier upload is logged and counted
@@ -179,9 +366,11 @@ class CheckpointWriter:
         url = step_url(self.out_dir, step)
         payload = None
         if state is not None:
+            check_plain(state)
             buf = io.BytesIO()
             torch.save(state, buf)
-            payload = buf.getvalue()
+            doc = _json_safe({**(meta or {}), "format": FORMAT, "step": step})
+            payload = (buf.getvalue(), json.dumps(doc, indent=1, allow_nan=False).encode())
         staging = None
         if sharded is not None:
             staging = tempfile.mkdtemp(prefix=f"bgsplit-ckpt-{step}-r{self.rank}-")
@@ -214,13 +403,15 @@ class CheckpointWriter:
         except BaseException as e:  # noqa: BLE001 - handed to the training thread by wait()
             self._error = e
 
-    def _upload(self, url: str, step: int, payload: bytes | None, staging: str | None, nonce: str) -> None:
+    def _upload(self, url: str, step: int, payload: tuple[bytes, bytes] | None, staging: str | None,
+                nonce: str) -> None:
         start = time.time()
         files: list[str] = []
         try:
             if payload is not None:
-                storage.write_bytes(storage.join(url, STATE), payload)
-                files.append(STATE)
+                storage.write_bytes(storage.join(url, STATE), payload[0])
+                storage.write_bytes(storage.join(url, META), payload[1])
+                files += [STATE, META]
             if staging is not None:
                 files += [f"{DEEPSPEED}/{n}" for n in _upload_folder(staging, storage.join(url, DEEPSPEED))]
         finally:

@@ -31,11 +31,13 @@ def _eval(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
-    from trainer.checkpoint import load_checkpoint, load_student_from_checkpoint
+    from trainer.checkpoint import load_checkpoint
     from trainer.engine import autocast_dtype
     from trainer.evaluate import evaluate_to_report
+    from trainer.models import load_student_from_checkpoint
     from trainer.train import init_distributed, resolve_device
 
+    _trust(args)
     state = load_checkpoint(args.checkpoint)
     image_size = args.image_size or state["config"]["data"]["image_size"]
     report = {"title": f"bgsplit evaluation of {args.checkpoint}", "extra": {"checkpoint": args.checkpoint}}
@@ -138,6 +140,7 @@ def _mine(args: argparse.Namespace) -> None:
 
     if args.top < 1:
         raise ValueError(f"--top must be at least 1, got {args.top}")
+    _trust(args)
     image_size = args.image_size or load_checkpoint(args.checkpoint)["config"]["data"]["image_size"]
     if args.ray:
         from cluster.passes import connect, ray_mine
@@ -196,6 +199,21 @@ def _keep_results_flag(parser: argparse.ArgumentParser) -> None:
                              "sessions); results.md counts the runs per code version")
 
 
+def _trust_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trust-checkpoint", action="store_true", help="load a checkpoint of the previous format "
+                        "(a pickled state.pt, no meta.json) as before: this runs whatever code the file holds, so "
+                        "only for a file from a trusted source (sets BGSPLIT_TRUST_CHECKPOINT=1, which torchrun "
+                        "ranks and Ray tasks inherit)")
+
+
+def _trust(args: argparse.Namespace) -> None:
+    """--trust-checkpoint as the variable every loader reads (Ray tasks get BGSPLIT_* from the driver)."""
+    if getattr(args, "trust_checkpoint", False):
+        from trainer.checkpoint import TRUST_ENV
+
+        os.environ[TRUST_ENV] = "1"
+
+
 def _ray_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ray", action="store_true", help="run the per-shard work as Ray tasks over the cluster "
                         "(use under `ray job submit`; paths must be reachable from every node)")
@@ -222,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="the forward pass's dtype (auto: bf16 on a GPU, fp16 on one without, fp32 on CPU); "
                    "scores are an fp32 softmax either way")
+    _trust_flag(e)
     _ray_flags(e)
     e.set_defaults(func=_eval)
 
@@ -296,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="the trunk's dtype (auto: bf16 on a GPU, fp32 on CPU); scores are an fp32 softmax either way")
     m.add_argument("--gpus-per-task", type=float, default=0.0, help="with --ray")
+    _trust_flag(m)
     _ray_flags(m)
     m.set_defaults(func=_mine)
 

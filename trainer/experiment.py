@@ -881,8 +881,9 @@ def write_reports(spec: ExperimentSpec, runs: list[dict[str, Any]], sets: dict[s
                   log: Callable[[str], None]) -> None:
     """The first final run of each trained method in the first setting, evaluated into a report (PR curves,
     top-scoring images): what the demo shows a reader beside its table."""
-    from trainer.checkpoint import latest_checkpoint, load_student_from_checkpoint
+    from trainer.checkpoint import latest_checkpoint
     from trainer.evaluate import evaluate_to_report
+    from trainer.models import load_student_from_checkpoint
 
     setting = next(iter(spec.data.settings))
     for method, mspec in spec.methods.items():

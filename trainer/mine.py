@@ -57,16 +57,13 @@ class MineJob:
 
 def checkpoint_facts(checkpoint: str) -> tuple[str, list[str]]:
     """The checkpoint's identity (a digest of its weights file: another checkpoint written to the same URL is
-    another identity) and its class names, from one read of the file."""
-    import io
+    another identity) and its class names, from its meta.json (the weights file is hashed, never unpickled)."""
+    from trainer.checkpoint import read_meta, state_url
+    from trainer.models import StudentSpec
 
-    import torch
-
-    from trainer.checkpoint import state_url
-
+    spec = StudentSpec.from_dict(read_meta(checkpoint).get("student_spec"), checkpoint)
     data = storage.read_bytes(state_url(checkpoint))
-    meta = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)["model_meta"]
-    names = meta.get("class_names") or [f"class {i}" for i in range(meta["num_classes"])]
+    names = list(spec.class_names or [f"class {i}" for i in range(spec.num_classes)])
     return hashlib.sha256(data).hexdigest()[:16], names
 
 
@@ -156,9 +153,9 @@ def score_shares(job: MineJob, fingerprint: str, shards: list[int], chunk: int =
     Shares are scored ``chunk`` at a time (one DataLoader, its workers started once per chunk)."""
     import torch
 
-    from trainer.checkpoint import load_student_from_checkpoint
     from trainer.engine import autocast_dtype
     from trainer.evaluate import predict
+    from trainer.models import load_student_from_checkpoint
     from trainer.train import resolve_device
 
     manifest = read_manifest(job.pool)

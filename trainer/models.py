@@ -7,11 +7,97 @@ classes} and an aux head over the teacher's label space; inference uses the main
 """
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from trainer.backbones import Backbone, disable_dropout, load_backbone
+from trainer.checkpoint import VALID_FIX, CheckpointError, load_checkpoint
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    """The one description of a student's shape: what ``build_student`` needs to rebuild it for evaluation,
+    mining or as a teacher, stored in a checkpoint's meta.json and compared field by field on resume. Built once
+    per run from the config and the training set (``from_config``)."""
+
+    trunk: str
+    num_classes: int
+    """Main-head outputs: background (index 0) and the rare classes."""
+    aux_classes: int = 0
+    """Aux-head outputs (the teacher's label space); 0: no aux head."""
+    fixed_background_logit: float | None = None
+    normalized_main_head: bool = False
+    logit_scale: float = 30.0
+    """The cosine head's scale; only meaningful with normalized_main_head."""
+    class_names: tuple[str, ...] | None = None
+    rare_classes: tuple[str, ...] | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Any, manifest: Any, aux_classes: int) -> "StudentSpec":
+        """``cfg`` a JobConfig, ``manifest`` the training set's; ``aux_classes`` the teacher's classes (0 without
+        one)."""
+        normalized = bool(cfg.model.normalized_main_head or cfg.loss.main == "ldam_drw")
+        return cls(trunk=cfg.model.trunk, num_classes=int(manifest.num_classes), aux_classes=int(aux_classes),
+                   fixed_background_logit=cfg.model.fixed_background_logit, normalized_main_head=normalized,
+                   logit_scale=float(cfg.loss.ldam_scale) if normalized else 30.0,
+                   class_names=tuple(manifest.class_names), rare_classes=tuple(manifest.rare_classes))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON: tuples as lists."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, doc: Any, where: str) -> "StudentSpec":
+        """A spec read back from a checkpoint, type-checked: a one-line CheckpointError naming the field."""
+        if not isinstance(doc, dict):
+            raise CheckpointError(f"{where} has no student description (student_spec); {VALID_FIX}")
+        kinds = {"trunk": (str,), "num_classes": (int,), "aux_classes": (int,), "normalized_main_head": (bool,),
+                 "fixed_background_logit": (int, float, type(None)), "logit_scale": (int, float),
+                 "class_names": (list, tuple, type(None)), "rare_classes": (list, tuple, type(None))}
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in doc:
+                if f.default is dataclasses.MISSING:
+                    raise CheckpointError(f"{where}: its student description has no {f.name}; {VALID_FIX}")
+                continue
+            value = doc[f.name]
+            bad_int = f.name in ("num_classes", "aux_classes") and isinstance(value, bool)
+            if not isinstance(value, kinds[f.name]) or bad_int or (
+                    isinstance(value, (list, tuple)) and not all(isinstance(v, str) for v in value)):
+                raise CheckpointError(f"{where}: its student description has {f.name}={value!r}, which is not a "
+                                      f"valid {f.name}; {VALID_FIX}")
+            values[f.name] = tuple(value) if isinstance(value, list) else value
+        spec = cls(**values)
+        if spec.num_classes < 2 or spec.aux_classes < 0:
+            raise CheckpointError(f"{where}: its student description has num_classes={spec.num_classes}, "
+                                  f"aux_classes={spec.aux_classes}; {VALID_FIX}")
+        return spec
+
+    def mismatch(self, saved: "StudentSpec") -> tuple[str, Any, Any] | None:
+        """The first field in which ``saved`` differs from this spec: (name, saved value, this value). The
+        cosine head's scale counts only where there is a cosine head."""
+        for f in dataclasses.fields(self):
+            if f.name == "logit_scale" and not (self.normalized_main_head or saved.normalized_main_head):
+                continue
+            theirs, mine = getattr(saved, f.name), getattr(self, f.name)
+            if theirs != mine:
+                return f.name, theirs, mine
+        return None
+
+    def check_resume(self, saved: Any, url: str) -> None:
+        """Refuse to resume into a student of another shape: one line naming the field, its two values and the
+        fix."""
+        found = self.mismatch(StudentSpec.from_dict(saved, f"cannot resume from {url}"))
+        if found is not None:
+            field, theirs, mine = found
+            show = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731 - as meta.json writes it
+            raise CheckpointError(f"cannot resume from {url}: it has {field}={show(theirs)!r} but this run has "
+                                  f"{field}={show(mine)!r}; use a new run.out_dir or the matching config")
 
 
 class Normalize(nn.Module):
@@ -107,8 +193,6 @@ def teacher_weights(name: str, weights: str) -> str:
 def build_teacher(name: str, weights: str = "", image_size: int = 0) -> Teacher:
     """A registry name (efficientnet_lite0, a torchvision model) or 'checkpoint' with a bgsplit checkpoint path."""
     if name == "checkpoint":
-        from trainer.checkpoint import load_student_from_checkpoint
-
         student = load_student_from_checkpoint(weights)
         return Teacher("checkpoint", student.trunk, _MainHead(student), student.num_classes, student.norm,
                        image_size)
@@ -201,28 +285,56 @@ def same_weights(a: nn.Module, b: nn.Module) -> bool:
                                           for k in sa)
 
 
-def build_student(trunk: str, weights: str, num_classes: int, teacher: Teacher | None, *,
-                  aux_classes: int | None = None, fixed_background_logit: float | None = None,
-                  normalized_main_head: bool = False, logit_scale: float = 30.0,
-                  init_aux_from_teacher: bool = True, freeze_bn_stats: bool = False,
-                  dropout: bool = True) -> Student:
-    """The aux head copies the teacher's classifier when the student's trunk *is* the teacher's (same network,
+def build_student(spec: StudentSpec, teacher: Teacher | None = None, *, weights: str = "NONE",
+                  init_aux_from_teacher: bool = True, freeze_bn_stats: bool = False, dropout: bool = True) -> Student:
+    """The student ``spec`` describes, its trunk initialised from ``weights`` (NONE: random, as when the weights
+    come from a checkpoint next). ``init_aux_from_teacher``, ``freeze_bn_stats`` and ``dropout`` are how it
+    trains, not its shape.
+
+    The aux head copies the teacher's classifier when the student's trunk *is* the teacher's (same network,
     same weights), so the aux loss starts near its optimum and its gradient regularises the trunk instead of first
     training a random head. Same name with other weights (V1 vs V2, random init) is not enough: that classifier
     reads features the student's trunk does not produce."""
-    backbone = load_backbone(trunk, weights)
+    backbone = load_backbone(spec.trunk, weights)
     if not dropout:
         disable_dropout(backbone.trunk)
-    if aux_classes is None:
-        aux_classes = teacher.num_classes if teacher is not None else 0
-    student = Student(backbone, num_classes, aux_classes, fixed_background_logit=fixed_background_logit,
-                      normalized_main_head=normalized_main_head, logit_scale=logit_scale,
+    student = Student(backbone, spec.num_classes, spec.aux_classes,
+                      fixed_background_logit=spec.fixed_background_logit,
+                      normalized_main_head=spec.normalized_main_head, logit_scale=spec.logit_scale,
                       freeze_bn_stats=freeze_bn_stats)
+    student.spec = spec
+    student.class_names = list(spec.class_names) if spec.class_names is not None else None
     if (init_aux_from_teacher and teacher is not None and student.aux_head is not None
-            and teacher.arch == trunk and isinstance(teacher.classifier, nn.Linear)
+            and teacher.arch == spec.trunk and isinstance(teacher.classifier, nn.Linear)
             and teacher.classifier.weight.shape == student.aux_head.weight.shape
             and same_weights(student.trunk, teacher.trunk)):
         with torch.no_grad():
             student.aux_head.weight.copy_(teacher.classifier.weight)
             student.aux_head.bias.copy_(teacher.classifier.bias)
     return student
+
+
+def student_from_state(state: dict[str, Any], url: str) -> Student:
+    """The trained student of a loaded checkpoint (``load_checkpoint``'s dict), in eval mode; a one-line
+    CheckpointError when its weights do not fit its own description."""
+    spec = StudentSpec.from_dict(state.get("student_spec"), url)
+    weights = state.get("student")
+    if not isinstance(weights, dict) or not all(torch.is_tensor(v) for v in weights.values()):
+        raise CheckpointError(f"{url} holds no student weights; {VALID_FIX}")
+    student = build_student(spec)
+    try:
+        student.load_state_dict(weights)
+    except RuntimeError as e:
+        missing = sorted(set(student.state_dict()) - set(weights))
+        extra = sorted(set(weights) - set(student.state_dict()))
+        detail = (f"missing {missing[0]}" if missing else f"unexpected {extra[0]}" if extra else
+                  (str(e).strip().splitlines() or ["shapes differ"])[-1].strip())
+        raise CheckpointError(f"{url}: its weights are not those of the student it describes ({spec.trunk}, "
+                              f"{spec.num_classes} classes: {detail}); {VALID_FIX}") from None
+    return student.eval()
+
+
+def load_student_from_checkpoint(url: str, trust: bool | None = None) -> Student:
+    """Rebuild a trained student (for evaluation, mining or as a teacher) from a checkpoint alone. ``trust``:
+    see ``trainer.checkpoint.load_checkpoint`` (only checkpoints of the previous format need it)."""
+    return student_from_state(load_checkpoint(url, trust=trust), url)

@@ -25,13 +25,12 @@ from data import storage
 from data.loader import SKIP_KINDS, LoaderState, ShardStream, make_loader, one_line
 from data.shards import Manifest, check_objects, read_manifest
 from data.teacher_labels import LabelSpec, TeacherLabels
-from trainer.checkpoint import (DEEPSPEED, CheckpointWriter, check_compatible, download_folder,
-                                incomplete_checkpoints, latest_checkpoint, load_checkpoint, remove_checkpoint,
-                                rng_state, set_rng_state)
+from trainer.checkpoint import (DEEPSPEED, CheckpointWriter, download_folder, incomplete_checkpoints,
+                                latest_checkpoint, load_checkpoint, remove_checkpoint, rng_state, set_rng_state)
 from trainer.config import JobConfig
 from trainer.engine import Engine, autocast_dtype, build_engine, build_optimizer
 from trainer.evaluate import evaluate_student
-from trainer.models import Student, Teacher, build_student, build_teacher
+from trainer.models import Student, StudentSpec, Teacher, build_student, build_teacher
 from trainer.schedule import build_scheduler, in_probe_phase
 from trainer.task import BGSplitTask
 
@@ -135,8 +134,9 @@ def find_resume(cfg: JobConfig, rank: int) -> tuple[str | None, dict[str, Any] |
     return (url, load_checkpoint(url)) if url is not None else (None, None)
 
 
-def check_resumable(state: dict[str, Any], cfg: JobConfig, meta: dict[str, Any], url: str) -> None:
-    check_compatible(state, meta, url)
+def check_resumable(state: dict[str, Any], cfg: JobConfig, spec: StudentSpec, url: str) -> None:
+    """The checkpoint's student has this run's shape (field by field) and was written by this run's engine."""
+    spec.check_resume(state.get("student_spec"), url)
     saved_engine = state.get("engine_name", "ddp")
     if saved_engine != cfg.engine.name:
         raise ValueError(f"cannot resume from {url}: it was written by engine.name={saved_engine} but this run "
@@ -155,15 +155,6 @@ def set_schedule_step(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -
 def drw_epoch(cfg: JobConfig) -> float:
     start = cfg.loss.drw_start_epoch
     return start * cfg.optim.epochs if start < 1 else start
-
-
-def model_meta(cfg: JobConfig, manifest: Manifest, student: Student) -> dict[str, Any]:
-    return {"num_classes": student.num_classes, "trunk": cfg.model.trunk,
-            "aux_classes": student.aux_head.out_features if student.aux_head is not None else 0,
-            "fixed_background_logit": cfg.model.fixed_background_logit,
-            "normalized_main_head": cfg.model.normalized_main_head or cfg.loss.main == "ldam_drw",
-            "logit_scale": cfg.loss.ldam_scale, "class_names": manifest.class_names,
-            "rare_classes": manifest.rare_classes}
 
 
 @dataclass
@@ -224,10 +215,8 @@ class Trainer:
         if use_aux:
             teacher = build_teacher(cfg.teacher.name, cfg.teacher.weights,
                                     cfg.teacher.image_size or cfg.data.image_size)
-        normalized = cfg.model.normalized_main_head or cfg.loss.main == "ldam_drw"
-        student = build_student(cfg.model.trunk, cfg.model.weights, manifest.num_classes, teacher,
-                                fixed_background_logit=cfg.model.fixed_background_logit,
-                                normalized_main_head=normalized, logit_scale=cfg.loss.ldam_scale,
+        spec = StudentSpec.from_config(cfg, manifest, teacher.num_classes if teacher is not None else 0)
+        student = build_student(spec, teacher, weights=cfg.model.weights,
                                 init_aux_from_teacher=cfg.model.init_aux_from_teacher,
                                 freeze_bn_stats=cfg.model.freeze_bn_stats, dropout=cfg.model.dropout).to(device)
         if device.type == "cuda" and cfg.run.channels_last:
@@ -237,7 +226,7 @@ class Trainer:
             teacher.prepare(device, dtype, channels_last=device.type == "cuda" and cfg.run.channels_last)
         resume_url, resume_state = find_resume(cfg, rank)
         if resume_state is not None:
-            check_resumable(resume_state, cfg, model_meta(cfg, manifest, student), resume_url)
+            check_resumable(resume_state, cfg, spec, resume_url)
             if cfg.engine.name == "deepspeed":
                 # DeepSpeed casts and partitions the student when it wraps it and keeps its own fp32 master
                 # copy: the trained weights go in first, so a resume that cannot use the checkpoint's ZeRO
@@ -268,15 +257,17 @@ class Trainer:
 
     # -- state ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Rank 0's checkpoint payload. A collective call (RNG states are gathered from every rank, ZeRO-3
-        gathers the weights): every rank calls it, the other ranks' return value is not written."""
+        """Rank 0's state.pt: tensors and plain containers only (``meta`` holds the rest). A collective call (RNG
+        states are gathered from every rank, ZeRO-3 gathers the weights): every rank calls it, the other ranks'
+        return value is not written."""
         rngs = gather(rng_state())
-        return {"version": 2, "step": self.step, "steps_per_epoch": self.steps_per_epoch,
-                "engine_name": self.engine.name,
-                "student": self.engine.student_state_dict(), "engine": self.engine.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "loader": self.loader_state.state_dict(), "rng": rngs,
-                "world": self.world, "config": self.cfg.to_dict(),
-                "model_meta": model_meta(self.cfg, self.manifest, self.student), "history": self.history,
+        return {"student": self.engine.student_state_dict(), "engine": self.engine.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "loader": self.loader_state.state_dict(), "rng": rngs}
+
+    def meta(self) -> dict[str, Any]:
+        """Rank 0's meta.json: what describes the checkpoint (the writer adds the format and the step)."""
+        return {"student_spec": self.student.spec.to_dict(), "engine_name": self.engine.name, "world": self.world,
+                "steps_per_epoch": self.steps_per_epoch, "config": self.cfg.to_dict(), "history": self.history,
                 "skipped": self.skipped.tolist(), "skipped_by_shard": self.skipped_by_shard}
 
     def load_state_dict(self, state: dict[str, Any], url: str = "checkpoint") -> None:
@@ -284,7 +275,7 @@ class Trainer:
         resumes too: DDP's state.pt holds the whole optimiser; the data order and the step count depend on the
         world, so the run restarts the interrupted epoch in the new world's order (nothing of it is skipped;
         what was done of it is done again) with the step and the LR schedule at that epoch's start."""
-        check_resumable(state, self.cfg, model_meta(self.cfg, self.manifest, self.student), url)
+        check_resumable(state, self.cfg, self.student.spec, url)
         if self.engine.name == "ddp":
             self.student.load_state_dict(state["student"])
             self.engine.load_state_dict(state["engine"] if "engine" in state else state)
@@ -353,7 +344,8 @@ class Trainer:
         """Start writing a checkpoint of the current step (every rank calls this); the upload runs on."""
         nonce = broadcast(os.urandom(8).hex() if self.rank == 0 else None)
         state = self.state_dict()
-        return self.writer.save(self.step, state if self.rank == 0 else None, nonce, self.engine.sharded_save)
+        return self.writer.save(self.step, state if self.rank == 0 else None, nonce, self.engine.sharded_save,
+                                meta=self.meta() if self.rank == 0 else None)
 
     # -- loop -----------------------------------------------------------------------------------------------
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
