@@ -61,10 +61,11 @@ SKIPPED_KEYS_IN_MANIFEST = 1000
 
 def rare_classes_from(split_file: str | None, rare: str | None, source: Source) -> list[str]:
     if bool(split_file) == bool(rare):
-        raise ValueError("give the rare classes with exactly one of --split-file or --rare (comma separated ids)")
+        raise ValueError("give the rare classes with exactly one of --split-file or --rare (comma separated ids or "
+                         "names)")
     ids = read_split_file(split_file) if split_file else [r.strip() for r in rare.split(",") if r.strip()]
     labels = {item.label for item in source.items()}
-    return resolve_rare_classes(ids, labels, split_file or "--rare")
+    return resolve_rare_classes(ids, labels, split_file or "--rare", source.class_names())
 
 
 def _up_to_date(out: str, spec: BuildSpec) -> Manifest | None:

@@ -378,9 +378,17 @@ def test_resolve_rare_classes_unknown_id():
     with pytest.raises(ValueError) as info:
         resolve_rare_classes(["9", "4242"], {"9", "10", "11"}, "my_split.txt")
     assert str(info.value) == (
-        "unknown class id '4242' in my_split.txt: not among the 3 classes of the source; "
+        "unknown class id '4242' in my_split.txt: not among the 3 classes of the source (9, 10, 11); "
         "check the split file matches the dataset"
     )
+    # --rare by name or id; a typo names the nearest class and lists the valid ones
+    names = {"9": "moon", "10": "sun", "11": "star"}
+    assert resolve_rare_classes(["Moon", "10"], {"9", "10", "11"}, "--rare", names) == ["9", "10"]
+    with pytest.raises(ValueError, match=r"unknown class id 'mooon' in --rare: did you mean 'moon'\? not among the 3 "
+                                         r"classes of the source \(9 \(moon\), 10 \(sun\), 11 \(star\)\); give ids"):
+        resolve_rare_classes(["mooon"], {"9", "10", "11"}, "--rare", names)
+    with pytest.raises(ValueError, match="duplicate class id 'moon'"):
+        resolve_rare_classes(["9", "moon"], {"9", "10", "11"}, "--rare", names)
 
 
 def test_resolve_rare_classes_against_inat_source(inat_files):

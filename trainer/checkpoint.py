@@ -179,19 +179,69 @@ def latest_checkpoint(out_dir: str) -> str | None:
     return found[-1] if found else None
 
 
-def state_url(url: str) -> str:
-    """A checkpoint folder or its state.pt; a plain .pt file is read as it is (and must have meta.json beside
-    it, unless it is trusted as a checkpoint of the previous format)."""
+def _name(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[-1]
+
+
+def resolve(url: str) -> str:
+    """What a user may give as a checkpoint: a checkpoint folder, a run folder (``run.out_dir``: its newest
+    complete checkpoint), ``<run folder>/latest`` or ``<run folder>/checkpoints/latest`` (the same), or a .pt file.
+    The step number depends on the schedule and the sampling, so a copied command need not know it."""
     url = url.rstrip("/")
+    if url.endswith(".pt"):
+        return url
+    run = url
+    if _name(url) == "latest":
+        run = storage.dirname(url)
+        if _name(run) == "checkpoints":
+            run = storage.dirname(run)
+    elif storage.exists(storage.join(url, INDEX)) or storage.exists(storage.join(url, STATE)):
+        return url
+    if storage.exists(checkpoint_dir(run)):
+        newest = latest_checkpoint(run)
+        if newest is None:
+            raise FileNotFoundError(f"run folder {run} has no complete checkpoint yet ({_listing(run)}): wait for "
+                                    "the run to save one, or give another run")
+        return newest
+    if _name(url) == "latest":
+        raise FileNotFoundError(f"{url}: {run} is not a run folder (no checkpoints/ in it): give a run.out_dir or a "
+                                "checkpoint folder")
+    return url
+
+
+def _listing(run: str) -> str:
+    steps = [_name(u) for _, u in _steps(run)]
+    done = {_name(u) for u in list_checkpoints(run)}
+    if not steps:
+        return "no checkpoints"
+    shown = ", ".join(f"{s}{'' if s in done else ' (incomplete)'}" for s in steps[-5:])
+    return f"checkpoints: {shown}"
+
+
+def _near(url: str) -> str:
+    """What exists next to a checkpoint path that does not: the run's checkpoints, for the error to name."""
+    folder = storage.dirname(url)
+    run = storage.dirname(folder) if _name(folder) == "checkpoints" else url
+    if storage.exists(checkpoint_dir(run)):
+        return f"; {run} has {_listing(run)}, and {run} itself (or {run}/latest) means its newest"
+    return ""
+
+
+def state_url(url: str) -> str:
+    """A checkpoint (any form ``resolve`` takes) -> its state.pt; a plain .pt file is read as it is (and must have
+    meta.json beside it, unless it is trusted as a checkpoint of the previous format)."""
+    url = resolve(url)
     if url.endswith(".pt"):
         return url
     if not storage.exists(storage.join(url, INDEX)):
         if storage.exists(storage.join(url, STATE)):
             raise FileNotFoundError(f"checkpoint {url} is incomplete (no {INDEX}: its upload did not finish); "
-                                    "use an older checkpoint or run.resume=auto")
+                                    f"use an older checkpoint{_near(url)}")
         if storage.exists(url):
-            raise CheckpointError(f"{url} is not a bgsplit checkpoint (no {INDEX} there): {VALID_FIX}")
-        raise FileNotFoundError(f"checkpoint {url} does not exist: give an existing checkpoint, or run.resume=auto")
+            raise CheckpointError(f"{url} is not a bgsplit checkpoint (no {INDEX} there): {VALID_FIX}, or a run "
+                                  "folder (its newest checkpoint)")
+        raise FileNotFoundError(f"checkpoint {url} does not exist{_near(url)}: give an existing checkpoint folder "
+                                "or a run folder")
     return storage.join(url, STATE)
 
 
@@ -291,7 +341,8 @@ def read_meta(url: str, trust: bool | None = None) -> dict[str, Any]:
     if meta is not None:
         return meta
     if not storage.exists(file):
-        raise FileNotFoundError(f"checkpoint {url} does not exist: give an existing checkpoint, or run.resume=auto")
+        raise FileNotFoundError(f"checkpoint {url} does not exist{_near(url)}: give an existing checkpoint folder "
+                                "or a run folder")
     state = _legacy(file, storage.read_bytes(file), trust)
     return {k: v for k, v in state.items() if k not in ("student", "engine", "scheduler", "rng", "loader")}
 
@@ -302,7 +353,8 @@ def load_checkpoint(url: str, trust: bool | None = None) -> dict[str, Any]:
     ``trust`` (default: BGSPLIT_TRUST_CHECKPOINT) only concerns checkpoints of the previous format."""
     file = state_url(url)
     if not storage.exists(file):
-        raise FileNotFoundError(f"checkpoint {url} does not exist: give an existing checkpoint, or run.resume=auto")
+        raise FileNotFoundError(f"checkpoint {url} does not exist{_near(url)}: give an existing checkpoint folder "
+                                "or a run folder")
     meta = _read_meta_file(meta_url(file))
     data = storage.read_bytes(file)
     if meta is None:

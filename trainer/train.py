@@ -26,7 +26,8 @@ from data.loader import SKIP_KINDS, LoaderState, ShardStream, make_loader, one_l
 from data.shards import Manifest, check_objects, read_manifest
 from data.teacher_labels import LabelSpec, TeacherLabels
 from trainer.checkpoint import (DEEPSPEED, CheckpointWriter, download_folder, incomplete_checkpoints,
-                                latest_checkpoint, load_checkpoint, remove_checkpoint, rng_state, set_rng_state)
+                                latest_checkpoint, load_checkpoint, remove_checkpoint, resolve, rng_state,
+                                set_rng_state)
 from trainer.config import JobConfig
 from trainer.engine import Engine, autocast_dtype, build_engine, build_optimizer
 from trainer.evaluate import evaluate_student
@@ -121,11 +122,12 @@ def teacher_labels_for(manifest: Manifest, cfg: JobConfig, teacher: Teacher) -> 
 
 def find_resume(cfg: JobConfig, rank: int) -> tuple[str | None, dict[str, Any] | None]:
     """``run.resume``: '' starts fresh, 'auto' takes the newest complete checkpoint under run.out_dir (rank 0
-    decides, so every rank loads the same one; a collective), else the given checkpoint."""
+    decides, so every rank loads the same one; a collective), else the given checkpoint (or a run folder's
+    newest)."""
     resume = cfg.run.resume
     url = None
     if rank == 0:
-        url = latest_checkpoint(cfg.run.out_dir) if resume == "auto" else resume or None
+        url = latest_checkpoint(cfg.run.out_dir) if resume == "auto" else resolve(resume) if resume else None
         if resume == "auto":
             for stale in incomplete_checkpoints(cfg.run.out_dir):  # a crashed upload: never a checkpoint
                 log.warning("removing incomplete checkpoint %s (its upload never finished)", stale)

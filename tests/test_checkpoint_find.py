@@ -1,0 +1,56 @@
+"""A checkpoint by run: a run folder, RUN/latest or RUN/checkpoints/latest is the run's newest complete
+checkpoint (the step number depends on the sampling, so a copied command need not know it); a wrong step names
+the checkpoints that exist."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from conftest import tiny_config
+from trainer.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, resolve
+from trainer.cli import main
+from trainer.train import train
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_sets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("found") / "run"
+    train(tiny_config(tiny_sets, out, "run.max_steps=3", "run.checkpoint_every=1", "run.keep_checkpoints=2",
+                      "loss.aux_weight=0", "data.val=", "run.async_checkpoint=false"))
+    return out
+
+
+def test_a_run_folder_and_latest_mean_its_newest_checkpoint(run_dir):
+    newest = latest_checkpoint(str(run_dir))
+    assert newest.endswith("step-00000003") and len(list_checkpoints(str(run_dir))) == 2
+    for given in (run_dir, f"{run_dir}/", run_dir / "latest", run_dir / "checkpoints" / "latest"):
+        assert resolve(str(given)) == newest
+    assert resolve(newest) == newest
+    assert load_checkpoint(str(run_dir))["step"] == 3
+
+
+def test_a_missing_step_lists_what_exists(run_dir, capsys):
+    with pytest.raises(FileNotFoundError, match=r"step-00000009 does not exist; .* has checkpoints: step-00000002, "
+                                                r"step-00000003, and .*latest\) means its newest"):
+        load_checkpoint(str(run_dir / "checkpoints" / "step-00000009"))
+    assert main(["eval", "--checkpoint", str(run_dir / "checkpoints" / "step-00000060"), "--data", "x",
+                 "--out", "y"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "checkpoints: step-00000002, step-00000003" in err and "\n" not in err
+
+
+def test_a_run_without_a_complete_checkpoint_says_so(run_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    for ckpt in (copy / "checkpoints").iterdir():
+        (ckpt / "index.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"has no complete checkpoint yet \(checkpoints: step-00000002 "
+                                                r"\(incomplete\), step-00000003 \(incomplete\)\)"):
+        resolve(str(copy))
+
+
+def test_eval_takes_a_run_folder(run_dir, tiny_sets, tmp_path):
+    assert main(["eval", "--checkpoint", str(run_dir), "--data", tiny_sets["test"], "--out", str(tmp_path / "r"),
+                 "--image-size", "32"]) == 0
+    assert (tmp_path / "r" / "report.json").exists()
