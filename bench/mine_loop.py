@@ -1,6 +1,7 @@
 """The mining loop, measured: train, mine a 60,000-image pool, label the top candidates, add them, train again.
 
-On Fashion-MNIST-BG (rare: Dress, Sandal, Shirt), starting from a 99%-background training set (5 positives a class, the demo's background):
+On Fashion-MNIST-BG (rare: Dress, Sandal, Shirt), starting from a 99%-background training set (5 positives a
+class over the demo's 1,485 background images):
 
     round 0   train on the starting set; test mAP
     round r   mine the pool (all 60,000 Fashion-MNIST training images, labels hidden; the training and

@@ -250,7 +250,7 @@ def test_quick_demo_is_the_experiment_with_reports(tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     doc = json.loads((out / "results.json").read_text())
-    # configs/demo.yaml tunes nothing: only final runs, each scored once on test
+    # configs/experiment_demo.yaml tunes nothing: only final runs, each scored once on test
     assert [(r["method"], r["phase"], r["split"]) for r in doc["runs"]] == [("fine-tune", "final", "test"),
                                                                            ("bg-split", "final", "test")]
     for method in ("fine-tune", "bg-split"):

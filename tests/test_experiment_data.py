@@ -70,7 +70,7 @@ def test_good_sets_pass_and_each_bad_one_is_a_one_line_error(own_sets):
 def test_rare_classes_by_name_or_id_and_a_typo_lists_the_names():
     src = FashionMNISTSource("train")
     assert resolve_rare(src, ["Dress", "5", "shirt"], "data.rare") == ("3", "5", "6")
-    with pytest.raises(ConfigError, match=r"unknown rare class 'Sandle' .*did you mean 'Sandal'.*3 \(Dress\)"):
+    with pytest.raises(ConfigError, match=r"unknown class id 'Sandle' in data.rare: did you mean 'Sandal'.*3 \(Dress\)"):
         resolve_rare(src, ["Sandle"], "data.rare")
 
 
@@ -181,7 +181,8 @@ def test_keep_results_reuses_runs_of_other_code_and_says_so(own_sets, tmp_path):
 
 
 def test_the_demo_is_the_experiment_on_a_shipped_config():
-    demo, exp = load_spec(ROOT / "configs" / "demo.yaml"), load_spec(ROOT / "configs" / "experiment_fmnist.yaml")
+    demo = load_spec(ROOT / "configs" / "experiment_demo.yaml")
+    exp = load_spec(ROOT / "configs" / "experiment_fmnist.yaml")
     assert demo.data.settings == exp.data.settings and demo.data.background == exp.data.background
     assert list(demo.methods) == ["fine-tune", "bg-split", "re-sample", "re-sample + bg-split"]
     assert demo.reports and all(not m.grid for m in demo.methods.values())

@@ -113,12 +113,12 @@ def test_trunk_lr_multiplier_scales_the_trunk_group_through_the_schedule():
     schedule; every trainable parameter is in exactly one group."""
     from trainer.config import load_config
     from trainer.engine import build_optimizer
-    from trainer.models import build_student
+    from trainer.models import StudentSpec, build_student
     from trainer.schedule import build_scheduler, lr_at
 
     cfg = load_config(None, ["optim.trunk_lr_mult=0.1", "optim.lr=0.01", "optim.warmup_epochs=1",
                              "optim.warmup_start_lr=0.001"])
-    student = build_student("resnet18", "NONE", 3, None)
+    student = build_student(StudentSpec("resnet18", 3))
     opt = build_optimizer(student, cfg)
     sched = build_scheduler(opt, 10, cfg.optim)
     trunk, heads = opt.param_groups

@@ -15,7 +15,7 @@ from PIL import Image
 
 from conftest import tiny_config
 from trainer.config import OptimConfig, load_config
-from trainer.models import NormedLinear, Student, build_student
+from trainer.models import NormedLinear, Student, StudentSpec, build_student
 from trainer.schedule import build_scheduler, lr_at
 from trainer.task import BGSplitTask
 
@@ -245,7 +245,7 @@ def _student() -> Student:
     """A fresh copy of one small random-init student (building resnet18 takes seconds on a small CPU)."""
     if not _STUDENT:
         torch.manual_seed(0)
-        _STUDENT.append(build_student("resnet18", "NONE", 3, None, aux_classes=AUX_CLASSES))
+        _STUDENT.append(build_student(StudentSpec("resnet18", 3, AUX_CLASSES)))
     return copy.deepcopy(_STUDENT[0]).train()
 
 

@@ -231,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="per-class AP, mAP, P@100, PR curves, top-scoring grid, JSON + Markdown report")
-    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--checkpoint", required=True,
+                   help="a checkpoint folder, or a run folder (its newest; also RUN/latest)")
     e.add_argument("--data", required=True, help="evaluation shard set (folder with manifest.json)")
     e.add_argument("--out", required=True, help="report folder")
     e.add_argument("--image-size", type=int, default=0, help="default: the training image size")
@@ -301,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("mine", help="score an unlabeled pool, keep the top N per rare class; candidates.jsonl, "
                        "contact sheets, review.html (one process, torchrun, or --ray)")
-    m.add_argument("--checkpoint", required=True)
+    m.add_argument("--checkpoint", required=True,
+                   help="a checkpoint folder, or a run folder (its newest; also RUN/latest)")
     m.add_argument("--pool", required=True, help="a shard set, or any source `shards build` reads (folder:, "
                    "manifest:, wds:, fmnist:...), local or on S3; a source is built into OUT/pool first")
     m.add_argument("--top", type=int, default=100, help="candidates kept per rare class")
@@ -337,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="Fashion-MNIST-BG: fine-tuning vs BG splitting vs imbalance baselines")
     d.add_argument("--out", default="artifacts/demo")
     d.add_argument("--quick", action="store_true", help="one seed, shorter runs (a smoke test)")
-    d.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (configs/demo.yaml's otherwise)")
+    d.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (configs/experiment_demo.yaml's otherwise)")
     d.add_argument("--prepare-only", action="store_true", help="build and check the data, train nothing")
     _keep_results_flag(d)
     d.set_defaults(func=_demo)

@@ -1,5 +1,5 @@
-"""`bgsplit demo`: the experiment harness on a shipped config (configs/demo.yaml), so the README's first command
-runs the same code, cache and tables as `bgsplit experiment`."""
+"""`bgsplit demo`: the experiment harness on a shipped config (configs/experiment_demo.yaml), so the README's first
+command runs the same code, cache and tables as `bgsplit experiment`."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,7 +10,7 @@ from typing import Any
 from trainer.experiment import load_spec, quick_spec, run_experiment, set_threads
 from trainer.experiment_data import check_sets, locate_sets
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "experiment_demo.yaml"
 
 
 def run_demo(out: str = "artifacts/demo", *, quick: bool = False, seeds: int | None = None,

@@ -718,13 +718,25 @@ def summarize_runs(spec: ExperimentSpec, runs: list[dict[str, Any]], chosen: dic
                 continue
             seen.add((variant, base))
             pairs.append({"setting": setting, "variant": variant, "base": base, "why": why,
-                          **paired_difference(by_method[variant], by_method[base])})
+                          **_paired(spec, setting, finals, variant, base, by_method)})
         if ranked:
             pick = {"setting": setting, "method": ranked[0], "val_map": chosen[setting][ranked[0]]["val_map"]}
             if len(ranked) > 1:
-                pick.update(runner_up=ranked[1], vs=paired_difference(by_method[ranked[0]], by_method[ranked[1]]))
+                pick.update(runner_up=ranked[1], vs=_paired(spec, setting, finals, ranked[0], ranked[1], by_method))
             advice.append(pick)
     return {"table": table, "pairs": pairs, "curves": curves, "advice": advice}
+
+
+def _paired(spec: ExperimentSpec, setting: str, finals: list[dict[str, Any]], variant: str, base: str,
+            by_method: dict[str, dict[int, float]]) -> dict[str, Any]:
+    """paired_difference by seed; two deterministic fits are one difference with no interval (repeating it per
+    seed would claim a zero-width one)."""
+    fixed = [any(r.get("deterministic") for r in finals if r["setting"] == setting and r["method"] == m)
+             for m in (variant, base)]
+    if all(fixed):
+        first = spec.seeds[0]
+        return paired_difference({first: by_method[variant][first]}, {first: by_method[base][first]})
+    return paired_difference(by_method[variant], by_method[base])
 
 
 def _ranked_by_validation(spec: ExperimentSpec, chosen: dict[str, Any], by_method: dict[str, dict[int, float]]
@@ -813,7 +825,7 @@ def results_markdown(spec: ExperimentSpec, summary: dict[str, Any], chosen: dict
     for r in runs:
         codes[r.get("code") or "?"] = codes.get(r.get("code") or "?", 0) + 1
     lines += ["", "## Wall time", "",
-              (f"{seconds:.0f} s in all; {len(runs)} runs ({len(trained)} trained now, "
+              (f"{seconds:.0f} s in all; {len(runs)} runs ({len(trained)} run now, "
                f"{len(runs) - len(trained)} reused); {sum(r['seconds'] for r in runs):.0f} s of training + scoring "
                f"over all runs (mean {sum(r['seconds'] for r in runs) / max(len(runs), 1):.0f} s a run). Runs per "
                f"code version: {', '.join(f'{c} {n}' for c, n in codes.items())}."), "",

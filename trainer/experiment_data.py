@@ -6,7 +6,6 @@ classes, a validation or test key that is also a training key, a split without a
 """
 from __future__ import annotations
 
-import difflib
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,28 +73,15 @@ def _absolute(location: str) -> str:
 
 
 def resolve_rare(source: Any, wanted: list[str], where: str) -> tuple[str, ...]:
-    """Rare classes given by label or by class name -> the source's labels; an unknown one lists the valid
-    names and the closest match."""
-    labels = sorted({item.label for item in source.items()})
-    names = source.class_names() or {}
-    by_name = {str(n).lower(): label for label, n in names.items() if label in labels}
-    out = []
-    for name in wanted:
-        if name in labels:
-            out.append(name)
-        elif name.lower() in by_name:
-            out.append(by_name[name.lower()])
-        else:
-            choices = labels + [names[label] for label in labels if label in names]
-            near = difflib.get_close_matches(name, choices, n=1)
-            shown = ", ".join(f"{label} ({names[label]})" if names.get(label, label) != label else label
-                              for label in labels[:40])
-            raise ConfigError(f"unknown rare class '{name}' in {where}: {f'did you mean {near[0]!r}? ' if near else ''}"
-                              f"the source {source.name} has {len(labels)} classes: {shown}"
-                              f"{' ...' if len(labels) > 40 else ''}")
-    if len(set(out)) != len(out):
-        raise ConfigError(f"{where} names a class twice: {wanted}")
-    return tuple(out)
+    """Rare classes given by label or by class name -> the source's labels (data.sources.resolve_rare_classes:
+    an unknown one lists the valid ones and the closest match)."""
+    from data.sources import resolve_rare_classes
+
+    try:
+        return tuple(resolve_rare_classes(list(wanted), {item.label for item in source.items()}, where,
+                                          source.class_names()))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def build_sets(root: str, data: DataSpec) -> dict[str, str]:
