@@ -193,6 +193,18 @@ def _fetch_weights(args: argparse.Namespace) -> None:
     print(fetch_torchvision_weights(args.model, args.weights))
 
 
+def _experiment(args: argparse.Namespace) -> None:
+    from trainer.experiment import experiment_cli
+
+    execute = None
+    if args.ray:
+        from cluster.trials import tune_executor
+
+        execute = tune_executor(args.ray_address, args.cpus_per_trial, args.gpus_per_trial,
+                                os.path.join(os.path.abspath(args.out), "tune"))
+    experiment_cli(args, execute)
+
+
 def _keep_results_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-results", action="store_true",
                         help="reuse stored run results made by another version of bgsplit's code (a study spanning "
@@ -355,10 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--ray-address", default="", help="Ray address; default RAY_ADDRESS or a new local cluster")
     x.add_argument("--cpus-per-trial", type=float, default=1.0, help="with --ray: CPUs (and torch threads) a trial")
     x.add_argument("--gpus-per-trial", type=float, default=0.0, help="with --ray: GPUs a trial (1 on a GPU cluster)")
-    # a light import (yaml and trainer.config); torch loads only when the command runs
-    from trainer.experiment import experiment_cli
-
-    x.set_defaults(func=experiment_cli)
+    x.set_defaults(func=_experiment)
 
     f = sub.add_parser("fetch-weights", help="download torchvision weights into torch's cache (needs a network)")
     f.add_argument("model")

@@ -972,13 +972,8 @@ def experiment_command(config: str, out: str, quick: bool = False, keep_results:
     return run_experiment(quick_spec(spec) if quick else spec, out, keep_results=keep_results, execute=execute)
 
 
-def experiment_cli(args: Any) -> None:
-    """`bgsplit experiment CONFIG [--out DIR] [--quick] [--keep-results] [--ray ...]` (trainer.cli's handler)."""
-    execute = None
-    if args.ray:
-        from cluster.trials import tune_executor
-
-        execute = tune_executor(args.ray_address, args.cpus_per_trial, args.gpus_per_trial,
-                                os.path.join(os.path.abspath(args.out), "tune"))
-    experiment_command(args.config, os.path.abspath(args.out) if args.ray else args.out, args.quick,
+def experiment_cli(args: Any, execute: Execute | None = None) -> None:
+    """`bgsplit experiment CONFIG [--out DIR] [--quick] [--keep-results]` (trainer.cli's handler; with --ray the
+    CLI passes cluster.trials.tune_executor as ``execute``, so this module never imports cluster/)."""
+    experiment_command(args.config, os.path.abspath(args.out) if execute else args.out, args.quick,
                        args.keep_results, execute)
