@@ -106,18 +106,23 @@ def test_mine_matches_an_independent_scoring_over_any_split_and_resumes(tiny_set
 
 
 def test_mine_excludes_training_keys_and_builds_a_source_pool(tiny_sets, checkpoint, tmp_path):
-    # a folder source (unlabelled images in one folder) is built into OUT/pool, then mined
+    # a folder source is built into OUT/pool, then mined: a flat folder of unlabelled images, plus a few sorted
+    # into a folder named for their class, whose name must not reach the keys (the review page shows keys)
     src = FashionMNISTSource("test")
-    folder = tmp_path / "images" / "unlabelled"
-    folder.mkdir(parents=True)
-    for item in src.items()[:60]:
-        (folder / f"{item.key}.png").write_bytes(src.read(item))
+    folder = tmp_path / "images"
+    (folder / "Dress").mkdir(parents=True)
+    for i, item in enumerate(src.items()[:60]):
+        (folder / ("Dress" if i % 10 == 0 else "") / f"{item.key}.png").write_bytes(src.read(item))
+    (folder / "Dress" / f"{src.items()[1].key}.png").write_bytes(src.read(src.items()[1]))  # same name, two folders
     out = tmp_path / "from-folder"
-    pool = pool_set(f"folder:{tmp_path / 'images'}", str(out))
-    assert pool == str(out / "pool") and read_manifest(pool).count == 60
+    pool = pool_set(f"folder:{folder}", str(out))
+    assert pool == str(out / "pool") and read_manifest(pool).count == 61
+    keys = [k for sh in read_manifest(pool).shards for k, _ in iter_tar(open(Path(pool) / sh.url, "rb"))]
+    assert len(set(keys)) == 61 and not [k for k in keys if "Dress" in k]
+    assert sum(k.startswith(src.items()[1].key) for k in keys) == 2
     mine(_job(checkpoint, pool, out))
     assert len(_rows(out)) == TOP * 2
-    # keys of an excluded set are never candidates: the 300-image test set shares some of the folder's 60 keys
+    # keys of an excluded set are never candidates: the 300-image test set shares some of the source's 60 keys
     excluded = {k for sh in read_manifest(tiny_sets["test"]).shards
                 for k, _ in iter_tar(open(Path(tiny_sets["test"]) / sh.url, "rb"))}
     shared = excluded & {item.key for item in src.items()[:60]}

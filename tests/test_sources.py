@@ -202,6 +202,34 @@ def test_image_folder_round_trip(tmp_path):
     assert isinstance(source, Source)
 
 
+def test_unlabelled_folder_is_a_pool_flat_or_nested_without_folder_names_in_keys(tmp_path):
+    root = tmp_path / "pool"
+    flat = write_png(root / "IMG_0001.png", 1)
+    write_png(root / "Dress" / "IMG_0002.png", 2)
+    write_png(root / "Shirt" / "IMG_0002.png", 3)  # the same file name in another folder stays another key
+    with pytest.raises(ValueError, match="lie directly in the root") as info:  # labelled: flat files are no class
+        ImageFolderSource(tmp_path / "only-flat" if write_png(tmp_path / "only-flat" / "a.png", 4) else root).items()
+    assert "\n" not in str(info.value)
+    source = open_source(f"folder:{root}#unlabelled")
+    items = source.items()
+    assert len(items) == 3 and {item.label for item in items} == {""}
+    assert source.name == f"folder:{root}#unlabelled" and open_source(source.name).items() == items
+    assert not [item.key for item in items if "Dress" in item.key or "Shirt" in item.key]
+    assert_keys_ok(items)
+    assert source.read(next(item for item in items if item.ref.endswith("IMG_0001.png"))) == flat
+
+
+def test_unlabelled_manifest_needs_only_paths(tmp_path):
+    _manifest_images(tmp_path)
+    manifest = tmp_path / "pool.csv"
+    manifest.write_text("path\nimg/one.png\nimg/two.jpg\n")
+    with pytest.raises(ValueError, match="missing column 'label'"):
+        open_source(f"manifest:{manifest}").items()
+    items = open_source(f"manifest:{manifest}#unlabelled").items()
+    assert [item.label for item in items] == ["", ""] and not [i.key for i in items if "img" in i.key]
+    assert_keys_ok(items)
+
+
 def test_image_folder_missing_root(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope") as info:
         ImageFolderSource(tmp_path / "nope").items()

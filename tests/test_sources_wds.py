@@ -101,6 +101,17 @@ def test_listing_sees_the_samples_webdataset_itself_reads(local_shards):
     assert ours == [(make_key(key), data) for key, data in theirs]
 
 
+def test_unlabelled_wds_pool_needs_no_label_member(tmp_path):
+    images = write_shard(tmp_path / "pool-000000.tar", [("a", "jpg", (8, 8), 0, {}), ("b", "png", (8, 8), 1, {})])
+    pattern = str(tmp_path / "pool-000000.tar")
+    with pytest.raises(ValueError, match="no 'txt' field"):
+        open_source(f"wds:{pattern}#label=txt").items()
+    src = open_source(f"wds:{pattern}#label=txt#unlabelled")
+    items = src.items()
+    assert [item.label for item in items] == ["", ""] and src.name.endswith("#unlabelled")
+    assert [src.read(item) for item in items] == [images["a"], images["b"]]
+
+
 def test_spec_label_suffix_and_reopen_by_name(local_shards):
     root, images = local_shards
     one = str(root / "train-000002.tar")

@@ -244,7 +244,8 @@ def publish(job: MineJob, fingerprint: str, manifest: Manifest, class_names: lis
 
 def pool_set(pool: str, out: str, workers: int = 0) -> str:
     """The pool as a shard set: itself, or a source spec (folder:, manifest:, wds:, fmnist:...) built into
-    ``out/pool`` with every image as background (labels, if any, stay in each sample's json, unseen)."""
+    ``out/pool`` as an unlabelled source (a flat folder, a manifest of paths, shards without a label member),
+    every image background, and keys free of folder names."""
     from data.shards import manifest_url
 
     if storage.exists(manifest_url(pool)):
@@ -255,8 +256,11 @@ def pool_set(pool: str, out: str, workers: int = 0) -> str:
     from data.build import BuildSpec, build_set
     from data.sources import open_source
 
+    from data.sources.open import UNLABELLED
+
+    spec = pool if pool.endswith(UNLABELLED) else pool + UNLABELLED  # a pool needs no labels, shows none in keys
     location = storage.join(out, "pool")
-    build_set(open_source(pool), BuildSpec(pool, ()), location, workers=workers)
+    build_set(open_source(spec), BuildSpec(spec, ()), location, workers=workers)
     return location
 
 

@@ -56,6 +56,17 @@ class Source(Protocol):
     def class_names(self) -> dict[str, str]: ...
 
 
+def pool_key(rel: str) -> str:
+    """The key of an image in an unlabelled pool: its file name, never its folders. A pool sorted into class
+    folders would otherwise show the answer in every key on the review page; the short hash of the whole path
+    keeps two ``a.jpg`` in different folders two keys."""
+    name = rel.rsplit("/", 1)[-1]
+    if name == rel:
+        return make_key(rel)
+    digest = hashlib.sha1(rel.encode("utf-8")).hexdigest()[:8]
+    return f"{_BAD_KEY_CHARS.sub('_', name)}-{digest}"
+
+
 def make_key(text: str) -> str:
     """Turn an arbitrary identifier into a webdataset-safe key.
 

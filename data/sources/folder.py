@@ -6,7 +6,7 @@ import os
 import posixpath
 
 from data import storage
-from data.sources.base import IMAGE_EXTENSIONS, SourceItem, _check_unique_keys, _is_image_name, make_key
+from data.sources.base import IMAGE_EXTENSIONS, SourceItem, _check_unique_keys, _is_image_name, make_key, pool_key
 
 
 class ImageFolderSource:
@@ -17,10 +17,13 @@ class ImageFolderSource:
     item order and therefore byte-identical shards.
     """
 
-    def __init__(self, root: str | os.PathLike[str], split: str = "") -> None:
+    def __init__(self, root: str | os.PathLike[str], split: str = "", labelled: bool = True) -> None:
+        """``labelled=False`` (spec suffix ``#unlabelled``): a pool to mine. Images at the root count too (a flat
+        folder is the usual pool), folder names are neither labels nor part of keys (``pool_key``)."""
         self.root = str(root)
         self.split = split
-        self.name = f"folder:{self.root}"
+        self.labelled = labelled
+        self.name = f"folder:{self.root}" + ("" if labelled else "#unlabelled")
         self._items: list[SourceItem] | None = None
 
     def items(self) -> list[SourceItem]:
@@ -36,20 +39,20 @@ class ImageFolderSource:
 
     def _scan(self) -> list[SourceItem]:
         relpaths = self._list_relpaths()
-        items = [self._item(rel) for rel in relpaths if "/" in rel]
+        items = [self._item(rel) for rel in relpaths if "/" in rel or not self.labelled]
         if not items:
-            raise ValueError(
-                f"no images found in image folder {self.root}; expected root/<class>/<file> "
-                f"with extensions {'/'.join(sorted(IMAGE_EXTENSIONS))}"
-            )
+            layout = "root/<class>/<file>" if self.labelled else "images anywhere under the root"
+            flat = (f" ({len(relpaths)} image(s) lie directly in the root: as a pool to mine, a flat folder is "
+                    "fine)") if relpaths else ""
+            raise ValueError(f"no images found in image folder {self.root}; expected {layout} with extensions "
+                             f"{'/'.join(sorted(IMAGE_EXTENSIONS))}{flat}")
         _check_unique_keys(items, f"image folder {self.root}")
         return items
 
     def _item(self, rel: str) -> SourceItem:
-        label = rel.split("/", 1)[0]
         return SourceItem(
-            key=make_key(rel),
-            label=label,
+            key=make_key(rel) if self.labelled else pool_key(rel),
+            label=rel.split("/", 1)[0] if self.labelled else "",
             split=self.split,
             ref=posixpath.join(self.root, rel) if storage.is_remote(self.root) else os.path.join(self.root, rel),
         )

@@ -10,7 +10,7 @@ import posixpath
 from typing import Any
 
 from data import storage
-from data.sources.base import SourceItem, _check_unique_keys, make_key
+from data.sources.base import SourceItem, _check_unique_keys, make_key, pool_key
 
 
 class ManifestSource:
@@ -22,10 +22,14 @@ class ManifestSource:
     default, the manifest's own folder so a manifest can travel with its data.
     """
 
-    def __init__(self, path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None,
+                 labelled: bool = True) -> None:
+        """``labelled=False`` (spec suffix ``#unlabelled``): a pool to mine; the label column may be absent and
+        keys hold file names only (``pool_key``), so folder names in the paths stay off the review page."""
         self.path = str(path)
         self.root = str(root) if root is not None else self._parent(self.path)
-        self.name = f"manifest:{self.path}"
+        self.labelled = labelled
+        self.name = f"manifest:{self.path}" + ("" if labelled else "#unlabelled")
         self._items: list[SourceItem] | None = None
 
     def items(self) -> list[SourceItem]:
@@ -65,7 +69,7 @@ class ManifestSource:
     def _csv_rows(self, text: str) -> list[dict[str, Any]]:
         reader = csv.DictReader(io.StringIO(text))
         header = [name.strip() for name in (reader.fieldnames or [])]
-        for column in ("path", "label"):
+        for column in self._columns:
             if column not in header:
                 raise ValueError(
                     f"missing column '{column}' in manifest {self.path}; "
@@ -91,7 +95,7 @@ class ManifestSource:
                     f"line {lineno} of manifest {self.path} is not a JSON object; "
                     f"write {{\"path\": ..., \"label\": ...}}"
                 )
-            for column in ("path", "label"):
+            for column in self._columns:
                 if column not in row:
                     raise ValueError(
                         f"missing column '{column}' on line {lineno} of manifest {self.path}; "
@@ -100,14 +104,19 @@ class ManifestSource:
             rows.append(row)
         return rows
 
+    @property
+    def _columns(self) -> tuple[str, ...]:
+        return ("path", "label") if self.labelled else ("path",)
+
     def _item(self, row: dict[str, Any]) -> SourceItem:
         rel = str(row["path"] or "").strip()
-        if not rel or not str(row["label"] or "").strip():
+        label = str(row.get("label") or "").strip() if self.labelled else ""
+        if not rel or (self.labelled and not label):
             raise ValueError(f"empty path or label in row {row} of manifest {self.path}; fill both columns")
         split = row.get("split")
         return SourceItem(
-            key=make_key(rel),
-            label=str(row["label"]).strip(),
+            key=make_key(rel) if self.labelled else pool_key(rel),
+            label=label,
             split="" if split is None else str(split).strip(),
             ref=self._resolve(rel),
         )

@@ -16,6 +16,9 @@ from data.sources.manifest import ManifestSource
 from data.sources.wds import WebDatasetSource
 
 
+UNLABELLED = "#unlabelled"
+"""Spec suffix for a pool to mine: no label needed, flat folders allowed, no folder names in keys."""
+
 _SCHEMES = (
     "fmnist:<train|test>",
     "folder:<root>",
@@ -40,6 +43,10 @@ def open_source(spec: str, **kw: Any) -> Source:
     Extra keyword arguments go to the source's constructor (e.g. ``root=`` for
     fmnist, ``split=`` for folder, ``label_field=`` for wds).
     """
+    if spec.endswith(UNLABELLED):
+        spec = spec[:-len(UNLABELLED)]
+        if spec.partition(":")[0] in ("folder", "manifest", "wds"):
+            kw["labelled"] = False  # fmnist and inat keys hold no class names: their labels are ignored by the pool
     scheme, sep, rest = spec.partition(":")
     if scheme == "fmnist":
         return FashionMNISTSource(split=rest or "train", **kw)

@@ -111,13 +111,17 @@ class WebDatasetSource:
     """
 
     def __init__(self, pattern: str | os.PathLike[str], label_field: str = "cls",
-                 list_threads: int = LIST_THREADS) -> None:
+                 list_threads: int = LIST_THREADS, labelled: bool = True) -> None:
+        """``labelled=False`` (spec suffix ``#unlabelled``): a pool to mine, whose samples need no label member."""
         self.pattern = str(pattern)
         self.label_field = label_field
+        self.labelled = labelled
         self._label_kind, self._label_path = parse_label_field(label_field)
         self.urls = expand_pattern(self.pattern)
         self.list_threads = max(1, int(list_threads))
         self.name = f"wds:{self.pattern}" if label_field == "cls" else f"wds:{self.pattern}#label={label_field}"
+        if not labelled:
+            self.name += "#unlabelled"
         self._items: list[SourceItem] | None = None
 
     def items(self) -> list[SourceItem]:
@@ -279,7 +283,7 @@ class WebDatasetSource:
         offset, size = sample.image
         return SourceItem(
             key=make_key(f"{stem}/{sample.key}"),
-            label=self._label(url, sample),
+            label=self._label(url, sample) if self.labelled else "",
             split="",
             ref=f"{url}\t{offset}\t{size}",
         )
