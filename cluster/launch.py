@@ -72,11 +72,14 @@ def train_worker(config: dict[str, Any]) -> None:
 
 
 def absolute_paths(cfg: JobConfig) -> None:
-    """Workers start in their own directories: local paths are made absolute against the driver's."""
+    """Workers start in their own directories: local paths are made absolute against the driver's, or refused
+    where the driver's is Ray's temporary copy of the working dir (``trainer.runtime``)."""
+    from trainer.runtime import output_location
+
     for section, key in (("data", "train"), ("data", "val"), ("data", "test"), ("run", "out_dir")):
         value = getattr(getattr(cfg, section), key)
-        if value and not storage.is_remote(value):
-            setattr(getattr(cfg, section), key, os.path.abspath(value))
+        setattr(getattr(cfg, section), key, output_location(value, f"{section}.{key}", fan_out=True,
+                                                            output=key == "out_dir"))
 
 
 def storage_path(cfg: JobConfig) -> str:
@@ -129,6 +132,7 @@ def launch(cfg: JobConfig, address: str = "") -> dict[str, Any]:
     from data.shards import read_manifest
 
     # a bad path fails here, in one line, instead of in every worker and every restart
+    absolute_paths(cfg)
     for location in filter(None, (cfg.data.train, cfg.data.val)):
         read_manifest(location)
     connect(address)
@@ -149,13 +153,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         summary = launch(cfg, args.address)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, FileNotFoundError, storage.StorageOutage) as e:
         print(f"cluster.launch: error: {e}", file=sys.stderr)
         return 2
     val = summary.get("val") or {}
     print(json.dumps({"checkpoint": summary["checkpoint"], "steps": summary["steps"], "world": summary.get("world"),
                       "engine": summary.get("engine"), "val_map": val.get("map"),
                       "resumed_from": summary.get("resumed_from")}))
+    from trainer.train import run_folder_line
+
+    print(run_folder_line(cfg.run.out_dir))
     return 0
 
 

@@ -211,12 +211,17 @@ def _span(lo: int, hi: int) -> str:
     return f"{lo:,}" if lo == hi else f"{lo:,}-{hi:,}"
 
 
+def _n(count: int, word: str) -> str:
+    return f"{count:,} {word}" + ("" if count == 1 else "s")
+
+
 def describe_plan(summary: dict[str, Any]) -> str:
     s = summary
     extra = f" (background; x{s['emit_ratio']:.3f} with re-sampled positives)" if s["emit_ratio"] != 1 else ""
-    lines = [f"{s['mode']} mode{'' if s['mode'] == 'resampled' else ' (' + s['policy'] + ')'}, {s['world']} ranks x "
-             f"{max(s['workers'], 1)} loader workers, batch {s['batch_size']}: {s['steps']:,} steps per rank",
-             f"{s['samples']:,} samples{extra} in {s['shards']:,} shards; "
+    lines = [f"{s['mode']} mode{'' if s['mode'] == 'resampled' else ' (' + s['policy'] + ')'}, {_n(s['world'], 'rank')}"
+             f" x {_n(max(s['workers'], 1), 'loader worker')}, batch {s['batch_size']}: "
+             f"{_n(s['steps'], 'step')} per rank per epoch",
+             f"{_n(s['samples'], 'sample')}{extra} in {_n(s['shards'], 'shard')}; "
              f"{_span(s['samples_per_rank_min'], s['samples_per_rank_max'])} per rank"]
     if s["mode"] == "resampled":
         lines.append(f"shards drawn with replacement: {s['emitted']:,} samples emitted per epoch")

@@ -226,3 +226,12 @@ def test_ray_job_submit_runs_the_debug_config(ray_cluster, s3, tiny_sets):
     again = _evaluate_checkpoint(f"{out}/checkpoints/step-00000004", tiny_sets["test"])
     assert again["map"] == pytest.approx(summary["val"]["map"], abs=1e-6), (again, summary["val"])
     assert storage.exists(f"{out}/checkpoints/step-00000004/index.json")
+    # the job's last line names the run folder with what it holds
+    assert done.stdout.strip().splitlines()[-1] != "" and any(
+        line.startswith(f"run folder {out}: summary.json, metrics.jsonl") for line in done.stdout.splitlines()[-8:])
+    # a relative run.out_dir would land in Ray's temporary copy of the working dir: refused before any worker
+    relative = [c if not c.startswith("run.out_dir=") else "run.out_dir=runs/lost" for c in cmd]
+    lost = subprocess.run(relative, cwd=ROOT, env=ray_cluster.env, capture_output=True, text=True, timeout=300)
+    assert lost.returncode != 0
+    assert "run.out_dir=runs/lost is relative" in lost.stdout + lost.stderr and "ray stop" in lost.stdout + lost.stderr
+    assert not (ROOT / "runs" / "lost").exists()

@@ -182,7 +182,7 @@ def test_shards_plan_command(tmp_path, capsys):
     assert got["steps"] == math.ceil(math.ceil(sum(background) / 4) * 1.25 / 8)
 
     assert main(base) == 0
-    assert f"{want['steps']} steps per rank" in capsys.readouterr().out
+    assert f"{want['steps']} steps per rank per epoch" in capsys.readouterr().out
 
     assert main(base[:5] + ["0"] + base[6:]) == 2
     err = capsys.readouterr().err.strip()

@@ -132,3 +132,17 @@ def test_summary_nan_never_leaks_into_json(tmp_path: Path) -> None:
     assert "NaN" not in text
     assert json.loads(text)["map"] is None
     assert math.isnan(results["map"])
+
+
+def test_p_at_k_of_a_class_with_fewer_positives_than_k_shows_its_ceiling(tmp_path: Path) -> None:
+    probs, labels = _data()
+    results = evaluate(probs, labels, NAMES, k=len(labels))  # k above every class's count
+    markdown = write_report(results, tmp_path, "Ceiling")[1].read_text()
+    for name in ("fox", "owl"):
+        n = results["positives"][name]
+        row = next(line for line in markdown.splitlines() if line.startswith(f"| {name} |"))
+        assert 0 < n < len(labels) and f"(max {n / len(labels):.3f})" in row
+    assert "| yak | 0 | n/a | 0.0000 |" in markdown  # no positives: no ceiling to show
+    assert "ceiling (positives / k)" in markdown
+    few = write_report(evaluate(probs, labels, NAMES, k=1), tmp_path / "k1", "k=1")[1].read_text()
+    assert "(max" not in few and "ceiling" not in few

@@ -13,16 +13,19 @@ from trainer.config import ConfigError
 
 def _train(args: argparse.Namespace) -> None:
     from trainer.config import load_config
-    from trainer.train import train
+    from trainer.runtime import output_location
+    from trainer.train import run_folder_line, train
 
     overrides = list(args.overrides)
     if args.debug:
         overrides = ["run.device=cpu", "run.precision=fp32", "data.num_workers=0"] + overrides
     cfg = load_config(args.config, overrides)
+    cfg.run.out_dir = output_location(cfg.run.out_dir, "run.out_dir")
     summary = train(cfg)
     val = summary.get("val")
     print(json.dumps({"checkpoint": summary["checkpoint"], "steps": summary["steps"],
                       "val_map": val["map"] if val else None, "skipped": summary["skipped"]}))
+    print(run_folder_line(cfg.run.out_dir), file=sys.stderr)
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -380,6 +383,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "out", None):
+            from trainer.runtime import output_location
+
+            args.out = output_location(args.out, "--out", fan_out=getattr(args, "ray", False))
         args.func(args)
     except (ConfigError, ValueError, FileNotFoundError, StorageOutage) as e:
         print(f"bgsplit: error: {e}", file=sys.stderr)

@@ -201,6 +201,15 @@ def plot_top_scoring_grid(
             else:
                 ax.axis("off")
         axes[row][0].set_ylabel(name, fontsize=8)
+    from matplotlib.patches import Patch
+
+    # without a key the two frame colours are a guess; the title above each tile is its score for the row's class
+    fig.legend(handles=[Patch(facecolor="none", edgecolor=_CORRECT_COLOR, linewidth=3, label="is the row's class"),
+                        Patch(facecolor="none", edgecolor=_WRONG_COLOR, linewidth=3,
+                              label="is not (background or another class)")],
+               loc="lower center", ncol=2, fontsize=7, frameon=False, title="frame: tile title = score",
+               title_fontsize=7)
+    fig.subplots_adjust(bottom=0.1 + 0.1 / len(names))
     return _save_figure(fig, Path(path))
 
 
@@ -252,10 +261,21 @@ def _results_markdown(results: Mapping[str, Any]) -> list[str]:
             _md_cell(name),
             str(results["positives"].get(name, "n/a")),
             _format_fraction(results["ap"][name]),
-            _format_fraction(results["precision_at_k"].get(name)),
+            _p_at_k_cell(results["precision_at_k"].get(name), results["positives"].get(name), results["k"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    if any(isinstance(n, int) and 0 < n < results["k"] for n in results["positives"].values()):
+        lines += ["", f"P@{results['k']} of a class with fewer than {results['k']} positives cannot reach 1: its "
+                  "ceiling (positives / k) is shown beside it."]
     return lines
+
+
+def _p_at_k_cell(value: float | None, positives: int | None, k: int) -> str:
+    """A class with 30 positives has P@100 at most 0.30: without its ceiling a perfect ranking reads as poor."""
+    cell = _format_fraction(value)
+    if isinstance(positives, int) and 0 < positives < k:
+        cell += f" (max {positives / k:.3f})"
+    return cell
 
 
 def _figure_links(out_dir: Path) -> list[str]:

@@ -410,8 +410,9 @@ class Trainer:
         batches = iter(make_loader(self.stream, cfg.data.num_workers))  # one pass for the whole run
         batches_per_epoch = self.stream.batches_per_epoch()
         start_time = time.time()
-        log.info("rank %d of %d, engine %s: %s", self.rank, self.world, self.engine.name,
-                 self.stream.describe_epoch())
+        log.info("rank %d of %d, engine %s: %s; the run: %.4g epochs = %d optimiser steps (the progress bar)",
+                 self.rank, self.world, self.engine.name, self.stream.describe_epoch(),
+                 self.total_steps / max(self.steps_per_epoch, 1), self.total_steps)
         micro: list[dict[str, Any]] = []
         while self.step < self.total_steps:
             try:
@@ -487,6 +488,15 @@ class Trainer:
             logger.log(self.step, {"val_map": result["map"]})
             self.history.append({"step": self.step, "val_map": result["map"]})
         return result
+
+
+def run_folder_line(out_dir: str) -> str:
+    """The last line of a run: where its outputs went, so that nobody has to guess a folder (under Ray the
+    working directory is a temporary copy), with the forms eval and mine take for its checkpoint."""
+    where = out_dir if storage.is_remote(out_dir) else os.path.abspath(out_dir)
+    board = "" if storage.is_remote(out_dir) else f", tensorboard/ (tensorboard --logdir {where}/tensorboard)"
+    return (f"run folder {where}: summary.json, metrics.jsonl{board}, checkpoints/; give eval and mine "
+            f"--checkpoint {where} (its newest checkpoint)")
 
 
 class MetricsLogger:
