@@ -43,3 +43,13 @@ def test_shards_build_is_idempotent(capsys, tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "s").iterdir()} == first
     out = capsys.readouterr().out
     assert "200 images" in out
+
+
+def test_own_data_config_names_the_key_of_a_missing_set(capsys, tmp_path, tiny_sets):
+    """configs/own_data.yaml holds no demo paths: each set not given, or given wrong, is named by its key."""
+    code, err = _run(capsys, ["train", "--config", "configs/own_data.yaml", f"run.out_dir={tmp_path / 'run'}"])
+    assert code == 2 and len(err) == 1 and "data.train is empty" in err[0] and "artifacts/demo" not in err[0]
+    code, err = _run(capsys, ["train", "--config", "configs/own_data.yaml", f"data.train={tiny_sets['train']}",
+                              f"data.val={tmp_path / 'no-val'}", f"run.out_dir={tmp_path / 'run'}"])
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"bgsplit: error: data.val={tmp_path / 'no-val'} holds")
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -207,7 +207,9 @@ class Trainer:
             # every training batch has one shape: let cuDNN time its algorithms once and keep the fastest
             torch.backends.cudnn.benchmark = cfg.run.cudnn_benchmark
         rank, world = init_distributed(device)
-        manifest = read_manifest(cfg.data.train)
+        manifest = read_set(cfg.data.train, "data.train")
+        if cfg.data.val:  # read at the first evaluation, maybe hours in: a wrong path fails now, naming its key
+            read_set(cfg.data.val, "data.val")
         # one listing, so a shard that went missing fails here and not hours into the run; on every rank, so no
         # rank is left waiting at a collective for one that stopped
         check_objects(manifest)
@@ -488,6 +490,19 @@ class Trainer:
             logger.log(self.step, {"val_map": result["map"]})
             self.history.append({"step": self.step, "val_map": result["map"]})
         return result
+
+
+def read_set(location: str, key: str):
+    """A config's shard set, or one line naming the key that points at nothing (a config copied from the demo
+    keeps the demo's folders unless each set is given)."""
+    from data.shards import manifest_url
+
+    if not location:
+        raise FileNotFoundError(f"{key} is empty: give {key}=FOLDER_OR_URL, a set built by `bgsplit shards build`")
+    if not storage.exists(manifest_url(location)):
+        raise FileNotFoundError(f"{key}={location} holds no shard set ({manifest_url(location)} does not exist): "
+                                f"give {key}= a folder or URL built by `bgsplit shards build`")
+    return read_manifest(location)
 
 
 def run_folder_line(out_dir: str) -> str:
