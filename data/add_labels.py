@@ -131,8 +131,12 @@ def pool_samples(pool: Manifest, labels: list[Label]) -> dict[str, dict[str, byt
     from data.reader import ShardReader
 
     found: dict[str, dict[str, bytes]] = {}
-    index = {storage.join(pool.root, s.url): i for i, s in enumerate(pool.shards)}
-    located = {(index[lb.shard], lb.index): lb.key for lb in labels if lb.shard in index and lb.index >= 0}
+    # absolute on both sides: candidates name shards independently of the working directory, and an older
+    # labels.csv with paths relative to the one mine ran in still matches when run from there
+    index = {storage.absolute(storage.join(pool.root, s.url)): i for i, s in enumerate(pool.shards)}
+    where = {lb.key: storage.absolute(lb.shard) for lb in labels if lb.shard}
+    located = {(index[where[lb.key]], lb.index): lb.key for lb in labels
+               if lb.key in where and where[lb.key] in index and lb.index >= 0}
     for ref, sample in ShardReader(pool, pool.shards).fetch(Ref(s, i, 0) for s, i in located).items():
         if sample is not None and sample.key == located[ref.shard, ref.index]:
             found[sample.key] = sample.fields

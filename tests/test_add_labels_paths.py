@@ -213,6 +213,7 @@ def test_the_readme_loop_with_relative_paths_then_retrained_from_elsewhere(tmp_p
     assert rc == 0, err
     rows = [json.loads(line) for line in Path("mined/candidates.jsonl").read_text().splitlines()]
     assert rows and storage.exists("mined/pool/manifest.json")
+    assert all(os.path.isabs(r["shard"]) and os.path.exists(r["shard"]) for r in rows)  # from any directory
     yes: set[str] = set()
     with open("labels.csv", "w", newline="") as f:  # what review.html exports
         w = csv.DictWriter(f, ["key", "class", "class_name", "label", "score", "rank", "shard", "index"])

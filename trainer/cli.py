@@ -235,6 +235,12 @@ def _ray_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ray-address", default="", help="Ray address; default RAY_ADDRESS or a new local cluster")
 
 
+LOADER_HELP = ("DataLoader processes decoding images (data.num_workers in a config; 0: in the process itself); "
+               "--num-workers / --workers are the old names")
+"""One word a meaning across commands: --loader-workers decode, --writers write shards, --world / cluster.num_workers
+count ranks (README, "Words")."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bgsplit", description="Background Splitting: rare classes in a sea of background")
     sub = p.add_subparsers(dest="command", required=True)
@@ -252,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="report folder")
     e.add_argument("--image-size", type=int, default=0, help="default: the training image size")
     e.add_argument("--batch-size", type=int, default=256)
-    e.add_argument("--num-workers", type=int, default=0)
+    e.add_argument("--loader-workers", "--num-workers", dest="num_workers", type=int, default=0, help=LOADER_HELP)
     e.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="the forward pass's dtype (auto: bf16 on a GPU, fp16 on one without, fp32 on CPU); "
                    "scores are an fp32 softmax either way")
@@ -269,7 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "json:KEY (dotted path allowed) or another member name")
     b.add_argument("--out", required=True, help="output folder or fsspec URL")
     b.add_argument("--split-file", help="rare class ids, one per line (data/splits/*.txt for iNat-BG)")
-    b.add_argument("--rare", help="rare class ids, comma separated (instead of --split-file)")
+    b.add_argument("--rare", help="rare classes, comma separated (instead of --split-file): names for named "
+                   "sources (folder names, manifest labels, iNat names: Dress,Sandal) or ids for numbered ones "
+                   "(Fashion-MNIST: 3,5,6)")
     b.add_argument("--positives-per-class", type=int, help="cap positives per rare class (training sets)")
     b.add_argument("--background-fraction", type=float, help="or: cap positives to reach this background fraction")
     b.add_argument("--max-background", type=int, help="random subset of the background (debugging sizes)")
@@ -288,14 +296,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--resize-short-side", type=int,
                    help="re-encode images whose short side is longer to JPEG at this size (never upscales)")
     b.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of re-encoded images")
-    b.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="shard-writing processes (default min(8, CPUs); 0 or 1: in this process)")
+    b.add_argument("--writers", "--workers", dest="workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="shard-writing processes (default min(8, CPUs); 0 or 1: in this process); --workers is "
+                   "the old name")
     _ray_flags(b)
     b.set_defaults(func=_shards_build)
     pl = s.add_parser("plan", help="an epoch's steps, padding and shard reads for a training world")
     pl.add_argument("--data", required=True, help="training shard set (folder or URL with manifest.json)")
     pl.add_argument("--world", type=int, required=True, help="data-parallel ranks")
-    pl.add_argument("--workers", type=int, required=True, help="loader workers per rank (data.num_workers)")
+    pl.add_argument("--loader-workers", "--workers", dest="workers", type=int, required=True,
+                    help=LOADER_HELP + " per rank")
     pl.add_argument("--batch-size", type=int, required=True, help="per-rank batch (data.batch_size)")
     pl.add_argument("--mode", choices=("exact", "resampled"), default="exact")
     pl.add_argument("--policy", choices=("pad", "drop"), default="pad")
@@ -327,8 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "training and validation sets; read whole, so meant for sets of up to a few million)")
     m.add_argument("--image-size", type=int, default=0, help="default: the training image size")
     m.add_argument("--batch-size", type=int, default=256)
-    m.add_argument("--num-workers", type=int, default=0, help="decoding processes per scoring process")
-    m.add_argument("--workers", type=int, default=0, help="processes building a source pool into shards")
+    m.add_argument("--loader-workers", "--num-workers", dest="num_workers", type=int, default=0, help=LOADER_HELP)
+    m.add_argument("--writers", "--workers", dest="workers", type=int, default=0,
+                   help="shard-writing processes building a source pool into shards (as in shards build)")
     m.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="the trunk's dtype (auto: bf16 on a GPU, fp32 on CPU); scores are an fp32 softmax either way")
     m.add_argument("--gpus-per-task", type=float, default=0.0, help="with --ray")
@@ -344,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--image-size", type=int, default=224)
     tl.add_argument("--topk", type=int, default=5)
     tl.add_argument("--batch-size", type=int, default=128)
-    tl.add_argument("--num-workers", type=int, default=0, help="decoding processes per labelling process")
+    tl.add_argument("--loader-workers", "--num-workers", dest="num_workers", type=int, default=0,
+                    help=LOADER_HELP)
     tl.add_argument("--overwrite", action="store_true")
     tl.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                     help="the teacher's compute dtype (auto: bf16 on GPU, fp32 on CPU); labels are fp32 softmax")

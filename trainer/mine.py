@@ -179,7 +179,7 @@ def score_shares(job: MineJob, fingerprint: str, shards: list[int], chunk: int =
             url = manifest.shards[s].url
             rows = np.flatnonzero(urls == url)
             top = TopN(job.top, classes)
-            top.add_scores(probs[rows], [keys[i] for i in rows], storage.join(manifest.root, url),
+            top.add_scores(probs[rows], [keys[i] for i in rows], storage.absolute(storage.join(manifest.root, url)),
                            [refs[i][1] for i in rows], s, skip)
             doc = {"shard": url, "scored": len(rows), "count": manifest.shards[s].count, "top": top.to_json()}
             storage.write_bytes(part_url(job.out, fingerprint, url), json.dumps(doc).encode())
@@ -212,8 +212,8 @@ def fetch_images(manifest: Manifest, rows: list[dict[str, Any]]) -> dict[str, di
     from data.order import Ref
     from data.reader import ShardReader
 
-    index = {storage.join(manifest.root, s.url): i for i, s in enumerate(manifest.shards)}
-    wanted = {(index[r["shard"]], r["index"]): r["key"] for r in rows}
+    index = {storage.absolute(storage.join(manifest.root, s.url)): i for i, s in enumerate(manifest.shards)}
+    wanted = {(index[storage.absolute(r["shard"])], r["index"]): r["key"] for r in rows}
     fetched = ShardReader(manifest, manifest.shards).fetch(Ref(s, i, 0) for s, i in wanted)
     return {sample.key: sample.fields for ref, sample in fetched.items() if sample is not None}
 
