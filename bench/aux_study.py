@@ -62,7 +62,7 @@ def run_variant(name: str, spec: dict[str, Any], args: argparse.Namespace) -> di
 
     torch.manual_seed(0)
     cfg = load_config(ROOT / "configs" / "fmnist_bg.yaml",
-                      [f"data.train={args.data}/train-99", "data.val=", f"run.out_dir={args.out_dir}/{name}",
+                      [f"data.train={args.data}/train-99.6-bg", "data.val=", f"run.out_dir={args.out_dir}/{name}",
                        "run.seed=0", "run.progress=false", *spec.get("overrides", [])])
     trainer = Trainer.build(cfg)
     if spec.get("main_off"):

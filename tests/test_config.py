@@ -67,3 +67,30 @@ def test_scientific_notation_without_a_dot_is_a_float():
     assert load_config(None, ["optim.lr=3e-4"]).optim.lr == 3e-4
     with pytest.raises(ConfigError, match="optim.lr"):
         load_config(None, ["optim.lr=fast"])
+
+
+def test_a_shipped_config_is_found_by_name_from_any_directory(tmp_path, monkeypatch):
+    from trainer.config import ConfigError, config_file, load_config
+    from trainer.experiment import load_spec
+
+    monkeypatch.chdir(tmp_path)
+    assert load_config("configs/own_data.yaml").data.sampling == "balanced"
+    assert load_spec("configs/experiment_own_data.yaml").data.sets["val"] == str(tmp_path / "data" / "val")  # cwd
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "own_data.yaml").write_text("optim: {epochs: 3}\n")
+    assert load_config("configs/own_data.yaml").optim.epochs == 3  # the user's own file comes first
+    with pytest.raises(ConfigError, match="does not exist") as info:
+        config_file("configs/nope.yaml")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["debug.yaml", "fmnist_bg.yaml"])
+def test_the_demo_configs_point_at_sets_the_demo_builds(name):
+    """`bgsplit train --config configs/debug.yaml --debug` after `./run.sh demo`: its sets are the demo's."""
+    from trainer.experiment import load_spec
+    from trainer.experiment_data import slug
+
+    cfg = load_config(f"configs/{name}")
+    demo = load_spec("configs/experiment_demo.yaml")
+    built = {f"artifacts/demo/data/train-{slug(s)}" for s in demo.data.settings} | {"artifacts/demo/data/val"}
+    assert cfg.data.train in built and cfg.data.val in built, (cfg.data.train, built)

@@ -215,9 +215,12 @@ def _parse_method(spec: ExperimentSpec, name: str, body: Any) -> MethodSpec:
 
 
 def load_spec(path: str | Path) -> ExperimentSpec:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"experiment file {p} does not exist; see configs/experiment_*.yaml")
+    from trainer.config import config_file
+
+    try:
+        p = config_file(path)  # a shipped experiment by name from any working directory
+    except ConfigError:
+        raise ConfigError(f"experiment file {path} does not exist; see configs/experiment_*.yaml") from None
     spec = parse_spec(yaml.safe_load(p.read_text()) or {})
     base = Path(spec.base)
     if not base.is_absolute() and not base.is_file() and (p.parent / base).is_file():
