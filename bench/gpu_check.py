@@ -126,7 +126,7 @@ def label(train: str, args: argparse.Namespace) -> None:
     from trainer.engine import autocast_dtype
     from trainer.models import build_teacher
     from trainer.teacher_label import label_shard_set
-    from trainer.train import seed_everything
+    from trainer.runtime import seed_everything
 
     # random weights (no download): the same seed as Trainer.build draws them with, so the weights digest that
     # keys the labels matches the teacher the cached run builds

