@@ -143,6 +143,14 @@ def launch(cfg: JobConfig, address: str = "") -> dict[str, Any]:
     return json.loads(storage.read_bytes(storage.join(cfg.run.out_dir, "summary.json")))
 
 
+def result_line(summary: dict[str, Any]) -> str:
+    """The job's result as one JSON line (what `bgsplit train --ray` and `python -m cluster.launch` print)."""
+    val = summary.get("val") or {}
+    return json.dumps({"checkpoint": summary["checkpoint"], "steps": summary["steps"], "world": summary.get("world"),
+                       "engine": summary.get("engine"), "val_map": val.get("map"),
+                       "resumed_from": summary.get("resumed_from")})
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     p = argparse.ArgumentParser(prog="python -m cluster.launch", description=__doc__.split("\n")[0])
@@ -156,10 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError, storage.StorageOutage) as e:
         print(f"cluster.launch: error: {e}", file=sys.stderr)
         return 2
-    val = summary.get("val") or {}
-    print(json.dumps({"checkpoint": summary["checkpoint"], "steps": summary["steps"], "world": summary.get("world"),
-                      "engine": summary.get("engine"), "val_map": val.get("map"),
-                      "resumed_from": summary.get("resumed_from")}))
+    print(result_line(summary))
     from trainer.train import run_folder_line
 
     print(run_folder_line(cfg.run.out_dir))

@@ -207,10 +207,12 @@ def test_a_killed_worker_is_restarted_and_the_run_finishes_from_the_newest_check
 
 
 def test_ray_job_submit_runs_the_debug_config(ray_cluster, s3, tiny_sets):
-    """The README's cluster command, end to end: `ray job submit --working-dir . -- python -m cluster.launch`."""
+    """The README's cluster command, end to end: `ray job submit --working-dir . -- python -m trainer.cli train
+    --ray` (the same driver as `python -m cluster.launch`)."""
     out = f"s3://{s3.bucket}/job-submit"
     cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", ray_cluster.dashboard,
-           "--working-dir", str(ROOT), "--", "python", "-m", "cluster.launch", "--config", "configs/debug.yaml",
+           "--working-dir", str(ROOT), "--", "python", "-m", "trainer.cli", "train", "--ray", "--config",
+           "configs/debug.yaml",
            f"data.train={tiny_sets['train']}", f"data.val={tiny_sets['test']}", f"run.out_dir={out}",
            "run.max_steps=4", "data.image_size=32", f"teacher.image_size={TEACHER_SIZE}", "cluster.num_workers=2",
            "run.progress=false"]
@@ -230,7 +232,10 @@ def test_ray_job_submit_runs_the_debug_config(ray_cluster, s3, tiny_sets):
     assert done.stdout.strip().splitlines()[-1] != "" and any(
         line.startswith(f"run folder {out}: summary.json, metrics.jsonl") for line in done.stdout.splitlines()[-8:])
     # a relative run.out_dir would land in Ray's temporary copy of the working dir: refused before any worker
+    # (through the second door, `python -m cluster.launch`, which the README's older commands use)
     relative = [c if not c.startswith("run.out_dir=") else "run.out_dir=runs/lost" for c in cmd]
+    at = relative.index("trainer.cli")
+    relative[at:at + 3] = ["cluster.launch"]
     lost = subprocess.run(relative, cwd=ROOT, env=ray_cluster.env, capture_output=True, text=True, timeout=300)
     assert lost.returncode != 0
     assert "run.out_dir=runs/lost is relative" in lost.stdout + lost.stderr and "ray stop" in lost.stdout + lost.stderr

@@ -20,6 +20,13 @@ def _train(args: argparse.Namespace) -> None:
     if args.debug:
         overrides = ["run.device=cpu", "run.precision=fp32", "data.num_workers=0"] + overrides
     cfg = load_config(args.config, overrides)
+    if args.ray:  # Ray Train workers, cluster.num_workers of them (cluster/launch.py, as `python -m cluster.launch`)
+        from cluster.launch import launch, result_line
+
+        summary = launch(cfg, args.ray_address)
+        print(result_line(summary))
+        print(run_folder_line(cfg.run.out_dir))
+        return
     cfg.run.out_dir = output_location(cfg.run.out_dir, "run.out_dir")
     summary = train(cfg)
     val = summary.get("val")
@@ -249,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="YAML file (configs/*.yaml)")
     t.add_argument("--debug", action="store_true", help="single process on CPU, fp32, no loader workers")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.aux_weight=0 optim.epochs=5")
+    t.add_argument("--ray", action="store_true", help="train on a Ray cluster: cluster.num_workers Ray Train "
+                   "workers (use under `ray job submit`; sets and run.out_dir must be reachable from every node)")
+    t.add_argument("--ray-address", default="", help="Ray address; default RAY_ADDRESS or a new local cluster")
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="per-class AP, mAP, P@100, PR curves, top-scoring grid, JSON + Markdown report")
