@@ -227,7 +227,7 @@ def describe_plan(summary: dict[str, Any]) -> str:
         lines.append(f"shards drawn with replacement: {s['emitted']:,} samples emitted per epoch")
         return "\n".join(lines)
     lines[-1] += (f", {_span(s['samples_per_worker_min'], s['samples_per_worker_max'])} per worker in at most "
-                  f"{s['pieces_per_worker_max']} pieces ({s['mid_shard_starts']:,} start mid-shard)")
+                  f"{_n(s['pieces_per_worker_max'], 'piece')} ({s['mid_shard_starts']:,} start mid-shard)")
     lines.append(f"{s['padded']:,} samples repeated and {s['dropped']:,} left out: {100 * s['waste_fraction']:.2f}% "
                  f"of the {s['emitted']:,} emitted")
     return "\n".join(lines)
