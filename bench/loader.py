@@ -8,6 +8,11 @@ q95: decode cost and file size like full-size photos (~0.3 MB each). `bgsplit sh
 
     .venv/bin/python bench/loader.py --quick                 # smoke check, under a minute
     .venv/bin/python bench/loader.py --images 4000 --workers 0,1,2,4 --seconds 20
+    .venv/bin/python bench/loader.py --s3-latency-ms 50 --read-ahead-mb 0,32   # a real region's first-byte wait
+
+``--s3-latency-ms N`` adds S3 cells read through bench/latency_proxy.py, which holds back the first byte of every
+response by N ms (a loopback SeaweedFS answers in ~1 ms, a real S3 region in 20-80 ms); ``--read-ahead-mb``
+lists the data.read_ahead_mb values the S3 cells run with (0: each range fetched when the decoder needs it).
 
 MB/s counts shard bytes consumed (images/s x mean stored bytes per sample), the figure to hold against disk
 or network bandwidth. Run it on a quiet machine: every cell competes with whatever else runs.
@@ -15,8 +20,10 @@ or network bandwidth. Run it on a quiet machine: every cell competes with whatev
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
+import logging
 import multiprocessing as mp
 import os
 import platform
@@ -29,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
 import numpy as np  # noqa: E402
 
@@ -80,21 +87,26 @@ def build_sets(photos: Path, dest: str, shard_mb: float, workers: int) -> dict[s
             for name, spec in specs.items()}
 
 
-def measure(manifest: Any, workers: int, seconds: float, batch_size: int, image_size: int) -> dict[str, Any]:
+def measure(manifest: Any, workers: int, seconds: float, batch_size: int, image_size: int,
+            read_ahead_mb: float = 32.0) -> dict[str, Any]:
     """Batches per second after the first (worker start-up and first shard open are not throughput), over at
     least ``seconds`` and two batches; the stream runs epoch after epoch as in training."""
+    from data import storage
     from data.loader import ShardStream, make_loader
 
     stream = ShardStream(manifest, train=True, image_size=image_size, batch_size=batch_size, seed=0,
-                         workers=workers)
+                         workers=workers, read_ahead_mb=read_ahead_mb)
     if stream.batches_per_epoch() == 0:
         raise ValueError(f"{manifest.root} gives no batch of {batch_size}: use more --images")
-    images = batches = skipped = 0
+    images = batches = skipped = delivered = 0
+    fetched = -storage.STATS["bytes_read"]  # a worker process reports its own in the batches
     first: float | None = None
     for batch in make_loader(stream, workers):
         skipped += int(batch["skipped"].sum())
+        fetched += batch.get("storage", {}).get("bytes_read", 0)
         if "image" not in batch:
             continue
+        delivered += len(batch["key"])
         now = time.perf_counter()
         if first is None:
             first = now
@@ -103,20 +115,72 @@ def measure(manifest: Any, workers: int, seconds: float, batch_size: int, image_
         if now - first >= seconds and batches >= 2:
             per_image = sum(s.bytes for s in manifest.shards) / manifest.count
             rate = images / (now - first)
+            fetched += storage.STATS["bytes_read"]
             return {"img_s": rate, "mb_s": rate * per_image / (1 << 20), "batches": batches,
-                    "seconds": now - first, "skipped": skipped, "bytes_per_image": per_image}
+                    "seconds": now - first, "skipped": skipped, "bytes_per_image": per_image,
+                    # object-store bytes fetched per image delivered, first batch included: read-ahead must not
+                    # fetch what is never read (compare bytes_per_image)
+                    "fetched_per_image": fetched / delivered}
     raise AssertionError("a training stream never ends")
 
 
-def table(cells: list[dict[str, Any]]) -> str:
-    local = {(c["shards"], c["workers"]): c["img_s"] for c in cells if c["storage"] == "local"}
-    rows = ["| source | shards | workers | img/s | MB/s | S3/local |", "|---|---|---|---:|---:|---:|"]
+def configurations(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per configuration (storage, shards, workers, read-ahead, latency): the median of its repeats."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
     for c in cells:
-        base = local.get((c["shards"], c["workers"]))
-        ratio = f"{c['img_s'] / base:.2f}" if c["storage"] == "s3" and base else "-"
-        rows.append(f"| {c['storage']} | {c['shards']} | {c['workers']} | {c['img_s']:.1f} | {c['mb_s']:.1f} | "
-                    f"{ratio} |")
-    return "\n".join(rows)
+        groups.setdefault((c["storage"], c["shards"], c["workers"], c["read_ahead_mb"], c["latency_ms"]), []).append(c)
+    rows = []
+    for (storage_name, shards, w, ra, ms), group in groups.items():
+        rates = sorted(c["img_s"] for c in group)
+        rows.append({"storage": storage_name, "shards": shards, "workers": w, "read_ahead_mb": ra, "latency_ms": ms,
+                     "img_s": float(np.median(rates)), "img_s_runs": rates,
+                     "mb_s": float(np.median([c["mb_s"] for c in group])),
+                     "fetched_per_image": float(np.median([c["fetched_per_image"] for c in group])),
+                     "bytes_per_image": group[0]["bytes_per_image"]})
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Per (read-ahead, shards, workers): local, S3 and S3 + latency img/s, their ratios to local, and S3 +
+    latency over S3 (what the latency itself costs, apart from what serving S3 on this machine costs)."""
+    local = {(c["shards"], c["workers"]): c["img_s"] for c in rows if c["storage"] == "local"}
+    remote = {(c["read_ahead_mb"], c["latency_ms"], c["shards"], c["workers"]): c["img_s"]
+              for c in rows if c["storage"] != "local"}
+    latencies = sorted({c["latency_ms"] for c in rows if c["storage"] != "local"} - {0})
+    lat = [f"S3 + {ms:g} ms" for ms in latencies]
+    head = (["read-ahead MB", "shards", "workers", "local img/s", "S3 img/s"] + [f"{n} img/s" for n in lat]
+            + ["S3/local"] + [f"{n} / local" for n in lat] + [f"{n} / S3" for n in lat])
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if h == "shards" else "---:" for h in head) + "|"]
+
+    def ratio(value: float | None, base: float | None) -> str:
+        return f"{value / base:.2f}" if value is not None and base else "-"
+
+    for ra in sorted({c["read_ahead_mb"] for c in rows if c["storage"] != "local"}):
+        for shards, w in sorted(local):
+            base = local[shards, w]
+            s3 = remote.get((ra, 0, shards, w))
+            slow = [remote.get((ra, ms, shards, w)) for ms in latencies]
+            cols = [f"{ra:g}", shards, str(w), f"{base:.1f}"] + [f"{v:.1f}" if v is not None else "-"
+                                                                  for v in [s3, *slow]]
+            cols += [ratio(v, base) for v in [s3, *slow]] + [ratio(v, s3) for v in slow]
+            out.append("| " + " | ".join(cols) + " |")
+    return "\n".join(out)
+
+
+@contextlib.contextmanager
+def endpoint(url: str):
+    """Point s3fs at ``url`` for a block (loader workers fork with it); its cached clients keep their endpoint, so
+    the cache is cleared on the way in and out."""
+    import s3fs
+
+    before = os.environ["AWS_ENDPOINT_URL"]
+    os.environ["AWS_ENDPOINT_URL"] = url
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        yield
+    finally:
+        os.environ["AWS_ENDPOINT_URL"] = before
+        s3fs.S3FileSystem.clear_instance_cache()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,11 +196,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", "--out", dest="out", default=str(ROOT / "artifacts" / "bench" / "loader.json"),
                    help="results JSON")
     p.add_argument("--quick", action="store_true", help="a smoke check: 128 images, workers 0,1, 1 s a cell")
+    p.add_argument("--s3-latency-ms", type=float, default=0.0,
+                   help="also read S3 through a proxy that delays every response's first byte this long (0: no)")
+    p.add_argument("--read-ahead-mb", default="32", help="data.read_ahead_mb values of the S3 cells, comma separated")
+    p.add_argument("--repeats", type=int, default=1, help="sweeps over all cells; the table shows each one's median")
     args = p.parse_args(argv)
     if args.quick:
         args.images, args.workers, args.seconds, args.shard_mb = 128, "0,1", 1.0, 6.0
     workers = [int(w) for w in args.workers.split(",")]
+    # s3fs clients dropped when a cell switches endpoint (and those a forked worker inherits) report their unclosed
+    # aiohttp sessions when collected: true, harmless here, and a screenful per cell
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    read_aheads = [float(r) for r in args.read_ahead_mb.split(",")]
 
+    from latency_proxy import LatencyProxy
     from s3_server import SeaweedS3
 
     scratch = Path(tempfile.mkdtemp(prefix="bgsplit-bench-"))
@@ -152,23 +225,48 @@ def main(argv: list[str] | None = None) -> int:
                 "s3": build_sets(data / "photos", f"s3://{server.bucket}/bench", args.shard_mb,
                                  args.build_workers)}
         cells = []
-        for storage_name, built in sets.items():
-            for shards, manifest in built.items():
-                for w in workers:
-                    cell = {"storage": storage_name, "shards": shards, "workers": w,
-                            **measure(manifest, w, args.seconds, args.batch_size, args.image_size)}
-                    cells.append(cell)
-                    print(f"  {storage_name:5s} {shards:7s} workers={w}: {cell['img_s']:7.1f} img/s "
-                          f"{cell['mb_s']:7.1f} MB/s", flush=True)
+        proxy = None
+        if args.s3_latency_ms > 0:
+            proxy = LatencyProxy(server.endpoint.split("://", 1)[1], args.s3_latency_ms).start()
+
+        def run_cell(storage_name: str, shards: str, w: int, read_ahead: float | None, latency: float,
+                     repeat: int) -> None:
+            manifest = sets["local" if storage_name == "local" else "s3"][shards]
+            with endpoint(proxy.endpoint) if latency else contextlib.nullcontext():
+                cell = {"storage": storage_name, "shards": shards, "workers": w, "read_ahead_mb": read_ahead,
+                        "latency_ms": latency, "repeat": repeat,
+                        **measure(manifest, w, args.seconds, args.batch_size, args.image_size,
+                                  32.0 if read_ahead is None else read_ahead)}
+            cells.append(cell)
+            ra = "-" if read_ahead is None else f"{read_ahead:g}"
+            print(f"  {storage_name:9s} read-ahead {ra:>3s} MB {shards:7s} workers={w}: "
+                  f"{cell['img_s']:7.1f} img/s {cell['mb_s']:7.1f} MB/s", flush=True)
+
+        # the configurations of one set and worker count run back to back, and the whole sweep --repeats times
+        # (the table takes medians), so that a slow minute of the machine or of the store falls on all of them
+        try:
+            for repeat in range(args.repeats):
+                for shards in sets["local"]:
+                    for w in workers:
+                        run_cell("local", shards, w, None, 0.0, repeat)  # read-ahead is for remote shards only
+                        for read_ahead in read_aheads:
+                            run_cell("s3", shards, w, read_ahead, 0.0, repeat)
+                            if proxy is not None:
+                                run_cell(f"s3+{args.s3_latency_ms:g}ms", shards, w, read_ahead,
+                                         args.s3_latency_ms, repeat)
+        finally:
+            if proxy is not None:
+                proxy.stop()  # by its PID
+        rows = configurations(cells)
         print()
-        print(table(cells))
+        print(table(rows))
         result = {"config": vars(args), "cpus": os.cpu_count(),
                   "machine": platform.platform(), "python": platform.python_version(),
                   "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                   "sets": {f"{s}/{k}": {"images": m.count, "shards": len(m.shards),
                                         "bytes": sum(x.bytes for x in m.shards)}
                            for s, built in sets.items() for k, m in built.items()},
-                  "cells": cells, "seconds_total": round(time.time() - t0, 1)}
+                  "rows": rows, "table": table(rows), "cells": cells, "seconds_total": round(time.time() - t0, 1)}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))
         print(f"\nresults in {args.out} ({result['seconds_total']}s)")

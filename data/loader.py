@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data import storage
 from data.order import OrderSpec, Ref, advance, in_order, interleaved, worker_events
 from data.plan import Piece, describe_plan, for_worker, plan_summary, steps_per_epoch, worker_batches
-from data.reader import PositiveStore, Sample, ShardReader
+from data.reader import READ_AHEAD_MB, PositiveStore, Sample, ShardReader
 from data.shards import Manifest
 from data.teacher_labels import TeacherLabels
 from data.transforms import BadImage, eval_transform, sample_rng, train_transform
@@ -83,7 +83,8 @@ class ShardStream(IterableDataset):
                  rank: int = 0, world: int = 1, sampling: str = "natural", positive_fraction: float = 0.125,
                  shuffle_buffer_mb: float = 64.0, interleave: int = 4, min_scale: float = 0.35,
                  eval_resize_ratio: float = 1.15, teacher_labels: TeacherLabels | None = None, mode: str = "exact",
-                 policy: str = "pad", workers: int = 0, shards: list[int] | None = None):
+                 policy: str = "pad", workers: int = 0, shards: list[int] | None = None,
+                 read_ahead_mb: float = READ_AHEAD_MB):
         super().__init__()
         self.manifest = manifest
         self.train, self.image_size, self.batch_size = train, image_size, batch_size
@@ -94,6 +95,8 @@ class ShardStream(IterableDataset):
         self.teacher_labels = teacher_labels
         self.mode, self.policy, self.workers = mode, policy, workers
         self.eval_shards = shards
+        self.read_ahead_mb = read_ahead_mb
+        """data.read_ahead_mb: bytes fetched ahead per open remote piece (see data.storage.RangeReader)."""
         self.start = LoaderState()
         """Where a training stream starts (a resumed run sets it from its checkpoint)."""
         self.epochs: int | None = None
@@ -138,7 +141,7 @@ class ShardStream(IterableDataset):
         steps, w = self.batches_per_epoch(), max(workers, 1)
         e0, b0 = self.start.epoch, self.start.batches
         reader = ShardReader(self.manifest, self.manifest.of_kind(self._kind), self.teacher_labels,
-                             self._bad_shard)
+                             self._bad_shard, self.read_ahead_mb)
         for epoch in itertools.count(e0):
             if self.epochs is not None and epoch >= e0 + self.epochs:
                 return
@@ -162,7 +165,7 @@ class ShardStream(IterableDataset):
         events = worker_events(spec, plan.pieces, counts, self.positives.pools() if self.positives else None)
         # a resumed worker replays its order on integers and fetches only what its buffer held
         position = advance(events, emitted) if emitted else None
-        samples = reader.run(events, position, self.positives)
+        samples = reader.run(events, position, self.positives, emits=quota * self.batch_size)
         produced, pending, bad_streak = 0, [], 0
         give_up = 2 * max(self.manifest.count, self.batch_size)
         try:
@@ -192,7 +195,7 @@ class ShardStream(IterableDataset):
     def _eval(self, worker: int, workers: int) -> Iterator[dict[str, Any]]:
         shards = self.manifest.shards
         mine = list(range(len(shards)) if self.eval_shards is None else self.eval_shards)[worker::max(workers, 1)]
-        reader = ShardReader(self.manifest, shards, self.teacher_labels, self._bad_shard)
+        reader = ShardReader(self.manifest, shards, self.teacher_labels, self._bad_shard, self.read_ahead_mb)
         events = in_order(interleaved(((Piece(s, 0, shards[s].count), 0) for s in mine), 1))
         pending: list[dict[str, Any]] = []
         shard = -1

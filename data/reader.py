@@ -4,7 +4,13 @@ A worker reads only what its plan gives it: a piece that starts mid-shard is one
 sample's byte offset (from the shard's completion record), and a resumed worker fetches just the samples its
 shuffle buffer held, coalescing neighbours into a few ranges, instead of re-reading the epoch so far. The
 object store's outages are waited out by data.storage; what is skipped here is only corrupt data (a malformed
-or truncated tar, a shard object gone missing), counted against its shard and named in a warning.
+or truncated tar, a shard object gone missing), counted against its shard and named in a warning. A damaged tar
+header costs its own sample only: the reader goes on at the next sample's recorded offset (the completion
+record), so the samples after it are read as usual.
+
+Remote shards are read with read-ahead (data.read_ahead_mb, see data.storage.RangeReader), and the first range
+of a piece about to be opened is fetched while the open pieces are still being decoded, so neither the next
+range nor the next shard waits on the store's first-byte latency.
 
 Re-sampled positives are read from one node-local copy of the positive shards (the page cache is shared by
 every process on the node), one sample at a time by offset: no worker holds positives in memory.
@@ -18,13 +24,16 @@ import io
 import json
 import logging
 import os
+import re
 import tarfile
-from typing import Callable, Iterable, Iterator, NamedTuple
+from collections import deque
+from typing import IO, Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
 from data import storage
 from data.order import POSITIVE, Emit, Event, Open, Position, Read, Ref
+from data.plan import Piece
 from data.shards import Manifest, ShardInfo, iter_tar, read_record
 from data.teacher_labels import TeacherLabels
 
@@ -34,6 +43,16 @@ CORRUPT = (tarfile.TarError, EOFError, ValueError, FileNotFoundError)
 """What counts as bad data in a shard (skipped and counted); every other error, outages included, is raised."""
 COALESCE_GAP = 1 << 20
 """Held samples of one shard closer than this are fetched in one range request (the gap is read and dropped)."""
+READ_AHEAD_MB = 32.0
+"""Default of data.read_ahead_mb: four 8 MB ranges ahead per open piece."""
+LOOKAHEAD_EVENTS = 512
+"""How far ahead in its order a reader looks for pieces about to be opened (a few hundred samples: at a
+thousand images a second that is far more than a store's first-byte latency)."""
+WARM_PIECES = 4
+"""Pieces whose first range may be in flight before they are opened (one range each: memory stays bounded)."""
+_SKIP_META = re.compile(r"__[^/]*__($|/)")
+_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+"""webdataset's base_plus_ext: a member's key is its name up to the first dot of its last component."""
 
 
 class Sample(NamedTuple):
@@ -48,9 +67,14 @@ class ShardReader:
     """Samples of a list of shards (the plan's shard indices refer to it), with their teacher labels."""
 
     def __init__(self, manifest: Manifest, shards: list[ShardInfo], labels: TeacherLabels | None = None,
-                 on_bad_shard: Callable[[str], None] = lambda name: None):
+                 on_bad_shard: Callable[[str], None] = lambda name: None, read_ahead_mb: float = READ_AHEAD_MB):
+        if not read_ahead_mb >= 0:
+            raise ValueError(f"data.read_ahead_mb is {read_ahead_mb!r}: give 0 (off) or a size in MB")
         self.manifest, self.shards, self.labels = manifest, shards, labels
         self.on_bad_shard = on_bad_shard
+        self.read_ahead = int(read_ahead_mb * (1 << 20))
+        self._warm: dict[tuple[int, int, int], io.BufferedReader] = {}
+        """Streams opened ahead of their piece (first range in flight), by (shard, first byte, end byte)."""
 
     def url(self, shard: int) -> str:
         return storage.join(self.manifest.root, self.shards[shard].url)
@@ -64,31 +88,105 @@ class ShardReader:
         teacher = self.labels.rows(info.url, index) if self.labels is not None else None
         return Sample(key, fields, teacher, info.url)
 
-    def samples(self, shard: int, start: int, stop: int) -> Iterator[Sample | None]:
-        """Samples ``start``..``stop``-1 of a shard, one range request; exactly ``stop - start`` items, None for
-        those lost to corrupt data."""
+    def _bounds(self, shard: int, start: int, stop: int) -> tuple[int, int]:
         info = self.shards[shard]
         if start == 0 and stop == info.count:
-            lo, hi = 0, info.bytes  # the whole shard: no record needed
-        else:
-            offsets = self.offsets(shard)
-            lo, hi = int(offsets[start]), int(offsets[stop])
-        want, got, reason, last = stop - start, 0, "", None
+            return 0, info.bytes  # the whole shard: no record needed
+        offsets = self.offsets(shard)
+        return int(offsets[start]), int(offsets[stop])
+
+    def _recorded_offsets(self, shard: int) -> np.ndarray | None:
+        """The shard's sample offsets, or None for a shard whose record has none (nothing to resync by)."""
         try:
-            with storage.open_range(self.url(shard), lo, hi) as stream:
-                for key, fields in iter_tar(stream):
-                    if got == want:
+            return self.offsets(shard)
+        except (ValueError, KeyError, FileNotFoundError):
+            return None
+
+    def _open(self, shard: int, lo: int, hi: int) -> io.BufferedReader:
+        stream = self._warm.pop((shard, lo, hi), None)
+        if stream is not None:
+            return stream
+        return storage.open_range(self.url(shard), lo, hi, read_ahead=self.read_ahead)
+
+    def _stored_key(self, shard: int, offset: int) -> str:
+        """The key a damaged sample's first header names, for the warning (the damaged byte may be in it)."""
+        try:
+            with storage.open_range(self.url(shard), offset, offset + 512) as f:
+                block = f.read(512)
+        except CORRUPT:
+            return "?"
+        name = block[:100].split(b"\0", 1)[0]
+        prefix = block[345:500].split(b"\0", 1)[0] if block[257:262] == b"ustar" else b""
+        text = ((prefix + b"/" if prefix else b"") + name).decode("utf-8", "replace")
+        return _key_of(text) or text or "?"
+
+    def samples(self, shard: int, start: int, stop: int) -> Iterator[Sample | None]:
+        """Samples ``start``..``stop``-1 of a shard, one range request; exactly ``stop - start`` items, None for
+        those lost to corrupt data.
+
+        A tar header that does not parse ends Python's tar reader as if the archive ended there. With the
+        shard's recorded offsets that is one sample lost: the one the damage lies in (a sample missing a member
+        is never passed on), and reading goes on at the next sample's offset, in the same stream. Without
+        offsets (or past the end of an object shorter than recorded) the rest of the range is lost, as it always
+        was, with one warning and one count."""
+        info = self.shards[shard]
+        index, last = start, None
+        lo, hi = self._bounds(shard, start, stop)
+        try:
+            with self._open(shard, lo, hi) as stream:
+                at = lo  # where the current tar parse started
+                while index < stop:
+                    parse, reason = _TarParse(stream), ""
+                    try:
+                        for key, fields in parse:
+                            yield self._sample(shard, index, key, fields)
+                            index, last = index + 1, key
+                            if index == stop:
+                                break
+                    except FileNotFoundError:
+                        raise  # the object is gone, not damaged: nothing to resync to
+                    except CORRUPT as e:
+                        reason = f"{type(e).__name__}: {e}"
+                    if index == stop:
                         break
-                    yield self._sample(shard, start + got, key, fields)
-                    got, last = got + 1, key
-        except CORRUPT as e:
-            reason = f"{type(e).__name__}: {e}"
-        if got < want:
+                    pending = parse.pending
+                    # the range's last sample at the range's end is how a range ends: no record is needed
+                    normal_end = not reason and pending is not None and index + 1 == stop
+                    offsets = None if normal_end else self._recorded_offsets(shard)
+                    if pending is not None:  # the sample being put together when the tar reader stopped
+                        whole = (at + parse.pending_end == offsets[index + 1] if offsets is not None
+                                 else not reason)  # without offsets: passed on as webdataset does
+                        if whole:
+                            yield self._sample(shard, index, *pending)
+                            index, last, pending = index + 1, pending[0], None
+                            if index == stop:
+                                break
+                    end = min(hi, stream.raw.end)  # the object may be shorter than its record says
+                    resume = None if offsets is None else int(offsets[index + 1])
+                    if resume is None or resume > end or (index + 1 < stop and resume >= end):
+                        log.warning("shard %s is unreadable from sample %d on (after key %s; %s); skipping %d "
+                                    "sample(s)", info.url, index, last,
+                                    reason or f"it ends after {index - start} of the {stop - start} samples asked",
+                                    stop - index)
+                        self.on_bad_shard(info.url)
+                        for _ in range(stop - index):
+                            yield None
+                        return
+                    damaged = pending[0] if pending is not None else self._stored_key(shard, int(offsets[index]))
+                    log.warning("skipping sample %s (number %d) of shard %s: its tar data is damaged (%s); reading "
+                                "on at the next sample's recorded offset", damaged, index, info.url,
+                                reason or "a header does not parse")
+                    self.on_bad_shard(info.url)
+                    yield None
+                    index += 1
+                    if index < stop:
+                        at = int(offsets[index])
+                        stream.seek(at - lo)
+        except CORRUPT as e:  # the object itself is not there
             log.warning("shard %s is unreadable from sample %d on (after key %s; %s); skipping %d sample(s)",
-                        info.url, start + got, last, reason or f"it ends after {got} of the {want} samples asked",
-                        want - got)
+                        info.url, index, last, f"{type(e).__name__}: {e}", stop - index)
             self.on_bad_shard(info.url)
-            for _ in range(want - got):
+            for _ in range(stop - index):
                 yield None
 
     def fetch(self, refs: Iterable[Ref]) -> dict[Ref, Sample | None]:
@@ -112,32 +210,131 @@ class ShardReader:
                 run = [ref]
         return out
 
+    def _warm_up(self, piece: Piece) -> None:
+        """Open a remote piece that is about to be opened and start fetching its first range."""
+        url = self.url(piece.shard)
+        if not storage.is_remote(url):
+            return
+        try:
+            lo, hi = self._bounds(piece.shard, piece.start, piece.stop)
+        except CORRUPT:
+            return  # its record is unusable: opening it says so, in order
+        if (piece.shard, lo, hi) in self._warm:
+            return
+        stream = storage.open_range(url, lo, hi, read_ahead=self.read_ahead)
+        stream.raw.prefetch(1)
+        self._warm[piece.shard, lo, hi] = stream
+
+    def _warming(self, events: Iterator[Event], emits: int | None) -> Iterator[Event]:
+        """``events`` unchanged, read LOOKAHEAD_EVENTS ahead (they are integers: no I/O) so that the pieces about
+        to be read have their first range in flight, up to WARM_PIECES of them, before they are opened. A piece
+        is warmed once its first read is in the window, and only if that read comes before the consumer's
+        ``emits``-th emit: those are the pieces a read without read-ahead fetches too (an exact epoch's padding
+        cycle opens pieces that the worker's quota never reads)."""
+        source = iter(events)
+        window: deque[Event] = deque()
+        opened: dict[tuple[int, int], Piece] = {}  # opened in the window, first read not yet in it
+        ready: deque[tuple[Read, Piece]] = deque()  # (the first read, its piece): to warm when there is room
+        exhausted, seen = False, 0
+        while True:
+            while not exhausted and len(window) < LOOKAHEAD_EVENTS:
+                event = next(source, None)
+                if event is None:
+                    exhausted = True
+                    break
+                window.append(event)
+                if isinstance(event, Emit):
+                    seen += 1
+                elif isinstance(event, Open):
+                    opened[event.piece.shard, event.tag] = event.piece
+                elif (event.ref.shard, event.ref.tag) in opened:
+                    piece = opened.pop((event.ref.shard, event.ref.tag))
+                    if emits is None or seen < emits:
+                        ready.append((event, piece))
+            while ready and len(self._warm) < WARM_PIECES:
+                self._warm_up(ready.popleft()[1])
+            if not window:
+                return
+            event = window.popleft()
+            if ready and ready[0][0] is event:  # reached before there was room to warm its piece up
+                ready.popleft()
+            yield event
+
     def run(self, events: Iterator[Event], position: Position | None = None,
-            positives: "PositiveStore | None" = None) -> Iterator[tuple[Ref, Sample | None]]:
+            positives: "PositiveStore | None" = None, emits: int | None = None) -> Iterator[tuple[Ref, Sample | None]]:
         """Carry out the events: read what they read, yield what they emit (None: lost to corrupt data).
-        ``position`` (from data.order.advance) resumes a stream mid-way without re-reading consumed samples."""
+        ``position`` (from data.order.advance) resumes a stream mid-way without re-reading consumed samples;
+        ``emits``, the emits the consumer expects to take, only keeps read-ahead from fetching past them."""
         held: dict[Ref, Sample | None] = {}
         streams: dict[tuple[int, int], tuple[Iterator[Sample | None], int]] = {}
-        if position is not None:
-            held.update(self.fetch(position.held))
-            for (shard, tag), (piece, index) in position.open.items():
-                streams[shard, tag] = (self.samples(shard, index, piece.stop), piece.stop)
-        for event in events:
-            if isinstance(event, Emit):
-                ref = event.ref
-                yield ref, (positives.get(ref.index) if ref.shard == POSITIVE else held.pop(ref))
-            elif isinstance(event, Read):
-                ref = event.ref
-                stream, stop = streams[ref.shard, ref.tag]
-                held[ref] = next(stream)
-                if ref.index + 1 == stop:
-                    stream.close()
-                    del streams[ref.shard, ref.tag]
-            elif isinstance(event, Open):
-                piece = event.piece
-                streams[piece.shard, event.tag] = (self.samples(piece.shard, piece.start, piece.stop), piece.stop)
-        for stream, _ in streams.values():
-            stream.close()
+        try:
+            if position is not None:
+                held.update(self.fetch(position.held))
+                for (shard, tag), (piece, index) in position.open.items():
+                    streams[shard, tag] = (self.samples(shard, index, piece.stop), piece.stop)
+            for event in (self._warming(events, emits) if self.read_ahead else events):
+                if isinstance(event, Emit):
+                    ref = event.ref
+                    yield ref, (positives.get(ref.index) if ref.shard == POSITIVE else held.pop(ref))
+                elif isinstance(event, Read):
+                    ref = event.ref
+                    stream, stop = streams[ref.shard, ref.tag]
+                    held[ref] = next(stream)
+                    if ref.index + 1 == stop:
+                        stream.close()
+                        del streams[ref.shard, ref.tag]
+                elif isinstance(event, Open):
+                    piece = event.piece
+                    streams[piece.shard, event.tag] = (self.samples(piece.shard, piece.start, piece.stop),
+                                                       piece.stop)
+        finally:
+            # a stream that stops early (the worker's quota is met) leaves no request in flight behind it
+            for stream, _ in streams.values():
+                stream.close()
+            while self._warm:
+                self._warm.popitem()[1].close()
+
+
+def _key_of(name: str) -> str | None:
+    match = _KEY_EXT.match(name)
+    return match.group(1) if match else None
+
+
+class _TarParse:
+    """Complete samples of a tar stream, grouped by key as webdataset's ``group_by_keys`` groups them (same member
+    filter, lower-cased extensions, a repeated extension is an error), with what it knows when the stream stops:
+    the sample it was putting together (``pending``) and where that sample's last member ended (``pending_end``,
+    from the parse's start), which with the recorded offsets tells a whole sample from one cut by damage."""
+
+    def __init__(self, stream: IO[bytes]):
+        self.stream = stream
+        self.pending: tuple[str, dict[str, bytes]] | None = None
+        self.pending_end = 0
+
+    def __iter__(self) -> Iterator[tuple[str, dict[str, bytes]]]:
+        tar = tarfile.open(fileobj=self.stream, mode="r|*")
+        for info in tar:
+            name = info.name
+            if not info.isreg() or name is None:
+                continue
+            if ("/" not in name and name.startswith("__") and name.endswith("__")) or _SKIP_META.match(name):
+                continue
+            data = tar.extractfile(info).read()
+            tar.members = []
+            end = info.offset_data + -(-info.size // 512) * 512
+            match = _KEY_EXT.match(name)
+            if not match:
+                continue
+            key, ext = match.group(1), match.group(2).lower()
+            if self.pending is not None and self.pending[0] != key:
+                done, self.pending = self.pending, None
+                yield done
+            if self.pending is None:
+                self.pending = (key, {})
+            if ext in self.pending[1]:
+                raise ValueError(f"{name}: duplicate file name in tar file {ext} {list(self.pending[1])}")
+            self.pending[1][ext] = data
+            self.pending_end = end
 
 
 def cache_dir() -> str:

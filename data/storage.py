@@ -7,10 +7,13 @@ multipart upload) only becomes visible when it is whole.
 Every object-store call goes through ``with_retries``: an outage (the store restarting, the network gone) is
 waited out for up to ``storage.outage_timeout_s`` (BGSPLIT_OUTAGE_TIMEOUT_S, default 10 minutes) and then
 reported as one StorageOutage line; an answer that will not change (no such object, access denied) is raised at
-once. Reads go in ranges so that an outage in the middle of a shard resumes at the byte where it stopped.
+once. Reads go in ranges so that an outage in the middle of a shard resumes at the byte where it stopped, and
+the next ranges can be fetched while one is consumed (``open_range(read_ahead=...)``): a real store's first-byte
+latency is then paid while the reader works, not on top of it.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import io
@@ -362,17 +365,45 @@ def read_bytes(url: str) -> bytes:
         return f.read()
 
 
+READ_AHEAD_MAX_RANGES = 16
+"""Most range requests one reader keeps in flight, whatever ``read_ahead / chunk`` gives: with small chunks (the
+tests' 64 KiB) the MB bound alone would mean hundreds of threads."""
+
+
+class _Range:
+    """One prefetched range: bytes [a, b) and the request fetching them."""
+
+    __slots__ = ("a", "b", "future")
+
+    def __init__(self, a: int, b: int, future):
+        self.a, self.b, self.future = a, b, future
+
+
 class RangeReader(io.RawIOBase):
     """Bytes [start, end) of an object, fetched ``chunk`` bytes per request. Each request is its own with_retries
     call, so an outage in the middle of a multi-gigabyte shard resumes at the byte where it stopped instead of
     starting the object again (a plain streaming GET cannot resume: its connection dies with the server).
 
+    ``read_ahead`` (bytes, remote objects only): while the consumer works on one range, the next ones are
+    already being fetched, so a store's first-byte latency (20-80 ms a GET on a real region) is paid while the
+    consumer decodes rather than on top of it. At most ``read_ahead`` bytes (``read_ahead // chunk`` ranges,
+    ranges of ``min(chunk, read_ahead)``) are requested ahead of the range being consumed, so memory is that
+    plus the current range, whatever the object's size. A prefetch makes one attempt: a failure that waiting
+    can cure is redone, when the consumer reaches that range, through with_retries (the same outage deadline,
+    StorageOutage and retry count as a read without read-ahead); any other failure is raised there, then. The
+    threads are started at the first read, in the process that reads (a DataLoader worker forked from a parent
+    that opened the reader starts its own), and ``close`` cancels what has not started and waits for the rest.
+
     Positions (``tell``/``seek``) count from ``start``."""
 
-    def __init__(self, url: str, start: int = 0, end: int | None = None, chunk: int = 8 << 20):
+    def __init__(self, url: str, start: int = 0, end: int | None = None, chunk: int = 8 << 20,
+                 read_ahead: int = 0):
         super().__init__()
         if start < 0 or (end is not None and end < start) or chunk <= 0:
             raise ValueError(f"bad range for {url}: start={start}, end={end}, chunk={chunk}")
+        if read_ahead < 0:
+            raise ValueError(f"read-ahead for {url} is {read_ahead} bytes: give 0 (off) or more "
+                             "(data.read_ahead_mb)")
         self.url, self.name, self.chunk = url, url, chunk
         self._file: IO[bytes] | None = None
         if is_remote(url):
@@ -386,8 +417,17 @@ class RangeReader(io.RawIOBase):
                 raise FileNotFoundError(f"file not found: {url}; check the path") from None
             if end is None:
                 end = os.fstat(self._file.fileno()).st_size
+            read_ahead = 0  # the page cache and the kernel's own read-ahead do it locally
         self.start, self.end = start, max(start, end)
         self._pos = start
+        self._step = min(chunk, read_ahead) if read_ahead else chunk
+        self.depth = min(read_ahead // self._step, READ_AHEAD_MAX_RANGES) if read_ahead else 0
+        """Ranges requested ahead (0: read-ahead off, each range fetched when the consumer asks for it)."""
+        self._pending: collections.deque[_Range] = collections.deque()
+        self._next = start  # where the next prefetch starts
+        self._current: tuple[int, bytes] | None = None  # the range being consumed: (its start, its bytes)
+        self._pool = None
+        self._pool_pid = 0
 
     def readable(self) -> bool:
         return True
@@ -403,8 +443,21 @@ class RangeReader(io.RawIOBase):
         self._pos = max(self.start, base + offset)
         return self._pos - self.start
 
-    def _fetch(self, n: int) -> bytes:
+    def _what(self, a: int, b: int) -> str:
+        return f"read {self.url} bytes {a}-{b}"
+
+    def _get(self, a: int, b: int) -> bytes:
+        data = _fetch_range(self._fs, self._path, a, b)
+        _count("bytes_read", len(data))
+        return data
+
+    def _fetch(self, n: int) -> bytes | memoryview:
+        """Up to ``n`` bytes at the position (fewer at the end of a range), empty at the end."""
         a = self._pos
+        if self.depth:
+            data = self._ahead(a)[:n] if a < self.end else b""
+            self._pos = a + len(data)
+            return data
         b = min(a + n, self.end)
         if a >= b:
             return b""
@@ -412,13 +465,77 @@ class RangeReader(io.RawIOBase):
             self._file.seek(a)
             data = self._file.read(b - a)
         else:
-            data = with_retries(lambda: _fetch_range(self._fs, self._path, a, b), f"read {self.url} bytes {a}-{b}")
+            data = with_retries(lambda: _fetch_range(self._fs, self._path, a, b), self._what(a, b))
         if len(data) < b - a:
             self.end = a + len(data)  # the object is shorter than the range asked for: its end is the end
         self._pos = a + len(data)
         _count("bytes_read", len(data))
         return data
 
+    # -- read-ahead -------------------------------------------------------------------------------------------
+    def _ensure_pool(self) -> None:
+        if self._pool is not None and self._pool_pid == os.getpid():
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        # a reader inherited by a forked process has its parent's pool object but none of its threads
+        self._pending.clear()
+        self._pool = ThreadPoolExecutor(max_workers=self.depth, thread_name_prefix="bgsplit-read-ahead")
+        self._pool_pid = os.getpid()
+
+    def _top_up(self, ranges: int) -> None:
+        while len(self._pending) < ranges and self._next < self.end:
+            a, b = self._next, min(self._next + self._step, self.end)
+            self._pending.append(_Range(a, b, self._pool.submit(self._get, a, b)))
+            self._next = b
+
+    def _drop_pending(self) -> None:
+        while self._pending:
+            self._pending.popleft().future.cancel()  # one already running finishes; its bytes are dropped
+
+    def prefetch(self, ranges: int = 1) -> None:
+        """Start fetching the first ``ranges`` ranges from the position now, before anything is read (the next
+        shard while the current one is decoded). No-op without read-ahead."""
+        if not self.depth or self.closed or self._pos >= self.end:
+            return
+        self._ensure_pool()
+        if not self._pending:
+            self._next = self._pos
+        self._top_up(min(ranges, self.depth))
+
+    def _ahead(self, a: int) -> memoryview:
+        """The bytes from ``a`` to the end of the range holding it, fetched ahead when the consumer got here."""
+        if self._current is not None:
+            at, data = self._current
+            if at <= a < at + len(data):
+                return memoryview(data)[a - at:]
+            self._current = None
+        self._ensure_pool()
+        while self._pending and self._pending[0].b <= a:  # seeked past them
+            self._pending.popleft().future.cancel()
+        if not self._pending or self._pending[0].a > a:  # the first read, or a seek out of what was prefetched
+            self._drop_pending()
+            self._next = a
+        self._top_up(self.depth)
+        r = self._pending.popleft()
+        data = self._result(r)
+        self._current = (r.a, data)
+        if len(data) < r.b - r.a:
+            self.end = r.a + len(data)  # the object is shorter than the range asked for: its end is the end
+            self._drop_pending()
+        self._top_up(self.depth)  # keep `depth` ranges in flight while this one is consumed
+        return memoryview(data)[a - r.a:]
+
+    def _result(self, r: _Range) -> bytes:
+        try:
+            return r.future.result()
+        except Exception as e:
+            if not is_transient(e):
+                raise  # an answer that will not change (no such object): surfaces where the range is read
+        _count("retries")  # the prefetch's failed attempt; the wait for the store is the consumer's, as without
+        return with_retries(lambda: self._get(r.a, r.b), self._what(r.a, r.b))
+
+    # -- the io interface -------------------------------------------------------------------------------------
     def readinto(self, buffer) -> int:
         if self.closed:
             raise ValueError("I/O operation on closed file")
@@ -431,10 +548,16 @@ class RangeReader(io.RawIOBase):
         """Whole chunks: RawIOBase's default would ask for 8 KiB at a time, one request each."""
         parts = []
         while data := self._fetch(self.chunk):
-            parts.append(data)
+            parts.append(bytes(data))
         return b"".join(parts)
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._drop_pending()
+            if self._pool_pid == os.getpid():
+                self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._current = None
         if self._file is not None:
             self._file.close()
         super().close()
@@ -445,10 +568,12 @@ def _fetch_range(fs, path: str, start: int, end: int) -> bytes:
     return _call(fs, "cat_file", path, start=start, end=end, nbytes=end - start)
 
 
-def open_range(url: str, start: int = 0, end: int | None = None, chunk: int = 8 << 20) -> io.BufferedReader:
+def open_range(url: str, start: int = 0, end: int | None = None, chunk: int = 8 << 20,
+               read_ahead: int = 0) -> io.BufferedReader:
     """A read-only stream over bytes [start, end) of ``url`` (``end`` None: to the end of the object, one size
-    request). The buffer is one chunk, so sequential reads of any size turn into whole-chunk requests."""
-    return io.BufferedReader(RangeReader(url, start, end, chunk), buffer_size=chunk)
+    request). The buffer is one chunk, so sequential reads of any size turn into whole-chunk requests;
+    ``read_ahead`` bytes of them are fetched ahead of the reader (see RangeReader; 0: none, as for a local file)."""
+    return io.BufferedReader(RangeReader(url, start, end, chunk, read_ahead), buffer_size=chunk)
 
 
 def listdir(url: str) -> list[str]:

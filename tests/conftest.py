@@ -68,6 +68,24 @@ def environ(values: dict[str, str]):
                 os.environ[k] = v
 
 
+@contextlib.contextmanager
+def own_seaweedfs(folder: Path):
+    """A module's own SeaweedFS (one a test may stop and restart). s3fs caches one filesystem object per set of
+    arguments, and its client keeps the endpoint it was made with: the cache is cleared on the way in and out so
+    that neither this server nor the session one is reached through a client made for the other."""
+    import s3fs
+    from s3_server import SeaweedS3
+
+    server = SeaweedS3(folder).start()
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        with environ(server.env):
+            yield server
+    finally:
+        server.stop()
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory):
     """A real SeaweedFS S3 server on 127.0.0.1; AWS_* variables point s3fs at it for the session."""

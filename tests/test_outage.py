@@ -23,8 +23,7 @@ from s3fs.errors import translate_boto_error
 from yarl import URL
 
 from data import storage
-from conftest import environ
-from s3_server import SeaweedS3
+from conftest import own_seaweedfs
 
 ROOT = Path(__file__).resolve().parents[1]
 ENDPOINT = "http://127.0.0.1:9/b/x"
@@ -260,19 +259,9 @@ def test_open_range_reads_exactly_the_range_locally(tmp_path):
 # -- against a real server that the tests stop and start --------------------------------------------------------------
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """This module's own SeaweedFS. s3fs caches one filesystem object per set of arguments, and its client keeps the
-    endpoint it was made with: the cache is cleared on the way in and out so that neither this server nor the
-    session one is reached through a client made for the other."""
-    import s3fs
-
-    server = SeaweedS3(tmp_path_factory.mktemp("outage-seaweedfs")).start()
-    s3fs.S3FileSystem.clear_instance_cache()
-    try:
-        with environ(server.env):
-            yield server
-    finally:
-        server.stop()
-        s3fs.S3FileSystem.clear_instance_cache()
+    """This module's own SeaweedFS (conftest.own_seaweedfs)."""
+    with own_seaweedfs(tmp_path_factory.mktemp("outage-seaweedfs")) as server:
+        yield server
 
 
 def new_url(server) -> str:

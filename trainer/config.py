@@ -332,6 +332,8 @@ def validate(cfg: JobConfig) -> JobConfig:
             raise ConfigError(f"config key '{where}' is {value!r}; choose one of {', '.join(allowed)}")
     if cfg.data.shuffle_buffer_mb < 0 or cfg.data.interleave < 1:
         raise ConfigError("data.shuffle_buffer_mb must be >= 0 and data.interleave >= 1")
+    if cfg.data.read_ahead_mb < 0:
+        raise ConfigError(f"data.read_ahead_mb is {cfg.data.read_ahead_mb}: give 0 (no read-ahead) or more MB")
     if cfg.data.batch_size < 1 or cfg.optim.grad_accum < 1:
         raise ConfigError("data.batch_size and optim.grad_accum must be >= 1")
     if not 0.0 < cfg.data.positive_fraction < 1.0:

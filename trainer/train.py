@@ -163,7 +163,8 @@ class Trainer:
                              positive_fraction=cfg.data.positive_fraction,
                              shuffle_buffer_mb=cfg.data.shuffle_buffer_mb, interleave=cfg.data.interleave,
                              min_scale=cfg.data.min_crop_scale, teacher_labels=labels, mode=cfg.data.mode,
-                             policy=cfg.data.pad_policy, workers=cfg.data.num_workers, rank=rank, world=world)
+                             policy=cfg.data.pad_policy, workers=cfg.data.num_workers, rank=rank, world=world,
+                             read_ahead_mb=cfg.data.read_ahead_mb)
         steps_per_epoch = max(stream.batches_per_epoch() // cfg.optim.grad_accum, 1)
         if stream.batches_per_epoch() < cfg.optim.grad_accum:
             raise ValueError(f"training set {manifest.root} has {manifest.count} samples: fewer than one optimiser "
