@@ -53,3 +53,21 @@ def test_own_data_config_names_the_key_of_a_missing_set(capsys, tmp_path, tiny_s
                               f"data.val={tmp_path / 'no-val'}", f"run.out_dir={tmp_path / 'run'}"])
     assert code == 2 and len(err) == 1 and err[0].startswith(f"bgsplit: error: data.val={tmp_path / 'no-val'} holds")
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_one_word_one_meaning_across_commands_with_the_old_names_still_parsing():
+    from trainer.cli import build_parser
+
+    parse = build_parser().parse_args
+    base = {"plan": ["shards", "plan", "--data", "d", "--world", "2", "--batch-size", "8"],
+            "eval": ["eval", "--checkpoint", "c", "--data", "d", "--out", "o"],
+            "mine": ["mine", "--checkpoint", "c", "--pool", "p", "--out", "o"],
+            "teacher-label": ["teacher-label", "--data", "d"]}
+    for command, argv in base.items():
+        dest = "workers" if command == "plan" else "num_workers"
+        for flag in ("--loader-workers", "--workers" if command == "plan" else "--num-workers"):
+            assert getattr(parse(argv + [flag, "3"]), dest) == 3, (command, flag)
+    build = ["shards", "build", "--source", "fmnist:train", "--out", "o"]
+    assert parse(build + ["--writers", "5"]).workers == parse(build + ["--workers", "5"]).workers == 5
+    assert parse(base["mine"] + ["--writers", "2", "--loader-workers", "1"]).workers == 2
+    assert parse(["train", "--ray", "--ray-address", "127.0.0.1:6379"]).ray
