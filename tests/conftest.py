@@ -68,6 +68,23 @@ def environ(values: dict[str, str]):
                 os.environ[k] = v
 
 
+def noise_samples(count: int, shape: tuple[int, int], width: int = 4, seed: int = 0) -> list[tuple]:
+    """``count`` background samples (key ``s0000``..., a random grey PNG of ``shape``) for write_shard_set: sets
+    whose bytes, not their content, are what a test looks at."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    samples = []
+    for i in range(count):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(buf, format="PNG")
+        samples.append((f"s{i:0{width}d}", buf.getvalue(), 0, "x"))
+    return samples
+
+
 @contextlib.contextmanager
 def own_seaweedfs(folder: Path):
     """A module's own SeaweedFS (one a test may stop and restart). s3fs caches one filesystem object per set of

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import noise_samples
 from data import storage
 from data.build import BuildSpec, build_set
 from data.loader import LoaderState, ShardStream, make_loader
@@ -53,12 +54,7 @@ def test_every_sample_once_per_epoch_over_ranks_and_worker_processes(uneven, wor
 def big(tmp_path_factory):
     """2,000 samples of ~3 KB in 10 shards: enough bytes to see what a resume reads."""
     root = tmp_path_factory.mktemp("big") / "set"
-    rng = np.random.default_rng(0)
-    samples = []
-    for i in range(2000):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (24, 40), dtype=np.uint8)).save(buf, format="PNG")
-        samples.append((f"s{i:04d}", buf.getvalue(), 0, "x"))
+    samples = noise_samples(2000, (24, 40))
     write_shard_set(str(root), samples, rare_classes=["r"], class_names=["bg", "R"], max_count=200)
     return read_manifest(str(root))
 

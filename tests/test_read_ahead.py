@@ -4,7 +4,6 @@ that hits a prefetched range handled exactly as a read without read-ahead handle
 this module's own, which the outage tests stop and start (the session one is shared)."""
 from __future__ import annotations
 
-import io
 import multiprocessing as mp
 import os
 import threading
@@ -12,9 +11,8 @@ import uuid
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from conftest import own_seaweedfs
+from conftest import noise_samples, own_seaweedfs
 from data import storage
 from data.order import Emit, Open, Read, Ref
 from data.plan import Piece
@@ -105,12 +103,7 @@ def test_the_same_bytes_with_and_without_read_ahead(store, stats, read_ahead):
 
 
 def test_a_shard_reads_the_same_samples_with_read_ahead_on_and_off(store):
-    rng = np.random.default_rng(0)
-    samples = []
-    for i in range(60):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (40, 60), dtype=np.uint8)).save(buf, format="PNG")
-        samples.append((f"s{i:03d}", buf.getvalue(), 0, "x"))
+    samples = noise_samples(60, (40, 60), width=3)
     root = new_url(store)
     write_shard_set(root, samples, rare_classes=["r"], class_names=["bg", "R"], max_count=20)
     m = read_manifest(root)
