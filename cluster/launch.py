@@ -13,7 +13,10 @@ import argparse
 import json
 import logging
 import os
+import socket
 import sys
+import tempfile
+from collections.abc import Callable
 from typing import Any
 
 from data import storage
@@ -115,16 +118,46 @@ def make_trainer(cfg: JobConfig, name: str = "bgsplit"):
     )
 
 
+def cluster_file(environ: dict[str, str] | None = None) -> str:
+    """Where `ray start --head` records this machine's cluster (and where a killed head leaves it behind)."""
+    environ = os.environ if environ is None else environ
+    return os.path.join(environ.get("RAY_TMPDIR") or tempfile.gettempdir(), "ray", "ray_current_cluster")
+
+
+def answers(address: str, timeout_s: float = 1.0) -> bool:
+    host, _, port = address.strip().rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def local_address(path: str, reachable: Callable[[str], bool] = answers) -> str:
+    """The address for "no cluster named": this machine's `ray start` cluster if it answers, else "local" (start
+    a new one). Ray itself joins whatever the cluster file names, so a head killed by PID left a file that made
+    every later run wait minutes on a dead address."""
+    try:
+        with open(path) as f:
+            recorded = f.read().strip()
+    except OSError:
+        return "local"
+    return recorded if recorded and reachable(recorded) else "local"
+
+
 def connect(address: str) -> None:
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS", "")
     env = worker_env()
-    if address:
+    if not address:
+        address = local_address(cluster_file())
+    if address != "local":
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
         return
     os.environ.update(LOCAL_CLUSTER_ENV)
-    ray.init(runtime_env={"env_vars": env}, include_dashboard=False, _node_ip_address="127.0.0.1")
+    ray.init(address="local", runtime_env={"env_vars": env}, include_dashboard=False,
+             _node_ip_address="127.0.0.1")
 
 
 def launch(cfg: JobConfig, address: str = "") -> dict[str, Any]:

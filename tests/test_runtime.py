@@ -50,3 +50,23 @@ def test_the_cli_refuses_a_relative_out_in_a_ray_jobs_copy(tmp_path, monkeypatch
     assert len(errors) == 2 and all(e.startswith("bgsplit: error:") and "temporary copy" in e for e in errors)
     assert "run.out_dir=runs/x" in errors[0] and "--out=report" in errors[1]
     assert not (copy / "report").exists()
+
+
+def test_no_address_joins_a_local_cluster_only_if_it_answers(tmp_path):
+    """A head killed by PID leaves its cluster file behind; Ray would wait minutes on it, we start a new one."""
+    import socket
+
+    from cluster.launch import cluster_file, local_address
+
+    assert cluster_file({"RAY_TMPDIR": str(tmp_path)}) == str(tmp_path / "ray" / "ray_current_cluster")
+    recorded = tmp_path / "ray_current_cluster"
+    assert local_address(str(recorded)) == "local"  # no file: no cluster on this machine
+    with socket.socket() as live:
+        live.bind(("127.0.0.1", 0))
+        live.listen()
+        address = f"127.0.0.1:{live.getsockname()[1]}"
+        recorded.write_text(address + "\n")
+        assert local_address(str(recorded)) == address
+    assert local_address(str(recorded)) == "local"  # the same file once nothing listens there
+    recorded.write_text("")
+    assert local_address(str(recorded)) == "local"
