@@ -123,7 +123,6 @@ def measure(train: str, args: argparse.Namespace, teacher_mode: str, compile_on:
 
 def label(train: str, args: argparse.Namespace) -> None:
     """The cached-teacher mode reads labels written by `bgsplit teacher-label` with the same teacher."""
-    from trainer.engine import autocast_dtype
     from trainer.models import build_teacher
     from trainer.teacher_label import label_shard_set
     from trainer.runtime import seed_everything
@@ -134,7 +133,7 @@ def label(train: str, args: argparse.Namespace) -> None:
     teacher = build_teacher(args.trunk, "NONE", args.image_size)
     device = torch.device(args.device)
     label_shard_set(teacher, train, image_size=args.image_size, topk=5, device=device, batch_size=256,
-                    overwrite=False, dtype=autocast_dtype(args.precision, device))
+                    overwrite=False, precision=args.precision)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,13 +32,13 @@ def _rank(job, rank: int, world: int, threads: int) -> None:
     import torch
 
     from data.shards import read_manifest
-    from trainer.evaluate import eval_shards
+    from data.plan import split_shards
     from trainer.mine import checkpoint_facts, pool_identity, score_shares
 
     torch.set_num_threads(threads)
     manifest = read_manifest(job.pool)
     score_shares(job, job.fingerprint(checkpoint_facts(job.checkpoint)[0], pool_identity(manifest)),
-                 eval_shards([s.count for s in manifest.shards], rank, world))
+                 split_shards([s.count for s in manifest.shards], rank, world))
 
 
 def measure(job, procs: int) -> dict:

@@ -170,10 +170,12 @@ def phase_build(a: argparse.Namespace) -> None:
 
 
 def phase_label(a: argparse.Namespace) -> None:
-    """Rank ``a.rank`` of ``a.ranks`` labels its shards; a barrier on files, as torchrun's would be."""
+    """Rank ``a.rank`` of ``a.ranks`` labels its share (the executor's split), waits on a barrier of files as
+    torchrun's ranks would in their gather, and rank 0 publishes."""
     import torch
 
-    from trainer.teacher_label import label_shard_set
+    from data.plan import split_shards
+    from trainer.teacher_label import LabelPass
 
     torch.set_num_threads(1)
     flags = Path(a.scratch) / "label-barrier"
@@ -186,8 +188,12 @@ def phase_label(a: argparse.Namespace) -> None:
         while len([p for p in flags.iterdir() if p.name.startswith(f"{rounds['n']}-")]) < a.ranks:
             time.sleep(0.05)
 
-    label_shard_set(stand_in_teacher(), a.set, image_size=a.px, topk=5, batch_size=256, rank=a.rank,
-                    world=a.ranks, barrier=barrier)
+    p = LabelPass(a.set, a.px, 5, teacher=stand_in_teacher(), batch_size=256, precision="fp32")
+    share = p.todo(split_shards(p.shard_counts(), a.rank, a.ranks))
+    part = (share, p.run(share, torch.device("cpu")))
+    barrier()
+    if a.rank == 0:
+        p.publish([part])
 
 
 def phase_stream(a: argparse.Namespace) -> dict[str, Any]:

@@ -8,7 +8,7 @@ Run folders and sets must be reachable from every node (a shared file system or 
 paths are made absolute on the driver, so no trial writes into Ray's per-trial working directory.
 
     ray job submit --address http://HEAD:8265 --working-dir . -- \\
-        python -m trainer.cli experiment configs/experiment_fmnist.yaml --out /shared/exp --ray --gpus-per-trial 1
+        python -m cluster.cli experiment configs/experiment_fmnist.yaml --out /shared/exp --ray --gpus-per-trial 1
 """
 from __future__ import annotations
 

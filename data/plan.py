@@ -152,6 +152,41 @@ def for_worker(counts: Sequence[int], *, seed: int, epoch: int, world: int, rank
     return WorkerPlan(pieces, hi - lo, batches, steps)
 
 
+def split_shards(counts: Sequence[int], part: int, parts: int) -> list[int]:
+    """Part ``part`` of ``parts`` of a set split into whole shards (manifest indices, in order): the one rule for
+    every pass over whole shards (evaluation, teacher labels, mining; a torchrun rank or a Ray task's group).
+
+    Whole shards because a batch never spans two shards, so each forward pass holds the same images however the
+    work is split. A shard goes to the part whose equal stretch of the N samples holds the shard's middle: parts
+    are contiguous and differ from N / parts by less than the largest shard; with more parts than shards some
+    parts are empty (a rank with none still takes part in the collectives). Training is split finer, by sample
+    (``for_worker``), because its ranks must run equal step counts."""
+    if parts < 1:
+        raise ValueError(f"a split into {parts} parts cannot be made: give at least 1 rank or task")
+    if not 0 <= part < parts:
+        raise ValueError(f"rank {part} is outside a world of {parts} (ranks, or Ray tasks)")
+    sizes = np.asarray(counts, dtype=np.int64)
+    if (sizes < 0).any():
+        raise ValueError(f"shard sample counts must not be negative, got {list(counts)}: check the manifest")
+    n = int(sizes.sum())
+    if n == 0:
+        raise ValueError("the set's manifest lists no samples: rebuild it with `bgsplit shards build`")
+    starts = np.cumsum(sizes) - sizes
+    owners = np.minimum((2 * starts + sizes) * parts // (2 * n), parts - 1)
+    return np.flatnonzero(owners == part).tolist()
+
+
+def shard_groups(counts: Sequence[int], per_group: int) -> list[list[int]]:
+    """The set cut into about len(counts) / per_group groups of whole shards balanced by samples (Ray tasks):
+    ``split_shards`` with one part per group, empty parts left out."""
+    if per_group < 1:
+        raise ValueError(f"shards per task must be at least 1, got {per_group}")
+    if not len(counts):
+        return []
+    parts = -(-len(counts) // per_group)
+    return [g for g in (split_shards(counts, i, parts) for i in range(parts)) if g]
+
+
 def padding_report(counts: Sequence[int], *, world: int, workers: int, batch_size: int, policy: str,
                    emit_ratio: float = 1.0, seed: int = 0, epoch: int = 0) -> dict[str, Any]:
     """What exact mode costs this epoch over all ranks: samples repeated (pad) or left out (drop), and how

@@ -68,6 +68,17 @@ def environ(values: dict[str, str]):
                 os.environ[k] = v
 
 
+def simulated_rank(p, rank: int, world: int) -> tuple[list[int], object]:
+    """One rank of a simulated world running a trainer.shard_pass pass: its share by the executor's own split,
+    the shards still to do, the work on the CPU. Publishing the parts in rank order is what rank 0 does."""
+    import torch
+
+    from data.plan import split_shards
+
+    share = p.todo(split_shards(p.shard_counts(), rank, world))
+    return share, p.run(share, torch.device("cpu"))
+
+
 def noise_samples(count: int, shape: tuple[int, int], width: int = 4, seed: int = 0) -> list[tuple]:
     """``count`` background samples (key ``s0000``..., a random grey PNG of ``shape``) for write_shard_set: sets
     whose bytes, not their content, are what a test looks at."""

@@ -20,7 +20,7 @@ from data.add_labels import LabelError, add_labels
 from data.loader import ShardStream
 from data.shards import MANIFEST, SHARD_PATHS, check_objects, read_manifest, write_shard_set
 from data.sources import FashionMNISTSource
-from trainer.cli import main
+from cluster.cli import main
 
 
 def _png(value: int) -> bytes:

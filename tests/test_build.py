@@ -22,7 +22,7 @@ from data.loader import ShardStream
 from data.shards import MANIFEST, iter_tar, read_manifest
 from data.sources import FashionMNISTSource, ImageFolderSource, make_key
 from data.transforms import MAX_PIXELS, BadImage, decode_rgb
-from trainer.cli import main
+from cluster.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import tiny_config
 from trainer.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, resolve
-from trainer.cli import main
+from cluster.cli import main
 from trainer.train import train
 
 

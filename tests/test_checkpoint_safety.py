@@ -25,7 +25,7 @@ from conftest import tiny_config
 from trainer import checkpoint as ckpt
 from trainer.checkpoint import (FORMAT, INDEX, META, STATE, TRUST_ENV, CheckpointError, CheckpointWriter,
                                 latest_checkpoint, load_checkpoint, read_meta, rng_state, set_rng_state)
-from trainer.cli import main
+from cluster.cli import main
 from trainer.models import StudentSpec, build_teacher, load_student_from_checkpoint
 from trainer.train import Trainer, train
 

@@ -1,6 +1,6 @@
 """Bad input through the `bgsplit` command: one line on stderr naming the thing and the fix, exit status 2."""
 
-from trainer.cli import main
+from cluster.cli import main
 
 
 def _run(capsys, argv):
@@ -56,7 +56,7 @@ def test_own_data_config_names_the_key_of_a_missing_set(capsys, tmp_path, tiny_s
 
 
 def test_one_word_one_meaning_across_commands_with_the_old_names_still_parsing():
-    from trainer.cli import build_parser
+    from cluster.cli import build_parser
 
     parse = build_parser().parse_args
     base = {"plan": ["shards", "plan", "--data", "d", "--world", "2", "--batch-size", "8"],

@@ -73,7 +73,7 @@ def _evaluate_checkpoint(url: str, val: str, dtype: torch.dtype | None = None) -
     32 px. ``dtype`` bf16: the weights rounded to bf16 as DeepSpeed's bf16 mode holds them, run under autocast."""
     from data.shards import read_manifest
     from trainer.models import load_student_from_checkpoint
-    from trainer.evaluate import evaluate_student
+    from trainer.evaluate import EvalSetup, evaluate_student
 
     student = load_student_from_checkpoint(url)
     if dtype is not None:
@@ -81,7 +81,9 @@ def _evaluate_checkpoint(url: str, val: str, dtype: torch.dtype | None = None) -
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return evaluate_student(student, read_manifest(val), 32, 16, torch.device("cpu"), dtype=dtype)
+        precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+        return evaluate_student(student, read_manifest(val), EvalSetup(32, 16, precision=precision),
+                                torch.device("cpu"))
     finally:
         torch.set_num_threads(threads)
 
@@ -207,11 +209,11 @@ def test_a_killed_worker_is_restarted_and_the_run_finishes_from_the_newest_check
 
 
 def test_ray_job_submit_runs_the_debug_config(ray_cluster, s3, tiny_sets):
-    """The README's cluster command, end to end: `ray job submit --working-dir . -- python -m trainer.cli train
+    """The README's cluster command, end to end: `ray job submit --working-dir . -- python -m cluster.cli train
     --ray` (the same driver as `python -m cluster.launch`)."""
     out = f"s3://{s3.bucket}/job-submit"
     cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", ray_cluster.dashboard,
-           "--working-dir", str(ROOT), "--", "python", "-m", "trainer.cli", "train", "--ray", "--config",
+           "--working-dir", str(ROOT), "--", "python", "-m", "cluster.cli", "train", "--ray", "--config",
            "configs/debug.yaml",
            f"data.train={tiny_sets['train']}", f"data.val={tiny_sets['test']}", f"run.out_dir={out}",
            "run.max_steps=4", "data.image_size=32", f"teacher.image_size={TEACHER_SIZE}", "cluster.num_workers=2",
@@ -234,7 +236,7 @@ def test_ray_job_submit_runs_the_debug_config(ray_cluster, s3, tiny_sets):
     # a relative run.out_dir would land in Ray's temporary copy of the working dir: refused before any worker
     # (through the second door, `python -m cluster.launch`, which the README's older commands use)
     relative = [c if not c.startswith("run.out_dir=") else "run.out_dir=runs/lost" for c in cmd]
-    at = relative.index("trainer.cli")
+    at = relative.index("cluster.cli")
     relative[at:at + 3] = ["cluster.launch"]
     lost = subprocess.run(relative, cwd=ROOT, env=ray_cluster.env, capture_output=True, text=True, timeout=300)
     assert lost.returncode != 0

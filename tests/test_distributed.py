@@ -48,14 +48,14 @@ def test_two_ranks_with_uneven_shards_finish_with_equal_steps(uneven, tmp_path, 
 
 
 def test_torchrun_trains_with_two_ddp_processes_and_one_process_resumes(tiny_sets, tmp_path):
-    """`torchrun --nproc_per_node 2 -m trainer.cli train` (the README's multi-process command): both ranks run
+    """`torchrun --nproc_per_node 2 -m cluster.cli train` (the README's multi-process command): both ranks run
     the planned steps in one process group, rank 0 alone writes metrics, summary and the checkpoint; then the
     same run resumes in one process (a restart with fewer workers)."""
     from conftest import TEACHER_SIZE
 
     out = tmp_path / "torchrun"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "trainer.cli", "train", "--debug",
+           "--master_port", str(free_port()), "-m", "cluster.cli", "train", "--debug",
            f"data.train={tiny_sets['train']}", "data.val=", "data.image_size=32", "data.batch_size=16",
            f"teacher.image_size={TEACHER_SIZE}", "teacher.mode=cached", "run.max_steps=3", f"run.out_dir={out}",
            "run.progress=false", "run.log_every=1"]
@@ -69,7 +69,7 @@ def test_torchrun_trains_with_two_ddp_processes_and_one_process_resumes(tiny_set
     assert (out / "checkpoints" / "step-00000003" / "index.json").exists()
     # elastic: one process continues the 2-process run with the whole optimiser state; the data order depends on
     # the world, so the interrupted epoch 0 restarts in the 1-process order (10 -> 20 steps an epoch)
-    single = [sys.executable, "-m", "trainer.cli", *cmd[cmd.index("trainer.cli") + 1:]]
+    single = [sys.executable, "-m", "cluster.cli", *cmd[cmd.index("cluster.cli") + 1:]]
     resume = subprocess.run(single + ["run.resume=auto", "run.max_steps=4"], capture_output=True, text=True,
                             timeout=300, cwd=Path(__file__).parents[1], env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert resume.returncode == 0, resume.stderr[-3000:]

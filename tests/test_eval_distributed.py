@@ -18,7 +18,8 @@ from conftest import TEACHER_SIZE
 from data.loader import ShardStream, make_loader
 from data.shards import read_manifest, write_shard_set
 from s3_server import free_port
-from trainer.evaluate import eval_shards, planned_batches
+from data.plan import split_shards as eval_shards
+from trainer.evaluate import EvalSetup, planned_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 # oneDNN picks its blocking by batch size and thread count: runs compared bit for bit use one thread a process
@@ -122,8 +123,8 @@ def test_a_ranks_share_scores_the_same_bits_as_the_whole_set(checkpoint, tiny_se
 
     m, cpu = read_manifest(tiny_sets["test"]), torch.device("cpu")
     student, counts = load_student_from_checkpoint(checkpoint), [s.count for s in m.shards]
-    whole = merge_predictions(m, [predict(student, m, 32, 24, cpu)])
-    shared = merge_predictions(m, [predict(student, m, 32, 24, cpu, shards=eval_shards(counts, r, 2))
+    whole = merge_predictions(m, [predict(student, m, EvalSetup(32, 24), cpu)])
+    shared = merge_predictions(m, [predict(student, m, EvalSetup(32, 24), cpu, shards=eval_shards(counts, r, 2))
                                    for r in range(2)])
     assert all(eval_shards(counts, r, 2) for r in range(2))
     assert whole[2] == shared[2] and np.array_equal(whole[0], shared[0])  # bit for bit
@@ -133,7 +134,7 @@ def _cli(*args: str, ranks: int = 1) -> subprocess.CompletedProcess:
     launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr", "127.0.0.1",
                 "--master_port", str(free_port())] if ranks > 1 else []
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    proc = subprocess.run([sys.executable, *launcher, "-m", "trainer.cli", *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, *launcher, "-m", "cluster.cli", *args], capture_output=True, text=True,
                           timeout=240, cwd=ROOT, env={**env, **ONE_THREAD})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -141,7 +142,7 @@ def _cli(*args: str, ranks: int = 1) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_two_ranks_report_the_same_ap_as_one_to_the_last_digit(checkpoint, tiny_sets, tmp_path):
-    """`torchrun --nproc_per_node 2 -m trainer.cli eval`: each rank scores about half the set, rank 0 alone
+    """`torchrun --nproc_per_node 2 -m cluster.cli eval`: each rank scores about half the set, rank 0 alone
     writes the report, and AP and mAP equal one process's exactly. Batch 24 does not divide the shards, so batches
     that ran across shard boundaries would hold other images on 2 ranks than on 1."""
     test = read_manifest(tiny_sets["test"])
@@ -162,7 +163,7 @@ def test_two_ranks_report_the_same_ap_as_one_to_the_last_digit(checkpoint, tiny_
 
 @pytest.mark.slow
 def test_validation_in_a_two_rank_ddp_run_is_shared_and_matches_one_process(tiny_sets, tmp_path):
-    """Trainer.validate under `torchrun --nproc_per_node 2 -m trainer.cli train`: both ranks score about half the
+    """Trainer.validate under `torchrun --nproc_per_node 2 -m cluster.cli train`: both ranks score about half the
     validation set, and the metrics are those of one process scoring all of it with the saved weights."""
     from trainer.models import load_student_from_checkpoint
     from trainer.evaluate import evaluate_student
@@ -180,7 +181,7 @@ def test_validation_in_a_two_rank_ddp_run_is_shared_and_matches_one_process(tiny
     torch.set_num_threads(1)  # as the torchrun processes ran
     try:
         alone = evaluate_student(load_student_from_checkpoint(summary["checkpoint"]),
-                                 read_manifest(tiny_sets["test"]), 32, 16, torch.device("cpu"))
+                                 read_manifest(tiny_sets["test"]), EvalSetup(32, 16), torch.device("cpu"))
     finally:
         torch.set_num_threads(threads)
     assert alone["ranks"] == [n] and alone["ap"] == val["ap"] and alone["map"] == val["map"]
@@ -188,7 +189,7 @@ def test_validation_in_a_two_rank_ddp_run_is_shared_and_matches_one_process(tiny
 
 def test_fp32_is_the_cpu_default_and_bf16_autocast_still_gives_fp32_scores(checkpoint, tiny_sets, tmp_path):
     from trainer.models import load_student_from_checkpoint
-    from trainer.cli import main
+    from cluster.cli import main
     from trainer.engine import autocast_dtype
     from trainer.evaluate import predict
 
@@ -200,8 +201,9 @@ def test_fp32_is_the_cpu_default_and_bf16_autocast_still_gives_fp32_scores(check
 
     cpu = torch.device("cpu")
     student, m = load_student_from_checkpoint(checkpoint), read_manifest(tiny_sets["test"])
-    fp32 = predict(student, m, 32, 64, cpu, shards=[0], dtype=autocast_dtype("fp32", cpu))[0]
-    bf16 = predict(student, m, 32, 64, cpu, shards=[0], dtype=autocast_dtype("bf16", cpu))[0]
+    fp32 = predict(student, m, EvalSetup(32, 64, precision="fp32"), cpu, shards=[0])[0]
+    bf16 = predict(student, m, EvalSetup(32, 64, precision="bf16"), cpu, shards=[0])[0]
+    assert autocast_dtype("bf16", cpu) == EvalSetup(32, precision="bf16").dtype(cpu) == torch.bfloat16
     assert fp32.dtype == bf16.dtype == np.float32
     assert not np.array_equal(fp32, bf16)  # the forward did run in bf16...
     assert np.abs(fp32 - bf16).max() < 0.05  # ...and scores stay close
@@ -209,7 +211,7 @@ def test_fp32_is_the_cpu_default_and_bf16_autocast_still_gives_fp32_scores(check
 
 @pytest.mark.slow
 def test_mine_under_torchrun_gives_one_process_candidates(checkpoint, tiny_sets, tmp_path):
-    """`torchrun --nproc_per_node 2 -m trainer.cli mine`: each rank scores its shares, rank 0 alone merges and
+    """`torchrun --nproc_per_node 2 -m cluster.cli mine`: each rank scores its shares, rank 0 alone merges and
     publishes; the candidates equal one process's (batches are cut per shard, so the scores are the same bits)."""
     mine = ["mine", "--checkpoint", checkpoint, "--pool", tiny_sets["test"], "--top", "7", "--batch-size", "24"]
     _cli(*mine, "--out", str(tmp_path / "one"))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.cli import main
+from cluster.cli import main
 from trainer.config import ConfigError
 from trainer.experiment import (
     ExperimentSpec,

@@ -11,7 +11,7 @@ import yaml
 from data.build import BuildSpec, build_set
 from data.shards import write_shard_set
 from data.sources import FashionMNISTSource
-from trainer.cli import main
+from cluster.cli import main
 from trainer.config import ConfigError, load_config
 from trainer.experiment import MethodSpec, load_spec, parse_spec, run_experiment
 from trainer.experiment_data import DataSpec, check_sets, resolve_rare

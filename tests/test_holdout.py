@@ -17,7 +17,7 @@ from data import storage
 from data.build import BuildSpec, build_set
 from data.shards import iter_tar, read_manifest
 from data.sources import ImageFolderSource
-from trainer.cli import main
+from cluster.cli import main
 
 RARE = ["ant", "bee", "cat"]
 RARE_IMAGES = 6

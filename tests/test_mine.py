@@ -20,9 +20,10 @@ from conftest import tiny_config
 from data.add_labels import LabelError, add_labels
 from data.shards import check_objects, iter_tar, read_manifest
 from data.sources import FashionMNISTSource
-from trainer.cli import main
-from trainer.evaluate import predict
-from trainer.mine import CANDIDATES, PARTS, MineJob, TopN, mine, pool_set
+from cluster.cli import main
+from conftest import simulated_rank
+from trainer.evaluate import EvalSetup, predict
+from trainer.mine import CANDIDATES, PARTS, MineJob, MinePass, TopN, mine, pool_set
 from trainer.models import load_student_from_checkpoint
 from trainer.train import train
 
@@ -48,7 +49,7 @@ def _expected(checkpoint, pool, skip=()):
     """The top N per class from one scoring pass over the whole pool, by (score desc, shard order, index)."""
     manifest = read_manifest(pool)
     student = load_student_from_checkpoint(checkpoint)
-    probs, _, keys, refs = predict(student, manifest, 32, 64, torch.device("cpu"))
+    probs, _, keys, refs = predict(student, manifest, EvalSetup(32, 64), torch.device("cpu"))
     order = {s.url: i for i, s in enumerate(manifest.shards)}
     out = {}
     for cls in range(1, probs.shape[1]):
@@ -90,8 +91,10 @@ def test_mine_matches_an_independent_scoring_over_any_split_and_resumes(tiny_set
         assert [r["rank"] for r in rows if r["class"] == cls] == list(range(1, TOP + 1))
     # two simulated ranks: each scores its share, rank 0 merges; the same list
     job2 = _job(checkpoint, pool, tmp_path / "two")
-    assert mine(job2, rank=1, world=2) is None
-    assert mine(job2, rank=0, world=2)["this_run"]["reused"] == 0
+    two = MinePass(job2)
+    shares = {rank: simulated_rank(two, rank, 2) for rank in (1, 0)}  # rank 1 first, as if it were faster
+    assert all(shares[r][0] for r in (0, 1)) and not set(shares[0][0]) & set(shares[1][0])
+    assert two.publish([shares[0], shares[1]])["this_run"]["reused"] == 0
     assert _rows(tmp_path / "two") == rows
     # a share lost (a killed worker): the rerun scores that share only, same result
     parts = sorted((tmp_path / "one" / PARTS).rglob("*.json"))

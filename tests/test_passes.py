@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from conftest import RARE, TEACHER_SIZE, environ
+from data.plan import shard_groups
 from data.shards import read_manifest
-from trainer.cli import main
+from cluster.cli import main
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +48,8 @@ def test_build_label_and_eval_as_ray_tasks_match_one_process(ray_address, tmp_pa
     assert main([*label, "--data", str(tmp_path / "ray"), "--ray", "--ray-address", ray_address]) == 0
     spec = label_spec(teacher, TEACHER_SIZE, 5)
     meta = json.loads((tmp_path / "ray" / "teacher-labels" / spec.name / "labels.json").read_text())
-    assert meta["ray_tasks"] == -(-len(local.shards) // 4)
+    groups = shard_groups([s.count for s in local.shards], 4)  # the tasks: whole shards, balanced by samples
+    assert meta["parts"] == len(groups) == -(-len(local.shards) // 4) and meta["labelled"] == local.count
     for s in local.shards:
         a = np.load(tmp_path / "local" / "teacher-labels" / spec.name / s.url.replace(".tar", ".npz"))
         b = np.load(tmp_path / "ray" / "teacher-labels" / spec.name / s.url.replace(".tar", ".npz"))
@@ -66,7 +68,9 @@ def test_build_label_and_eval_as_ray_tasks_match_one_process(ray_address, tmp_pa
     assert main([*ev, "--out", str(tmp_path / "rep-ray"), "--ray", "--ray-address", ray_address]) == 0
     a = json.loads((tmp_path / "rep-local" / "report.json").read_text())
     b = json.loads((tmp_path / "rep-ray" / "report.json").read_text())
-    assert b["ray_tasks"] and sum(b["ray_tasks"]) == local.count
+    assert a["ranks"] == [local.count]  # one process: one part
+    sizes = [s.count for s in local.shards]
+    assert b["ranks"] == [sum(sizes[i] for i in g) for g in shard_groups(sizes, 4)]
     for name, ap in a["ap"].items():
         assert b["ap"][name] == pytest.approx(ap, abs=1e-6)
     assert (tmp_path / "rep-ray" / "top_scoring.png").stat().st_size > 0

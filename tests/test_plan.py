@@ -163,7 +163,7 @@ def _png(v: int) -> bytes:
 
 def test_shards_plan_command(tmp_path, capsys):
     from data.shards import read_manifest, write_shard_set
-    from trainer.cli import main
+    from cluster.cli import main
 
     samples = [(f"k{i:03d}", _png(i), 1 if i % 10 == 0 else 0, "x") for i in range(133)]
     write_shard_set(str(tmp_path), samples, rare_classes=["r"], class_names=["bg", "R"], max_count=9)

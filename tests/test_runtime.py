@@ -37,7 +37,7 @@ def test_relative_outputs_are_refused_in_the_temporary_copy_and_made_absolute_wh
 
 
 def test_the_cli_refuses_a_relative_out_in_a_ray_jobs_copy(tmp_path, monkeypatch, capsys):
-    from trainer.cli import main
+    from cluster.cli import main
 
     copy = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_abc"
     copy.mkdir(parents=True)

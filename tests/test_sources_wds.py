@@ -255,7 +255,7 @@ def test_shards_build_from_wds_with_a_json_label_field(tmp_path):
     import json
 
     from data.shards import iter_tar, read_manifest
-    from trainer.cli import main
+    from cluster.cli import main
 
     raw = tmp_path / "raw"
     raw.mkdir()

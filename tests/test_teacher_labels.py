@@ -20,7 +20,8 @@ from data.sources import FashionMNISTSource
 from data.teacher_labels import META, TeacherLabels, set_url, shard_labels_url
 from s3_server import free_port
 from trainer.task import teacher_topk
-from trainer.teacher_label import label_shard_set, label_spec
+from conftest import simulated_rank
+from trainer.teacher_label import LabelPass, label_shard_set, label_spec
 
 
 def _labels(manifest, teacher, size=TEACHER_SIZE, k=5):
@@ -92,10 +93,13 @@ def test_labelling_resumes_per_shard_and_ranks_split_the_shards(small_set, teach
     m = small_set
     spec = label_spec(teacher, TEACHER_SIZE, 5)
     # rank 1 first (as if it were faster), then rank 0, which publishes the set
-    label_shard_set(teacher, m.root, image_size=TEACHER_SIZE, rank=1, world=2)
+    two = LabelPass(m.root, TEACHER_SIZE, teacher=teacher, precision="fp32")
+    shares = {1: simulated_rank(two, 1, 2)}
     done = sorted(os.listdir(set_url(m.root, spec)))
-    assert done == sorted(s.url.replace(".tar", ".npz") for i, s in enumerate(m.shards) if i % 2 == 1)
-    label_shard_set(teacher, m.root, image_size=TEACHER_SIZE, rank=0, world=2)
+    assert done == sorted(m.shards[i].url.replace(".tar", ".npz") for i in shares[1][0])
+    assert 0 < len(shares[1][0]) < len(m.shards)
+    shares[0] = simulated_rank(two, 0, 2)
+    assert two.publish([shares[0], shares[1]]) == set_url(m.root, spec)
     two_ranks = {s.url: _labels(m, teacher).shard(s.url)[0].copy() for s in m.shards}
     victim = shard_labels_url(m.root, spec, m.shards[1].url)
     os.remove(victim)
@@ -116,7 +120,7 @@ def test_labelling_resumes_per_shard_and_ranks_split_the_shards(small_set, teach
 @pytest.mark.slow
 def test_teacher_label_under_torchrun_splits_the_shards_over_two_processes(small_set, teacher):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "trainer.cli", "teacher-label", "--data", small_set.root,
+           "--master_port", str(free_port()), "-m", "cluster.cli", "teacher-label", "--data", small_set.root,
            "--image-size", str(TEACHER_SIZE), "--batch-size", "16"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1],
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -124,7 +128,7 @@ def test_teacher_label_under_torchrun_splits_the_shards_over_two_processes(small
     spec = label_spec(teacher, TEACHER_SIZE, 5)
     assert proc.stdout.strip().splitlines() == [set_url(small_set.root, spec)]  # rank 0 alone prints
     log = proc.stderr
-    assert "rank 0 of 2 labelled" in log and "rank 1 of 2 labelled" in log
+    assert "rank 0 of 2 labelled" in log and "rank 1 of 2 labelled" in log  # each its share (trainer.shard_pass)
     labels = _labels(small_set, teacher)
     stream = ShardStream(small_set, train=False, image_size=TEACHER_SIZE, batch_size=64, teacher_labels=labels)
     for batch in stream:

@@ -16,18 +16,22 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from data.loader import IMAGE_EXTS, ShardStream, make_loader
 from data.order import Ref
+from data.plan import split_shards
 from data.reader import ShardReader
 from data.shards import Manifest, read_manifest
 from data.transforms import eval_transform
 from trainer.metrics import evaluate
+from trainer.runtime import resolve_device
+from trainer.shard_pass import cached_model, run_pass
 from trainer.report import PR_CURVES_PNG, TOP_SCORING_PNG, plot_pr_curves, plot_top_scoring_grid, write_report
 
 
@@ -35,27 +39,21 @@ Predictions = tuple[np.ndarray, np.ndarray, list[str], list[tuple[str, int]]]
 """fp32 softmax scores [N, K+1], labels [N], keys and (shard URL, sample index) references, row for row."""
 
 
-def eval_shards(counts: Sequence[int], rank: int, world: int) -> list[int]:
-    """Rank ``rank``'s share of an evaluation set of ``world`` ranks: whole shards (manifest indices, in order).
+@dataclass(frozen=True)
+class EvalSetup:
+    """How a set is scored, one object from the command or the run's config down to the forward pass."""
 
-    Whole shards because a batch never spans two shards, so each forward pass holds the same images whatever the
-    world. A shard goes to the rank whose equal stretch of the N samples holds the shard's middle: shares are
-    contiguous and differ from N / world by less than the largest shard, and when there are more ranks than
-    shards some ranks get none (they still take part in the gather). Pure, so it is tested on simulated worlds.
-    """
-    if world < 1:
-        raise ValueError(f"a world of {world} ranks cannot evaluate: give at least 1 rank")
-    if not 0 <= rank < world:
-        raise ValueError(f"rank {rank} is outside a world of {world} ranks")
-    sizes = np.asarray(counts, dtype=np.int64)
-    if (sizes < 0).any():
-        raise ValueError(f"shard sample counts must not be negative, got {list(counts)}: check the manifest")
-    n = int(sizes.sum())
-    if n == 0:
-        raise ValueError("the evaluation set's manifest lists no samples: rebuild it with `bgsplit shards build`")
-    starts = np.cumsum(sizes) - sizes
-    owners = np.minimum((2 * starts + sizes) * world // (2 * n), world - 1)
-    return np.flatnonzero(owners == rank).tolist()
+    image_size: int
+    batch_size: int = 256
+    num_workers: int = 0
+    resize_ratio: float = 1.15
+    precision: str = "fp32"
+    """run.precision's words; "fp32" (the reference numbers) unless a command or run asks otherwise."""
+
+    def dtype(self, device: torch.device) -> torch.dtype | None:
+        from trainer.engine import autocast_dtype
+
+        return autocast_dtype(self.precision, device)
 
 
 def planned_batches(counts: Sequence[int], shards: Sequence[int], batch_size: int) -> int:
@@ -65,14 +63,13 @@ def planned_batches(counts: Sequence[int], shards: Sequence[int], batch_size: in
 
 
 @torch.no_grad()
-def predict(student: torch.nn.Module, manifest: Manifest, image_size: int, batch_size: int, device: torch.device,
-            num_workers: int = 0, resize_ratio: float = 1.15, shards: list[int] | None = None, *,
-            dtype: torch.dtype | None = None, steps: int | None = None) -> Predictions:
+def predict(student: torch.nn.Module, manifest: Manifest, setup: EvalSetup, device: torch.device,
+            shards: list[int] | None = None, *, steps: int | None = None) -> Predictions:
     """softmax(main head) for every image of the set (or of the given shards, possibly none), with labels, keys
     and (shard, index) references.
 
-    ``dtype`` is the forward pass's autocast dtype (trainer.engine.autocast_dtype); None runs fp32, the reference
-    numbers. The softmax is fp32 either way, so rankings are not cut to bf16's 8 bits of mantissa.
+    ``setup.precision`` sets the forward pass's autocast (trainer.engine.autocast_dtype); "fp32" gives the
+    reference numbers. The softmax is fp32 either way, so rankings are not cut to bf16's 8 bits of mantissa.
 
     ``steps`` (ZeRO-3): run exactly that many forward passes, those past this process's own batches on a
     one-image dummy batch whose output is dropped. Each forward gathers the partitioned weights layer by layer
@@ -83,11 +80,12 @@ def predict(student: torch.nn.Module, manifest: Manifest, image_size: int, batch
     student.eval()
     probs, labels, keys, refs = [], [], [], []
     done = 0
+    dtype = setup.dtype(device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
     if shards is None or shards:
-        stream = ShardStream(manifest, train=False, image_size=image_size, batch_size=batch_size,
-                             eval_resize_ratio=resize_ratio, shards=shards)
-        for batch in make_loader(stream, num_workers):
+        stream = ShardStream(manifest, train=False, image_size=setup.image_size, batch_size=setup.batch_size,
+                             eval_resize_ratio=setup.resize_ratio, shards=shards)
+        for batch in make_loader(stream, setup.num_workers):
             if "image" not in batch:
                 continue
             if steps is not None and done == steps:
@@ -101,7 +99,7 @@ def predict(student: torch.nn.Module, manifest: Manifest, image_size: int, batch
             refs.extend((url, int(i)) for url, i in batch["ref"])  # the DataLoader makes tuples lists
             done += 1
     if steps is not None and done < steps:
-        dummy = torch.zeros((1, 3, image_size, image_size), dtype=torch.uint8, device=device)
+        dummy = torch.zeros((1, 3, setup.image_size, setup.image_size), dtype=torch.uint8, device=device)
         for _ in range(steps - done):
             with autocast:
                 student(dummy, with_aux=False)
@@ -125,41 +123,83 @@ def merge_predictions(manifest: Manifest, parts: Sequence[Predictions]) -> Predi
     return probs[order], labels[order], [keys[i] for i in order], [refs[i] for i in order]
 
 
-def predict_shared(student: torch.nn.Module, manifest: Manifest, image_size: int, batch_size: int,
-                   device: torch.device, *, rank: int = 0, world: int = 1, num_workers: int = 0,
-                   resize_ratio: float = 1.15, dtype: torch.dtype | None = None, lockstep: bool = False
-                   ) -> tuple[Predictions, list[int]]:
-    """The whole set's scores on every rank (in manifest order) and how many images each rank scored; each rank
-    scores only its ``eval_shards``. A collective: every rank of the process group calls it. ``lockstep``: the
-    same number of forward passes on every rank (ZeRO-3, see ``predict``)."""
-    if world > 1 and not (dist.is_initialized() and dist.get_world_size() == world):
-        raise ValueError(f"scoring over {world} ranks needs their process group: start it with torchrun "
-                         "(trainer.runtime.init_distributed) or run with world=1")
-    counts = [s.count for s in manifest.shards]
-    steps = None
-    if lockstep:
-        steps = max(planned_batches(counts, eval_shards(counts, r, world), batch_size) for r in range(world))
-    local = predict(student, manifest, image_size, batch_size, device, num_workers, resize_ratio,
-                    eval_shards(counts, rank, world), dtype=dtype, steps=steps)
-    parts: list[Any] = [local]
-    if world > 1:
-        # every rank gets every part (K+1 floats, a label, a key a sample): all ranks then agree on the
-        # result, or all raise the same error, instead of rank 0 failing while the others go on to a collective
-        parts = [None] * world
-        dist.all_gather_object(parts, local)
-    return merge_predictions(manifest, parts), [len(p[1]) for p in parts]
+@dataclass
+class EvalPass:
+    """Score a set with the student's main head (trainer.shard_pass): metrics, or with ``report_dir`` the report.
+
+    The student is ``student`` (training's validation: the live model, this process only) or rebuilt from
+    ``checkpoint`` wherever the work runs (ranks, Ray tasks). ``lockstep`` (ZeRO-3): every rank runs the same
+    number of forward passes, see ``predict``."""
+
+    location: str
+    setup: EvalSetup
+    checkpoint: str = ""
+    student: torch.nn.Module | None = field(default=None, repr=False)
+    report_dir: str = ""
+    title: str = "bgsplit evaluation"
+    extra: dict[str, Any] = field(default_factory=dict)
+    lockstep_world: int = 0
+    """With ZeRO-3, the world: each rank's forward count is the largest share's batch count."""
+    keep_predictions: bool = False
+    """Also return the merged scores, labels, keys and references (``predictions``)."""
+    name: str = "scored"
+
+    def __post_init__(self) -> None:
+        if self.student is None and not self.checkpoint:
+            raise ValueError("an evaluation needs a student or a checkpoint to score with")
+        self.manifest = read_manifest(self.location)
+        self.token = uuid.uuid4().hex  # this pass's model cache key, the same in every Ray task of it
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self.student is not None:  # a live model stays in its process: Ray tasks rebuild from the checkpoint
+            raise ValueError("an evaluation of an in-memory student runs in its own process; give a checkpoint "
+                             "to run it as Ray tasks")
+        return self.__dict__
+
+    def shard_counts(self) -> list[int]:
+        return [s.count for s in self.manifest.shards]
+
+    def todo(self, shards: list[int]) -> list[int]:
+        return shards
+
+    def begin(self) -> None:
+        return None
+
+    def run(self, shards: list[int], device: torch.device) -> Predictions:
+        student = self.student
+        if student is None:
+            from trainer.models import load_student_from_checkpoint
+
+            student = cached_model(self.token, lambda: load_student_from_checkpoint(self.checkpoint).to(device))
+        steps = None
+        if self.lockstep_world:
+            counts = self.shard_counts()
+            steps = max(planned_batches(counts, split_shards(counts, r, self.lockstep_world), self.setup.batch_size)
+                        for r in range(self.lockstep_world))
+        return predict(student, self.manifest, self.setup, device, shards, steps=steps)
+
+    def publish(self, parts: list[tuple[list[int], Predictions]]) -> dict[str, Any]:
+        ranks = [len(p[1]) for _, p in parts]
+        predictions = merge_predictions(self.manifest, [p for _, p in parts])
+        if self.report_dir:
+            results = report_predictions(self.manifest, *predictions, self.report_dir, image_size=self.setup.image_size,
+                                         title=self.title, extra={**self.extra, "ranks": ranks})
+        else:
+            results = {**evaluate(predictions[0], predictions[1], self.manifest.class_names), "ranks": ranks}
+        if self.keep_predictions:
+            results["predictions"] = predictions
+        return results
 
 
-def evaluate_student(student: torch.nn.Module, manifest: Manifest, image_size: int, batch_size: int,
-                     device: torch.device, num_workers: int = 0, resize_ratio: float = 1.15, *,
-                     dtype: torch.dtype | None = None, rank: int = 0, world: int = 1,
-                     lockstep: bool = False) -> dict[str, Any]:
+def evaluate_student(student: torch.nn.Module, manifest: Manifest | str, setup: EvalSetup, device: torch.device, *,
+                     rank: int = 0, world: int = 1, lockstep: bool = False,
+                     keep_predictions: bool = False) -> dict[str, Any]:
     """trainer.metrics.evaluate of the whole set, plus ``ranks`` (images each rank scored); the same dict on every
-    rank (a collective when world > 1)."""
-    (probs, labels, _, _), ranks = predict_shared(student, manifest, image_size, batch_size, device, rank=rank,
-                                                  world=world, num_workers=num_workers, resize_ratio=resize_ratio,
-                                                  dtype=dtype, lockstep=lockstep)
-    return {**evaluate(probs, labels, manifest.class_names), "ranks": ranks}
+    rank (a collective when world > 1: each rank scores its share, rank 0 alone gathers the scores)."""
+    location = manifest if isinstance(manifest, str) else manifest.root
+    p = EvalPass(location, setup, student=student, lockstep_world=world if lockstep else 0,
+                 keep_predictions=keep_predictions)
+    return run_pass(p, device=device, rank=rank, world=world, everywhere=True)
 
 
 def load_images(manifest: Manifest, wanted: list[tuple[str, int]], image_size: int
@@ -183,23 +223,18 @@ def top_indices(probs: np.ndarray, per_class: int) -> list[int]:
     return sorted(out)
 
 
-def evaluate_to_report(student: torch.nn.Module, manifest_location: str, out_dir: str, *, image_size: int,
-                       batch_size: int = 256, device: torch.device | None = None, num_workers: int = 0,
-                       title: str = "bgsplit evaluation", per_class: int = 8, k: int = 100,
-                       extra: dict[str, Any] | None = None, dtype: torch.dtype | None = None, rank: int = 0,
-                       world: int = 1) -> dict[str, Any] | None:
-    """Per-class AP, mAP, P@k, a PR-curve PNG, a grid of top-scoring images, report.json and report.md.
+def evaluate_to_report(student: torch.nn.Module | None, location: str, out_dir: str, setup: EvalSetup, *,
+                       device: torch.device | None = None, checkpoint: str = "", title: str = "bgsplit evaluation",
+                       extra: dict[str, Any] | None = None, rank: int | None = None,
+                       world: int | None = None) -> dict[str, Any] | None:
+    """Per-class AP, mAP, P@k, a PR-curve PNG, a grid of top-scoring images, report.json and report.md, from
+    ``student`` or (each rank rebuilding it) ``checkpoint``.
 
-    With ``world`` > 1 (a collective) every rank scores its share and rank 0 alone writes the report and returns
-    it; the others return None. ``ranks`` in the report: images each rank scored."""
-    device = device or torch.device("cpu")
-    manifest = read_manifest(manifest_location)
-    predictions, ranks = predict_shared(student, manifest, image_size, batch_size, device, rank=rank, world=world,
-                                        num_workers=num_workers, dtype=dtype)
-    if rank != 0:
-        return None
-    return report_predictions(manifest, *predictions, out_dir, image_size=image_size, title=title,
-                              per_class=per_class, k=k, extra={**(extra or {}), "ranks": ranks})
+    Under torchrun every rank scores its share and rank 0 alone writes the report and returns it; the others
+    return None. ``ranks`` in the report: images each rank scored."""
+    p = EvalPass(location, setup, checkpoint=checkpoint, student=student, report_dir=out_dir, title=title,
+                 extra=dict(extra or {}))
+    return run_pass(p, device=device or resolve_device("auto"), rank=rank, world=world)
 
 
 def report_predictions(manifest: Manifest, probs: np.ndarray, labels: np.ndarray, keys: list[str],

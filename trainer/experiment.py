@@ -506,13 +506,13 @@ def train_and_score(cfg: JobConfig, eval_set: str, keep_checkpoint: bool = True)
     """The real scorer: train ``cfg`` from scratch, score its final student on ``eval_set`` once. With data.val
     set (final runs of a study with curves), the validation mAP along the way comes back as ``curve``."""
     from data.shards import read_manifest
-    from trainer.evaluate import evaluate_student
+    from trainer.evaluate import EvalSetup, evaluate_student
     from trainer.train import Trainer
 
     trainer = Trainer.build(cfg)
     trainer.fit()
-    result = evaluate_student(trainer.student, read_manifest(eval_set), cfg.data.image_size, 128, trainer.device,
-                              0, cfg.data.eval_resize_ratio)
+    result = evaluate_student(trainer.student, read_manifest(eval_set),
+                              EvalSetup(cfg.data.image_size, 128, 0, cfg.data.eval_resize_ratio), trainer.device)
     if not keep_checkpoint:  # tuning runs are never loaded again: 27 MB each is too much to keep x100
         shutil.rmtree(Path(cfg.run.out_dir) / "checkpoints", ignore_errors=True)
     curve = [[h["step"] / trainer.steps_per_epoch, h["val_map"]] for h in trainer.history if "val_map" in h]
@@ -897,8 +897,7 @@ def write_reports(spec: ExperimentSpec, runs: list[dict[str, Any]], sets: dict[s
     """The first final run of each trained method in the first setting, evaluated into a report (PR curves,
     top-scoring images): what the demo shows a reader beside its table."""
     from trainer.checkpoint import latest_checkpoint
-    from trainer.evaluate import evaluate_to_report
-    from trainer.models import load_student_from_checkpoint
+    from trainer.evaluate import EvalSetup, evaluate_to_report
 
     setting = next(iter(spec.data.settings))
     for method, mspec in spec.methods.items():
@@ -907,8 +906,8 @@ def write_reports(spec: ExperimentSpec, runs: list[dict[str, Any]], sets: dict[s
         checkpoint = latest_checkpoint(first["run_dir"]) if first else None
         if checkpoint is None:
             continue
-        evaluate_to_report(load_student_from_checkpoint(checkpoint), sets["test"],
-                           os.path.join(out, "report", _slug(method)), image_size=first["image_size"],
+        evaluate_to_report(None, sets["test"], os.path.join(out, "report", _slug(method)),
+                           EvalSetup(first["image_size"]), checkpoint=checkpoint, rank=0, world=1,
                            title=f"{setting}, {method}, seed {first['seed']}")
     log(f"reports and plots: {out}/report/<method>/report.md, pr_curves.png, top_scoring.png")
 
@@ -976,7 +975,7 @@ def experiment_command(config: str, out: str, quick: bool = False, keep_results:
 
 
 def experiment_cli(args: Any, execute: Execute | None = None) -> None:
-    """`bgsplit experiment CONFIG [--out DIR] [--quick] [--keep-results]` (trainer.cli's handler; with --ray the
+    """`bgsplit experiment CONFIG [--out DIR] [--quick] [--keep-results]` (cluster.cli's handler; with --ray the
     CLI passes cluster.trials.tune_executor as ``execute``, so this module never imports cluster/)."""
     experiment_command(args.config, os.path.abspath(args.out) if execute else args.out, args.quick,
                        args.keep_results, execute)

@@ -7,8 +7,8 @@ Because a part is published only when its share is done, a killed worker loses t
 a Ray retry) scores just the shares without a part. The fingerprint names everything that decides the scores
 (checkpoint, pool, input size, N, exclusions), so parts from another checkpoint are never merged in.
 
-Which share a worker scores is trainer.evaluate.eval_shards (pure, balanced by samples); one process, torchrun
-ranks and Ray tasks run the same ``score_shares``.
+``MinePass`` is the pass (trainer.shard_pass): one process, torchrun ranks and Ray tasks split the shares by the
+one rule (data.plan.split_shards) and run the same ``score_shares``.
 """
 from __future__ import annotations
 
@@ -147,32 +147,36 @@ def keys_of(locations: Iterable[str]) -> set[str]:
     return keys
 
 
-def score_shares(job: MineJob, fingerprint: str, shards: list[int], chunk: int = 8) -> dict[str, int]:
+def score_shares(job: MineJob, fingerprint: str, shards: list[int], chunk: int = 8, *, device=None,
+                 token: str = "") -> dict[str, int]:
     """Score the given shares of the pool (those without a part), publishing one part per share.
 
-    Shares are scored ``chunk`` at a time (one DataLoader, its workers started once per chunk)."""
+    Shares are scored ``chunk`` at a time (one DataLoader, its workers started once per chunk). ``token``: the
+    pass whose model and exclusions this process may keep between calls (trainer.shard_pass.cached_model)."""
+    import uuid
+
     import torch
 
-    from trainer.engine import autocast_dtype
-    from trainer.evaluate import predict
+    from trainer.evaluate import EvalSetup, predict
     from trainer.models import load_student_from_checkpoint
     from trainer.runtime import resolve_device
+    from trainer.shard_pass import cached_model
 
     manifest = read_manifest(job.pool)
     todo = [s for s in shards if not storage.exists(part_url(job.out, fingerprint, manifest.shards[s].url))]
     if not todo:
         return {"scored": 0, "shares": 0, "reused": len(shards)}
-    device = resolve_device("auto")
-    student = load_student_from_checkpoint(job.checkpoint).to(device)
+    device = device or resolve_device("auto")
+    token = token or uuid.uuid4().hex
+    student = cached_model(token, lambda: load_student_from_checkpoint(job.checkpoint).to(device))
     classes = student.num_classes - 1
-    skip = keys_of(job.exclude) if job.exclude else set()
-    dtype = autocast_dtype(job.precision, device)
+    skip = cached_model(token, lambda: keys_of(job.exclude), "exclude") if job.exclude else set()
+    setup = EvalSetup(job.image_size, job.batch_size, job.num_workers, precision=job.precision)
     scored = 0
     for start in range(0, len(todo), chunk):
         group = todo[start:start + chunk]
         with torch.inference_mode():
-            probs, _, keys, refs = predict(student, manifest, job.image_size, job.batch_size, device,
-                                           job.num_workers, shards=group, dtype=dtype)
+            probs, _, keys, refs = predict(student, manifest, setup, device, shards=group)
         scored += len(keys)
         urls = np.array([u for u, _ in refs]) if refs else np.array([], dtype=str)
         for s in group:
@@ -264,19 +268,46 @@ def pool_set(pool: str, out: str, workers: int = 0) -> str:
     return location
 
 
-def mine(job: MineJob, *, rank: int = 0, world: int = 1, barrier=None) -> dict[str, Any] | None:
-    """Score this rank's shares, then (rank 0, after ``barrier``) merge and publish. Returns rank 0's summary."""
-    from trainer.evaluate import eval_shards
+@dataclass
+class MinePass:
+    """Score the pool's shares, then merge their parts and publish the candidates (trainer.shard_pass)."""
 
-    manifest = read_manifest(job.pool)
-    checkpoint_id, class_names = checkpoint_facts(job.checkpoint)
-    fingerprint = job.fingerprint(checkpoint_id, pool_identity(manifest))
-    mine_shares = eval_shards([s.count for s in manifest.shards], rank, world)
-    done = score_shares(job, fingerprint, mine_shares)
-    log.info("rank %d of %d: %d shares scored (%d images), %d already done", rank, world, done["shares"],
-             done["scored"], done["reused"])
-    if barrier is not None:
-        barrier()
-    if rank != 0:
+    job: MineJob
+    name: str = "scored"
+
+    def __post_init__(self) -> None:
+        import uuid
+
+        self.manifest = read_manifest(self.job.pool)
+        checkpoint_id, self.class_names = checkpoint_facts(self.job.checkpoint)  # once, on the driver or a rank
+        self.fingerprint = self.job.fingerprint(checkpoint_id, pool_identity(self.manifest))
+        self.token = uuid.uuid4().hex
+
+    def shard_counts(self) -> list[int]:
+        return [s.count for s in self.manifest.shards]
+
+    def todo(self, shards: list[int]) -> list[int]:
+        return [s for s in shards
+                if not storage.exists(part_url(self.job.out, self.fingerprint, self.manifest.shards[s].url))]
+
+    def begin(self) -> None:
         return None
-    return {**publish(job, fingerprint, manifest, class_names), "this_run": done}
+
+    def run(self, shards: list[int], device) -> dict[str, int]:
+        return score_shares(self.job, self.fingerprint, shards, device=device, token=self.token)
+
+    def publish(self, parts: list[tuple[list[int], dict[str, int]]]) -> dict[str, Any]:
+        totals = {"scored": 0, "shares": 0, "reused": 0}
+        for _, done in parts:
+            for k in totals:
+                totals[k] += done[k]
+        totals["reused"] = len(self.manifest.shards) - totals["shares"]  # shares skipped before any work ran
+        return {**publish(self.job, self.fingerprint, self.manifest, self.class_names),
+                "this_run": {**totals, "parts": len(parts)}}
+
+
+def mine(job: MineJob, **how: Any) -> dict[str, Any] | None:
+    """Mine in this process (or as one rank of torchrun's group): rank 0's summary, None on the other ranks."""
+    from trainer.shard_pass import run_pass
+
+    return run_pass(MinePass(job), **how)

@@ -5,14 +5,16 @@ augmentation seed; the authors' code used one random training crop instead. With
 no teacher forward at all, which on CPU (and for a ResNet-50 teacher on GPU, ~23% of the step) is the main saving.
 
 The work is whole shards: each labelled shard is published as one file (data.teacher_labels), so a killed run
-resumes where it stopped, and any number of processes can share a set: rank r of W labels shards r, r+W, ...
-(under torchrun, or as Ray tasks: cluster.passes). The label set becomes usable when ``labels.json`` is written,
+resumes where it stopped, and any number of processes can share a set (torchrun ranks or Ray tasks: the one
+split of trainer.shard_pass). The label set becomes usable when ``labels.json`` is written,
 once every shard has its file.
 """
 from __future__ import annotations
 
 import logging
-import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +23,9 @@ from data import storage
 from data.loader import ShardStream, make_loader
 from data.shards import Manifest, read_manifest
 from data.teacher_labels import META, LabelSpec, finish_label_set, labelled_shards, set_url, write_shard_labels
-from trainer.models import Teacher
+from trainer.engine import autocast_dtype
+from trainer.models import Teacher, build_teacher
+from trainer.shard_pass import cached_model, run_pass
 from trainer.task import teacher_topk
 
 log = logging.getLogger("bgsplit.teacher_label")
@@ -38,13 +42,6 @@ def is_complete(manifest: Manifest, spec: LabelSpec) -> bool:
 def unpublish(manifest: Manifest, spec: LabelSpec) -> None:
     """Before an overwrite: the old label set stops being usable before any of its shards is rewritten."""
     storage.remove(storage.join(set_url(manifest.root, spec), META))
-
-
-def shards_to_label(manifest: Manifest, spec: LabelSpec, *, rank: int = 0, world: int = 1,
-                    overwrite: bool = False) -> list[int]:
-    """This rank's share of the shards (indices into the manifest) that still need labels."""
-    done = set() if overwrite else labelled_shards(manifest, spec)
-    return [i for i, s in enumerate(manifest.shards) if i % world == rank and s.url not in done]
 
 
 def label_shards(teacher: Teacher, manifest: Manifest, shards: list[int], spec: LabelSpec, *, batch_size: int = 128,
@@ -83,27 +80,71 @@ def label_shards(teacher: Teacher, manifest: Manifest, shards: list[int], spec: 
     return done
 
 
+@dataclass
+class LabelPass:
+    """Label a set's shards with the teacher and publish the label set (trainer.shard_pass). The teacher is
+    ``teacher`` (this process) or built from ``arch`` / ``weights`` wherever the work runs."""
+
+    location: str
+    image_size: int
+    topk: int = 5
+    arch: str = ""
+    weights: str = ""
+    teacher: Teacher | None = field(default=None, repr=False)
+    batch_size: int = 128
+    num_workers: int = 0
+    precision: str = "auto"
+    overwrite: bool = False
+    name: str = "labelled"
+
+    def __post_init__(self) -> None:
+        self.manifest = read_manifest(self.location)
+        if self.teacher is None:
+            self.teacher = build_teacher(self.arch, self.weights)  # here too: its weights' digest keys the set
+        self.spec = label_spec(self.teacher, self.image_size, self.topk)
+        self.token = uuid.uuid4().hex
+
+    def __getstate__(self) -> dict[str, Any]:
+        if not self.arch:
+            raise ValueError("a teacher given as a model labels in its own process; give its name and weights to "
+                             "label in Ray tasks")
+        return {**self.__dict__, "teacher": None}  # each worker builds its own, once (cached_model)
+
+    @property
+    def url(self) -> str:
+        return set_url(self.manifest.root, self.spec)
+
+    def shard_counts(self) -> list[int]:
+        return [s.count for s in self.manifest.shards]
+
+    def todo(self, shards: list[int]) -> list[int]:
+        done = set() if self.overwrite else labelled_shards(self.manifest, self.spec)
+        return [i for i in shards if self.manifest.shards[i].url not in done]
+
+    def begin(self) -> str | None:
+        """A complete label set is kept (its URL ends the pass) unless ``overwrite``, which first unpublishes it."""
+        if not self.overwrite:
+            return self.url if is_complete(self.manifest, self.spec) else None
+        unpublish(self.manifest, self.spec)
+        return None
+
+    def run(self, shards: list[int], device: torch.device) -> int:
+        teacher = self.teacher or cached_model(self.token, lambda: build_teacher(self.arch, self.weights))
+        return label_shards(teacher, self.manifest, shards, self.spec, batch_size=self.batch_size, device=device,
+                            num_workers=self.num_workers, dtype=autocast_dtype(self.precision, device))
+
+    def publish(self, parts: list[tuple[list[int], int]]) -> str:
+        finish_label_set(self.manifest, self.spec, self.teacher.num_classes if self.teacher else 0,
+                         {"labelled": sum(n for _, n in parts), "parts": len(parts)})
+        return self.url
+
+
 def label_shard_set(teacher: Teacher, location: str, *, image_size: int, topk: int = 5, batch_size: int = 128,
                     device: torch.device | None = None, num_workers: int = 0, overwrite: bool = False,
-                    rank: int = 0, world: int = 1, barrier=lambda: None, dtype: torch.dtype | None = None) -> str:
-    """Label this rank's share of a set, then (rank 0, after ``barrier``) publish the label set; returns its URL.
-
-    A re-run labels only the shards without a file; a complete set is left as it is unless ``overwrite``."""
-    manifest = read_manifest(location)
-    spec = label_spec(teacher, image_size, topk)
-    if is_complete(manifest, spec) and not overwrite:
-        return set_url(manifest.root, spec)
-    if overwrite and rank == 0:
-        unpublish(manifest, spec)
-    barrier()
-    start = time.time()
-    todo = shards_to_label(manifest, spec, rank=rank, world=world, overwrite=overwrite)
-    n = label_shards(teacher, manifest, todo, spec, batch_size=batch_size, device=device, num_workers=num_workers,
-                     dtype=dtype)
-    log.info("rank %d of %d labelled %d samples in %d shards (%.1f s)", rank, world, n, len(todo),
-             time.time() - start)
-    barrier()
-    if rank == 0:
-        finish_label_set(manifest, spec, teacher.num_classes, {"seconds": round(time.time() - start, 2)})
-    barrier()
-    return set_url(manifest.root, spec)
+                    precision: str = "fp32") -> str:
+    """Label a set in this process (or as one rank of torchrun's group), then publish it; returns its URL. A re-run
+    labels only the shards without a file; a complete set is left as it is unless ``overwrite``."""
+    p = LabelPass(location, image_size, topk, teacher=teacher, batch_size=batch_size, num_workers=num_workers,
+                  precision=precision, overwrite=overwrite)
+    url = run_pass(p, device=device, everywhere=True)
+    return url

@@ -27,7 +27,7 @@ from trainer.checkpoint import (DEEPSPEED, CheckpointWriter, download_folder, in
                                 set_rng_state)
 from trainer.config import JobConfig
 from trainer.engine import Engine, autocast_dtype, build_engine, build_optimizer
-from trainer.evaluate import evaluate_student
+from trainer.evaluate import EvalSetup, evaluate_student
 from trainer.models import Student, StudentSpec, Teacher, build_student, build_teacher
 from trainer.schedule import build_scheduler, in_probe_phase
 from trainer.runtime import broadcast, gather, init_distributed, resolve_device, seed_everything
@@ -315,11 +315,10 @@ class Trainer:
             for buffer in self.student.buffers():
                 dist.broadcast(buffer, src=0)
         zero3 = self.engine.name == "deepspeed" and self.cfg.engine.zero_stage == 3
-        return evaluate_student(self.student, read_manifest(self.cfg.data.val), self.cfg.data.image_size,
-                                self.cfg.data.batch_size, self.device, self.cfg.data.num_workers,
-                                self.cfg.data.eval_resize_ratio, dtype=autocast_dtype(self.cfg.run.precision,
-                                                                                      self.device),
-                                rank=self.rank, world=self.world, lockstep=zero3)
+        setup = EvalSetup(self.cfg.data.image_size, self.cfg.data.batch_size, self.cfg.data.num_workers,
+                          self.cfg.data.eval_resize_ratio, self.cfg.run.precision)
+        return evaluate_student(self.student, read_manifest(self.cfg.data.val), setup, self.device, rank=self.rank,
+                                world=self.world, lockstep=zero3)
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg

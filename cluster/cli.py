@@ -35,42 +35,58 @@ def _train(args: argparse.Namespace) -> None:
     print(run_folder_line(cfg.run.out_dir), file=sys.stderr)
 
 
-def _eval(args: argparse.Namespace) -> None:
-    """One process, every rank of a torchrun job (each scores its share of the shards, rank 0 writes the report),
-    or Ray tasks."""
-    import torch
+def _pass(p, args: argparse.Namespace):
+    """Every shard pass's one fork: Ray tasks with --ray, else this process or, under torchrun, every rank (rank 0
+    alone gets the output; the others None)."""
     import torch.distributed as dist
 
-    from trainer.checkpoint import load_checkpoint
-    from trainer.engine import autocast_dtype
-    from trainer.evaluate import evaluate_to_report
-    from trainer.models import load_student_from_checkpoint
-    from trainer.runtime import init_distributed, resolve_device
-
-    _trust(args)
-    state = load_checkpoint(args.checkpoint)
-    image_size = args.image_size or state["config"]["data"]["image_size"]
-    report = {"title": f"bgsplit evaluation of {args.checkpoint}", "extra": {"checkpoint": args.checkpoint}}
     if args.ray:
-        from cluster.passes import connect, ray_evaluate
+        from cluster.passes import connect, ray_pass
 
         connect(args.ray_address)
-        results = ray_evaluate(args.checkpoint, args.data, args.out, image_size=image_size,
-                               batch_size=args.batch_size, precision=args.precision, **report)
-    else:
-        device = resolve_device("auto")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)  # NCCL's object gather uses the current device
-        rank, world = init_distributed(device)
-        student = load_student_from_checkpoint(args.checkpoint).to(device)
-        results = evaluate_to_report(student, args.data, args.out, image_size=image_size, device=device,
-                                     batch_size=args.batch_size, num_workers=args.num_workers,
-                                     dtype=autocast_dtype(args.precision, device), rank=rank, world=world, **report)
+        return ray_pass(p, gpus_per_task=args.gpus_per_task)
+    from trainer.shard_pass import run_pass
+
+    try:
+        return run_pass(p)
+    finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-        if results is None:  # not rank 0: it wrote the report
-            return
-    print(f"mAP {100 * results['map']:.2f} over {len(results['ap'])} rare classes; report in {args.out}/report.md")
+
+
+def _device_for_ranks():
+    """torchrun's ranks on GPUs: NCCL's object collectives use the current device."""
+    import torch
+
+    from trainer.runtime import resolve_device
+
+    device = resolve_device("auto")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def _trained_size(checkpoint: str) -> int:
+    """The input size the checkpoint's run trained at (its meta.json; state.pt is not read)."""
+    from trainer.checkpoint import read_meta
+
+    return int(read_meta(checkpoint)["config"]["data"]["image_size"])
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from trainer.evaluate import EvalPass, EvalSetup
+
+    _trust(args)
+    image_size = args.image_size or _trained_size(args.checkpoint)
+    if not args.ray:
+        _device_for_ranks()
+    setup = EvalSetup(image_size, args.batch_size, args.num_workers, precision=args.precision)
+    p = EvalPass(args.data, setup, checkpoint=args.checkpoint, report_dir=args.out,
+                 title=f"bgsplit evaluation of {args.checkpoint}", extra={"checkpoint": args.checkpoint})
+    results = _pass(p, args)
+    if results is not None:  # rank 0 (it wrote the report), or the Ray driver
+        print(f"mAP {100 * results['map']:.2f} over {len(results['ap'])} rare classes; report in "
+              f"{args.out}/report.md")
 
 
 def _shards_build(args: argparse.Namespace) -> None:
@@ -110,68 +126,35 @@ def _shards_plan(args: argparse.Namespace) -> None:
 
 
 def _teacher_label(args: argparse.Namespace) -> None:
-    """One process, or every rank of a torchrun job (each labels its share of the shards)."""
-    import torch.distributed as dist
+    from trainer.teacher_label import LabelPass
 
-    from trainer.engine import autocast_dtype
-    from trainer.models import build_teacher
-    from trainer.teacher_label import label_shard_set
-    from trainer.runtime import init_distributed, resolve_device
-
-    if args.ray:
-        from cluster.passes import connect, ray_teacher_label
-
-        connect(args.ray_address)
-        for location in args.data:
-            print(ray_teacher_label(location, teacher=args.teacher, weights=args.weights, image_size=args.image_size,
-                                    topk=args.topk, batch_size=args.batch_size, overwrite=args.overwrite,
-                                    precision=args.precision))
-        return
-    device = resolve_device("auto")
-    rank, world = init_distributed(device)
-    teacher = build_teacher(args.teacher, args.weights)
-    barrier = dist.barrier if world > 1 else (lambda: None)
+    if not args.ray:
+        _device_for_ranks()
     for location in args.data:
-        url = label_shard_set(teacher, location, image_size=args.image_size, topk=args.topk, device=device,
-                              batch_size=args.batch_size, num_workers=args.num_workers, overwrite=args.overwrite,
-                              rank=rank, world=world, barrier=barrier, dtype=autocast_dtype(args.precision, device))
-        if rank == 0:
+        p = LabelPass(location, args.image_size, args.topk, args.teacher, args.weights, batch_size=args.batch_size,
+                      num_workers=args.num_workers, precision=args.precision, overwrite=args.overwrite)
+        url = _pass(p, args)
+        if url is not None:
             print(url)
 
 
 def _mine(args: argparse.Namespace) -> None:
-    """One process, every rank of a torchrun job (each scores its share of the pool, rank 0 merges), or Ray
-    tasks. A source that is not a shard set yet is built into OUT/pool first (rank 0; the others wait)."""
-    import torch.distributed as dist
-
-    from trainer.checkpoint import load_checkpoint
-    from trainer.mine import MineJob, mine, pool_set
-    from trainer.runtime import init_distributed, resolve_device
+    """A source that is not a shard set yet is built into OUT/pool first (by the driver, or rank 0 while the other
+    ranks wait)."""
+    from trainer.mine import MineJob, MinePass, pool_set
+    from trainer.runtime import broadcast, init_distributed
 
     if args.top < 1:
         raise ValueError(f"--top must be at least 1, got {args.top}")
     _trust(args)
-    image_size = args.image_size or load_checkpoint(args.checkpoint)["config"]["data"]["image_size"]
-    if args.ray:
-        from cluster.passes import connect, ray_mine
-
-        connect(args.ray_address)
-        job = MineJob(args.checkpoint, pool_set(args.pool, args.out, args.workers), args.out, args.top, image_size,
-                      args.batch_size, args.precision, tuple(args.exclude), args.num_workers)
-        print(json.dumps(ray_mine(job, gpus_per_task=args.gpus_per_task), indent=1))
-        return
-    rank, world = init_distributed(resolve_device("auto"))
-    barrier = dist.barrier if world > 1 else None
-    pool = pool_set(args.pool, args.out, args.workers) if rank == 0 else None
-    if barrier is not None:
-        box = [pool]
-        dist.broadcast_object_list(box, src=0)
-        pool = box[0]
+    image_size = args.image_size or _trained_size(args.checkpoint)
+    rank = 0
+    if not args.ray:
+        rank, _ = init_distributed(_device_for_ranks())
+    pool = broadcast(pool_set(args.pool, args.out, args.workers) if rank == 0 else None)
     job = MineJob(args.checkpoint, pool, args.out, args.top, image_size, args.batch_size, args.precision,
                   tuple(args.exclude), args.num_workers)
-    summary = mine(job, rank=rank, world=world, barrier=barrier)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    summary = _pass(MinePass(job), args)
     if summary is not None:
         print(json.dumps(summary, indent=1))
 
@@ -236,10 +219,13 @@ def _trust(args: argparse.Namespace) -> None:
         os.environ[TRUST_ENV] = "1"
 
 
-def _ray_flags(parser: argparse.ArgumentParser) -> None:
+def _ray_flags(parser: argparse.ArgumentParser, gpus: bool = True) -> None:
     parser.add_argument("--ray", action="store_true", help="run the per-shard work as Ray tasks over the cluster "
                         "(use under `ray job submit`; paths must be reachable from every node)")
     parser.add_argument("--ray-address", default="", help="Ray address; default RAY_ADDRESS or a new local cluster")
+    if gpus:
+        parser.add_argument("--gpus-per-task", type=float, default=0.0,
+                            help="with --ray: GPUs a task holds (1 on a GPU cluster; 0 scores on the CPU)")
 
 
 LOADER_HELP = ("DataLoader processes decoding images (data.num_workers in a config; 0: in the process itself); "
@@ -309,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--writers", "--workers", dest="workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="shard-writing processes (default min(8, CPUs); 0 or 1: in this process); --workers is "
                    "the old name")
-    _ray_flags(b)
+    _ray_flags(b, gpus=False)
     b.set_defaults(func=_shards_build)
     pl = s.add_parser("plan", help="an epoch's steps, padding and shard reads for a training world")
     pl.add_argument("--data", required=True, help="training shard set (folder or URL with manifest.json)")
@@ -352,7 +338,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shard-writing processes building a source pool into shards (as in shards build)")
     m.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="the trunk's dtype (auto: bf16 on a GPU, fp32 on CPU); scores are an fp32 softmax either way")
-    m.add_argument("--gpus-per-task", type=float, default=0.0, help="with --ray")
     _trust_flag(m)
     _ray_flags(m)
     m.set_defaults(func=_mine)
