@@ -100,3 +100,19 @@ def test_two_ranks_split_publish_on_rank_0_and_share_a_failure(tmp_path, fail_on
     want = {"parts": [[[0, 1], 8], [[2, 3], 8]]}  # rank order is shard order
     assert ranks[0] == {"result": want, "published": 1}
     assert ranks[1] == {"result": want if everywhere else None, "published": 0}
+
+
+def _finished_rank(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    toy = Toy([4, 4], finished="already there")
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump({"result": run_pass(toy, device=CPU, rank=rank, world=world)}, f)
+    dist.destroy_process_group()
+
+
+def test_an_output_that_exists_ends_the_pass_on_every_rank_and_only_rank_0_returns_it(tmp_path):
+    """Under torchrun a finished label set is printed once, by rank 0, not once per rank."""
+    mp.spawn(_finished_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text())["result"] for r in range(2)] == \
+        ["already there", None]

@@ -234,7 +234,9 @@ def evaluate_to_report(student: torch.nn.Module | None, location: str, out_dir: 
     return None. ``ranks`` in the report: images each rank scored."""
     p = EvalPass(location, setup, checkpoint=checkpoint, student=student, report_dir=out_dir, title=title,
                  extra=dict(extra or {}))
-    return run_pass(p, device=device or resolve_device("auto"), rank=rank, world=world)
+    if device is None:  # a given student is scored where it lives; a checkpoint on the best device there is
+        device = next(student.parameters()).device if student is not None else resolve_device("auto")
+    return run_pass(p, device=device, rank=rank, world=world)
 
 
 def report_predictions(manifest: Manifest, probs: np.ndarray, labels: np.ndarray, keys: list[str],

@@ -82,7 +82,7 @@ def run_pass(p: ShardPass, *, device: torch.device | None = None, rank: int | No
                          "(trainer.runtime.init_distributed) or run with world=1")
     early = _everyone(lambda: p.begin() if rank == 0 else None, world)
     if early is not None:
-        return early
+        return early if rank == 0 or everywhere else None
     start = time.time()
     share = p.todo(split_shards(p.shard_counts(), rank, world))
     part, error = None, None
