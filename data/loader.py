@@ -140,32 +140,50 @@ class ShardStream(IterableDataset):
     def _train(self, worker: int, workers: int) -> Iterator[dict[str, Any]]:
         steps, w = self.batches_per_epoch(), max(workers, 1)
         e0, b0 = self.start.epoch, self.start.batches
-        reader = ShardReader(self.manifest, self.manifest.of_kind(self._kind), self.teacher_labels,
-                             self._bad_shard, self.read_ahead_mb)
-        for epoch in itertools.count(e0):
-            if self.epochs is not None and epoch >= e0 + self.epochs:
-                return
-            # the DataLoader takes batches round-robin from its workers across epoch boundaries: worker w gives
-            # the run's batches w, w + W, ..., which in this epoch are those of plan role `role`
+
+        def share(epoch: int) -> tuple[int, int, int]:
+            """This worker's (plan role, samples already emitted, batches to give) in ``epoch``. The DataLoader
+            takes batches round-robin from its workers across epoch boundaries: worker w gives the run's batches
+            w, w + W, ..., which in this epoch are those of plan role ``role``."""
             role = (worker + b0 - (epoch - e0) * steps) % w
             skip = worker_skip(b0, role, workers) if epoch == e0 else 0
             emitted = self.start.positions.get(role, skip * self.batch_size) if epoch == e0 else 0
-            quota = worker_batches(steps, role, workers) - skip
-            if quota > 0:
-                yield from self._worker_epoch(reader, epoch, role, workers, emitted, quota)
+            return role, emitted, worker_batches(steps, role, workers) - skip
 
-    def _worker_epoch(self, reader: ShardReader, epoch: int, role: int, workers: int, emitted: int,
-                      quota: int) -> Iterator[dict[str, Any]]:
+        reader = ShardReader(self.manifest, self.manifest.of_kind(self._kind), self.teacher_labels,
+                             self._bad_shard, self.read_ahead_mb)
+        try:
+            for epoch in itertools.count(e0):
+                if self.epochs is not None and epoch >= e0 + self.epochs:
+                    return
+                role, emitted, quota = share(epoch)
+                if quota <= 0:
+                    continue
+                then = None  # the next epoch's first pieces are fetched while this one ends
+                if self.epochs is None or epoch + 1 < e0 + self.epochs:
+                    next_role, _, next_quota = share(epoch + 1)
+                    if next_quota > 0:
+                        then = (self._events(epoch + 1, next_role, workers), next_quota * self.batch_size)
+                yield from self._worker_epoch(reader, epoch, role, workers, emitted, quota, then)
+        finally:
+            reader.close()
+
+    def _events(self, epoch: int, role: int, workers: int) -> Iterator[Any]:
+        """The worker's read order for one epoch, as integers (data.order): nothing is read yet."""
         counts = self._counts()
         plan = for_worker(counts, seed=self.seed, epoch=epoch, world=self.world, rank=self.rank, worker=role,
                           workers=workers, batch_size=self.batch_size, mode=self.mode, policy=self.policy,
                           emit_ratio=self._emit_ratio)
         spec = OrderSpec(self.mode, self.buffer_samples, self.interleave, (self.seed, epoch, self.rank, role),
                          self._emit_ratio - 1.0)
-        events = worker_events(spec, plan.pieces, counts, self.positives.pools() if self.positives else None)
+        return worker_events(spec, plan.pieces, counts, self.positives.pools() if self.positives else None)
+
+    def _worker_epoch(self, reader: ShardReader, epoch: int, role: int, workers: int, emitted: int,
+                      quota: int, then: tuple[Iterator[Any], int] | None = None) -> Iterator[dict[str, Any]]:
+        events = self._events(epoch, role, workers)
         # a resumed worker replays its order on integers and fetches only what its buffer held
         position = advance(events, emitted) if emitted else None
-        samples = reader.run(events, position, self.positives, emits=quota * self.batch_size)
+        samples = reader.run(events, position, self.positives, emits=quota * self.batch_size, then=then)
         produced, pending, bad_streak = 0, [], 0
         give_up = 2 * max(self.manifest.count, self.batch_size)
         try:

@@ -10,7 +10,8 @@ record), so the samples after it are read as usual.
 
 Remote shards are read with read-ahead (data.read_ahead_mb, see data.storage.RangeReader), and the first range
 of a piece about to be opened is fetched while the open pieces are still being decoded, so neither the next
-range nor the next shard waits on the store's first-byte latency.
+range nor the next shard waits on the store's first-byte latency; nor does the next epoch's first shard, which
+is warmed while an epoch ends (ShardReader.run's ``then``).
 
 Re-sampled positives are read from one node-local copy of the positive shards (the page cache is shared by
 every process on the node), one sample at a time by offset: no worker holds positives in memory.
@@ -21,6 +22,7 @@ import fcntl
 import functools
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
@@ -75,6 +77,8 @@ class ShardReader:
         self.read_ahead = int(read_ahead_mb * (1 << 20))
         self._warm: dict[tuple[int, int, int], io.BufferedReader] = {}
         """Streams opened ahead of their piece (first range in flight), by (shard, first byte, end byte)."""
+        self._carry: set[tuple[int, int, int]] = set()
+        """Keys of ``_warm`` opened for the next run (the next epoch): kept open when this run ends."""
 
     def url(self, shard: int) -> str:
         return storage.join(self.manifest.root, self.shards[shard].url)
@@ -210,8 +214,9 @@ class ShardReader:
                 run = [ref]
         return out
 
-    def _warm_up(self, piece: Piece) -> None:
-        """Open a remote piece that is about to be opened and start fetching its first range."""
+    def _warm_up(self, piece: Piece, carry: bool = False) -> None:
+        """Open a remote piece that is about to be opened and start fetching its first range (``carry``: by the
+        next run, so it stays open when this one ends)."""
         url = self.url(piece.shard)
         if not storage.is_remote(url):
             return
@@ -224,14 +229,38 @@ class ShardReader:
         stream = storage.open_range(url, lo, hi, read_ahead=self.read_ahead)
         stream.raw.prefetch(1)
         self._warm[piece.shard, lo, hi] = stream
+        if carry:
+            self._carry.add((piece.shard, lo, hi))
 
-    def _warming(self, events: Iterator[Event], emits: int | None) -> Iterator[Event]:
+    @staticmethod
+    def _first_pieces(events: Iterator[Event], emits: int | None) -> Iterator[Piece]:
+        """The pieces of ``events`` in the order of their first read, within LOOKAHEAD_EVENTS events and before
+        the ``emits``-th emit (integers only: no I/O)."""
+        opened: dict[tuple[int, int], Piece] = {}
+        seen = 0
+        for event in itertools.islice(events, LOOKAHEAD_EVENTS):
+            if isinstance(event, Emit):
+                seen += 1
+                if emits is not None and seen >= emits:
+                    return
+            elif isinstance(event, Open):
+                opened[event.piece.shard, event.tag] = event.piece
+            elif (event.ref.shard, event.ref.tag) in opened:
+                yield opened.pop((event.ref.shard, event.ref.tag))
+
+    def _warming(self, events: Iterator[Event], emits: int | None,
+                 then: tuple[Iterator[Event], int] | None = None) -> Iterator[Event]:
         """``events`` unchanged, read LOOKAHEAD_EVENTS ahead (they are integers: no I/O) so that the pieces about
         to be read have their first range in flight, up to WARM_PIECES of them, before they are opened. A piece
         is warmed once its first read is in the window, and only if that read comes before the consumer's
         ``emits``-th emit: those are the pieces a read without read-ahead fetches too (an exact epoch's padding
-        cycle opens pieces that the worker's quota never reads)."""
+        cycle opens pieces that the worker's quota never reads).
+
+        ``then``, the next run's events and emits (the worker's next epoch): once the window holds this run's
+        last expected emit, the first pieces of the next run are warmed too, with the room this run no longer
+        needs, so the next epoch's first shards do not wait on the store either. They stay open past this run."""
         source = iter(events)
+        ahead: deque[Piece] | None = None  # the next run's first pieces, once this run's end is in the window
         window: deque[Event] = deque()
         opened: dict[tuple[int, int], Piece] = {}  # opened in the window, first read not yet in it
         ready: deque[tuple[Read, Piece]] = deque()  # (the first read, its piece): to warm when there is room
@@ -253,6 +282,10 @@ class ShardReader:
                         ready.append((event, piece))
             while ready and len(self._warm) < WARM_PIECES:
                 self._warm_up(ready.popleft()[1])
+            if then is not None and ahead is None and (exhausted or (emits is not None and seen >= emits)):
+                ahead = deque(self._first_pieces(*then))
+            while ahead and not ready and len(self._warm) < WARM_PIECES:
+                self._warm_up(ahead.popleft(), carry=True)
             if not window:
                 return
             event = window.popleft()
@@ -261,18 +294,21 @@ class ShardReader:
             yield event
 
     def run(self, events: Iterator[Event], position: Position | None = None,
-            positives: "PositiveStore | None" = None, emits: int | None = None) -> Iterator[tuple[Ref, Sample | None]]:
+            positives: "PositiveStore | None" = None, emits: int | None = None,
+            then: tuple[Iterator[Event], int] | None = None) -> Iterator[tuple[Ref, Sample | None]]:
         """Carry out the events: read what they read, yield what they emit (None: lost to corrupt data).
         ``position`` (from data.order.advance) resumes a stream mid-way without re-reading consumed samples;
-        ``emits``, the emits the consumer expects to take, only keeps read-ahead from fetching past them."""
+        ``emits``, the emits the consumer expects to take, only keeps read-ahead from fetching past them;
+        ``then`` (the next run's events and emits) is only looked at, to warm the next run's first pieces."""
         held: dict[Ref, Sample | None] = {}
+        self._carry = set()  # what the previous run warmed for this one is used now or closed at its end
         streams: dict[tuple[int, int], tuple[Iterator[Sample | None], int]] = {}
         try:
             if position is not None:
                 held.update(self.fetch(position.held))
                 for (shard, tag), (piece, index) in position.open.items():
                     streams[shard, tag] = (self.samples(shard, index, piece.stop), piece.stop)
-            for event in (self._warming(events, emits) if self.read_ahead else events):
+            for event in (self._warming(events, emits, then) if self.read_ahead else events):
                 if isinstance(event, Emit):
                     ref = event.ref
                     yield ref, (positives.get(ref.index) if ref.shard == POSITIVE else held.pop(ref))
@@ -291,8 +327,14 @@ class ShardReader:
             # a stream that stops early (the worker's quota is met) leaves no request in flight behind it
             for stream, _ in streams.values():
                 stream.close()
-            while self._warm:
-                self._warm.popitem()[1].close()
+            for key in [k for k in self._warm if k not in self._carry]:
+                self._warm.pop(key).close()
+
+    def close(self) -> None:
+        """Close what was warmed for a run that will not come (the stream stopped at an epoch's end)."""
+        self._carry = set()
+        while self._warm:
+            self._warm.popitem()[1].close()
 
 
 def _key_of(name: str) -> str | None:

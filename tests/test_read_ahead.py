@@ -275,3 +275,94 @@ def test_an_outage_past_the_deadline_in_a_prefetched_range_raises_storage_outage
     assert stats["failures"] == 1
     assert any(a == 2 * CHUNK and name.startswith("bgsplit-read-ahead") for a, _, name in counter.calls)
     assert not read_ahead_threads()
+
+
+def _in_order_events(m, shards):
+    events = []
+    for k in shards:
+        events.append(Open(Piece(k, 0, m.shards[k].count), 0))
+        for i in range(m.shards[k].count):
+            events += [Read(Ref(k, i, 0)), Emit(Ref(k, i, 0))]
+    return events
+
+
+def test_the_next_run_s_first_pieces_are_in_flight_before_this_run_ends(store, monkeypatch):
+    """The next epoch's first shards are warmed while this epoch ends, kept open across the two runs, used by
+    the next run without a second request, and closed by close() when no next run comes."""
+    rng = np.random.default_rng(2)
+    samples = [(f"e{i:03d}", rng.bytes(3000), 0, "x") for i in range(40)]
+    root = new_url(store)
+    write_shard_set(root, samples, rare_classes=["r"], class_names=["bg", "R"], max_count=10)
+    m = read_manifest(root)
+    assert len(m.shards) == 4
+    counter = InFlight(monkeypatch)
+    reader = ShardReader(m, m.shards, read_ahead_mb=1)
+    first, second = _in_order_events(m, [0, 1]), _in_order_events(m, [3, 2])
+    whole = {k: (k, 0, m.shards[k].bytes) for k in range(4)}
+    seen = []
+    for ref, sample in reader.run(iter(first), emits=20, then=(iter(second), 20)):
+        seen.append(sample.key)
+        if ref == Ref(1, 9, 0):  # this run's last sample: the next run's first shards are asked for
+            assert set(reader._warm) == {whole[3], whole[2]}
+    assert set(reader._warm) == {whole[3], whole[2]}  # kept open past the run's end
+    assert all(len(stream.raw._pending) == 1 for stream in reader._warm.values())
+    seen += [sample.key for _, sample in reader.run(iter(second), emits=20)]
+    assert seen == [s[0] for s in samples[:20]] + [s[0] for s in samples[30:]] + [s[0] for s in samples[20:30]]
+    assert len(counter.calls) == 4  # one request per shard: the early ones were used, not repeated
+    assert not reader._warm and not read_ahead_threads()
+
+    # a next run that never comes: what was warmed for it is closed, not left in flight
+    list(reader.run(iter(_in_order_events(m, [0])), emits=10, then=(iter(_in_order_events(m, [1])), 10)))
+    assert set(reader._warm) == {whole[1]}
+    reader.close()
+    assert not reader._warm and not read_ahead_threads()
+
+    # a next run that reads other pieces: the warmed ones are closed at its end, unused
+    list(reader.run(iter(_in_order_events(m, [0])), emits=10, then=(iter(_in_order_events(m, [2])), 10)))
+    list(reader.run(iter(_in_order_events(m, [3])), emits=10))
+    assert not reader._warm and not read_ahead_threads()
+
+
+def test_a_training_stream_reads_each_range_once_across_epochs_with_read_ahead(store, monkeypatch):
+    """Three epochs of a training stream on S3: the same batches with read-ahead as without, and the same number
+    of range requests (the next epoch's early first ranges are used, not fetched again). With read-ahead the next
+    epoch's first ranges are already asked for when this epoch's last batch is out; nothing is left in flight when
+    the stream ends."""
+    import time
+
+    from data.loader import ShardStream
+
+    samples = noise_samples(120, (40, 60), width=3)
+    root = new_url(store)
+    write_shard_set(root, samples, rare_classes=["r"], class_names=["bg", "R"], max_count=15)
+    m = read_manifest(root)
+
+    def stream(read_ahead_mb, epochs):
+        s = ShardStream(m, train=True, image_size=16, batch_size=8, seed=3, interleave=2, shuffle_buffer_mb=0.01,
+                        read_ahead_mb=read_ahead_mb)
+        s.epochs = epochs
+        return s
+
+    steps = stream(0, 1).batches_per_epoch()
+    counter = InFlight(monkeypatch)
+    one_epoch = sum(1 for batch in stream(1, 1) if "image" in batch)
+    alone = len(counter.calls)  # an epoch with no next one: only its own ranges
+    assert one_epoch == steps and not read_ahead_threads()
+    got = {}
+    for read_ahead_mb in (0, 1):
+        counter.calls.clear()
+        keys, at_epoch_end = [], None
+        for batch in stream(read_ahead_mb, 3):
+            if "image" not in batch:
+                continue
+            keys.append(tuple(batch["key"]))
+            if len(keys) == steps:  # epoch 0's last batch: wait (bounded) for requests beyond its own
+                deadline = time.monotonic() + (10 if read_ahead_mb else 0)
+                while len(counter.calls) <= alone and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                at_epoch_end = len(counter.calls)
+        got[read_ahead_mb] = (keys, len(counter.calls), at_epoch_end)
+    assert got[1][0] == got[0][0] and len(got[0][0]) == 3 * steps
+    assert got[1][1] == got[0][1]
+    assert got[0][2] == alone < got[1][2]  # without read-ahead the next epoch waits for its turn
+    assert not read_ahead_threads()
