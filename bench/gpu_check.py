@@ -53,10 +53,10 @@ def make_folder(folder: Path, count: int, size: tuple[int, int] = (500, 375)) ->
 
 
 def build(folder: Path, out: Path, resize: int | None) -> str:
-    from data.build import build_command
+    from data.build import BuildRequest, build_command
 
-    build_command(f"folder:{folder}", str(out), rare="1", max_count=1000, max_bytes=64 << 20,
-                  resize_short_side=resize, workers=min(8, os.cpu_count() or 1), progress=False)
+    build_command(BuildRequest(f"folder:{folder}", str(out), rare="1", max_count=1000, max_mb=64,
+                               resize_short_side=resize, workers=min(8, os.cpu_count() or 1)), progress=False)
     return str(out)
 
 

@@ -163,10 +163,10 @@ def stand_in_teacher():
 
 
 def phase_build(a: argparse.Namespace) -> None:
-    from data.build import build_command
+    from data.build import BuildRequest, build_command
 
-    build_command(f"wds:{a.pattern}", a.set, rare=RARE, positives_per_class=max(1, a.n // 100), max_count=10_000,
-                  workers=a.build_workers, progress=False)
+    build_command(BuildRequest(f"wds:{a.pattern}", a.set, rare=RARE, positives_per_class=max(1, a.n // 100),
+                               max_count=10_000, workers=a.build_workers), progress=False)
 
 
 def phase_label(a: argparse.Namespace) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -90,27 +91,26 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _shards_build(args: argparse.Namespace) -> None:
-    from data.build import build_command
+    from data.build import BuildRequest, build_command
 
-    source = args.source
-    if args.label_field:
-        if not source.startswith("wds:"):
-            raise ValueError(f"--label-field applies to wds: sources (WebDataset shards), not to {source!r}")
-        source = f"{source}#label={args.label_field}"  # part of the spec: shard writers reopen the source from it
     runner = None
     if args.ray:
         from cluster.passes import connect, ray_runner
 
         connect(args.ray_address)
         runner = ray_runner
-    build_command(source, args.out, split_file=args.split_file, rare=args.rare,
-                  positives_per_class=args.positives_per_class, background_fraction=args.background_fraction,
-                  max_background=args.max_background, seed=args.seed, holdout=args.holdout,
-                  holdout_out=args.holdout_out, holdout_positives_per_class=args.holdout_positives_per_class,
-                  subsample=args.subsample,
-                  max_count=args.max_count, max_bytes=int(args.max_mb * (1 << 20)),
-                  resize_short_side=args.resize_short_side, jpeg_quality=args.jpeg_quality, workers=args.workers,
+    build_command(BuildRequest(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BuildRequest)}),
                   runner=runner)
+
+
+def _flags_of(parser: argparse.ArgumentParser, request: type) -> None:
+    """One argument per field of a request dataclass, from the field's metadata (data.build.BuildRequest)."""
+    for f in dataclasses.fields(request):
+        options = dict(f.metadata)
+        flags = options.pop("flags", ("--" + f.name.replace("_", "-"),))
+        if f.default is not dataclasses.MISSING:
+            options.setdefault("default", f.default)
+        parser.add_argument(*flags, dest=f.name, **options)
 
 
 def _shards_plan(args: argparse.Namespace) -> None:
@@ -264,37 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("shards", help="shard-set tools").add_subparsers(dest="shards_command", required=True)
     b = s.add_parser("build", help="write a -BG WebDataset shard set from a source")
-    b.add_argument("--source", required=True,
-                   help="fmnist:train | fmnist:test | folder:ROOT | manifest:FILE.csv|jsonl | inat:ANN.json:ROOT:SPLIT"
-                        " | wds:URL_OR_BRACE_PATTERN (existing WebDataset shards, local or s3://)")
-    b.add_argument("--label-field", help="wds: sources: the member holding the label: cls (default), txt, "
-                   "json:KEY (dotted path allowed) or another member name")
-    b.add_argument("--out", required=True, help="output folder or fsspec URL")
-    b.add_argument("--split-file", help="rare class ids, one per line (data/splits/*.txt for iNat-BG)")
-    b.add_argument("--rare", help="rare classes, comma separated (instead of --split-file): names for named "
-                   "sources (folder names, manifest labels, iNat names: Dress,Sandal) or ids for numbered ones "
-                   "(Fashion-MNIST: 3,5,6)")
-    b.add_argument("--positives-per-class", type=int, help="cap positives per rare class (training sets)")
-    b.add_argument("--background-fraction", type=float, help="or: cap positives to reach this background fraction")
-    b.add_argument("--max-background", type=int, help="random subset of the background (debugging sizes)")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--holdout", type=int, default=0, help="carve this many source images out as a validation set, "
-                   "stratified: each rare class gives its share of the source's mix (at least 1; an error, naming "
-                   "the fix, if fewer than --positives-per-class are left to train on), the background the rest")
-    b.add_argument("--holdout-positives-per-class", type=int,
-                   help="with --holdout: take exactly this many images of every rare class instead of its share "
-                   "(a steadier validation AP where a class's share of a huge source is 1)")
-    b.add_argument("--holdout-out", help="where to write the validation set")
-    b.add_argument("--subsample", type=int, help="uniform random subset of the source (keeps class proportions)")
-    b.add_argument("--max-count", type=int, default=10000, help="samples per shard at most")
-    b.add_argument("--max-mb", type=float, default=512,
-                   help="target shard size in MB (samples per shard estimated from a probe of the images)")
-    b.add_argument("--resize-short-side", type=int,
-                   help="re-encode images whose short side is longer to JPEG at this size (never upscales)")
-    b.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of re-encoded images")
-    b.add_argument("--writers", "--workers", dest="workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="shard-writing processes (default min(8, CPUs); 0 or 1: in this process); --workers is "
-                   "the old name")
+    from data.build import BuildRequest
+
+    _flags_of(b, BuildRequest)
     _ray_flags(b, gpus=False)
     b.set_defaults(func=_shards_build)
     pl = s.add_parser("plan", help="an epoch's steps, padding and shard reads for a training world")

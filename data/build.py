@@ -10,9 +10,10 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -225,29 +226,87 @@ def _manifest(out: str, spec: BuildSpec, class_names: list[str], tasks: list[Sha
                     meta=meta)
 
 
-def build_command(source_spec: str, out: str, *, split_file: str | None = None, rare: str | None = None,
-                  positives_per_class: int | None = None, background_fraction: float | None = None,
-                  max_background: int | None = None, subsample: int | None = None, seed: int = 0, holdout: int = 0,
-                  holdout_out: str | None = None, holdout_positives_per_class: int | None = None,
-                  max_count: int = 10000, max_bytes: int = 512 << 20,
-                  resize_short_side: int | None = None, jpeg_quality: int = 90, workers: int = 0,
-                  runner: Runner | None = None,
+def _flag(help: str, **argparse_kwargs: Any) -> Any:
+    """A BuildRequest field's flag: its help and argparse options, kept with the field so the flag is written once."""
+    return {"help": help, **argparse_kwargs}
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    """What `bgsplit shards build` is asked for. Each field is one command-line flag (``--`` + the name with dashes;
+    cluster.cli adds the parser's arguments from these fields and their metadata), so a flag is defined once and
+    reaches the build by name. ``specs`` turns it into the BuildSpec of each set it writes."""
+
+    source: str = field(metadata=_flag(
+        "fmnist:train | fmnist:test | folder:ROOT | manifest:FILE.csv|jsonl | inat:ANN.json:ROOT:SPLIT"
+        " | wds:URL_OR_BRACE_PATTERN (existing WebDataset shards, local or s3://)", required=True))
+    out: str = field(metadata=_flag("output folder or fsspec URL", required=True))
+    label_field: str | None = field(default=None, metadata=_flag(
+        "wds: sources: the member holding the label: cls (default), txt, json:KEY (dotted path allowed) or another "
+        "member name"))
+    split_file: str | None = field(default=None, metadata=_flag(
+        "rare class ids, one per line (data/splits/*.txt for iNat-BG)"))
+    rare: str | None = field(default=None, metadata=_flag(
+        "rare classes, comma separated (instead of --split-file): names for named sources (folder names, manifest "
+        "labels, iNat names: Dress,Sandal) or ids for numbered ones (Fashion-MNIST: 3,5,6)"))
+    positives_per_class: int | None = field(default=None, metadata=_flag(
+        "cap positives per rare class (training sets)", type=int))
+    background_fraction: float | None = field(default=None, metadata=_flag(
+        "or: cap positives to reach this background fraction", type=float))
+    max_background: int | None = field(default=None, metadata=_flag(
+        "random subset of the background (debugging sizes)", type=int))
+    seed: int = field(default=0, metadata=_flag("seed of every random choice of the build", type=int))
+    holdout: int = field(default=0, metadata=_flag(
+        "carve this many source images out as a validation set, stratified: each rare class gives its share of the "
+        "source's mix (at least 1; an error, naming the fix, if fewer than --positives-per-class are left to train "
+        "on), the background the rest", type=int))
+    holdout_positives_per_class: int | None = field(default=None, metadata=_flag(
+        "with --holdout: take exactly this many images of every rare class instead of its share (a steadier "
+        "validation AP where a class's share of a huge source is 1)", type=int))
+    holdout_out: str | None = field(default=None, metadata=_flag("where to write the validation set"))
+    subsample: int | None = field(default=None, metadata=_flag(
+        "uniform random subset of the source (keeps class proportions)", type=int))
+    max_count: int = field(default=10000, metadata=_flag("samples per shard at most", type=int))
+    max_mb: float = field(default=512.0, metadata=_flag(
+        "target shard size in MB (samples per shard estimated from a probe of the images)", type=float))
+    resize_short_side: int | None = field(default=None, metadata=_flag(
+        "re-encode images whose short side is longer to JPEG at this size (never upscales)", type=int))
+    jpeg_quality: int = field(default=90, metadata=_flag("JPEG quality of re-encoded images", type=int))
+    workers: int = field(default=0, metadata=_flag(
+        "shard-writing processes (default min(8, CPUs); 0 or 1: in this process); --workers is the old name",
+        type=int, flags=("--writers", "--workers"), default=min(8, os.cpu_count() or 1)))
+
+    def source_spec(self) -> str:
+        """The source as the shard writers reopen it: a wds: label field is part of it."""
+        if not self.label_field:
+            return self.source
+        if not self.source.startswith("wds:"):
+            raise ValueError(f"--label-field applies to wds: sources (WebDataset shards), not to {self.source!r}")
+        return f"{self.source}#label={self.label_field}"
+
+    def specs(self, rare_ids: tuple[str, ...]) -> dict[str, tuple[BuildSpec, str]]:
+        """The set(s) to write: the main one ("rest" of a carve-out, or all), and the carved-out validation set."""
+        if self.holdout and not self.holdout_out:
+            raise ValueError("--holdout needs --holdout-out (where to write the validation set)")
+        if self.holdout_positives_per_class is not None and not self.holdout:
+            raise ValueError("--holdout-positives-per-class needs --holdout (the validation set's size)")
+        shape = dict(max_count=self.max_count, max_bytes=int(self.max_mb * (1 << 20)),
+                     resize_short_side=self.resize_short_side, jpeg_quality=self.jpeg_quality,
+                     holdout_positives_per_class=self.holdout_positives_per_class)
+        source = self.source_spec()
+        out = {"main": (BuildSpec(source, rare_ids, self.positives_per_class, self.background_fraction,
+                                  self.max_background, self.seed, self.holdout, "rest", self.subsample, **shape),
+                        self.out)}
+        if self.holdout:
+            out["holdout"] = (BuildSpec(source, rare_ids, seed=self.seed, holdout=self.holdout, part="holdout",
+                                        **shape), self.holdout_out)
+        return out
+
+
+def build_command(request: BuildRequest, *, runner: Runner | None = None,
                   progress: bool = True) -> dict[str, Manifest]:
     """The CLI's entry: the training (or evaluation) set, plus the carved-out validation set if asked."""
-    source = open_source(source_spec)
-    rare_ids = tuple(rare_classes_from(split_file, rare, source))
-    if holdout and not holdout_out:
-        raise ValueError("--holdout needs --holdout-out (where to write the validation set)")
-    if holdout_positives_per_class is not None and not holdout:
-        raise ValueError("--holdout-positives-per-class needs --holdout (the validation set's size)")
-    spec = BuildSpec(source_spec, rare_ids, positives_per_class, background_fraction, max_background, seed,
-                     holdout, "rest", subsample, max_count, max_bytes, resize_short_side, jpeg_quality,
-                     holdout_positives_per_class)
-    built = {"main": build_set(source, spec, out, progress=progress, workers=workers, runner=runner)}
-    if holdout:
-        val_spec = BuildSpec(source_spec, rare_ids, seed=seed, holdout=holdout, part="holdout", max_count=max_count,
-                             max_bytes=max_bytes, resize_short_side=resize_short_side, jpeg_quality=jpeg_quality,
-                             holdout_positives_per_class=holdout_positives_per_class)
-        built["holdout"] = build_set(source, val_spec, holdout_out, progress=progress, workers=workers,
-                                     runner=runner)
-    return built
+    source = open_source(request.source_spec())
+    rare_ids = tuple(rare_classes_from(request.split_file, request.rare, source))
+    return {name: build_set(source, spec, out, progress=progress, workers=request.workers, runner=runner)
+            for name, (spec, out) in request.specs(rare_ids).items()}

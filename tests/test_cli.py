@@ -71,3 +71,48 @@ def test_one_word_one_meaning_across_commands_with_the_old_names_still_parsing()
     assert parse(build + ["--writers", "5"]).workers == parse(build + ["--workers", "5"]).workers == 5
     assert parse(base["mine"] + ["--writers", "2", "--loader-workers", "1"]).workers == 2
     assert parse(["train", "--ray", "--ray-address", "127.0.0.1:6379"]).ray
+
+
+def test_every_shards_build_flag_reaches_the_build_request_by_name(monkeypatch):
+    """The flags are made from data.build.BuildRequest's fields: each one, given a value other than its default,
+    arrives in the request the build gets, and the parser and the request agree on every default."""
+    import dataclasses
+
+    import data.build
+    from cluster.cli import build_parser
+    from data.build import BuildRequest
+
+    values = {"source": "wds:s", "out": "o", "label_field": "txt", "split_file": "f", "rare": "a,b",
+              "positives_per_class": 7, "background_fraction": 0.5, "max_background": 9, "seed": 3, "holdout": 4,
+              "holdout_positives_per_class": 2, "holdout_out": "v", "subsample": 11, "max_count": 13, "max_mb": 1.5,
+              "resize_short_side": 64, "jpeg_quality": 80, "workers": 2}
+    assert set(values) == {f.name for f in dataclasses.fields(BuildRequest)}
+    argv = ["shards", "build"]
+    for name, value in values.items():
+        argv += ["--" + name.replace("_", "-") if name != "workers" else "--writers", str(value)]
+    got = []
+    monkeypatch.setattr(data.build, "build_command", lambda request, runner=None: got.append(request))
+    build_parser().parse_args(argv).func(build_parser().parse_args(argv))
+    assert got == [BuildRequest(**values)]
+    defaults = build_parser().parse_args(["shards", "build", "--source", "s", "--out", "o"])
+    for f in dataclasses.fields(BuildRequest):
+        if f.name not in ("source", "out", "workers"):  # the writers' default is the machine's CPUs on the CLI
+            assert getattr(defaults, f.name) == f.default, f.name
+
+
+def test_a_build_request_gives_the_main_and_carved_out_specs():
+    from data.build import BuildRequest, BuildSpec
+
+    specs = BuildRequest("wds:s", "o", label_field="json:a.b", rare="x", positives_per_class=5, seed=2, holdout=10,
+                         holdout_out="v", max_mb=2, holdout_positives_per_class=3).specs(("1",))
+    assert specs == {
+        "main": (BuildSpec("wds:s#label=json:a.b", ("1",), positives_per_class=5, seed=2, holdout=10, part="rest",
+                           max_bytes=2 << 20, holdout_positives_per_class=3), "o"),
+        "holdout": (BuildSpec("wds:s#label=json:a.b", ("1",), seed=2, holdout=10, part="holdout", max_bytes=2 << 20,
+                              holdout_positives_per_class=3), "v")}
+    import pytest
+
+    with pytest.raises(ValueError, match="--holdout needs --holdout-out"):
+        BuildRequest("s", "o", holdout=3).specs(())
+    with pytest.raises(ValueError, match="--label-field applies to wds: sources"):
+        BuildRequest("folder:x", "o", label_field="txt").specs(())
