@@ -144,6 +144,8 @@ def test_own_sets_with_probes_curves_best_configs_and_advice(own_sets, tmp_path)
     assert cfg.data.sampling == "balanced" and cfg.loss.aux_weight == 0 and cfg.optim.lr == 0.003
     assert (cfg.data.train, cfg.data.val, cfg.data.test) == (own_sets["A"], own_sets["val"], own_sets["test"])
     assert not (tmp_path / "out" / "best" / "A" / "probe.yaml").exists()
+    # the page names it relative to the study folder, so a committed page stays right on another clone
+    assert "| best/A/re-sample.yaml |" in md and str(tmp_path) not in md
 
 
 def test_a_config_typo_fails_before_any_run(own_sets, tmp_path):

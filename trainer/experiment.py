@@ -581,7 +581,8 @@ def _write_best(out: str, setting: str, method: str, doc: dict[str, Any], how: s
     tmp = path.with_suffix(".tmp")
     tmp.write_text(header + yaml.safe_dump(doc, sort_keys=False))
     os.replace(tmp, path)
-    return str(path)
+    # relative to the study folder: a committed results page is right on any clone the study moves to
+    return os.path.relpath(path, out)
 
 
 def run_setting(spec: ExperimentSpec, setting: str, sets: dict[str, str], out: str, runner: Runner
