@@ -17,6 +17,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data.loader import ShardStream  # noqa: E402
+from data.config import LoaderConfig
 from data.shards import read_manifest, read_record, write_shard_set  # noqa: E402
 
 
@@ -54,7 +55,7 @@ def main() -> None:
         blob[byte] ^= 1 + int(rng.integers(255))
         path.write_bytes(bytes(blob))
         damaged.add(f"s{int(info.url.rsplit('-', 1)[1].split('.')[0]) * a.per_shard + j:05d}")
-    stream = ShardStream(m, train=False, image_size=8, batch_size=64)
+    stream = ShardStream(m, LoaderConfig(image_size=8, batch_size=64), train=False)
     seen, skipped = set(), 0
     for batch in stream:
         seen.update(batch.get("key", []))

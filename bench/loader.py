@@ -93,9 +93,11 @@ def measure(manifest: Any, workers: int, seconds: float, batch_size: int, image_
     least ``seconds`` and two batches; the stream runs epoch after epoch as in training."""
     from data import storage
     from data.loader import ShardStream, make_loader
+    from data.config import LoaderConfig
 
-    stream = ShardStream(manifest, train=True, image_size=image_size, batch_size=batch_size, seed=0,
-                         workers=workers, read_ahead_mb=read_ahead_mb)
+    stream = ShardStream(manifest, LoaderConfig(image_size=image_size, batch_size=batch_size, num_workers=workers,
+                                                read_ahead_mb=read_ahead_mb),
+                         train=True, seed=0)
     if stream.batches_per_epoch() == 0:
         raise ValueError(f"{manifest.root} gives no batch of {batch_size}: use more --images")
     images = batches = skipped = delivered = 0

@@ -200,6 +200,8 @@ def phase_stream(a: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from data.loader import ShardStream, make_loader
+
+    from data.config import LoaderConfig
     from data.shards import read_manifest
     from data.teacher_labels import TeacherLabels
     from trainer.teacher_label import label_spec
@@ -207,8 +209,9 @@ def phase_stream(a: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(1)
     manifest = read_manifest(a.set)
     labels = TeacherLabels(manifest, label_spec(stand_in_teacher(), a.px, 5))
-    stream = ShardStream(manifest, train=True, image_size=32, batch_size=a.batch, seed=0, rank=a.rank,
-                         world=a.ranks, workers=a.workers, teacher_labels=labels, shuffle_buffer_mb=16)
+    stream = ShardStream(manifest, LoaderConfig(image_size=32, batch_size=a.batch, num_workers=a.workers,
+                                                shuffle_buffer_mb=16),
+                         train=True, seed=0, rank=a.rank, world=a.ranks, teacher_labels=labels)
     stream.epochs = a.epochs
     images, first, last = 0, None, None
     for batch in make_loader(stream, a.workers):

@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data import storage
 from data.order import OrderSpec, Ref, advance, in_order, interleaved, worker_events
 from data.plan import Piece, describe_plan, for_worker, plan_summary, steps_per_epoch, worker_batches
-from data.reader import READ_AHEAD_MB, PositiveStore, Sample, ShardReader
+from data.config import LoaderConfig
+from data.reader import PositiveStore, Sample, ShardReader
 from data.shards import Manifest
 from data.teacher_labels import TeacherLabels
 from data.transforms import BadImage, eval_transform, sample_rng, train_transform
@@ -79,24 +80,15 @@ def _stable_hash(key: str) -> int:
 class ShardStream(IterableDataset):
     """One rank's share of a shard set, as batches (dicts of tensors)."""
 
-    def __init__(self, manifest: Manifest, *, train: bool, image_size: int, batch_size: int, seed: int = 0,
-                 rank: int = 0, world: int = 1, sampling: str = "natural", positive_fraction: float = 0.125,
-                 shuffle_buffer_mb: float = 64.0, interleave: int = 4, min_scale: float = 0.35,
-                 eval_resize_ratio: float = 1.15, teacher_labels: TeacherLabels | None = None, mode: str = "exact",
-                 policy: str = "pad", workers: int = 0, shards: list[int] | None = None,
-                 read_ahead_mb: float = READ_AHEAD_MB):
+    def __init__(self, manifest: Manifest, cfg: LoaderConfig, *, train: bool, seed: int = 0, rank: int = 0,
+                 world: int = 1, teacher_labels: TeacherLabels | None = None, shards: list[int] | None = None):
         super().__init__()
-        self.manifest = manifest
-        self.train, self.image_size, self.batch_size = train, image_size, batch_size
+        self.manifest, self.cfg, self.train = manifest, cfg, train
+        """``cfg``: how to read and transform (data.* of the job); the rest is who reads which part, and with
+        which cached labels."""
         self.seed, self.rank, self.world = seed, rank, world
-        self.sampling, self.positive_fraction = sampling, positive_fraction
-        self.shuffle_buffer_mb, self.interleave = shuffle_buffer_mb, interleave
-        self.min_scale, self.eval_resize_ratio = min_scale, eval_resize_ratio
         self.teacher_labels = teacher_labels
-        self.mode, self.policy, self.workers = mode, policy, workers
         self.eval_shards = shards
-        self.read_ahead_mb = read_ahead_mb
-        """data.read_ahead_mb: bytes fetched ahead per open remote piece (see data.storage.RangeReader)."""
         self.start = LoaderState()
         """Where a training stream starts (a resumed run sets it from its checkpoint)."""
         self.epochs: int | None = None
@@ -105,12 +97,12 @@ class ShardStream(IterableDataset):
 
     @property
     def _kind(self) -> str | None:
-        return "background" if self.train and self.sampling == "balanced" else None
+        return "background" if self.train and self.cfg.sampling == "balanced" else None
 
     @property
     def _emit_ratio(self) -> float:
         """Samples emitted per planned sample: balanced sampling adds re-sampled positives to the background."""
-        return 1.0 / (1.0 - self.positive_fraction) if self._kind == "background" else 1.0
+        return 1.0 / (1.0 - self.cfg.positive_fraction) if self._kind == "background" else 1.0
 
     def _counts(self) -> list[int]:
         return [s.count for s in self.manifest.of_kind(self._kind)]
@@ -119,22 +111,24 @@ class ShardStream(IterableDataset):
     def buffer_samples(self) -> int:
         """Shuffle-buffer capacity: data.shuffle_buffer_mb over the set's mean stored sample size."""
         mean = self.manifest.bytes / max(self.manifest.count, 1)
-        return max(1, int(self.shuffle_buffer_mb * (1 << 20) / max(mean, 1.0)))
+        return max(1, int(self.cfg.shuffle_buffer_mb * (1 << 20) / max(mean, 1.0)))
 
     def batches_per_epoch(self) -> int:
         """Training: the same number on every rank and every epoch (see data.plan); evaluation: all samples."""
         if not self.train:
-            return -(-self.manifest.count // self.batch_size)
-        return steps_per_epoch(self._counts(), world=self.world, batch_size=self.batch_size, mode=self.mode,
-                               policy=self.policy, emit_ratio=self._emit_ratio)
+            return -(-self.manifest.count // self.cfg.batch_size)
+        c = self.cfg
+        return steps_per_epoch(self._counts(), world=self.world, batch_size=c.batch_size, mode=c.mode,
+                               policy=c.pad_policy, emit_ratio=self._emit_ratio)
 
     def describe_epoch(self) -> str:
         if not self.train:
             return f"evaluation: {self.manifest.count} samples"
-        summary = plan_summary(self._counts(), world=self.world, workers=self.workers, batch_size=self.batch_size,
-                               mode=self.mode, policy=self.policy, emit_ratio=self._emit_ratio, seed=self.seed)
+        c = self.cfg
+        summary = plan_summary(self._counts(), world=self.world, workers=c.num_workers, batch_size=c.batch_size,
+                               mode=c.mode, policy=c.pad_policy, emit_ratio=self._emit_ratio, seed=self.seed)
         return (f"{describe_plan(summary)}; shuffle buffer {self.buffer_samples} samples "
-                f"({self.shuffle_buffer_mb:g} MB) per worker, {self.interleave} shards read at a time")
+                f"({self.cfg.shuffle_buffer_mb:g} MB) per worker, {self.cfg.interleave} shards read at a time")
 
     # -- training: epoch after epoch, exactly as planned ----------------------------------------------------
     def _train(self, worker: int, workers: int) -> Iterator[dict[str, Any]]:
@@ -147,11 +141,11 @@ class ShardStream(IterableDataset):
             w, w + W, ..., which in this epoch are those of plan role ``role``."""
             role = (worker + b0 - (epoch - e0) * steps) % w
             skip = worker_skip(b0, role, workers) if epoch == e0 else 0
-            emitted = self.start.positions.get(role, skip * self.batch_size) if epoch == e0 else 0
+            emitted = self.start.positions.get(role, skip * self.cfg.batch_size) if epoch == e0 else 0
             return role, emitted, worker_batches(steps, role, workers) - skip
 
         reader = ShardReader(self.manifest, self.manifest.of_kind(self._kind), self.teacher_labels,
-                             self._bad_shard, self.read_ahead_mb)
+                             self._bad_shard, self.cfg.read_ahead_mb)
         try:
             for epoch in itertools.count(e0):
                 if self.epochs is not None and epoch >= e0 + self.epochs:
@@ -163,18 +157,18 @@ class ShardStream(IterableDataset):
                 if self.epochs is None or epoch + 1 < e0 + self.epochs:
                     next_role, _, next_quota = share(epoch + 1)
                     if next_quota > 0:
-                        then = (self._events(epoch + 1, next_role, workers), next_quota * self.batch_size)
+                        then = (self._events(epoch + 1, next_role, workers), next_quota * self.cfg.batch_size)
                 yield from self._worker_epoch(reader, epoch, role, workers, emitted, quota, then)
         finally:
             reader.close()
 
     def _events(self, epoch: int, role: int, workers: int) -> Iterator[Any]:
         """The worker's read order for one epoch, as integers (data.order): nothing is read yet."""
-        counts = self._counts()
+        counts, c = self._counts(), self.cfg
         plan = for_worker(counts, seed=self.seed, epoch=epoch, world=self.world, rank=self.rank, worker=role,
-                          workers=workers, batch_size=self.batch_size, mode=self.mode, policy=self.policy,
+                          workers=workers, batch_size=c.batch_size, mode=c.mode, policy=c.pad_policy,
                           emit_ratio=self._emit_ratio)
-        spec = OrderSpec(self.mode, self.buffer_samples, self.interleave, (self.seed, epoch, self.rank, role),
+        spec = OrderSpec(c.mode, self.buffer_samples, c.interleave, (self.seed, epoch, self.rank, role),
                          self._emit_ratio - 1.0)
         return worker_events(spec, plan.pieces, counts, self.positives.pools() if self.positives else None)
 
@@ -183,9 +177,9 @@ class ShardStream(IterableDataset):
         events = self._events(epoch, role, workers)
         # a resumed worker replays its order on integers and fetches only what its buffer held
         position = advance(events, emitted) if emitted else None
-        samples = reader.run(events, position, self.positives, emits=quota * self.batch_size, then=then)
+        samples = reader.run(events, position, self.positives, emits=quota * self.cfg.batch_size, then=then)
         produced, pending, bad_streak = 0, [], 0
-        give_up = 2 * max(self.manifest.count, self.batch_size)
+        give_up = 2 * max(self.manifest.count, self.cfg.batch_size)
         try:
             while produced < quota:
                 item = next(samples, None)
@@ -202,7 +196,7 @@ class ShardStream(IterableDataset):
                     continue
                 bad_streak = 0
                 pending.append(sample)
-                if len(pending) == self.batch_size:
+                if len(pending) == self.cfg.batch_size:
                     yield {**self._collate(pending), "position": (epoch, role, emitted)}
                     produced += 1
                     pending = []
@@ -213,7 +207,7 @@ class ShardStream(IterableDataset):
     def _eval(self, worker: int, workers: int) -> Iterator[dict[str, Any]]:
         shards = self.manifest.shards
         mine = list(range(len(shards)) if self.eval_shards is None else self.eval_shards)[worker::max(workers, 1)]
-        reader = ShardReader(self.manifest, shards, self.teacher_labels, self._bad_shard, self.read_ahead_mb)
+        reader = ShardReader(self.manifest, shards, self.teacher_labels, self._bad_shard, self.cfg.read_ahead_mb)
         events = in_order(interleaved(((Piece(s, 0, shards[s].count), 0) for s in mine), 1))
         pending: list[dict[str, Any]] = []
         shard = -1
@@ -230,7 +224,7 @@ class ShardStream(IterableDataset):
                 continue
             decoded["ref"] = (shards[ref.shard].url, ref.index)
             pending.append(decoded)
-            if len(pending) == self.batch_size:
+            if len(pending) == self.cfg.batch_size:
                 yield self._collate(pending)
                 pending = []
         if pending:
@@ -249,10 +243,10 @@ class ShardStream(IterableDataset):
                 raise BadImage("no image field")
             if self.train:  # repeats (padding, re-sampled positives) get their own crop
                 key = sample.key if ref.tag == 0 else f"{sample.key}#{ref.tag}"
-                image = train_transform(fields[ext], self.image_size, sample_rng(self.seed, epoch, _stable_hash(key)),
-                                        self.min_scale)
+                image = train_transform(fields[ext], self.cfg.image_size,
+                                        sample_rng(self.seed, epoch, _stable_hash(key)), self.cfg.min_crop_scale)
             else:
-                image = eval_transform(fields[ext], self.image_size, self.eval_resize_ratio)
+                image = eval_transform(fields[ext], self.cfg.image_size, self.cfg.eval_resize_ratio)
             label = int(fields["cls"])
         except (BadImage, KeyError, ValueError) as e:
             log.warning("skipping sample %s of shard %s: undecodable (%s)", sample.key, sample.shard, e)

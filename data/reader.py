@@ -34,6 +34,7 @@ from typing import IO, Callable, Iterable, Iterator, NamedTuple
 import numpy as np
 
 from data import storage
+from data.config import READ_AHEAD_MB
 from data.order import POSITIVE, Emit, Event, Open, Position, Read, Ref
 from data.plan import Piece
 from data.shards import Manifest, ShardInfo, iter_tar, read_record
@@ -45,8 +46,6 @@ CORRUPT = (tarfile.TarError, EOFError, ValueError, FileNotFoundError)
 """What counts as bad data in a shard (skipped and counted); every other error, outages included, is raised."""
 COALESCE_GAP = 1 << 20
 """Held samples of one shard closer than this are fetched in one range request (the gap is read and dropped)."""
-READ_AHEAD_MB = 32.0
-"""Default of data.read_ahead_mb: four 8 MB ranges ahead per open piece."""
 LOOKAHEAD_EVENTS = 512
 """How far ahead in its order a reader looks for pieces about to be opened (a few hundred samples: at a
 thousand images a second that is far more than a store's first-byte latency)."""

@@ -12,14 +12,17 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data.loader import ShardStream, make_loader  # noqa: E402
+
+from data.config import LoaderConfig
 from data.shards import read_manifest  # noqa: E402
 
 
 def run(rank: int, world: int, root: str, port: int, out: str, mode: str, policy: str, workers: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
-    stream = ShardStream(read_manifest(root), train=True, image_size=8, batch_size=4, seed=0, rank=rank,
-                         world=world, mode=mode, policy=policy, workers=workers, shuffle_buffer_mb=0.01)
+    stream = ShardStream(read_manifest(root), LoaderConfig(image_size=8, batch_size=4, mode=mode, pad_policy=policy,
+                                                           num_workers=workers, shuffle_buffer_mb=0.01),
+                         train=True, seed=0, rank=rank, world=world)
     stream.epochs = 2  # one loader pass over both epochs, as the trainer runs it
     steps, keys = [0, 0], []
     for batch in make_loader(stream, workers):

@@ -18,6 +18,7 @@ from PIL import Image
 from data import storage
 from data.add_labels import LabelError, add_labels
 from data.loader import ShardStream
+from data.config import LoaderConfig
 from data.shards import MANIFEST, SHARD_PATHS, check_objects, read_manifest, write_shard_set
 from data.sources import FashionMNISTSource
 from cluster.cli import main
@@ -36,7 +37,7 @@ def _cli(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def _keys(location: str) -> list[str]:
-    return [k for batch in ShardStream(read_manifest(location), train=False, image_size=16, batch_size=8)
+    return [k for batch in ShardStream(read_manifest(location), LoaderConfig(image_size=16, batch_size=8), train=False)
             for k in batch["key"]]
 
 

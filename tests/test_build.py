@@ -19,6 +19,7 @@ from data import storage
 from data.build import BuildSpec, build_set
 from data.ingest import samples_per_shard
 from data.loader import ShardStream
+from data.config import LoaderConfig
 from data.shards import MANIFEST, iter_tar, read_manifest
 from data.sources import FashionMNISTSource, ImageFolderSource, make_key
 from data.transforms import MAX_PIXELS, BadImage, decode_rgb
@@ -204,7 +205,7 @@ def test_bad_source_images_are_skipped_counted_and_named(photos, tmp_path, caplo
     assert sum(len(r["skipped"]) for r in records) == 3  # counted in the shard each came from
     assert m.counts == [10, 5] and set(_stored(m)) == {make_key(p.relative_to(photos).as_posix())
                                                         for p in photos.rglob("*.*")} - bad_keys
-    batches = list(ShardStream(m, train=False, image_size=32, batch_size=8))
+    batches = list(ShardStream(m, LoaderConfig(image_size=32, batch_size=8), train=False))
     assert sum(len(b["key"]) for b in batches) == 15 and sum(int(b["skipped"].sum()) for b in batches) == 0
 
 
@@ -224,5 +225,5 @@ def test_folder_on_s3_to_shards_on_s3_in_parallel(s3, photos, tmp_path):
     assert build_set(ImageFolderSource(f"{prefix}/src"), spec, f"{prefix}/set", progress=False,
                      workers=2).meta["build_seconds"] == remote.meta["build_seconds"]  # up to date: a no-op
     assert storage.listdir(f"{prefix}/set") == listing
-    batches = list(ShardStream(again, train=False, image_size=32, batch_size=8))
+    batches = list(ShardStream(again, LoaderConfig(image_size=32, batch_size=8), train=False))
     assert sum(len(b["key"]) for b in batches) == 15

@@ -16,6 +16,7 @@ from PIL import Image
 
 from conftest import TEACHER_SIZE
 from data.loader import ShardStream, make_loader
+from data.config import LoaderConfig
 from data.shards import read_manifest, write_shard_set
 from s3_server import free_port
 from data.plan import split_shards as eval_shards
@@ -80,7 +81,8 @@ def test_batches_never_span_two_shards_and_number_as_planned(uneven):
     """Fixed batch boundaries in every shard: the plan a lockstep evaluation runs on is the loader's count."""
     m = read_manifest(uneven)
     for workers in (0, 2):
-        batches = [b for b in make_loader(ShardStream(m, train=False, image_size=8, batch_size=16), workers)
+        batches = [b for b in make_loader(ShardStream(m, LoaderConfig(image_size=8, batch_size=16),
+                                                      train=False), workers)
                    if "image" in b]
         assert all(len({url for url, _ in b["ref"]}) == 1 for b in batches)
         assert len(batches) == planned_batches([s.count for s in m.shards], range(len(m.shards)), 16) == 4

@@ -13,7 +13,7 @@ from data.shards import write_shard_set
 from data.sources import FashionMNISTSource
 from cluster.cli import main
 from trainer.config import ConfigError, load_config
-from trainer.experiment import MethodSpec, load_spec, parse_spec, run_experiment
+from trainer.experiment import load_spec, parse_spec, run_experiment
 from trainer.experiment_data import DataSpec, check_sets, resolve_rare
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,6 +14,7 @@ from conftest import noise_samples
 from data import storage
 from data.build import BuildSpec, build_set
 from data.loader import LoaderState, ShardStream, make_loader
+from data.config import LoaderConfig
 from data.reader import PositiveStore
 from data.shards import read_manifest, write_shard_set
 from data.sources import ImageFolderSource
@@ -38,8 +39,9 @@ def uneven(tmp_path_factory):
 def test_every_sample_once_per_epoch_over_ranks_and_worker_processes(uneven, world, workers):
     keys, steps = collections.Counter(), set()
     for rank in range(world):
-        stream = ShardStream(uneven, train=True, image_size=8, batch_size=4, seed=1, rank=rank, world=world,
-                             workers=workers, shuffle_buffer_mb=0.01)
+        stream = ShardStream(uneven, LoaderConfig(image_size=8, batch_size=4, num_workers=workers,
+                                                  shuffle_buffer_mb=0.01),
+                             train=True, seed=1, rank=rank, world=world)
         stream.epochs = 1
         batches = [b for b in make_loader(stream, workers) if "image" in b]
         steps.add(len(batches))
@@ -67,7 +69,8 @@ def _bytes_read(stream) -> tuple[list, int]:
 
 def test_a_resume_reads_only_what_is_left_plus_at_most_one_shard(big):
     def stream(start=None):
-        s = ShardStream(big, train=True, image_size=8, batch_size=20, seed=2, shuffle_buffer_mb=0.3, interleave=4)
+        s = ShardStream(big, LoaderConfig(image_size=8, batch_size=20, shuffle_buffer_mb=0.3, interleave=4),
+                        train=True, seed=2)
         s.start, s.epochs = start or LoaderState(), 1
         return s
 
@@ -92,7 +95,7 @@ def test_bad_samples_do_not_shift_a_resumed_stream(tmp_path):
     m = read_manifest(str(tmp_path))
 
     def stream(start=None):
-        s = ShardStream(m, train=True, image_size=8, batch_size=5, seed=0, shuffle_buffer_mb=0.005)
+        s = ShardStream(m, LoaderConfig(image_size=8, batch_size=5, shuffle_buffer_mb=0.005), train=True, seed=0)
         s.start, s.epochs = start or LoaderState(), 1
         return s
 
@@ -115,7 +118,7 @@ def test_a_class_sorted_source_gives_class_mixed_shards_and_batches(tmp_path):
             (root / f"c{c}" / f"{i:03d}.png").write_bytes(_png(c * 40 + i))
     spec = BuildSpec(f"folder:{root}", ("c0",), positives_per_class=5, max_count=35)
     m = build_set(ImageFolderSource(str(root)), spec, str(tmp_path / "set"), progress=False)
-    stream = ShardStream(m, train=True, image_size=8, batch_size=16, seed=0, shuffle_buffer_mb=0.01)
+    stream = ShardStream(m, LoaderConfig(image_size=8, batch_size=16, shuffle_buffer_mb=0.01), train=True, seed=0)
     stream.epochs = 1
     origs = []
     for batch in make_loader(stream, 0):
@@ -155,8 +158,9 @@ def test_positives_on_s3_are_copied_once_per_node_and_read_by_offset(s3, tmp_pat
     for row in (0, n // 2, n - 1):
         sample = store.get(row)
         assert int(sample.fields["cls"]) == store.label[row] > 0
-    stream = ShardStream(m, train=True, image_size=8, batch_size=10, sampling="balanced", positive_fraction=0.25,
-                         shuffle_buffer_mb=0.05, workers=2)
+    stream = ShardStream(m, LoaderConfig(image_size=8, batch_size=10, sampling="balanced", positive_fraction=0.25,
+                                         shuffle_buffer_mb=0.05, num_workers=2),
+                         train=True)
     stream.epochs = 1
     labels = np.concatenate([b["label"].numpy() for b in make_loader(stream, 2) if "image" in b])
     assert abs(np.mean(labels > 0) - 0.25) < 0.03

@@ -146,10 +146,12 @@ def test_teacher_prepared_for_a_gpu_is_cast_once_and_channels_last(tiny_sets):
     labels on real images agree with the fp32 teacher's."""
     from conftest import TEACHER_SIZE
     from data.loader import ShardStream, make_loader
+    from data.config import LoaderConfig
     from data.shards import read_manifest
 
-    batch = next(iter(make_loader(ShardStream(read_manifest(tiny_sets["test"]), train=False, image_size=TEACHER_SIZE,
-                                              batch_size=96), 0)))
+    stream = ShardStream(read_manifest(tiny_sets["test"]), LoaderConfig(image_size=TEACHER_SIZE, batch_size=96),
+                         train=False)
+    batch = next(iter(make_loader(stream, 0)))
     reference = build_teacher("efficientnet_lite0", "", TEACHER_SIZE)
     teacher = build_teacher("efficientnet_lite0", "", TEACHER_SIZE)
     digest = teacher.digest()

@@ -332,14 +332,17 @@ def test_a_training_stream_reads_each_range_once_across_epochs_with_read_ahead(s
 
     from data.loader import ShardStream
 
+    from data.config import LoaderConfig
+
     samples = noise_samples(120, (40, 60), width=3)
     root = new_url(store)
     write_shard_set(root, samples, rare_classes=["r"], class_names=["bg", "R"], max_count=15)
     m = read_manifest(root)
 
     def stream(read_ahead_mb, epochs):
-        s = ShardStream(m, train=True, image_size=16, batch_size=8, seed=3, interleave=2, shuffle_buffer_mb=0.01,
-                        read_ahead_mb=read_ahead_mb)
+        s = ShardStream(m, LoaderConfig(image_size=16, batch_size=8, interleave=2, shuffle_buffer_mb=0.01,
+                                        read_ahead_mb=read_ahead_mb),
+                        train=True, seed=3)
         s.epochs = epochs
         return s
 

@@ -14,6 +14,7 @@ from PIL import Image
 
 from data import storage
 from data.loader import LoaderState, ShardStream
+from data.config import LoaderConfig
 from data.reader import ShardReader
 from data.shards import read_manifest, read_record, write_shard_set
 
@@ -56,7 +57,7 @@ def _damage(m, shard: int, sample: int, member: int, byte: int) -> str:
 
 
 def _read_all(m, **kw) -> tuple[list[str], int, list]:
-    batches = list(ShardStream(m, train=False, image_size=8, batch_size=7, **kw))
+    batches = list(ShardStream(m, LoaderConfig(image_size=8, batch_size=7, **kw), train=False))
     keys = [k for b in batches for k in b.get("key", [])]
     skipped = [int(sum(int(b["skipped"][i]) for b in batches)) for i in (0, 1)]
     return keys, skipped, [b["skipped_by_shard"] for b in batches if b["skipped_by_shard"]]
@@ -110,7 +111,8 @@ def test_a_training_epoch_loses_only_the_damaged_sample_and_a_resume_lands_on_th
     victim = _damage(m, 1, 10, 0, 101)
 
     def stream(start=None):
-        s = ShardStream(m, train=True, image_size=8, batch_size=6, seed=3, shuffle_buffer_mb=0.01, interleave=2)
+        s = ShardStream(m, LoaderConfig(image_size=8, batch_size=6, shuffle_buffer_mb=0.01, interleave=2),
+                        train=True, seed=3)
         s.start, s.epochs = start or LoaderState(), 1
         return s
 

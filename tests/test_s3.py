@@ -8,6 +8,7 @@ from conftest import RARE, TEACHER_SIZE, tiny_config
 from data import storage
 from data.build import BuildSpec, build_set
 from data.loader import ShardStream
+from data.config import LoaderConfig
 from data.shards import read_manifest
 from data.sources import FashionMNISTSource
 
@@ -31,8 +32,8 @@ def test_shards_round_trip_through_s3(s3_set):
     again = read_manifest(remote.root)
     assert again.counts == local.counts and len(again.shards) == len(local.shards) > 2
     assert all(u.startswith("s3://") for u in again.shard_urls())
-    a = list(ShardStream(local, train=False, image_size=32, batch_size=32))
-    b = list(ShardStream(again, train=False, image_size=32, batch_size=32))
+    a = list(ShardStream(local, LoaderConfig(image_size=32, batch_size=32), train=False))
+    b = list(ShardStream(again, LoaderConfig(image_size=32, batch_size=32), train=False))
     assert [x["key"] for x in a] == [x["key"] for x in b]
     assert all(torch.equal(x["image"], y["image"]) for x, y in zip(a, b))
     assert all(int(x["skipped"].sum()) == 0 for x in b)
@@ -82,7 +83,7 @@ def test_a_missing_shard_object_is_skipped_and_counted(s3, tmp_path):
     m = build_set(FashionMNISTSource("test"), spec, _prefix(s3) + "/gone", progress=False)
     victim = m.shard_urls("background")[0]
     storage.remove(victim)
-    batches = list(ShardStream(read_manifest(m.root), train=False, image_size=16, batch_size=100))
+    batches = list(ShardStream(read_manifest(m.root), LoaderConfig(image_size=16, batch_size=100), train=False))
     seen = sum(len(b.get("key", [])) for b in batches)
     assert seen == m.count - m.shards[[s.kind for s in m.shards].index("background")].count
     assert sum(int(b["skipped"][1]) for b in batches) == 1
@@ -138,7 +139,7 @@ def test_retries_in_loader_worker_processes_reach_the_training_process(s3_set, m
     monkeypatch.setattr(storage, "_fetch_range", flaky_fetch)  # inherited by the forked worker
     monkeypatch.setattr(storage, "BACKOFF_START_S", 0.001)
     before = dict(storage.STATS)
-    stream = ShardStream(manifest, train=False, image_size=32, batch_size=32)
+    stream = ShardStream(manifest, LoaderConfig(image_size=32, batch_size=32), train=False)
     batches = list(make_loader(stream, 1))
     assert sum(len(b.get("key", [])) for b in batches) == remote.count
     worker = [b["storage"] for b in batches if "storage" in b]

@@ -10,6 +10,7 @@ from PIL import Image
 
 from data.bg_construction import positives_for_background_fraction, select_bg, stratified_holdout
 from data.loader import ShardStream, worker_skip
+from data.config import LoaderConfig
 from data.shards import FORMAT, MANIFEST, read_manifest, write_shard_set
 
 
@@ -120,7 +121,7 @@ def _corrupt_set(tmp_path):
 
 def test_corrupt_image_is_skipped_counted_and_warned(tmp_path, caplog):
     m = _corrupt_set(tmp_path)
-    stream = ShardStream(m, train=False, image_size=16, batch_size=4)
+    stream = ShardStream(m, LoaderConfig(image_size=16, batch_size=4), train=False)
     with caplog.at_level(logging.WARNING, logger="bgsplit.data"):
         batches = list(stream)
     keys = [k for b in batches for k in b["key"]]
@@ -139,7 +140,7 @@ def test_truncated_shard_is_reported_and_the_run_goes_on(tmp_path, caplog):
     data = open(bg, "rb").read()
     open(bg, "wb").write(data[:4000])  # cut inside the second sample (the tail of a tar is padding)
     with caplog.at_level(logging.WARNING, logger="bgsplit.data"):
-        batches = list(ShardStream(m, train=False, image_size=16, batch_size=4))
+        batches = list(ShardStream(m, LoaderConfig(image_size=16, batch_size=4), train=False))
     assert 3 <= sum(len(b.get("key", [])) for b in batches) < 11  # the positive shard and the samples before the cut
     assert sum(int(b["skipped"][1]) for b in batches) == 1
     assert [s for b in batches for s in b.get("skipped_by_shard", {})] == [bg.rsplit("/", 1)[-1]]
@@ -151,8 +152,9 @@ def test_balanced_sampling_repeats_positives(tmp_path):
     samples = [(f"k{i:03d}", _png(i), (i % 2) + 1 if i < 4 else 0, "x") for i in range(204)]
     write_shard_set(str(tmp_path), samples, rare_classes=["a", "b"], class_names=["bg", "A", "B"], max_count=50)
     m = read_manifest(str(tmp_path))
-    stream = ShardStream(m, train=True, image_size=8, batch_size=20, sampling="balanced", positive_fraction=0.2,
-                         shuffle_buffer_mb=0.05)
+    stream = ShardStream(m, LoaderConfig(image_size=8, batch_size=20, sampling="balanced", positive_fraction=0.2,
+                                         shuffle_buffer_mb=0.05),
+                         train=True)
     stream.epochs = 1
     labels = np.concatenate([b["label"].numpy() for b in stream])
     frac = np.mean(labels > 0)
@@ -173,7 +175,8 @@ def test_resume_replays_the_same_next_batches(tmp_path, workers, done):
     m = read_manifest(str(tmp_path))
 
     def stream(start=None):
-        s = ShardStream(m, train=True, image_size=8, batch_size=6, seed=4, shuffle_buffer_mb=0.02, workers=workers)
+        s = ShardStream(m, LoaderConfig(image_size=8, batch_size=6, shuffle_buffer_mb=0.02, num_workers=workers),
+                        train=True, seed=4)
         s.start = start or LoaderState()
         s.epochs = 2 - s.start.epoch  # both streams end with epoch 1
         return s

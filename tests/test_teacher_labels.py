@@ -15,6 +15,7 @@ from conftest import RARE, TEACHER_SIZE
 from data import storage
 from data.build import BuildSpec, build_set
 from data.loader import ShardStream
+from data.config import LoaderConfig
 from data.shards import read_manifest
 from data.sources import FashionMNISTSource
 from data.teacher_labels import META, TeacherLabels, set_url, shard_labels_url
@@ -31,7 +32,8 @@ def _labels(manifest, teacher, size=TEACHER_SIZE, k=5):
 def test_stored_labels_equal_the_online_teacher_on_the_same_view(tiny_sets, teacher):
     manifest = read_manifest(tiny_sets["test"])
     labels = _labels(manifest, teacher)
-    stream = ShardStream(manifest, train=False, image_size=TEACHER_SIZE, batch_size=64, teacher_labels=labels)
+    stream = ShardStream(manifest, LoaderConfig(image_size=TEACHER_SIZE, batch_size=64),
+                         train=False, teacher_labels=labels)
     total = 0
     for batch in stream:
         idx, prob = teacher_topk(teacher(batch["image"]), 5)
@@ -130,7 +132,8 @@ def test_teacher_label_under_torchrun_splits_the_shards_over_two_processes(small
     log = proc.stderr
     assert "rank 0 of 2 labelled" in log and "rank 1 of 2 labelled" in log  # each its share (trainer.shard_pass)
     labels = _labels(small_set, teacher)
-    stream = ShardStream(small_set, train=False, image_size=TEACHER_SIZE, batch_size=64, teacher_labels=labels)
+    stream = ShardStream(small_set, LoaderConfig(image_size=TEACHER_SIZE, batch_size=64),
+                         train=False, teacher_labels=labels)
     for batch in stream:
         assert torch.equal(batch["teacher_idx"][:, 0], teacher_topk(teacher(batch["image"]), 5)[0][:, 0])
 
@@ -142,10 +145,11 @@ def test_training_batches_carry_each_samples_own_labels_positives_included(tiny_
     manifest = read_manifest(tiny_sets["train"])
     labels = _labels(manifest, teacher)
     by_key = {}
-    for batch in ShardStream(manifest, train=False, image_size=16, batch_size=64, teacher_labels=labels):
+    for batch in ShardStream(manifest, LoaderConfig(image_size=16, batch_size=64), train=False, teacher_labels=labels):
         by_key.update(zip(batch["key"], batch["teacher_idx"]))
-    stream = ShardStream(manifest, train=True, image_size=16, batch_size=16, sampling="balanced",
-                         positive_fraction=0.25, shuffle_buffer_mb=0.05, teacher_labels=labels)
+    stream = ShardStream(manifest, LoaderConfig(image_size=16, batch_size=16, sampling="balanced",
+                                                positive_fraction=0.25, shuffle_buffer_mb=0.05),
+                         train=True, teacher_labels=labels)
     stream.epochs = 1
     positives = 0
     for batch in stream:

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from data.config import LoaderConfig
 from data.loader import IMAGE_EXTS, ShardStream, make_loader
 from data.order import Ref
 from data.plan import split_shards
@@ -49,6 +50,10 @@ class EvalSetup:
     resize_ratio: float = 1.15
     precision: str = "fp32"
     """run.precision's words; "fp32" (the reference numbers) unless a command or run asks otherwise."""
+
+    def loader(self) -> LoaderConfig:
+        return LoaderConfig(image_size=self.image_size, batch_size=self.batch_size, num_workers=self.num_workers,
+                            eval_resize_ratio=self.resize_ratio)
 
     def dtype(self, device: torch.device) -> torch.dtype | None:
         from trainer.engine import autocast_dtype
@@ -83,8 +88,7 @@ def predict(student: torch.nn.Module, manifest: Manifest, setup: EvalSetup, devi
     dtype = setup.dtype(device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
     if shards is None or shards:
-        stream = ShardStream(manifest, train=False, image_size=setup.image_size, batch_size=setup.batch_size,
-                             eval_resize_ratio=setup.resize_ratio, shards=shards)
+        stream = ShardStream(manifest, setup.loader(), train=False, shards=shards)
         for batch in make_loader(stream, setup.num_workers):
             if "image" not in batch:
                 continue

@@ -97,6 +97,7 @@ def extract_features(teacher: torch.nn.Module, location: str, image_size: int, *
     """The teacher trunk's pooled features of every image of a set (eval transform: resize, centre crop),
     computed once and cached under ``cache_dir`` by the set's manifest ``identity`` and the teacher's weights."""
     from data.loader import ShardStream, make_loader
+    from data.config import LoaderConfig
     from data.shards import read_manifest
 
     manifest = read_manifest(location)
@@ -104,8 +105,9 @@ def extract_features(teacher: torch.nn.Module, location: str, image_size: int, *
     if path.exists():
         with np.load(path, allow_pickle=False) as cached:
             return Features(cached["features"], cached["labels"], list(manifest.class_names))
-    stream = ShardStream(manifest, train=False, image_size=image_size, batch_size=batch_size,
-                         eval_resize_ratio=resize_ratio)
+    stream = ShardStream(manifest, LoaderConfig(image_size=image_size, batch_size=batch_size,
+                                                eval_resize_ratio=resize_ratio),
+                         train=False)
     feats, labels, order = [], [], []
     shard_index = {s.url: i for i, s in enumerate(manifest.shards)}
     for batch in make_loader(stream, 0):

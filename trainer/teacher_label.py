@@ -21,6 +21,7 @@ import torch
 
 from data import storage
 from data.loader import ShardStream, make_loader
+from data.config import LoaderConfig
 from data.shards import Manifest, read_manifest
 from data.teacher_labels import META, LabelSpec, finish_label_set, labelled_shards, set_url, write_shard_labels
 from trainer.engine import autocast_dtype
@@ -52,7 +53,8 @@ def label_shards(teacher: Teacher, manifest: Manifest, shards: list[int], spec: 
         return 0
     device = device or torch.device("cpu")
     teacher = teacher.prepare(device, dtype, channels_last=device.type == "cuda")
-    stream = ShardStream(manifest, train=False, image_size=spec.image_size, batch_size=batch_size, shards=shards)
+    stream = ShardStream(manifest, LoaderConfig(image_size=spec.image_size, batch_size=batch_size),
+                         train=False, shards=shards)
     open_: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # shard -> (indices, probs, filled)
     expected = {s.url: s.count for s in manifest.shards}
     done = 0

@@ -158,13 +158,8 @@ class Trainer:
                 # copy: the trained weights go in first, so a resume that cannot use the checkpoint's ZeRO
                 # files (another world size, precision or stage) still continues from them
                 student.load_state_dict(resume_state["student"])
-        stream = ShardStream(manifest, train=True, image_size=cfg.data.image_size, batch_size=cfg.data.batch_size,
-                             seed=cfg.run.seed, sampling=cfg.data.sampling,
-                             positive_fraction=cfg.data.positive_fraction,
-                             shuffle_buffer_mb=cfg.data.shuffle_buffer_mb, interleave=cfg.data.interleave,
-                             min_scale=cfg.data.min_crop_scale, teacher_labels=labels, mode=cfg.data.mode,
-                             policy=cfg.data.pad_policy, workers=cfg.data.num_workers, rank=rank, world=world,
-                             read_ahead_mb=cfg.data.read_ahead_mb)
+        stream = ShardStream(manifest, cfg.data, train=True, seed=cfg.run.seed, rank=rank, world=world,
+                             teacher_labels=labels)
         steps_per_epoch = max(stream.batches_per_epoch() // cfg.optim.grad_accum, 1)
         if stream.batches_per_epoch() < cfg.optim.grad_accum:
             raise ValueError(f"training set {manifest.root} has {manifest.count} samples: fewer than one optimiser "
