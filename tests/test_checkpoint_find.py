@@ -8,7 +8,8 @@ import shutil
 import pytest
 
 from conftest import tiny_config
-from trainer.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, resolve
+from trainer.checkpoint import INDEX, CheckpointManager, latest_checkpoint, list_checkpoints, load_checkpoint, resolve
+from trainer.models import StudentSpec
 from cluster.cli import main
 from trainer.train import train
 
@@ -54,3 +55,22 @@ def test_eval_takes_a_run_folder(run_dir, tiny_sets, tmp_path):
     assert main(["eval", "--checkpoint", str(run_dir), "--data", tiny_sets["test"], "--out", str(tmp_path / "r"),
                  "--image-size", "32"]) == 0
     assert (tmp_path / "r" / "report.json").exists()
+
+
+def test_the_manager_resumes_the_newest_complete_one_and_refuses_another_engine(run_dir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    newest = latest_checkpoint(str(copy))
+    crashed = copy / "checkpoints" / "step-00000004"  # an upload that never wrote its index
+    shutil.copytree(newest, crashed)
+    (crashed / INDEX).unlink()
+    manager = CheckpointManager(str(copy))
+    assert manager.find("") == (None, None)
+    url, state = manager.find("auto")
+    assert url == newest and state["step"] == 3 and not crashed.exists()  # the stale one is removed
+    assert manager.find(str(copy / "latest"))[0] == newest
+    spec = StudentSpec.from_dict(state["student_spec"], url)
+    manager.validate(state, spec, state.get("engine_name", "ddp"), url)
+    with pytest.raises(ValueError, match=r"engine.name=ddp but this run uses engine.name=deepspeed") as e:
+        manager.validate(state, spec, "deepspeed", url)
+    assert "\n" not in str(e.value)

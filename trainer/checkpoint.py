@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from data import storage
+from trainer.runtime import broadcast, gather
 
 log = logging.getLogger("bgsplit.checkpoint")
 
@@ -510,6 +511,82 @@ class CheckpointWriter:
         old += [u for u in incomplete_checkpoints(self.out_dir) if u < newest]
         for url in old:
             remove_checkpoint(url)
+
+
+class CheckpointManager:
+    """One run's checkpoints, every question the loop asks of them in one place: which one to continue from
+    (``find``), whether it fits this run (``validate``), its DeepSpeed partition (``load_sharded``), and writing
+    and pruning new ones (``save``). The loop owns its state (Trainer.state_dict / load_state_dict); the folder
+    layout, the index, the markers and ZeRO's file names stay here. ``find``, ``load_sharded`` and ``save`` are
+    collectives: every rank calls them."""
+
+    def __init__(self, out_dir: str, keep: int = 2, rank: int = 0, world: int = 1, background: bool = True):
+        self.out_dir, self.rank, self.world = out_dir, rank, world
+        self.writer = CheckpointWriter(out_dir, keep, rank, world, background)
+
+    def find(self, resume: str) -> tuple[str | None, dict[str, Any] | None]:
+        """``run.resume``: '' starts fresh, 'auto' takes the newest complete checkpoint under the run folder
+        (rank 0 decides, so every rank loads the same one), else the given checkpoint (or a run folder's newest).
+        Every rank loads the state: DeepSpeed needs the fp32 weights on each before it wraps the student."""
+        url = None
+        if self.rank == 0:
+            url = latest_checkpoint(self.out_dir) if resume == "auto" else resolve(resume) if resume else None
+            if resume == "auto":
+                for stale in incomplete_checkpoints(self.out_dir):  # a crashed upload: never a checkpoint
+                    log.warning("removing incomplete checkpoint %s (its upload never finished)", stale)
+                    remove_checkpoint(stale)
+        url = broadcast(url)
+        return (url, load_checkpoint(url)) if url is not None else (None, None)
+
+    @staticmethod
+    def validate(state: dict[str, Any], spec: Any, engine_name: str, url: str) -> None:
+        """The checkpoint's student has this run's shape (``spec``, a StudentSpec, compares field by field) and
+        was written by this run's engine; anything else is one line naming the field and the fix."""
+        spec.check_resume(state.get("student_spec"), url)
+        saved_engine = state.get("engine_name", "ddp")
+        if saved_engine != engine_name:
+            raise ValueError(f"cannot resume from {url}: it was written by engine.name={saved_engine} but this run "
+                             f"uses engine.name={engine_name}; use the same engine or a new run.out_dir")
+
+    def load_sharded(self, url: str, engine: Any, saved_world: int) -> bool:
+        """Fetch this rank's DeepSpeed files (its own ZeRO partition and the shared model states) and load them.
+
+        Only possible when the checkpoint has the files this rank would write, under the names the installed
+        DeepSpeed gives them (bf16 mode prefixes ZeRO files with "bf16_"), and the world is the same. Otherwise
+        (another world size, precision or ZeRO stage) the run keeps the fp32 weights it loaded from state.pt and
+        starts its optimiser state (momentum) afresh; all ranks decide together, since DeepSpeed's loading is
+        collective. Returns whether the optimiser state was restored."""
+        tag = engine.TAG
+        folder = storage.join(url, DEEPSPEED, tag)
+        mine = engine.own_files(tag)
+        present = set(storage.listdir(folder)) if storage.exists(folder) else set()
+        usable = all(gather(saved_world == self.world and mine <= present))
+        if not usable:
+            log.warning("%s: DeepSpeed's files there (%s) are not this run's (%d ranks, expects %s): resuming from "
+                        "its fp32 weights with a fresh optimiser state", url, ", ".join(sorted(present)) or "none",
+                        self.world, ", ".join(sorted(mine)))
+            return False
+        with tempfile.TemporaryDirectory(prefix=f"bgsplit-resume-r{self.rank}-") as local:
+            download_folder(folder, os.path.join(local, tag), keep=lambda n: n in mine or "zero_pp_rank_" not in n)
+            engine.load_sharded(local)
+        return True
+
+    def save(self, step: int, state: dict[str, Any], meta: dict[str, Any],
+             sharded: Callable[[str], None] | None = None) -> str:
+        """Start writing checkpoint ``step`` (rank 0's ``state`` and ``meta`` are written; the other ranks'
+        are ignored) and return its URL; the upload runs on. One nonce for every rank tells this attempt's
+        markers from a crashed earlier one's at the same step."""
+        nonce = broadcast(os.urandom(8).hex() if self.rank == 0 else None)
+        first = self.rank == 0
+        return self.writer.save(step, state if first else None, nonce, sharded, meta=meta if first else None)
+
+    def wait(self) -> None:
+        """Until the last save is complete (its error, if any, raised here)."""
+        self.writer.wait()
+
+    def uploads(self) -> dict[str, Any]:
+        w = self.writer
+        return {"count": w.uploads, "seconds": round(w.upload_seconds, 3), "failures": w.failures}
 
 
 def remove_checkpoint(url: str) -> None:

@@ -22,15 +22,13 @@ from data import storage
 from data.loader import SKIP_KINDS, LoaderState, ShardStream, make_loader, one_line
 from data.shards import Manifest, check_objects, read_manifest
 from data.teacher_labels import LabelSpec, TeacherLabels
-from trainer.checkpoint import (DEEPSPEED, CheckpointWriter, download_folder, incomplete_checkpoints,
-                                latest_checkpoint, load_checkpoint, remove_checkpoint, resolve, rng_state,
-                                set_rng_state)
+from trainer.checkpoint import CheckpointManager, rng_state, set_rng_state
 from trainer.config import JobConfig
 from trainer.engine import Engine, autocast_dtype, build_engine, build_optimizer
 from trainer.evaluate import EvalSetup, evaluate_student
 from trainer.models import Student, StudentSpec, Teacher, build_student, build_teacher
 from trainer.schedule import build_scheduler, in_probe_phase
-from trainer.runtime import broadcast, gather, init_distributed, resolve_device, seed_everything
+from trainer.runtime import gather, init_distributed, resolve_device, seed_everything
 from trainer.task import BGSplitTask
 
 log = logging.getLogger("bgsplit.train")
@@ -40,31 +38,6 @@ def teacher_labels_for(manifest: Manifest, cfg: JobConfig, teacher: Teacher) -> 
     """The label set this very teacher (architecture, input size, k and weights) wrote into the shard set."""
     size = cfg.teacher.image_size or cfg.data.image_size
     return TeacherLabels(manifest, LabelSpec(teacher.arch, size, cfg.teacher.topk, teacher.digest()))
-
-
-def find_resume(cfg: JobConfig, rank: int) -> tuple[str | None, dict[str, Any] | None]:
-    """``run.resume``: '' starts fresh, 'auto' takes the newest complete checkpoint under run.out_dir (rank 0
-    decides, so every rank loads the same one; a collective), else the given checkpoint (or a run folder's
-    newest)."""
-    resume = cfg.run.resume
-    url = None
-    if rank == 0:
-        url = latest_checkpoint(cfg.run.out_dir) if resume == "auto" else resolve(resume) if resume else None
-        if resume == "auto":
-            for stale in incomplete_checkpoints(cfg.run.out_dir):  # a crashed upload: never a checkpoint
-                log.warning("removing incomplete checkpoint %s (its upload never finished)", stale)
-                remove_checkpoint(stale)
-    url = broadcast(url)
-    return (url, load_checkpoint(url)) if url is not None else (None, None)
-
-
-def check_resumable(state: dict[str, Any], cfg: JobConfig, spec: StudentSpec, url: str) -> None:
-    """The checkpoint's student has this run's shape (field by field) and was written by this run's engine."""
-    spec.check_resume(state.get("student_spec"), url)
-    saved_engine = state.get("engine_name", "ddp")
-    if saved_engine != cfg.engine.name:
-        raise ValueError(f"cannot resume from {url}: it was written by engine.name={saved_engine} but this run "
-                         f"uses engine.name={cfg.engine.name}; use the same engine or a new run.out_dir")
 
 
 def set_schedule_step(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
@@ -105,15 +78,11 @@ class Trainer:
     worker_io: dict[str, int] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: str | None = None
-    writer: CheckpointWriter | None = None
+    checkpoints: CheckpointManager | None = None
     resume_url: str | None = None
     """The checkpoint this run continues from (decided in ``build``, before the engine wraps the student)."""
     resume_state: dict[str, Any] | None = None
     resume_info: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.writer = CheckpointWriter(self.cfg.run.out_dir, self.cfg.run.keep_checkpoints, self.rank, self.world,
-                                       background=self.cfg.run.async_checkpoint)
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -150,9 +119,11 @@ class Trainer:
         labels = teacher_labels_for(manifest, cfg, teacher) if use_aux and cfg.teacher.mode == "cached" else None
         if teacher is not None and cfg.teacher.mode == "online":  # cached labels: it never runs in training
             teacher.prepare(device, dtype, channels_last=device.type == "cuda" and cfg.run.channels_last)
-        resume_url, resume_state = find_resume(cfg, rank)
+        checkpoints = CheckpointManager(cfg.run.out_dir, cfg.run.keep_checkpoints, rank, world,
+                                        background=cfg.run.async_checkpoint)
+        resume_url, resume_state = checkpoints.find(cfg.run.resume)
         if resume_state is not None:
-            check_resumable(resume_state, cfg, spec, resume_url)
+            checkpoints.validate(resume_state, spec, cfg.engine.name, resume_url)
             if cfg.engine.name == "deepspeed":
                 # DeepSpeed casts and partitions the student when it wraps it and keeps its own fp32 master
                 # copy: the trained weights go in first, so a resume that cannot use the checkpoint's ZeRO
@@ -175,7 +146,7 @@ class Trainer:
         # the task runs the wrapped student (gradients are synchronised) and the bare, frozen teacher
         task = BGSplitTask(engine.model, teacher, cfg, manifest.counts, drw_epoch(cfg), teacher_dtype=dtype)
         return cls(cfg, device, manifest, teacher, student, task, stream, engine, scheduler, steps_per_epoch,
-                   total, rank, world, resume_url=resume_url, resume_state=resume_state)
+                   total, rank, world, checkpoints=checkpoints, resume_url=resume_url, resume_state=resume_state)
 
     # -- state ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -197,7 +168,7 @@ class Trainer:
         resumes too: DDP's state.pt holds the whole optimiser; the data order and the step count depend on the
         world, so the run restarts the interrupted epoch in the new world's order (nothing of it is skipped;
         what was done of it is done again) with the step and the LR schedule at that epoch's start."""
-        check_resumable(state, self.cfg, self.student.spec, url)
+        self.checkpoints.validate(state, self.student.spec, self.engine.name, url)
         if self.engine.name == "ddp":
             self.student.load_state_dict(state["student"])
             self.engine.load_state_dict(state["engine"] if "engine" in state else state)
@@ -229,7 +200,8 @@ class Trainer:
             return None
         self.load_state_dict(state, url)
         self.resume_info["optimizer"] = "restored"
-        if self.engine.sharded_save is not None and not self._load_sharded(url, self.resume_info["from_world"]):
+        if self.engine.sharded_save is not None and not self.checkpoints.load_sharded(
+                url, self.engine, self.resume_info["from_world"]):
             self.resume_info["optimizer"] = "fresh"
         self.resume_state = None  # the payload can be large; it is not needed again
         self.resumed_from = url
@@ -237,37 +209,11 @@ class Trainer:
                  self.loader_state.batches)
         return url
 
-    def _load_sharded(self, url: str, saved_world: int) -> bool:
-        """Fetch this rank's DeepSpeed files (its own ZeRO partition and the shared model states) and load them.
-
-        Only possible when the checkpoint has the files this rank would write, under the names the installed
-        DeepSpeed gives them (bf16 mode prefixes ZeRO files with "bf16_"), and the world is the same. Otherwise
-        (another world size, precision or ZeRO stage) the run keeps the fp32 weights ``build`` loaded from
-        state.pt and starts its optimiser state (momentum) afresh; all ranks decide together, since DeepSpeed's
-        loading is collective. Returns whether the optimiser state was restored."""
-        import tempfile
-
-        tag = self.engine.TAG
-        folder = storage.join(url, DEEPSPEED, tag)
-        mine = self.engine.own_files(tag)
-        present = set(storage.listdir(folder)) if storage.exists(folder) else set()
-        usable = all(gather(saved_world == self.world and mine <= present))
-        if not usable:
-            log.warning("%s: DeepSpeed's files there (%s) are not this run's (%d ranks, expects %s): resuming from "
-                        "its fp32 weights with a fresh optimiser state", url, ", ".join(sorted(present)) or "none",
-                        self.world, ", ".join(sorted(mine)))
-            return False
-        with tempfile.TemporaryDirectory(prefix=f"bgsplit-resume-r{self.rank}-") as local:
-            download_folder(folder, os.path.join(local, tag), keep=lambda n: n in mine or "zero_pp_rank_" not in n)
-            self.engine.load_sharded(local)
-        return True
-
     def save(self) -> str:
         """Start writing a checkpoint of the current step (every rank calls this); the upload runs on."""
-        nonce = broadcast(os.urandom(8).hex() if self.rank == 0 else None)
         state = self.state_dict()
-        return self.writer.save(self.step, state if self.rank == 0 else None, nonce, self.engine.sharded_save,
-                                meta=self.meta() if self.rank == 0 else None)
+        return self.checkpoints.save(self.step, state, self.meta() if self.rank == 0 else {},
+                                     self.engine.sharded_save)
 
     # -- loop -----------------------------------------------------------------------------------------------
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -370,13 +316,11 @@ class Trainer:
         bar.close()
         final = self._record_eval(logger)
         path = self.save()
-        self.writer.wait()  # the final checkpoint must be complete before the run says it is done
+        self.checkpoints.wait()  # the final checkpoint must be complete before the run says it is done
         summary = {"steps": self.step, "epochs": self.step / self.steps_per_epoch, "checkpoint": path,
                    "seconds": time.time() - start_time, "val": final, "world": self.world,
                    "engine": self.engine.name, "resumed_from": self.resumed_from, "resume": self.resume_info,
-                   "checkpoint_uploads": {"count": self.writer.uploads,
-                                          "seconds": round(self.writer.upload_seconds, 3),
-                                          "failures": self.writer.failures},
+                   "checkpoint_uploads": self.checkpoints.uploads(),
                    "skipped": dict(zip(SKIP_KINDS, self.skipped.tolist())),
                    "skipped_by_shard": self.skipped_by_shard,
                    "storage": {k: v + self.worker_io.get(k, 0) for k, v in storage.STATS.items()},
