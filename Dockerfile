@@ -4,7 +4,8 @@
 #   docker build -t bgsplit .
 #   docker run --gpus all --shm-size=16g --network host bgsplit head    # Ray head (6379, dashboard/jobs 8265)
 #   docker run --gpus all --shm-size=16g --network host bgsplit worker HEAD_IP:6379  # one per GPU node
-#   ray job submit --address http://HEAD_IP:8265 --working-dir . -- python -m cluster.launch --config configs/X.yaml
+#   ray job submit --address http://HEAD_IP:8265 --working-dir . \
+#       -- python -m cluster.cli train --ray --config configs/X.yaml
 #   docker run --gpus all --shm-size=16g bgsplit bgsplit train --config configs/inat_bg_100.yaml   # one node, no Ray
 #   docker run --shm-size=16g -e BGSPLIT_REQUIRE_GPU=0 bgsplit bgsplit demo --quick     # CPU only (no --gpus)
 # --shm-size (or --ipc=host): DataLoader workers and NCCL pass tensors through /dev/shm, and Docker gives 64 MB.

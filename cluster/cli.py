@@ -15,24 +15,20 @@ from trainer.config import ConfigError
 def _train(args: argparse.Namespace) -> None:
     from trainer.config import load_config
     from trainer.runtime import output_location
-    from trainer.train import run_folder_line, train
+    from trainer.train import result_line, run_folder_line, train
 
     overrides = list(args.overrides)
     if args.debug:
         overrides = ["run.device=cpu", "run.precision=fp32", "data.num_workers=0"] + overrides
     cfg = load_config(args.config, overrides)
-    if args.ray:  # Ray Train workers, cluster.num_workers of them (cluster/launch.py, as `python -m cluster.launch`)
-        from cluster.launch import launch, result_line
+    if args.ray:  # Ray Train workers, cluster.num_workers of them (cluster/ray_train.py)
+        from cluster.ray_train import launch
 
         summary = launch(cfg, args.ray_address)
-        print(result_line(summary))
-        print(run_folder_line(cfg.run.out_dir))
-        return
-    cfg.run.out_dir = output_location(cfg.run.out_dir, "run.out_dir")
-    summary = train(cfg)
-    val = summary.get("val")
-    print(json.dumps({"checkpoint": summary["checkpoint"], "steps": summary["steps"],
-                      "val_map": val["map"] if val else None, "skipped": summary["skipped"]}))
+    else:
+        cfg.run.out_dir = output_location(cfg.run.out_dir, "run.out_dir")
+        summary = train(cfg)
+    print(result_line(summary))  # one JSON line, the same keys either way
     print(run_folder_line(cfg.run.out_dir), file=sys.stderr)
 
 

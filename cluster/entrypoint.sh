@@ -2,7 +2,7 @@
 # Container entrypoint: one image for the Ray head, the Ray workers and one-off commands.
 #   head                 start the Ray head (GCS 6379, dashboard and job API 8265) and block
 #   worker HEAD:6379     join the cluster at HEAD:6379 and block
-#   anything else        run it (bgsplit train ..., python -m cluster.launch ..., bash)
+#   anything else        run it (bgsplit train ..., bgsplit train --ray ..., bash)
 # BGSPLIT_DRY_RUN=1 prints the command instead of running it. Usage statistics are off.
 set -euo pipefail
 export RAY_USAGE_STATS_ENABLED=0

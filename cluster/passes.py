@@ -29,7 +29,7 @@ def connect(address: str = "") -> None:
     import ray
 
     if not ray.is_initialized():
-        from cluster.launch import connect as connect_cluster
+        from cluster.ray_train import connect as connect_cluster
 
         connect_cluster(address)
 

@@ -116,3 +116,35 @@ def test_a_build_request_gives_the_main_and_carved_out_specs():
         BuildRequest("s", "o", holdout=3).specs(())
     with pytest.raises(ValueError, match="--label-field applies to wds: sources"):
         BuildRequest("folder:x", "o", label_field="txt").specs(())
+
+
+def test_the_old_cluster_launch_door_is_bgsplit_train_ray(capsys, monkeypatch, tmp_path):
+    """`python -m cluster.launch` is only a name for `bgsplit train --ray`: its --address becomes --ray-address
+    and its errors are bgsplit's one line and exit status."""
+    import cluster.cli
+    import cluster.launch
+
+    seen = []
+    monkeypatch.setattr(cluster.launch, "bgsplit", lambda argv: seen.append(argv) or 0)
+    assert cluster.launch.main(["--config", "c.yaml", "--address", "h:1", "--address=h:2", "a.b=1"]) == 0
+    assert seen == [["train", "--ray", "--config", "c.yaml", "--ray-address", "h:1", "--ray-address=h:2", "a.b=1"]]
+    monkeypatch.undo()
+    code, err = _run(capsys, ["train", "--ray", "loss.aux_wieght=0.3"])
+    assert cluster.launch.main(["loss.aux_wieght=0.3"]) == code == 2
+    assert capsys.readouterr().err.strip() == err[0] and "unknown config key 'loss.aux_wieght'" in err[0]
+
+
+def test_a_local_run_prints_the_result_keys_a_ray_run_prints(capsys, tiny_sets, tmp_path):
+    import json
+
+    from trainer.train import result_line
+
+    argv = ["train", "--debug", "--config", "configs/debug.yaml", f"data.train={tiny_sets['train']}", "data.val=",
+            f"run.out_dir={tmp_path / 'run'}", "run.max_steps=1", "run.progress=false", "loss.aux_weight=0"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out.strip().splitlines()[-1])
+    ray_keys = json.loads(result_line({"checkpoint": "c", "steps": 1}))
+    assert set(result) == set(ray_keys) and result["steps"] == 1 and result["world"] == 1
+    assert result["engine"] == "ddp" and result["resumed_from"] is None
+    assert captured.err.strip().splitlines()[-1].startswith(f"run folder {tmp_path / 'run'}: summary.json")

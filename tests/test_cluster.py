@@ -53,7 +53,7 @@ def one_batch_set(tmp_path_factory, teacher):
 def _launch(cfg, address: str) -> dict:
     import ray
 
-    from cluster.launch import launch
+    from cluster.ray_train import launch
 
     try:
         return launch(cfg, address)

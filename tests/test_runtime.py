@@ -56,7 +56,7 @@ def test_no_address_joins_a_local_cluster_only_if_it_answers(tmp_path):
     """A head killed by PID leaves its cluster file behind; Ray would wait minutes on it, we start a new one."""
     import socket
 
-    from cluster.launch import cluster_file, local_address
+    from cluster.ray_train import cluster_file, local_address
 
     assert cluster_file({"RAY_TMPDIR": str(tmp_path)}) == str(tmp_path / "ray" / "ray_current_cluster")
     recorded = tmp_path / "ray_current_cluster"

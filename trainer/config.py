@@ -176,7 +176,7 @@ class EngineConfig:
 
 @dataclass
 class ClusterConfig:
-    """Ray Train scaling for `python -m cluster.launch`; ignored by `bgsplit train` and torchrun."""
+    """Ray Train scaling for `bgsplit train --ray`; ignored by a local `bgsplit train` and torchrun."""
 
     num_workers: int = 2
     """Training processes (data-parallel ranks) the TorchTrainer starts."""

@@ -366,6 +366,15 @@ def read_set(location: str, key: str):
     return read_manifest(location)
 
 
+def result_line(summary: dict[str, Any]) -> str:
+    """A run's result as one JSON line, the same keys in one process, under torchrun and on Ray (`bgsplit
+    train [--ray]`), so a script reads one format whichever way the run went."""
+    val = summary.get("val") or {}
+    return json.dumps({"checkpoint": summary["checkpoint"], "steps": summary["steps"], "world": summary.get("world"),
+                       "engine": summary.get("engine"), "val_map": val.get("map"),
+                       "resumed_from": summary.get("resumed_from"), "skipped": summary.get("skipped")})
+
+
 def run_folder_line(out_dir: str) -> str:
     """The last line of a run: where its outputs went, so that nobody has to guess a folder (under Ray the
     working directory is a temporary copy), with the forms eval and mine take for its checkpoint."""
