@@ -249,6 +249,8 @@ def metadata_bytes(set_url: str) -> int:
     total = len(storage.read_bytes(storage.join(set_url, "manifest.json")))
     for s in m.shards:
         total += len(storage.read_bytes(storage.join(set_url, s.record)))
+    if m.key_index:  # the key index (8 B a key) is metadata too
+        total += len(storage.read_bytes(storage.join(set_url, m.key_index["file"])))
     labels = storage.join(set_url, LABELS_DIR)
     for name in storage.listdir(labels):
         for f in storage.listdir(storage.join(labels, name)):

@@ -176,7 +176,7 @@ def _write_shards(out: str, tag: str, kind: str, samples: list[tuple[Label, byte
             offsets = tar.close()
             size = f.tell()
         record = make_record(name=name, kind=kind, count=len(chunk), size=size, counts=counts, offsets=offsets,
-                             labels=[lb.cls for lb, _ in chunk], source="add-labels")
+                             labels=[lb.cls for lb, _ in chunk], keys=tar.keys, source="add-labels")
         storage.write_bytes(storage.join(out, record_name(name)), json.dumps(record).encode())
         infos.append(ShardInfo(url=name, kind=kind, count=len(chunk), bytes=size))
     return infos

@@ -239,7 +239,7 @@ def write_shard(task: ShardTask, source: Source, progress: Progress | None = Non
         offsets = tar.close()
         result.bytes = f.tell()
     record = make_record(name=result.name, kind=result.kind, count=result.count, size=result.bytes,
-                         counts=result.counts, offsets=offsets, labels=labels, skipped=result.skipped,
+                         counts=result.counts, offsets=offsets, labels=labels, keys=tar.keys, skipped=result.skipped,
                          spec=task.spec_hash, plan=task.digest)
     storage.write_bytes(task.record_url, json.dumps(record).encode())
     if progress and pending_images:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from data import storage
-from data.shards import Manifest, iter_tar, read_manifest
+from data.shards import Manifest, iter_tar, key_hashes, read_key_index, read_manifest
 
 log = logging.getLogger("bgsplit.mine")
 
@@ -95,9 +95,9 @@ class TopN:
             heapq.heapreplace(heap, item)
 
     def add_scores(self, probs: np.ndarray, keys: list[str], shard: str, indices: list[int], order: int,
-                   skip: set[str] | frozenset = frozenset()) -> None:
-        """One share's softmax rows (n x K+1): only each class's N best rows are pushed."""
-        keep = np.array([k not in skip for k in keys], dtype=bool)
+                   keep: np.ndarray | None = None) -> None:
+        """One share's softmax rows (n x K+1): only each class's N best rows are pushed (of the ``keep`` rows)."""
+        keep = np.ones(len(keys), dtype=bool) if keep is None else keep
         for cls in range(1, self.classes + 1):
             scores = np.where(keep, probs[:, cls], -np.inf)
             best = np.argsort(-scores, kind="stable")[: self.n]
@@ -135,6 +135,36 @@ def part_url(out: str, fingerprint: str, shard_url: str) -> str:
     return storage.join(out, PARTS, fingerprint, os.path.basename(shard_url).rsplit(".", 1)[0] + ".json")
 
 
+class ExcludedKeys:
+    """The keys of the ``--exclude`` sets, as one sorted uint64 array of key hashes (8 B a key): read once per
+    process from each set's key index (one GET), tested a share at a time by binary search. A set built before
+    key indexes is read from its shards, with a warning, since that costs a pass over its bytes per process."""
+
+    def __init__(self, locations: Iterable[str]):
+        parts = []
+        for location in locations:
+            manifest = read_manifest(location)
+            index = read_key_index(manifest)
+            if index is None:
+                log.warning("--exclude %s has no key index (built by an older bgsplit): reading its keys from its "
+                            "shards in every process; rebuild it with `bgsplit shards build` into a new folder to "
+                            "read 8 bytes a key instead", location)
+                index = key_hashes(keys_of([location]))
+            parts.append(index)
+        self.hashes = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.uint64)
+
+    def __len__(self) -> int:
+        return int(self.hashes.size)
+
+    def contains(self, keys: list[str]) -> np.ndarray:
+        """One bool per key: is it in an excluded set (see data.shards.key_hashes for the collision odds)."""
+        if not keys or not self.hashes.size:
+            return np.zeros(len(keys), dtype=bool)
+        h = key_hashes(keys)
+        at = np.minimum(np.searchsorted(self.hashes, h), self.hashes.size - 1)
+        return self.hashes[at] == h
+
+
 def keys_of(locations: Iterable[str]) -> set[str]:
     """Every sample key of these shard sets (a pass over their shards' bytes; meant for training and validation
     sets, not for a pool of millions)."""
@@ -170,7 +200,7 @@ def score_shares(job: MineJob, fingerprint: str, shards: list[int], chunk: int =
     token = token or uuid.uuid4().hex
     student = cached_model(token, lambda: load_student_from_checkpoint(job.checkpoint).to(device))
     classes = student.num_classes - 1
-    skip = cached_model(token, lambda: keys_of(job.exclude), "exclude") if job.exclude else set()
+    excluded = cached_model(token, lambda: ExcludedKeys(job.exclude), "exclude")
     setup = EvalSetup(job.image_size, job.batch_size, job.num_workers, precision=job.precision)
     scored = 0
     for start in range(0, len(todo), chunk):
@@ -183,8 +213,9 @@ def score_shares(job: MineJob, fingerprint: str, shards: list[int], chunk: int =
             url = manifest.shards[s].url
             rows = np.flatnonzero(urls == url)
             top = TopN(job.top, classes)
-            top.add_scores(probs[rows], [keys[i] for i in rows], storage.absolute(storage.join(manifest.root, url)),
-                           [refs[i][1] for i in rows], s, skip)
+            share_keys = [keys[i] for i in rows]
+            top.add_scores(probs[rows], share_keys, storage.absolute(storage.join(manifest.root, url)),
+                           [refs[i][1] for i in rows], s, ~excluded.contains(share_keys))
             doc = {"shard": url, "scored": len(rows), "count": manifest.shards[s].count, "top": top.to_json()}
             storage.write_bytes(part_url(job.out, fingerprint, url), json.dumps(doc).encode())
     return {"scored": scored, "shares": len(todo), "reused": len(shards) - len(todo)}
