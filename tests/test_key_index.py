@@ -69,3 +69,19 @@ def test_an_index_that_does_not_match_its_manifest_is_not_trusted(tmp_path, capl
     np.save(tmp_path / KEY_INDEX, np.zeros(3, np.uint64))  # another count than the manifest's
     assert read_key_index(read_manifest(m.root)) is None
     assert ExcludedKeys([m.root]).contains(["s0007"]).tolist() == [True]  # the shards decide then
+
+
+def test_a_sets_identity_for_stored_results_ignores_its_key_index(tmp_path):
+    """An experiment's stored runs are keyed by their sets' manifests: a set rebuilt by this version (with an
+    index) must keep the identity it had without one, or every committed result would be run again."""
+    from trainer.experiment import manifest_identity
+
+    m = write_shard_set(str(tmp_path), _samples(20), max_count=10, **CLASSES)
+    with_index = manifest_identity(m.root)
+    doc = json.loads((tmp_path / MANIFEST).read_text())
+    del doc["key_index"]
+    (tmp_path / MANIFEST).write_text(json.dumps(doc))
+    assert manifest_identity(m.root) == with_index
+    doc["counts"][0] += 1
+    (tmp_path / MANIFEST).write_text(json.dumps(doc))
+    assert manifest_identity(m.root) != with_index

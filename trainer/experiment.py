@@ -345,9 +345,10 @@ def code_fingerprint() -> str:
 
 
 def manifest_identity(location: str) -> str:
-    """Hash of a set's manifest (what it holds: its shards, counts and build spec; not how long the build took), so
-    a set rebuilt from the same spec (byte-identical shards) keeps its identity and its stored results, and a set
-    built differently gets another; '' for no set."""
+    """Hash of a set's manifest (what it holds: its shards, counts and build spec; not how long the build took, nor
+    its key index, which follows from the shards and which older sets lack), so a set rebuilt from the same spec
+    (byte-identical shards) keeps its identity and its stored results, and a set built differently gets another;
+    '' for no set."""
     if not location:
         return ""
     from data import storage
@@ -355,6 +356,7 @@ def manifest_identity(location: str) -> str:
 
     doc = json.loads(storage.read_bytes(manifest_url(location)))
     meta = {k: v for k, v in doc.get("meta", {}).items() if not k.endswith("_seconds")}  # timings vary by rebuild
+    doc.pop("key_index", None)
     return _hash({**doc, "meta": meta}) + "m"
 
 
