@@ -272,6 +272,14 @@ def measure(n: int, root: str, scratch: Path, a: argparse.Namespace, env: dict[s
     build_s, build_rss, _ = run_phase(["--phase", "build", "--pattern", pattern, "--build-workers",
                                        str(a.build_workers), *common], env)
     m = read_manifest(set_url)
+    row = {"samples": m.count, "shards": len(m.shards), "generate_s": round(gen_s, 1),
+           "build_img_s": round(n / build_s, 1), "build_rss_mb": round(max(build_rss.values()), 1),
+           "metadata_bytes_per_sample": round(metadata_bytes(set_url) / m.count, 1),
+           "set_bytes_per_sample": round(m.bytes / m.count, 1)}
+    if a.phases == "build":  # the build driver's memory alone (its listing is what grows with N)
+        if not a.keep:
+            storage.remove(set_url, recursive=True)
+        return row
     shutil.rmtree(scratch / "label-barrier", ignore_errors=True)
     label_s, label_rss, _ = run_phase(["--phase", "label", *common], env, roles=a.ranks)
     stream_s, stream_rss, outs = run_phase(["--phase", "stream", "--workers", str(a.workers), "--batch",
@@ -280,17 +288,14 @@ def measure(n: int, root: str, scratch: Path, a: argparse.Namespace, env: dict[s
     images = sum(r["images"] for r in ranks)
     plan = padding_report([s.count for s in m.shards], world=a.ranks, workers=a.workers, batch_size=a.batch,
                           policy="pad")
-    row = {"samples": m.count, "shards": len(m.shards), "generate_s": round(gen_s, 1),
-           "build_img_s": round(n / build_s, 1), "label_img_s": round(m.count / label_s, 1),
+    row.update({"label_img_s": round(m.count / label_s, 1),
            "loader_img_s": round(images / max(r["seconds"] for r in ranks), 1), "epochs": a.epochs,
            "streamed_images": images,
            "peak_rss_mb": round(max(stream_rss.values()), 1), "rank_rss_mb": round(stream_rss["main"], 1),
            "worker_rss_mb": round(stream_rss["children"], 1),
-           "build_rss_mb": round(max(build_rss.values()), 1), "label_rss_mb": round(max(label_rss.values()), 1),
-           "metadata_bytes_per_sample": round(metadata_bytes(set_url) / m.count, 1),
-           "set_bytes_per_sample": round(m.bytes / m.count, 1),
+           "label_rss_mb": round(max(label_rss.values()), 1),
            "plan_waste_fraction": plan["waste_fraction"], "plan_steps": plan["steps"],
-           "seconds": {"build": round(build_s, 1), "label": round(label_s, 1), "stream": round(stream_s, 1)}}
+           "seconds": {"build": round(build_s, 1), "label": round(label_s, 1), "stream": round(stream_s, 1)}})
     if not a.keep:
         storage.remove(set_url, recursive=True)
     return row
@@ -303,8 +308,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             ("plan_waste_fraction", "plan waste")]
     lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---:|" * len(cols)]
     for r in rows:
-        lines.append("| " + " | ".join(f"{r[k]:,}" if isinstance(r[k], int) else f"{r[k]:,.4g}" for k, _ in cols)
-                     + " |")
+        lines.append("| " + " | ".join("–" if k not in r else f"{r[k]:,}" if isinstance(r[k], int)
+                                       else f"{r[k]:,.4g}" for k, _ in cols) + " |")
     return "\n".join(lines)
 
 
@@ -331,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=1, help="training epochs to stream: equal batch counts across "
                    "sizes separate growth with the data from allocator warm-up")
     p.add_argument("--keep", action="store_true", help="keep the built sets")
+    p.add_argument("--phases", default="all", choices=["all", "build"],
+                   help="build: generate and build only (the build driver's memory per sample)")
     p.add_argument("--quick", action="store_true", help="smaller batches, for a smoke run")
     # internal: one phase in this process
     for flag in ("--phase", "--pattern", "--set", "--scratch"):
@@ -365,7 +372,12 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(table(rows))
         for key in ("peak_rss_mb", "build_rss_mb", "loader_img_s"):
-            print(f"{key} projected to 10M samples (slope of the two largest sizes): {projection(rows, key)}")
+            if key in rows[-1]:
+                print(f"{key} projected to 10M samples (slope of the two largest sizes): {projection(rows, key)}")
+        if len(rows) > 1:
+            slope = (rows[-1]["build_rss_mb"] - rows[-2]["build_rss_mb"]) * 2 ** 20 / (
+                rows[-1]["samples"] - rows[-2]["samples"])
+            print(f"build driver: {slope:.0f} B a sample (RSS slope of the two largest sizes)")
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(rows, indent=1))
         meta = {"storage": "s3" if a.s3 else "local", "ranks": a.ranks, "workers": a.workers, "batch": a.batch,

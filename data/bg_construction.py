@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from data.sources.listing import LabelCodes
+
 
 @dataclass(frozen=True)
 class BGSelection:
@@ -39,9 +41,13 @@ class BGSelection:
                 f" positives per rare class {{{per_class}}}")
 
 
-def main_labels_for(labels: list[str], rare_classes: list[str]) -> np.ndarray:
-    """Map original labels to 0..K; a rare class's main label is its 1-based position in the split file."""
+def main_labels_for(labels: list[str] | LabelCodes, rare_classes: list[str]) -> np.ndarray:
+    """Map original labels to 0..K; a rare class's main label is its 1-based position in the split file.
+    A source's listing gives its labels as codes (``LabelCodes``): mapped through the table, not item by item."""
     lookup = {c: i + 1 for i, c in enumerate(rare_classes)}
+    if isinstance(labels, LabelCodes):
+        table = np.array([lookup.get(name, 0) for name in labels.names], dtype=np.int64)
+        return table[labels.codes] if len(labels) else np.zeros(0, dtype=np.int64)
     return np.array([lookup.get(lab, 0) for lab in labels], dtype=np.int64)
 
 
@@ -53,7 +59,7 @@ def positives_for_background_fraction(num_background: int, num_rare: int, fracti
     return max(1, int(round(total / max(num_rare, 1))))
 
 
-def select_bg(labels: list[str], rare_classes: list[str], *, positives_per_class: int | None = None,
+def select_bg(labels: list[str] | LabelCodes, rare_classes: list[str], *, positives_per_class: int | None = None,
               background_fraction: float | None = None, max_background: int | None = None,
               seed: int = 0) -> BGSelection:
     """Choose the items of a -BG set.
@@ -139,7 +145,7 @@ def check_training_positives(rare_classes: list[str], sizes: list[int], shares: 
                          f"{positives_per_class}: use " + " or ".join([*fixes, f"--positives-per-class {left}"]))
 
 
-def stratified_holdout(labels: list[str], rare_classes: list[str], holdout: int, seed: int, *,
+def stratified_holdout(labels: list[str] | LabelCodes, rare_classes: list[str], holdout: int, seed: int, *,
                        per_class: int | None = None,
                        positives_per_class: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Carve a validation set out of the training source: (rest, holdout) index arrays, disjoint, seeded.

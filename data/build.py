@@ -20,11 +20,11 @@ import numpy as np
 
 from data import storage
 from data.bg_construction import BGSelection, positives_for_background_fraction, select_bg, stratified_holdout
-from data.ingest import (Resize, ShardResult, ShardTask, estimate_sample_bytes, finished, plan_shards, run_tasks,
-                         samples_per_shard, spec_hash)
+from data.ingest import (Resize, ShardItems, ShardResult, ShardTask, estimate_sample_bytes, finished, plan_shards,
+                         run_tasks, samples_per_shard, spec_hash)
 from data.shards import (FORMAT, Manifest, ShardInfo, invalidate, manifest_url, read_manifest, record_name,
                          write_manifest)
-from data.sources import Source, SourceItem, open_source, read_split_file, resolve_rare_classes
+from data.sources import Listing, Source, open_source, read_split_file, resolve_rare_classes
 
 log = logging.getLogger("bgsplit.data")
 
@@ -65,7 +65,7 @@ def rare_classes_from(split_file: str | None, rare: str | None, source: Source) 
         raise ValueError("give the rare classes with exactly one of --split-file or --rare (comma separated ids or "
                          "names)")
     ids = read_split_file(split_file) if split_file else [r.strip() for r in rare.split(",") if r.strip()]
-    labels = {item.label for item in source.items()}
+    labels = set(source.items().labels.names)
     return resolve_rare_classes(ids, labels, split_file or "--rare", source.class_names())
 
 
@@ -86,18 +86,17 @@ def _check(spec: BuildSpec) -> None:
         raise ValueError(f"--max-count and --max-mb must be positive, got {spec.max_count} and {spec.max_bytes} B")
 
 
-def _select(items: list[SourceItem], spec: BuildSpec) -> BGSelection:
+def _select(items: Listing, spec: BuildSpec) -> BGSelection:
     pool = np.arange(len(items))
     if spec.holdout:
-        rest, held = stratified_holdout([item.label for item in items], list(spec.rare), spec.holdout, spec.seed,
+        rest, held = stratified_holdout(items.labels, list(spec.rare), spec.holdout, spec.seed,
                                         per_class=spec.holdout_positives_per_class,
                                         positives_per_class=spec.positives_per_class)
         pool = held if spec.part == "holdout" else rest
     if spec.subsample is not None and spec.subsample < len(pool):
         # a uniform subset keeps the source's class proportions (and so its background fraction)
         pool = np.sort(np.random.default_rng([spec.seed, 31]).choice(pool, spec.subsample, replace=False))
-    labels = [items[i].label for i in pool]
-    sel = select_bg(labels, list(spec.rare), positives_per_class=spec.positives_per_class,
+    sel = select_bg(items.labels.take(pool), list(spec.rare), positives_per_class=spec.positives_per_class,
                     background_fraction=spec.background_fraction, max_background=spec.max_background,
                     seed=spec.seed)
     if spec.holdout and spec.part != "holdout":
@@ -175,8 +174,8 @@ def build_set(source: Source, spec: BuildSpec, out: str, *, progress: bool = Tru
     start = time.time()
     items = source.items()
     sel = _select(items, spec)
-    chosen = [(items[int(i)], int(label)) for i, label in zip(sel.indices, sel.main_labels)]
-    if not chosen:
+    chosen = ShardItems(items, sel.indices, sel.main_labels)  # indices into the one listing, not copies
+    if not len(chosen):
         raise ValueError(f"no samples to write to {out}: the selection is empty")
     print(f"{out}: {sel.describe()}", flush=True)
     resize = Resize(spec.resize_short_side, spec.jpeg_quality)

@@ -32,7 +32,7 @@ from PIL import Image
 
 from data import storage
 from data.shards import RECORD, TarShard, make_record, record_name, sample_fields, shard_name, tar_bytes
-from data.sources import Source, SourceItem, open_source
+from data.sources import Listing, Source, SourceItem, open_source
 from data.transforms import BadImage, decode_rgb
 
 READ_AHEAD = 8
@@ -85,6 +85,28 @@ def _size(data: bytes) -> tuple[int, int]:
         raise BadImage(f"{type(e).__name__}: {e}") from None
 
 
+class ShardItems:
+    """Planned samples (a shard's, or a whole selection's): indices into the source's one listing and their main
+    labels. In the build driver that is ~10 B a sample beside the listing, not a copy of the items; pickled to a
+    worker process or Ray task, it carries its own samples as a small listing of their own."""
+
+    def __init__(self, listing: Listing, indices: np.ndarray, labels: np.ndarray):
+        self.listing, self.indices = listing, np.asarray(indices, dtype=np.int64)
+        self.labels = np.asarray(labels).astype(np.int16 if len(labels) == 0 or labels.max() < 2 ** 15 else np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[tuple[SourceItem, int]]:
+        return ((self.listing[int(i)], int(label)) for i, label in zip(self.indices, self.labels))
+
+    def subset(self, at: np.ndarray) -> ShardItems:
+        return ShardItems(self.listing, self.indices[at], self.labels[at])
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return ShardItems, (self.listing.take(self.indices), np.arange(len(self.indices)), self.labels)
+
+
 @dataclass(frozen=True)
 class ShardTask:
     """One shard to write: everything a worker process needs, cheap to pickle (items are references)."""
@@ -94,7 +116,7 @@ class ShardTask:
     kind: str
     source: str
     """Spec string a worker process reopens the source from (``open_source``)."""
-    items: tuple[tuple[SourceItem, int], ...]
+    items: ShardItems
     """(item, main label) in shard order."""
     num_classes: int
     spec_hash: str
@@ -144,13 +166,13 @@ def samples_per_shard(sample_bytes: float, max_count: int, max_bytes: int) -> in
     return max(1, min(max_count, int(max_bytes // sample_bytes)))
 
 
-def estimate_sample_bytes(source: Source, items: list[tuple[SourceItem, int]], resize: Resize) -> float:
+def estimate_sample_bytes(source: Source, items: ShardItems, resize: Resize) -> float:
     """Mean tar bytes of a sample over up to ``PROBE`` evenly spaced items, as they would be stored."""
-    if not items:
+    if not len(items):
         return 0.0
     step = max(1, len(items) // PROBE)
     sizes = []
-    for item, label in items[::step][:PROBE]:
+    for item, label in items.subset(np.arange(0, len(items), step)[:PROBE]):
         try:
             image = prepare_image(source.read(item), resize)
         except BadImage:
@@ -159,7 +181,7 @@ def estimate_sample_bytes(source: Source, items: list[tuple[SourceItem, int]], r
     return sum(sizes) / len(sizes) if sizes else 0.0
 
 
-def plan_shards(items: list[tuple[SourceItem, int]], *, per_shard: int, root: str, source: str, prefix: str,
+def plan_shards(items: ShardItems, *, per_shard: int, root: str, source: str, prefix: str,
                 num_classes: int, spec_hash: str, resize: Resize, seed: int = 0) -> list[ShardTask]:
     """Positives and background in separate shards (the loader re-samples positives on their own), ``per_shard``
     samples a shard: a pure function of the selection and the seed.
@@ -170,12 +192,11 @@ def plan_shards(items: list[tuple[SourceItem, int]], *, per_shard: int, root: st
     set, whichever shards a worker reads."""
     tasks = []
     for kind in ("positive", "background"):
-        mine = [(item, label) for item, label in items if (label > 0) == (kind == "positive")]
-        order = np.random.default_rng([seed, 0x5EED, kind == "positive"]).permutation(len(mine))
-        mine = [mine[i] for i in order]
+        mine = np.flatnonzero((items.labels > 0) == (kind == "positive"))
+        mine = mine[np.random.default_rng([seed, 0x5EED, kind == "positive"]).permutation(len(mine))]
         for index, start in enumerate(range(0, len(mine), per_shard)):
             tasks.append(ShardTask(root=root, name=shard_name(prefix, kind, index), kind=kind, source=source,
-                                   items=tuple(mine[start:start + per_shard]), num_classes=num_classes,
+                                   items=items.subset(mine[start:start + per_shard]), num_classes=num_classes,
                                    spec_hash=spec_hash, resize=resize))
     return tasks
 
@@ -196,8 +217,7 @@ def finished(task: ShardTask, present: set[str]) -> ShardResult | None:
                        skipped=[tuple(s) for s in doc["skipped"]], reused=True)
 
 
-def _read_ahead(source: Source, items: tuple[tuple[SourceItem, int], ...]) -> Iterator[tuple[SourceItem, int,
-                                                                                               bytes]]:
+def _read_ahead(source: Source, items: ShardItems) -> Iterator[tuple[SourceItem, int, bytes]]:
     """Source bytes in shard order, with up to ``READ_AHEAD`` reads in flight."""
     rest = iter(items)
     with ThreadPoolExecutor(READ_AHEAD) as pool:

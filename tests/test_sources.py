@@ -87,7 +87,7 @@ def test_fmnist_counts_and_balanced_histogram(fmnist_train, fmnist_test):
 @needs_fmnist
 def test_fmnist_keys_unique_safe_and_split(fmnist_train, fmnist_test):
     train_items, test_items = fmnist_train.items(), fmnist_test.items()
-    assert_keys_ok(train_items + test_items)
+    assert_keys_ok([*train_items, *test_items])
     assert {item.split for item in train_items} == {"train"}
     assert {item.split for item in test_items} == {"test"}
     assert train_items[123].ref == "train:123"

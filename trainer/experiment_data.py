@@ -78,7 +78,7 @@ def resolve_rare(source: Any, wanted: list[str], where: str) -> tuple[str, ...]:
     from data.sources import resolve_rare_classes
 
     try:
-        return tuple(resolve_rare_classes(list(wanted), {item.label for item in source.items()}, where,
+        return tuple(resolve_rare_classes(list(wanted), set(source.items().labels.names), where,
                                           source.class_names()))
     except ValueError as e:
         raise ConfigError(str(e)) from None

@@ -9,6 +9,7 @@ from data.sources.base import IMAGE_EXTENSIONS, Source, SourceItem, make_key
 from data.sources.fmnist import FASHION_MNIST_CLASSES, FashionMNISTSource
 from data.sources.folder import ImageFolderSource
 from data.sources.inat import INatSource
+from data.sources.listing import LabelCodes, Listing, ListingBuilder
 from data.sources.manifest import ManifestSource
 from data.sources.open import open_source
 from data.sources.splits import read_split_file, resolve_rare_classes
@@ -16,6 +17,9 @@ from data.sources.wds import WebDatasetSource
 
 __all__ = [
     "SourceItem",
+    "Listing",
+    "ListingBuilder",
+    "LabelCodes",
     "Source",
     "ImageFolderSource",
     "ManifestSource",

@@ -17,7 +17,10 @@ import hashlib
 import posixpath
 import re
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from data.sources.listing import Listing
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 
@@ -26,8 +29,8 @@ _BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
 
 @dataclass(frozen=True, slots=True)
 class SourceItem:
-    """One labelled image, small enough to list millions of them in memory
-    (slotted: no per-item ``__dict__``, which matters at tens of millions).
+    """One labelled image, as a source hands it out (a listing keeps its items as columns and makes these on
+    demand: data.sources.listing).
 
     ``ref`` is opaque to callers: only the source that produced the item knows
     how to turn it into bytes, which is why :meth:`Source.read` takes the item.
@@ -49,7 +52,7 @@ class Source(Protocol):
 
     name: str
 
-    def items(self) -> list[SourceItem]: ...
+    def items(self) -> Listing: ...
 
     def read(self, item: SourceItem) -> bytes: ...
 
@@ -79,15 +82,6 @@ def make_key(text: str) -> str:
         return cleaned
     digest = hashlib.sha1(text.encode("utf-8")).hexdigest()[:8]
     return f"{cleaned}-{digest}"
-
-
-def _check_unique_keys(items: list[SourceItem], where: str) -> None:
-    """Duplicate keys would silently overwrite samples inside a shard."""
-    seen: set[str] = set()
-    for item in items:
-        if item.key in seen:
-            raise ValueError(f"duplicate key '{item.key}' in {where}; every image must appear once")
-        seen.add(item.key)
 
 
 def _is_image_name(name: str) -> bool:

@@ -11,6 +11,7 @@ import numpy as np
 
 from data import storage
 from data.sources.base import SourceItem
+from data.sources.listing import Listing, ListingBuilder
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top",
@@ -100,19 +101,18 @@ class FashionMNISTSource:
         self.name = f"fmnist:{split}"
         self._images: np.ndarray | None = None
         self._labels: np.ndarray | None = None
+        self._listing: Listing | None = None
 
-    def items(self) -> list[SourceItem]:
-        labels = self.labels()
-        width = max(5, len(str(len(labels))))
-        return [
-            SourceItem(
-                key=f"fmnist-{self.split}-{index:0{width}d}",
-                label=str(int(label)),
-                split=self.split,
-                ref=f"{self.split}:{index}",
-            )
-            for index, label in enumerate(labels)
-        ]
+    def items(self) -> Listing:
+        if self._listing is None:
+            labels = self.labels()
+            width = max(5, len(str(len(labels))))
+            builder = ListingBuilder()
+            for index, label in enumerate(labels):
+                builder.append(f"fmnist-{self.split}-{index:0{width}d}", str(int(label)), self.split,
+                               f"{self.split}:{index}")
+            self._listing = builder.build()
+        return self._listing
 
     def read(self, item: SourceItem) -> bytes:
         from PIL import Image

@@ -6,7 +6,8 @@ import os
 import posixpath
 
 from data import storage
-from data.sources.base import IMAGE_EXTENSIONS, SourceItem, _check_unique_keys, _is_image_name, make_key, pool_key
+from data.sources.base import IMAGE_EXTENSIONS, SourceItem, _is_image_name, make_key, pool_key
+from data.sources.listing import Listing
 
 
 class ImageFolderSource:
@@ -24,29 +25,29 @@ class ImageFolderSource:
         self.split = split
         self.labelled = labelled
         self.name = f"folder:{self.root}" + ("" if labelled else "#unlabelled")
-        self._items: list[SourceItem] | None = None
+        self._items: Listing | None = None
 
-    def items(self) -> list[SourceItem]:
+    def items(self) -> Listing:
         if self._items is None:
             self._items = self._scan()
-        return list(self._items)
+        return self._items
 
     def read(self, item: SourceItem) -> bytes:
         return storage.read_bytes(item.ref)
 
     def class_names(self) -> dict[str, str]:
-        return {label: label for label in sorted({item.label for item in self.items()})}
+        return {label: label for label in sorted(set(self.items().labels.names))}
 
-    def _scan(self) -> list[SourceItem]:
+    def _scan(self) -> Listing:
         relpaths = self._list_relpaths()
-        items = [self._item(rel) for rel in relpaths if "/" in rel or not self.labelled]
+        items = Listing.from_items(self._item(rel) for rel in relpaths if "/" in rel or not self.labelled)
         if not items:
             layout = "root/<class>/<file>" if self.labelled else "images anywhere under the root"
             flat = (f" ({len(relpaths)} image(s) lie directly in the root: as a pool to mine, a flat folder is "
                     "fine)") if relpaths else ""
             raise ValueError(f"no images found in image folder {self.root}; expected {layout} with extensions "
                              f"{'/'.join(sorted(IMAGE_EXTENSIONS))}{flat}")
-        _check_unique_keys(items, f"image folder {self.root}")
+        items.check_unique_keys(f"image folder {self.root}")
         return items
 
     def _item(self, rel: str) -> SourceItem:

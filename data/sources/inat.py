@@ -8,7 +8,8 @@ import posixpath
 from typing import Any, Iterable
 
 from data import storage
-from data.sources.base import SourceItem, _check_unique_keys, make_key
+from data.sources.base import SourceItem, make_key
+from data.sources.listing import Listing
 
 
 class INatSource:
@@ -30,14 +31,14 @@ class INatSource:
         self.image_root = str(image_root)
         self.split = split
         self.name = f"inat:{self.annotations_json}:{self.image_root}:{split}"
-        self._items: list[SourceItem] | None = None
+        self._items: Listing | None = None
         self._names: dict[str, str] | None = None
 
-    def items(self) -> list[SourceItem]:
+    def items(self) -> Listing:
         if self._items is None:
             self._load()
         assert self._items is not None
-        return list(self._items)
+        return self._items
 
     def read(self, item: SourceItem) -> bytes:
         return storage.read_bytes(item.ref)
@@ -63,10 +64,11 @@ class INatSource:
                 )
         self._names = {str(cat["id"]): str(cat.get("name", cat["id"])) for cat in data["categories"]}
         labels = self._labels_by_image(data["annotations"])
-        items = [self._item(image, labels[image["id"]]) for image in data["images"] if image["id"] in labels]
+        items = Listing.from_items(self._item(image, labels[image["id"]]) for image in data["images"]
+                                   if image["id"] in labels)
         if not items:
             raise ValueError(f"no annotated images in iNat annotations {self.annotations_json}; use a train/val JSON")
-        _check_unique_keys(items, f"iNat annotations {self.annotations_json}")
+        items.check_unique_keys(f"iNat annotations {self.annotations_json}")
         self._items = items
 
     def _labels_by_image(self, annotations: Iterable[dict[str, Any]]) -> dict[Any, str]:

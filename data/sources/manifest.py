@@ -10,7 +10,8 @@ import posixpath
 from typing import Any
 
 from data import storage
-from data.sources.base import SourceItem, _check_unique_keys, make_key, pool_key
+from data.sources.base import SourceItem, make_key, pool_key
+from data.sources.listing import Listing
 
 
 class ManifestSource:
@@ -30,29 +31,28 @@ class ManifestSource:
         self.root = str(root) if root is not None else self._parent(self.path)
         self.labelled = labelled
         self.name = f"manifest:{self.path}" + ("" if labelled else "#unlabelled")
-        self._items: list[SourceItem] | None = None
+        self._items: Listing | None = None
 
-    def items(self) -> list[SourceItem]:
+    def items(self) -> Listing:
         if self._items is None:
             self._items = self._load()
-        return list(self._items)
+        return self._items
 
     def read(self, item: SourceItem) -> bytes:
         return storage.read_bytes(item.ref)
 
     def class_names(self) -> dict[str, str]:
-        return {label: label for label in sorted({item.label for item in self.items()})}
+        return {label: label for label in sorted(set(self.items().labels.names))}
 
     @staticmethod
     def _parent(path: str) -> str:
         return posixpath.dirname(path) if storage.is_remote(path) else os.path.dirname(os.path.abspath(path))
 
-    def _load(self) -> list[SourceItem]:
-        rows = self._rows()
-        items = [self._item(row) for row in rows]
+    def _load(self) -> Listing:
+        items = Listing.from_items(self._item(row) for row in self._rows())
         if not items:
             raise ValueError(f"manifest {self.path} has no rows; add path,label lines")
-        _check_unique_keys(items, f"manifest {self.path}")
+        items.check_unique_keys(f"manifest {self.path}")
         return items
 
     def _rows(self) -> list[dict[str, Any]]:

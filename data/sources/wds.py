@@ -34,7 +34,8 @@ from typing import Any
 from braceexpand import braceexpand
 
 from data import storage
-from data.sources.base import IMAGE_EXTENSIONS, SourceItem, _check_unique_keys, make_key
+from data.sources.base import IMAGE_EXTENSIONS, SourceItem, make_key
+from data.sources.listing import Listing, ListingBuilder
 
 __all__ = ["WebDatasetSource", "expand_pattern", "parse_label_field"]
 
@@ -122,12 +123,12 @@ class WebDatasetSource:
         self.name = f"wds:{self.pattern}" if label_field == "cls" else f"wds:{self.pattern}#label={label_field}"
         if not labelled:
             self.name += "#unlabelled"
-        self._items: list[SourceItem] | None = None
+        self._items: Listing | None = None
 
-    def items(self) -> list[SourceItem]:
+    def items(self) -> Listing:
         if self._items is None:
             self._items = self._list()
-        return list(self._items)
+        return self._items
 
     def read(self, item: SourceItem) -> bytes:
         url, offset, size = self._parse_ref(item.ref)
@@ -147,26 +148,31 @@ class WebDatasetSource:
         return data
 
     def class_names(self) -> dict[str, str]:
-        return {label: label for label in sorted({item.label for item in self.items()})}
+        return {label: label for label in sorted(set(self.items().labels.names))}
 
     # ---------------------------------------------------------------- listing
 
-    def _list(self) -> list[SourceItem]:
+    def _list(self) -> Listing:
         self._check_shards_exist()
-        items: list[SourceItem] = []
+        builder, listed = ListingBuilder(), 0
         with ThreadPoolExecutor(max_workers=min(self.list_threads, len(self.urls))) as pool:
             futures = [pool.submit(self._list_shard_retrying, url) for url in self.urls]
             try:
-                for done, future in enumerate(futures, start=1):
-                    items.extend(future.result())
-                    log.info("listed WebDataset shard %d of %d (%d samples so far)", done, len(futures), len(items))
+                for done in range(len(futures)):
+                    shard_items = futures[done].result()
+                    futures[done] = None  # a listed shard's items live only in the columns from here on
+                    builder.extend(shard_items)
+                    listed += len(shard_items)
+                    log.info("listed WebDataset shard %d of %d (%d samples so far)", done + 1, len(futures), listed)
             except BaseException:
                 for future in futures:
-                    future.cancel()
+                    if future is not None:
+                        future.cancel()
                 raise
+        items = builder.build()
         if not items:
             raise ValueError(f"no samples in the WebDataset shards {self.pattern}; are they empty?")
-        _check_unique_keys(items, f"WebDataset shards {self.pattern}")
+        items.check_unique_keys(f"WebDataset shards {self.pattern}")
         return items
 
     def _check_shards_exist(self) -> None:

@@ -1,0 +1,55 @@
+"""A source's listing as columns: the same items a list held, a selection as indices into it, a shard task that
+pickles only its own items, and duplicates still found (data.sources.listing)."""
+import pickle
+
+import numpy as np
+import pytest
+
+from data.bg_construction import main_labels_for
+from data.ingest import ShardItems
+from data.sources import Listing, SourceItem
+
+
+def _items(n):
+    return [SourceItem(key=f"k{i:05d}", label=f"c{i % 7}", split=("train", "val")[i % 2],
+                       ref=(f"s3://b/shards/src-{i // 100:04d}.tar\t{512 * i}\t{300 + i}" if i % 3 else
+                            f"/data/photos/c{i % 7}/img {i}.jpg")) for i in range(n)]
+
+
+def test_the_listing_holds_exactly_the_items_in_order():
+    items = _items(1000)
+    listing = Listing.from_items(items)
+    assert len(listing) == 1000 and listing == items and list(listing) == items
+    assert listing[0] == items[0] and listing[-1] == items[-1] and listing[10:20] == items[10:20]
+    with pytest.raises(IndexError):
+        listing[1000]
+    picked = np.array([999, 0, 500, 500, 3])
+    assert listing.take(picked) == [items[i] for i in picked]
+    assert listing.take(np.array([], dtype=np.int64)) == []
+    assert main_labels_for(listing.labels, ["c3", "c5"]).tolist() == main_labels_for(
+        [it.label for it in items], ["c3", "c5"]).tolist()
+
+
+def test_the_columns_cost_tens_of_bytes_an_item_not_hundreds():
+    listing = Listing.from_items(_items(20000))
+    # keys of 6 B and ref tails of ~12 B (a WebDataset ref's shard URL is one code) or a file name
+    assert listing.nbytes() / len(listing) < 40
+
+
+def test_a_shard_task_pickles_its_own_items_only():
+    listing = Listing.from_items(_items(5000))
+    chosen = ShardItems(listing, np.arange(0, 5000, 2), np.arange(2500) % 3)
+    shard = chosen.subset(np.arange(10, 20))
+    assert [(it.key, lab) for it, lab in shard] == [(f"k{2 * i:05d}", i % 3) for i in range(10, 20)]
+    wire = pickle.dumps(shard)
+    assert len(wire) < 3000 < len(pickle.dumps(listing))  # 10 items travel, not the 5,000 of the listing
+    back = pickle.loads(wire)
+    assert list(back) == list(shard) and len(back.listing) == 10
+
+
+def test_a_duplicate_key_is_named():
+    items = _items(300)
+    items.append(SourceItem(key="k00042", label="c1", split="", ref="/x.jpg"))
+    with pytest.raises(ValueError, match="duplicate key 'k00042' in here; every image must appear once"):
+        Listing.from_items(items).check_unique_keys("here")
+    Listing.from_items(_items(300)).check_unique_keys("here")
