@@ -175,19 +175,23 @@ def build_set(source: Source, spec: BuildSpec, out: str, *, progress: bool = Tru
     items = source.items()
     sel = _select(items, spec)
     chosen = ShardItems(items, sel.indices, sel.main_labels)  # indices into the one listing, not copies
+    summary = sel.describe()
+    del sel
     if not len(chosen):
         raise ValueError(f"no samples to write to {out}: the selection is empty")
-    print(f"{out}: {sel.describe()}", flush=True)
+    print(f"{out}: {summary}", flush=True)
     resize = Resize(spec.resize_short_side, spec.jpeg_quality)
     per_shard = samples_per_shard(estimate_sample_bytes(source, chosen, resize), spec.max_count, spec.max_bytes)
     tasks = plan_shards(chosen, per_shard=per_shard, root=out, source=spec.source, prefix=PREFIX,
                         num_classes=len(spec.rare) + 1, spec_hash=spec_hash(asdict(spec)), resize=resize,
                         seed=spec.seed)
+    del chosen  # the tasks hold their own index arrays
     invalidate(out)
     present = set(storage.listdir(out))
     results = {t.name: r for t in tasks if (r := finished(t, present)) is not None}
     todo = [t for t in tasks if t.name not in results]
-    bar = _Bar(progress, len(chosen), sum(len(t.items) for t in tasks if t.name in results), "shards")
+    bar = _Bar(progress, sum(len(t.items) for t in tasks), sum(len(t.items) for t in tasks if t.name in results),
+               "shards")
     try:
         run = runner or functools.partial(run_tasks, workers=workers)
         for r in run(todo, source, progress=bar, done=_warn_skipped):

@@ -32,11 +32,13 @@ class LabelCodes(NamedTuple):
         return LabelCodes(self.codes[indices], self.names)
 
 
-def _offsets(ends: array) -> np.ndarray:
-    """[0, end_0, end_1, ...] in the narrowest unsigned type that holds the buffer's length."""
-    out = np.zeros(len(ends) + 1, dtype=np.uint64)
-    out[1:] = np.frombuffer(ends, dtype=np.uint64) if len(ends) else ()
-    return out.astype(np.uint32) if out[-1] < 2 ** 32 else out
+def _offsets(lengths: array) -> np.ndarray:
+    """[0, end_0, end_1, ...] from per-item byte lengths, in the narrowest unsigned type that holds the buffer."""
+    ends = np.cumsum(np.frombuffer(lengths, dtype=np.uint16), dtype=np.uint64) if len(lengths) else ()
+    dtype = np.uint32 if (ends[-1] if len(ends) else 0) < 2 ** 32 else np.uint64
+    out = np.zeros(len(lengths) + 1, dtype=dtype)
+    out[1:] = ends
+    return out
 
 
 def _codes(values: array, table: list[str]) -> np.ndarray:
@@ -68,22 +70,31 @@ class ListingBuilder:
     """Appends items into the columns as a source lists them; ``build`` hands back the Listing."""
 
     def __init__(self) -> None:
-        self._keys, self._key_ends = bytearray(), array("Q")
-        self._tails, self._tail_ends = bytearray(), array("Q")
+        # per-item lengths (2 B) rather than offsets (8 B) while listing: the builder's peak is the driver's peak
+        self._keys, self._key_lengths = bytearray(), array("H")
+        self._tails, self._tail_lengths = bytearray(), array("H")
         self._labels, self._splits, self._heads = array("I"), array("I"), array("I")
         self._tables: dict[str, dict[str, int]] = {"label": {}, "split": {}, "head": {}}
+
+    def __len__(self) -> int:
+        return len(self._labels)
 
     def _code(self, table: str, value: str) -> int:
         codes = self._tables[table]
         return codes.setdefault(value, len(codes))
 
     def append(self, key: str, label: str, split: str, ref: str) -> None:
-        self._keys += key.encode()
-        self._key_ends.append(len(self._keys))
+        encoded = key.encode()
         head, tail = _split_ref(ref)
+        tail_bytes = tail.encode()
+        if len(encoded) >= 2 ** 16 or len(tail_bytes) >= 2 ** 16:
+            raise ValueError(f"item key or path of {max(len(encoded), len(tail_bytes))} bytes ({key[:60]}...): "
+                             "keys and paths must be shorter than 64 KB")
+        self._keys += encoded
+        self._key_lengths.append(len(encoded))
         self._heads.append(self._code("head", head))
-        self._tails += tail.encode()
-        self._tail_ends.append(len(self._tails))
+        self._tails += tail_bytes
+        self._tail_lengths.append(len(tail_bytes))
         self._labels.append(self._code("label", label))
         self._splits.append(self._code("split", split))
 
@@ -93,11 +104,12 @@ class ListingBuilder:
 
     def build(self) -> Listing:
         names = {t: list(codes) for t, codes in self._tables.items()}
-        return Listing(np.frombuffer(bytes(self._keys), np.uint8), _offsets(self._key_ends),
+        # the byte buffers are viewed, not copied (a copy would double the keys at the driver's peak)
+        return Listing(np.frombuffer(self._keys, np.uint8), _offsets(self._key_lengths),
                        LabelCodes(_codes(self._labels, names["label"]), names["label"]),
                        _codes(self._splits, names["split"]), names["split"],
                        _codes(self._heads, names["head"]), names["head"],
-                       np.frombuffer(bytes(self._tails), np.uint8), _offsets(self._tail_ends))
+                       np.frombuffer(self._tails, np.uint8), _offsets(self._tail_lengths))
 
 
 class Listing(Sequence[SourceItem]):

@@ -22,13 +22,15 @@ Labels are strings, whatever the member held, as for every source.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import posixpath
 import re
 import tarfile
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from braceexpand import braceexpand
@@ -154,20 +156,28 @@ class WebDatasetSource:
 
     def _list(self) -> Listing:
         self._check_shards_exist()
-        builder, listed = ListingBuilder(), 0
+        builder = ListingBuilder()
+        # a bounded window of shards in flight: listed shards waiting as Python items would cost ~400 B a sample,
+        # the very memory the columns save
+        window: deque[Future] = deque()
+        urls = iter(self.urls)
         with ThreadPoolExecutor(max_workers=min(self.list_threads, len(self.urls))) as pool:
-            futures = [pool.submit(self._list_shard_retrying, url) for url in self.urls]
             try:
-                for done in range(len(futures)):
-                    shard_items = futures[done].result()
-                    futures[done] = None  # a listed shard's items live only in the columns from here on
+                for url in itertools.islice(urls, 2 * self.list_threads):
+                    window.append(pool.submit(self._list_shard_retrying, url))
+                done = 0
+                while window:
+                    shard_items = window.popleft().result()
+                    for url in itertools.islice(urls, 1):
+                        window.append(pool.submit(self._list_shard_retrying, url))
                     builder.extend(shard_items)
-                    listed += len(shard_items)
-                    log.info("listed WebDataset shard %d of %d (%d samples so far)", done + 1, len(futures), listed)
+                    del shard_items
+                    done += 1
+                    log.info("listed WebDataset shard %d of %d (%d samples so far)", done, len(self.urls),
+                             len(builder))
             except BaseException:
-                for future in futures:
-                    if future is not None:
-                        future.cancel()
+                for future in window:
+                    future.cancel()
                 raise
         items = builder.build()
         if not items:
