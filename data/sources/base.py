@@ -17,10 +17,8 @@ import hashlib
 import posixpath
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
-
-if TYPE_CHECKING:
-    from data.sources.listing import Listing
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 
@@ -52,7 +50,7 @@ class Source(Protocol):
 
     name: str
 
-    def items(self) -> Listing: ...
+    def items(self) -> Sequence[SourceItem]: ...  # a data.sources.listing.Listing: the items as columns
 
     def read(self, item: SourceItem) -> bytes: ...
 
