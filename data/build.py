@@ -22,8 +22,8 @@ from data import storage
 from data.bg_construction import BGSelection, positives_for_background_fraction, select_bg, stratified_holdout
 from data.ingest import (Resize, ShardItems, ShardResult, ShardTask, estimate_sample_bytes, finished, plan_shards,
                          run_tasks, samples_per_shard, spec_hash)
-from data.shards import (FORMAT, Manifest, ShardInfo, invalidate, manifest_url, read_manifest, record_name,
-                         write_manifest)
+from data.shards import (FORMAT, RECORD_READS_IN_FLIGHT, Manifest, ShardInfo, invalidate, manifest_url, read_manifest,
+                         record_name, write_manifest)
 from data.sources import Listing, Source, open_source, read_split_file, resolve_rare_classes
 
 log = logging.getLogger("bgsplit.data")
@@ -188,7 +188,8 @@ def build_set(source: Source, spec: BuildSpec, out: str, *, progress: bool = Tru
     del chosen  # the tasks hold their own index arrays
     invalidate(out)
     present = set(storage.listdir(out))
-    results = {t.name: r for t in tasks if (r := finished(t, present)) is not None}
+    done = storage.in_flight(lambda t: finished(t, present), tasks, RECORD_READS_IN_FLIGHT)
+    results = {t.name: r for t, r in done if r is not None}
     todo = [t for t in tasks if t.name not in results]
     bar = _Bar(progress, sum(len(t.items) for t in tasks), sum(len(t.items) for t in tasks if t.name in results),
                "shards")

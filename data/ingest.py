@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import io
-import itertools
 import json
 import multiprocessing as mp
 import os
 import time
 import warnings
-from collections import deque
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from queue import Empty
@@ -219,19 +217,8 @@ def finished(task: ShardTask, present: set[str]) -> ShardResult | None:
 
 def _read_ahead(source: Source, items: ShardItems) -> Iterator[tuple[SourceItem, int, bytes]]:
     """Source bytes in shard order, with up to ``READ_AHEAD`` reads in flight."""
-    rest = iter(items)
-    with ThreadPoolExecutor(READ_AHEAD) as pool:
-        window: deque[tuple[SourceItem, int, Future]] = deque()
-
-        def submit(n: int) -> None:
-            for item, label in itertools.islice(rest, n):
-                window.append((item, label, pool.submit(source.read, item)))
-
-        submit(READ_AHEAD)
-        while window:
-            item, label, future = window.popleft()
-            submit(1)
-            yield item, label, future.result()
+    for (item, label), data in storage.in_flight(lambda pair: source.read(pair[0]), items, READ_AHEAD):
+        yield item, label, data
 
 
 def write_shard(task: ShardTask, source: Source, progress: Progress | None = None) -> ShardResult:

@@ -369,3 +369,30 @@ def test_a_training_stream_reads_each_range_once_across_epochs_with_read_ahead(s
     assert got[1][1] == got[0][1]
     assert got[0][2] == alone < got[1][2]  # without read-ahead the next epoch waits for its turn
     assert not read_ahead_threads()
+
+
+def test_in_flight_keeps_the_order_and_its_bound_and_raises_an_error_at_its_turn():
+    """Many small reads (a set's completion records, a shard's source images) run ``depth`` at a time, answers in
+    the order asked, and a failed one is raised when the caller reaches it, not before."""
+    lock, running, peak = threading.Lock(), [0], [0]
+    gate = threading.Event()
+
+    def work(i: int) -> int:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        gate.wait(0.05 if i % 3 else 0.01)  # out-of-order finishing
+        with lock:
+            running[0] -= 1
+        if i == 17:
+            raise OSError(f"item {i} failed")
+        return i * i
+
+    got = []
+    with pytest.raises(OSError, match="item 17 failed"):
+        for item, value in storage.in_flight(work, range(40), depth=4):
+            got.append((item, value))
+    assert got == [(i, i * i) for i in range(17)]
+    assert 1 < peak[0] <= 4
+    assert list(storage.in_flight(work, [], depth=4)) == []
+    assert [v for _, v in storage.in_flight(work, range(5), depth=0)] == [0, 1, 4, 9, 16]  # depth 0 is one at a time
