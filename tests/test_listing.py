@@ -36,6 +36,18 @@ def test_the_columns_cost_tens_of_bytes_an_item_not_hundreds():
     assert listing.nbytes() / len(listing) < 40
 
 
+def test_a_code_column_widens_when_its_table_outgrows_a_byte():
+    # 70,000 files in 70,000 folders: 70,000 heads need 4-byte codes, 7 labels and 2 splits stay at 1 byte
+    items = [SourceItem(key=f"k{i}", label=f"c{i % 7}", split=("train", "val")[i % 2], ref=f"/d/{i}/a.jpg")
+             for i in range(70000)]
+    listing = Listing.from_items(items)
+    assert listing == items and listing.take(np.array([69999, 256, 255, 65536])) == [
+        items[i] for i in (69999, 256, 255, 65536)]
+    assert listing.labels.codes.dtype == np.uint8 and listing.nbytes() < 70000 * 30
+    few = Listing.from_items(items[:300])
+    assert few == items[:300] and few.labels.codes.dtype == np.uint8
+
+
 def test_a_shard_task_pickles_its_own_items_only():
     listing = Listing.from_items(_items(5000))
     chosen = ShardItems(listing, np.arange(0, 5000, 2), np.arange(2500) % 3)

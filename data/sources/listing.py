@@ -33,17 +33,22 @@ class LabelCodes(NamedTuple):
 
 
 def _offsets(lengths: array) -> np.ndarray:
-    """[0, end_0, end_1, ...] from per-item byte lengths, in the narrowest unsigned type that holds the buffer."""
-    ends = np.cumsum(np.frombuffer(lengths, dtype=np.uint16), dtype=np.uint64) if len(lengths) else ()
-    dtype = np.uint32 if (ends[-1] if len(ends) else 0) < 2 ** 32 else np.uint64
-    out = np.zeros(len(lengths) + 1, dtype=dtype)
-    out[1:] = ends
+    """[0, end_0, end_1, ...] from per-item byte lengths, in the narrowest unsigned type that holds the buffer,
+    summed straight into it (a uint64 cumsum first would add 8 B an item at the driver's peak)."""
+    view = np.frombuffer(lengths, dtype=np.uint16) if len(lengths) else np.zeros(0, np.uint16)
+    dtype = np.uint32 if int(view.sum(dtype=np.uint64)) < 2 ** 32 else np.uint64
+    out = np.zeros(len(view) + 1, dtype=dtype)
+    np.cumsum(view, dtype=dtype, out=out[1:])
     return out
 
 
-def _codes(values: array, table: list[str]) -> np.ndarray:
-    dtype = np.uint8 if len(table) <= 2 ** 8 else np.uint16 if len(table) <= 2 ** 16 else np.uint32
-    return np.frombuffer(values, dtype=np.uint32).astype(dtype) if len(values) else np.zeros(0, dtype)
+# a code column's array typecode by the codes it must hold: 1 B an item until a table outgrows it
+_WIDER = {"B": "H", "H": "I"}
+_NUMPY = {"B": np.uint8, "H": np.uint16, "I": np.uint32}
+
+
+def _codes(column: array) -> np.ndarray:
+    return np.frombuffer(column, dtype=_NUMPY[column.typecode]) if len(column) else np.zeros(0, np.uint8)
 
 
 def _take_text(buffer: np.ndarray, offsets: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -73,15 +78,20 @@ class ListingBuilder:
         # per-item lengths (2 B) rather than offsets (8 B) while listing: the builder's peak is the driver's peak
         self._keys, self._key_lengths = bytearray(), array("H")
         self._tails, self._tail_lengths = bytearray(), array("H")
-        self._labels, self._splits, self._heads = array("I"), array("I"), array("I")
         self._tables: dict[str, dict[str, int]] = {"label": {}, "split": {}, "head": {}}
+        self._columns = {table: array("B") for table in self._tables}
 
     def __len__(self) -> int:
-        return len(self._labels)
+        return len(self._columns["label"])
 
-    def _code(self, table: str, value: str) -> int:
-        codes = self._tables[table]
-        return codes.setdefault(value, len(codes))
+    def _append_code(self, table: str, value: str) -> None:
+        codes, column = self._tables[table], self._columns[table]
+        code = codes.get(value)
+        if code is None:
+            code = codes[value] = len(codes)
+            if code == 2 ** (8 * column.itemsize):  # widened once per size: 1 B an item while tables are small
+                column = self._columns[table] = array(_WIDER[column.typecode], column)
+        column.append(code)
 
     def append(self, key: str, label: str, split: str, ref: str) -> None:
         encoded = key.encode()
@@ -92,24 +102,28 @@ class ListingBuilder:
                              "keys and paths must be shorter than 64 KB")
         self._keys += encoded
         self._key_lengths.append(len(encoded))
-        self._heads.append(self._code("head", head))
+        self._append_code("head", head)
         self._tails += tail_bytes
         self._tail_lengths.append(len(tail_bytes))
-        self._labels.append(self._code("label", label))
-        self._splits.append(self._code("split", split))
+        self._append_code("label", label)
+        self._append_code("split", split)
 
     def extend(self, items: Iterable[SourceItem]) -> None:
         for item in items:
             self.append(item.key, item.label, item.split, item.ref)
 
     def build(self) -> Listing:
+        """The columns, viewed rather than copied (a copy would double the keys at the driver's peak); the builder
+        is spent. Each lengths column is dropped once its offsets exist, so no two transients meet."""
         names = {t: list(codes) for t, codes in self._tables.items()}
-        # the byte buffers are viewed, not copied (a copy would double the keys at the driver's peak)
-        return Listing(np.frombuffer(self._keys, np.uint8), _offsets(self._key_lengths),
-                       LabelCodes(_codes(self._labels, names["label"]), names["label"]),
-                       _codes(self._splits, names["split"]), names["split"],
-                       _codes(self._heads, names["head"]), names["head"],
-                       np.frombuffer(self._tails, np.uint8), _offsets(self._tail_lengths))
+        key_offsets = _offsets(self._key_lengths)
+        self._key_lengths = array("H")
+        tail_offsets = _offsets(self._tail_lengths)
+        self._tail_lengths = array("H")
+        codes = {t: _codes(column) for t, column in self._columns.items()}
+        return Listing(np.frombuffer(self._keys, np.uint8), key_offsets, LabelCodes(codes["label"], names["label"]),
+                       codes["split"], names["split"], codes["head"], names["head"],
+                       np.frombuffer(self._tails, np.uint8), tail_offsets)
 
 
 class Listing(Sequence[SourceItem]):
