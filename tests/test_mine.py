@@ -157,14 +157,21 @@ def test_add_labels_writes_a_new_version_without_touching_the_parent(tiny_sets, 
     rows = _rows(tmp_path / "mined")
     parent = read_manifest(tiny_sets["train"])
     before = _digest(tiny_sets["train"])
-    # the simulated annotator: the pool's hidden label (the sample's json "orig") decides yes or no
+    # the simulated annotator: the pool's hidden label (the sample's json "orig") decides yes or no, except that it
+    # confirms class 1's top candidate whatever it shows (and only as class 1), so new positives are written even
+    # when this 2-step model's candidates hold no true one (they held none in one loaded 2-core run)
     truth = {}
     for s in read_manifest(pool).shards:
         for key, fields in iter_tar(open(Path(pool) / s.url, "rb")):
             truth[key] = json.loads(fields["json"])["orig"]
     rare = parent.rare_classes
+    confirmed = next(r["key"] for r in rows if r["class"] == 1 and r["rank"] == 1)
+
+    def says_yes(r: dict) -> bool:
+        return r["class"] == 1 if r["key"] == confirmed else truth[r["key"]] == rare[r["class"] - 1]
+
     labelled = [{**{k: r[k] for k in ("key", "class", "class_name", "score", "rank", "shard", "index")},
-                 "label": "yes" if truth[r["key"]] == rare[r["class"] - 1] else "no"} for r in rows]
+                 "label": "yes" if says_yes(r) else "no"} for r in rows]
     # a key in no shard/index column is found by a pass over the pool
     labelled[0] = {**labelled[0], "shard": "", "index": ""}
     _write_csv(tmp_path / "labels.csv", labelled)
