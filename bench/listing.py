@@ -1,9 +1,10 @@
-"""What the `shards build` driver's source listing costs a sample, at sizes bench/scale.py cannot write to disk.
+"""What the `shards build` driver holds a sample before it reads an image, at sizes bench/scale.py cannot write.
 
 bench/scale.py measures the whole build (a 1M-sample source is 5.7 GB of tars here); this one lists synthetic
-WebDataset-like items straight into a ``ListingBuilder`` in a fresh process per size, so 10M items fit in a minute:
-the peak RSS the listing adds over the process after its imports (what the driver pays), the columns' own
-bytes, and the ``list[SourceItem]`` the columns replaced (``--as-list-up-to``, it is ~0.5 KB an item).
+WebDataset-like items straight into a ``ListingBuilder`` in a fresh process per size, so 10M items fit in a minute,
+then selects a -BG set from them and plans its shards as ``build_set`` does. It reports the peak RSS each step
+adds over the process after its imports (what the driver pays), the columns' own bytes, and the
+``list[SourceItem]`` the columns replaced (``--as-list-up-to``).
 
     .venv/bin/python bench/listing.py --sizes 1000000,10000000 --json artifacts/bench/listing.json
 """
@@ -34,7 +35,21 @@ def item(i: int, key_chars: int):
                       ref=f"s3://bucket/raw/raw-{i // 10000:06d}.tar\t{4608 * (i % 10000)}\t4096")
 
 
+def plan(listing) -> int:
+    """Select 1% of the items' class as positives and plan 10k-sample shards: the driver's steps before writing."""
+    from data.bg_construction import select_bg
+    from data.ingest import Resize, ShardItems, plan_shards
+
+    sel = select_bg(listing.labels, ["c3"], positives_per_class=max(1, len(listing) // 100), seed=0)
+    chosen = ShardItems(listing, sel.indices, sel.main_labels)
+    del sel
+    tasks = plan_shards(chosen, per_shard=10000, root="/out", source="wds:bench", prefix="bench", num_classes=2,
+                        spec_hash="bench", resize=Resize(0, 90))
+    return sum(len(t.items) for t in tasks)
+
+
 def child(n: int, key_chars: int, as_list: bool) -> dict:
+    import data.ingest  # noqa: F401 - imported before the baseline: it brings torch (~0.5 GB), not a per-item cost
     from data.sources import ListingBuilder
 
     base = peak_rss_bytes()
@@ -51,10 +66,13 @@ def child(n: int, key_chars: int, as_list: bool) -> dict:
         del builder
         columns = held.nbytes() / n
     seconds = time.perf_counter() - start
+    listed = peak_rss_bytes()
+    planned = None if as_list else plan(held)
     return {"items": n, "form": "list" if as_list else "columns", "key_chars": key_chars,
-            "peak_bytes_per_item": round((peak_rss_bytes() - base) / n, 1),
+            "peak_bytes_per_item": round((listed - base) / n, 1),
             "column_bytes_per_item": None if columns is None else round(columns, 1),
-            "items_per_s": round(n / seconds), "len": len(held)}
+            "planned_peak_bytes_per_item": None if as_list else round((peak_rss_bytes() - base) / n, 1),
+            "planned": planned, "items_per_s": round(n / seconds), "len": len(held)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,8 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         if row["form"] == "columns":
             print(f"{row['items']:>11,} items: the listing adds {row['peak_bytes_per_item']} B an item at its peak "
-                  f"({row['peak_bytes_per_item'] * 1e7 / 2 ** 30:.2f} GB at 10M), columns "
-                  f"{row['column_bytes_per_item']} B")
+                  f"(columns {row['column_bytes_per_item']} B), with the selection and the shard plan "
+                  f"{row['planned_peak_bytes_per_item']} B ({row['planned_peak_bytes_per_item'] * 1e7 / 2 ** 30:.2f} "
+                  "GB at 10M)")
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(rows, indent=1) + "\n")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data.sources.listing import LabelCodes
+from data.sources.listing import LabelCodes, positions
 
 
 @dataclass(frozen=True)
@@ -45,10 +45,11 @@ def main_labels_for(labels: list[str] | LabelCodes, rare_classes: list[str]) -> 
     """Map original labels to 0..K; a rare class's main label is its 1-based position in the split file.
     A source's listing gives its labels as codes (``LabelCodes``): mapped through the table, not item by item."""
     lookup = {c: i + 1 for i, c in enumerate(rare_classes)}
+    dtype = np.int16 if len(rare_classes) < 2 ** 15 else np.int64  # 2 B a source item in the build driver
     if isinstance(labels, LabelCodes):
-        table = np.array([lookup.get(name, 0) for name in labels.names], dtype=np.int64)
-        return table[labels.codes] if len(labels) else np.zeros(0, dtype=np.int64)
-    return np.array([lookup.get(lab, 0) for lab in labels], dtype=np.int64)
+        table = np.array([lookup.get(name, 0) for name in labels.names], dtype=dtype)
+        return table[labels.codes] if len(labels) else np.zeros(0, dtype=dtype)
+    return np.array([lookup.get(lab, 0) for lab in labels], dtype=dtype)
 
 
 def positives_for_background_fraction(num_background: int, num_rare: int, fraction: float) -> int:
@@ -73,7 +74,7 @@ def select_bg(labels: list[str] | LabelCodes, rare_classes: list[str], *, positi
         raise ValueError(f"positives_per_class must be >= 1, got {positives_per_class}")
     mains = main_labels_for(labels, rare_classes)
     rng = np.random.default_rng(seed)
-    background = np.flatnonzero(mains == 0)
+    background = positions(mains == 0)
     if max_background is not None and len(background) > max_background:
         background = np.sort(rng.choice(background, size=max_background, replace=False))
     cap = positives_per_class
@@ -81,13 +82,14 @@ def select_bg(labels: list[str] | LabelCodes, rare_classes: list[str], *, positi
         cap = positives_for_background_fraction(len(background), len(rare_classes), background_fraction)
     kept = [background]
     for k in range(1, len(rare_classes) + 1):
-        members = np.flatnonzero(mains == k)
+        members = positions(mains == k)
         if len(members) == 0:
             raise ValueError(f"rare class '{rare_classes[k - 1]}' has no images in this source; check the split file")
         if cap is not None and len(members) > cap:
             members = np.sort(rng.choice(members, size=cap, replace=False))
         kept.append(members)
-    indices = np.sort(np.concatenate(kept))
+    indices = np.concatenate(kept)
+    indices.sort()
     return BGSelection(indices=indices, main_labels=mains[indices], rare_classes=tuple(rare_classes))
 
 
@@ -158,7 +160,7 @@ def stratified_holdout(labels: list[str] | LabelCodes, rare_classes: list[str], 
     leaves a class fewer than that to train on is an error naming the fix, never a silently smaller training set.
     """
     mains = main_labels_for(labels, rare_classes)
-    members = [np.flatnonzero(mains == k) for k in range(len(rare_classes) + 1)]
+    members = [positions(mains == k) for k in range(len(rare_classes) + 1)]
     sizes = [len(m) for m in members[1:]]
     shares, background = holdout_shares(sizes, len(members[0]), holdout, list(rare_classes), per_class=per_class)
     if positives_per_class is not None:
@@ -166,5 +168,8 @@ def stratified_holdout(labels: list[str] | LabelCodes, rare_classes: list[str], 
                                  per_class=per_class)
     held = [np.random.default_rng([seed, 7919, k]).permutation(m)[:n]
             for k, (m, n) in enumerate(zip(members, [background, *shares]))]
-    held_all = np.sort(np.concatenate(held))
-    return np.setdiff1d(np.arange(len(labels)), held_all, assume_unique=True), held_all
+    held_all = np.concatenate(held)
+    held_all.sort()
+    rest = np.ones(len(labels), dtype=bool)  # a mask, not setdiff1d: that sorts a copy of every index
+    rest[held_all] = False
+    return positions(rest), held_all

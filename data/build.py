@@ -24,7 +24,7 @@ from data.ingest import (Resize, ShardItems, ShardResult, ShardTask, estimate_sa
                          run_tasks, samples_per_shard, spec_hash)
 from data.shards import (FORMAT, RECORD_READS_IN_FLIGHT, Manifest, ShardInfo, invalidate, manifest_url, read_manifest,
                          record_name, write_manifest)
-from data.sources import Listing, Source, open_source, read_split_file, resolve_rare_classes
+from data.sources import Listing, Source, index_dtype, open_source, read_split_file, resolve_rare_classes
 
 log = logging.getLogger("bgsplit.data")
 
@@ -87,7 +87,7 @@ def _check(spec: BuildSpec) -> None:
 
 
 def _select(items: Listing, spec: BuildSpec) -> BGSelection:
-    pool = np.arange(len(items))
+    pool = np.arange(len(items), dtype=index_dtype(len(items)))
     if spec.holdout:
         rest, held = stratified_holdout(items.labels, list(spec.rare), spec.holdout, spec.seed,
                                         per_class=spec.holdout_positives_per_class,

@@ -30,7 +30,7 @@ from PIL import Image
 
 from data import storage
 from data.shards import RECORD, TarShard, make_record, record_name, sample_fields, shard_name, tar_bytes
-from data.sources import Listing, Source, SourceItem, open_source
+from data.sources import Listing, Source, SourceItem, open_source, positions
 from data.transforms import BadImage, decode_rgb
 
 READ_AHEAD = 8
@@ -85,11 +85,13 @@ def _size(data: bytes) -> tuple[int, int]:
 
 class ShardItems:
     """Planned samples (a shard's, or a whole selection's): indices into the source's one listing and their main
-    labels. In the build driver that is ~10 B a sample beside the listing, not a copy of the items; pickled to a
+    labels. In the build driver that is ~6 B a sample beside the listing, not a copy of the items; pickled to a
     worker process or Ray task, it carries its own samples as a small listing of their own."""
 
     def __init__(self, listing: Listing, indices: np.ndarray, labels: np.ndarray):
-        self.listing, self.indices = listing, np.asarray(indices, dtype=np.int64)
+        indices = np.asarray(indices)
+        # the selection's index type is kept (4 B a sample in the driver); only a non-integer empty list becomes int64
+        self.listing, self.indices = listing, indices if indices.dtype.kind in "iu" else indices.astype(np.int64)
         self.labels = np.asarray(labels).astype(np.int16 if len(labels) == 0 or labels.max() < 2 ** 15 else np.int64)
 
     def __len__(self) -> int:
@@ -190,8 +192,8 @@ def plan_shards(items: ShardItems, *, per_shard: int, root: str, source: str, pr
     set, whichever shards a worker reads."""
     tasks = []
     for kind in ("positive", "background"):
-        mine = np.flatnonzero((items.labels > 0) == (kind == "positive"))
-        mine = mine[np.random.default_rng([seed, 0x5EED, kind == "positive"]).permutation(len(mine))]
+        mine = positions((items.labels > 0) == (kind == "positive"))
+        np.random.default_rng([seed, 0x5EED, kind == "positive"]).shuffle(mine)  # = mine[permutation], no copy
         for index, start in enumerate(range(0, len(mine), per_shard)):
             tasks.append(ShardTask(root=root, name=shard_name(prefix, kind, index), kind=kind, source=source,
                                    items=items.subset(mine[start:start + per_shard]), num_classes=num_classes,

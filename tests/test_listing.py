@@ -7,7 +7,7 @@ import pytest
 
 from data.bg_construction import main_labels_for
 from data.ingest import ShardItems
-from data.sources import Listing, SourceItem
+from data.sources import Listing, SourceItem, positions
 
 
 def _items(n):
@@ -46,6 +46,22 @@ def test_a_code_column_widens_when_its_table_outgrows_a_byte():
     assert listing.labels.codes.dtype == np.uint8 and listing.nbytes() < 70000 * 30
     few = Listing.from_items(items[:300])
     assert few == items[:300] and few.labels.codes.dtype == np.uint8
+
+
+def test_selection_and_plan_hold_4_byte_indices_into_the_listing():
+    from data.bg_construction import select_bg
+    from data.ingest import Resize, plan_shards
+
+    mask = np.random.default_rng(0).random(10000) < 0.3
+    assert positions(mask).dtype == np.int32 and positions(mask).tolist() == np.flatnonzero(mask).tolist()
+    listing = Listing.from_items(_items(7000))
+    sel = select_bg(listing.labels, ["c3", "c5"], positives_per_class=50, seed=1)
+    assert sel.indices.dtype == np.int32 and sel.main_labels.dtype == np.int16
+    tasks = plan_shards(ShardItems(listing, sel.indices, sel.main_labels), per_shard=400, root="/r", source="s",
+                        prefix="p", num_classes=3, spec_hash="h", resize=Resize(0, 90))
+    assert {t.items.indices.dtype for t in tasks} == {np.dtype(np.int32)}
+    planned = sorted(it.key for t in tasks for it, _ in t.items)
+    assert planned == sorted(listing.key(int(i)) for i in sel.indices)  # every selected item once
 
 
 def test_a_shard_task_pickles_its_own_items_only():

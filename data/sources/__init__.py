@@ -9,7 +9,7 @@ from data.sources.base import IMAGE_EXTENSIONS, Source, SourceItem, make_key
 from data.sources.fmnist import FASHION_MNIST_CLASSES, FashionMNISTSource
 from data.sources.folder import ImageFolderSource
 from data.sources.inat import INatSource
-from data.sources.listing import LabelCodes, Listing, ListingBuilder
+from data.sources.listing import LabelCodes, Listing, ListingBuilder, index_dtype, positions
 from data.sources.manifest import ManifestSource
 from data.sources.open import open_source
 from data.sources.splits import read_split_file, resolve_rare_classes
@@ -20,6 +20,8 @@ __all__ = [
     "Listing",
     "ListingBuilder",
     "LabelCodes",
+    "index_dtype",
+    "positions",
     "Source",
     "ImageFolderSource",
     "ManifestSource",

@@ -32,6 +32,17 @@ class LabelCodes(NamedTuple):
         return LabelCodes(self.codes[indices], self.names)
 
 
+def index_dtype(n: int) -> type:
+    """Positions into a listing of ``n`` items in 4 bytes while they fit: the build driver's selection and shard
+    tasks are index arrays as long as the source, so int64 would add 4 B a sample at its peak for nothing."""
+    return np.int32 if n < 2 ** 31 else np.int64
+
+
+def positions(mask: np.ndarray) -> np.ndarray:
+    """``np.flatnonzero(mask)`` in :func:`index_dtype`."""
+    return np.flatnonzero(mask).astype(index_dtype(len(mask)), copy=False)
+
+
 def _offsets(lengths: array) -> np.ndarray:
     """[0, end_0, end_1, ...] from per-item byte lengths, in the narrowest unsigned type that holds the buffer,
     summed straight into it (a uint64 cumsum first would add 8 B an item at the driver's peak)."""
