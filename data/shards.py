@@ -327,6 +327,19 @@ def invalidate(root: str) -> None:
     storage.remove(storage.join(root, LABELS_DIR), recursive=True)
 
 
+def _sorted_unique(values: np.ndarray) -> np.ndarray:
+    """``np.unique`` sorting ``values`` in place: publishing a set peaks at ~24 B a key (the saved file's copies
+    included) where np.unique's copies made it ~34, on a driver that still holds the source listing (10M keys:
+    ~100 MB less)."""
+    values.sort()
+    if values.size < 2:
+        return values
+    keep = np.empty(values.size, dtype=bool)
+    keep[0] = True
+    np.not_equal(values[1:], values[:-1], out=keep[1:])
+    return values[keep]
+
+
 def write_key_index(manifest: Manifest) -> dict[str, Any] | None:
     """The sorted, unique key hashes of every listed shard, from their records, as ``keys.npy`` beside the manifest
     (None, and no file, when a listed shard's record predates key hashes: a set keeping an older set's shards)."""
@@ -337,11 +350,14 @@ def write_key_index(manifest: Manifest) -> dict[str, Any] | None:
         if "key_hashes" not in doc:
             return None
         parts.append(np.frombuffer(base64.b64decode(doc["key_hashes"]), dtype="<u8"))
-    index = np.unique(np.concatenate(parts)).astype(np.uint64) if parts else np.zeros(0, np.uint64)
-    buf = io.BytesIO()
+    index = np.concatenate(parts).astype(np.uint64, copy=False) if parts else np.zeros(0, np.uint64)
+    del parts
+    index = _sorted_unique(index)
+    buf, count = io.BytesIO(), int(index.size)
     np.save(buf, index, allow_pickle=False)
+    del index  # before the file's bytes are copied out of the buffer
     storage.write_bytes(storage.join(manifest.root, KEY_INDEX), buf.getvalue())
-    return {"file": KEY_INDEX, "count": int(index.size)}
+    return {"file": KEY_INDEX, "count": count}
 
 
 def read_key_index(manifest: Manifest) -> np.ndarray | None:

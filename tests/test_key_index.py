@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from data import storage
-from data.shards import KEY_INDEX, MANIFEST, key_hashes, read_key_index, read_manifest, write_shard_set
+from data.shards import KEY_INDEX, MANIFEST, _sorted_unique, key_hashes, read_key_index, read_manifest, write_shard_set
 from test_shards import _samples
 from trainer.mine import ExcludedKeys, keys_of
 
@@ -85,3 +85,10 @@ def test_a_sets_identity_for_stored_results_ignores_its_key_index(tmp_path):
     doc["counts"][0] += 1
     (tmp_path / MANIFEST).write_text(json.dumps(doc))
     assert manifest_identity(m.root) != with_index
+
+
+def test_the_index_is_sorted_and_unique_as_np_unique_gives_it():
+    rng = np.random.default_rng(0)
+    for values in (np.zeros(0, np.uint64), np.array([7], np.uint64), rng.integers(0, 50, 1000).astype(np.uint64),
+                   rng.integers(0, 2 ** 63, 1000).astype(np.uint64)):
+        assert _sorted_unique(values.copy()).tolist() == np.unique(values).tolist()
