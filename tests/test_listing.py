@@ -81,3 +81,22 @@ def test_a_duplicate_key_is_named():
     with pytest.raises(ValueError, match="duplicate key 'k00042' in here; every image must appear once"):
         Listing.from_items(items).check_unique_keys("here")
     Listing.from_items(_items(300)).check_unique_keys("here")
+
+
+def test_a_builder_absorbs_another_renumbering_its_codes_and_widening_ours():
+    from data.sources import ListingBuilder
+
+    # the second part lists its labels in another order and brings 300 new folders, so our head codes outgrow a byte
+    first = [SourceItem(key=f"a{i}", label=("cat", "dog")[i % 2], split="", ref=f"/a/{i % 3}/x.jpg") for i in range(50)]
+    second = [SourceItem(key=f"b{i}", label=("dog", "eel", "cat")[i % 3], split="v", ref=f"/b/{i}/y.jpg")
+              for i in range(300)]
+    ours, theirs = ListingBuilder(), ListingBuilder()
+    ours.extend(first)
+    theirs.extend(second)
+    ours.absorb(theirs)
+    listing = ours.build()
+    assert listing == first + second and listing.labels.names == ["cat", "dog", "eel"]
+    assert listing.labels.codes.tolist() == Listing.from_items(first + second).labels.codes.tolist()
+    empty = ListingBuilder()
+    empty.absorb(ListingBuilder())
+    assert len(empty.build()) == 0

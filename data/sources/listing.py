@@ -95,14 +95,19 @@ class ListingBuilder:
     def __len__(self) -> int:
         return len(self._columns["label"])
 
-    def _append_code(self, table: str, value: str) -> None:
-        codes, column = self._tables[table], self._columns[table]
+    def _code(self, table: str, value: str) -> int:
+        codes = self._tables[table]
         code = codes.get(value)
         if code is None:
             code = codes[value] = len(codes)
+            column = self._columns[table]
             if code == 2 ** (8 * column.itemsize):  # widened once per size: 1 B an item while tables are small
-                column = self._columns[table] = array(_WIDER[column.typecode], column)
-        column.append(code)
+                self._columns[table] = array(_WIDER[column.typecode], column)
+        return code
+
+    def _append_code(self, table: str, value: str) -> None:
+        code = self._code(table, value)
+        self._columns[table].append(code)
 
     def append(self, key: str, label: str, split: str, ref: str) -> None:
         encoded = key.encode()
@@ -122,6 +127,20 @@ class ListingBuilder:
     def extend(self, items: Iterable[SourceItem]) -> None:
         for item in items:
             self.append(item.key, item.label, item.split, item.ref)
+
+    def absorb(self, other: ListingBuilder) -> None:
+        """Append ``other``'s items after ours, its codes renumbered into our tables (``other`` is unchanged). A shard
+        listed in a thread goes into its own small builder this way, so the shards waiting in the listing window
+        cost their columns (~60 B an item), not Python items (~400 B)."""
+        self._keys += other._keys
+        self._key_lengths.extend(other._key_lengths)
+        self._tails += other._tails
+        self._tail_lengths.extend(other._tail_lengths)
+        for table, theirs in other._tables.items():
+            ours = np.array([self._code(table, value) for value in theirs], dtype=np.uint32)  # by their code
+            column = self._columns[table]
+            if len(ours):
+                column.frombytes(ours[_codes(other._columns[table])].astype(_NUMPY[column.typecode]).tobytes())
 
     def build(self) -> Listing:
         """The columns, viewed rather than copied (a copy would double the keys at the driver's peak); the builder
