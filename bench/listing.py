@@ -64,6 +64,7 @@ def child(n: int, key_chars: int, as_list: bool) -> dict:
             builder.append(it.key, it.label, it.split, it.ref)
         held = builder.build()
         del builder
+        held.check_unique_keys("the bench's items")  # as every source does once it has listed
         columns = held.nbytes() / n
     seconds = time.perf_counter() - start
     listed = peak_rss_bytes()

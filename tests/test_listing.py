@@ -100,3 +100,16 @@ def test_a_builder_absorbs_another_renumbering_its_codes_and_widening_ours():
     empty = ListingBuilder()
     empty.absorb(ListingBuilder())
     assert len(empty.build()) == 0
+
+
+def test_items_whose_hashes_collide_are_told_apart_by_their_keys(monkeypatch):
+    listing = Listing.from_items(_items(50))
+    listing.check_unique_keys("here")
+    # every key hashed alike: each hash repeats, so every item is a candidate and only its key can clear it
+    monkeypatch.setattr(Listing, "_key_hashes", lambda self: np.full(len(self), 7, dtype=np.uint64))
+    listing.check_unique_keys("here")
+    twice = Listing.from_items(_items(50) + _items(50)[30:31])
+    real = Listing._key_hashes
+    monkeypatch.setattr(Listing, "_key_hashes", lambda self: real(self) % np.uint64(4))  # collisions and a repeat
+    with pytest.raises(ValueError, match="duplicate key 'k00030' in here"):
+        twice.check_unique_keys("here")
