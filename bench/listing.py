@@ -11,6 +11,7 @@ adds over the process after its imports (what the driver pays), the columns' own
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import resource
 import subprocess
@@ -26,11 +27,16 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def item(i: int, key_chars: int):
-    """A sample of a 10k-sample source shard: a ``key_chars`` key, a ref of the shard URL plus offset and size."""
+def item(i: int, key_chars: int, random_keys: bool = False):
+    """A sample of a 10k-sample source shard: a ``key_chars`` key, a ref of the shard URL plus offset and size.
+    Keys are numbered in listing order (as webdataset's writers name them), or with ``random_keys`` a content
+    hash's hex digits, which share nothing with their neighbours: the worst case for the front-coded keys."""
     from data.sources import SourceItem
 
-    key = f"raw-{i // 10000:06d}/{i:0{max(1, key_chars - 11)}d}"
+    if random_keys:
+        key = hashlib.blake2b(i.to_bytes(8, "little"), digest_size=32).hexdigest()[:key_chars]
+    else:
+        key = f"raw-{i // 10000:06d}/{i:0{max(1, key_chars - 11)}d}"
     return SourceItem(key=key, label=f"c{i % 10}", split="",
                       ref=f"s3://bucket/raw/raw-{i // 10000:06d}.tar\t{4608 * (i % 10000)}\t4096")
 
@@ -48,19 +54,19 @@ def plan(listing) -> int:
     return sum(len(t.items) for t in tasks)
 
 
-def child(n: int, key_chars: int, as_list: bool) -> dict:
+def child(n: int, key_chars: int, as_list: bool, random_keys: bool) -> dict:
     import data.ingest  # noqa: F401 - imported before the baseline: it brings torch (~0.5 GB), not a per-item cost
     from data.sources import ListingBuilder
 
     base = peak_rss_bytes()
     start = time.perf_counter()
     if as_list:
-        held = [item(i, key_chars) for i in range(n)]
+        held = [item(i, key_chars, random_keys) for i in range(n)]
         columns = None
     else:
         builder = ListingBuilder()
         for i in range(n):
-            it = item(i, key_chars)
+            it = item(i, key_chars, random_keys)
             builder.append(it.key, it.label, it.split, it.ref)
         held = builder.build()
         del builder
@@ -69,7 +75,7 @@ def child(n: int, key_chars: int, as_list: bool) -> dict:
     seconds = time.perf_counter() - start
     listed = peak_rss_bytes()
     planned = None if as_list else plan(held)
-    return {"items": n, "form": "list" if as_list else "columns", "key_chars": key_chars,
+    return {"items": n, "form": "list" if as_list else "columns", "key_chars": key_chars, "random_keys": random_keys,
             "peak_bytes_per_item": round((listed - base) / n, 1),
             "column_bytes_per_item": None if columns is None else round(columns, 1),
             "planned_peak_bytes_per_item": None if as_list else round((peak_rss_bytes() - base) / n, 1),
@@ -82,12 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--key-chars", type=int, default=31)
     p.add_argument("--as-list-up-to", type=int, default=1000000,
                    help="also measure the list of items at sizes up to this (0: never)")
+    p.add_argument("--random-keys", action="store_true", help="keys of random hex digits (sharing no prefix)")
     p.add_argument("--json", default="")
     p.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--as-list", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
-        print(json.dumps(child(a.child, a.key_chars, a.as_list)))
+        print(json.dumps(child(a.child, a.key_chars, a.as_list, a.random_keys)))
         return 0
     rows = []
     for n in (int(s) for s in a.sizes.split(",")):
@@ -95,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             if as_list and n > a.as_list_up_to:
                 continue
             cmd = [sys.executable, __file__, "--child", str(n), "--key-chars", str(a.key_chars)]
+            cmd += ["--random-keys"] * a.random_keys
             out = subprocess.run(cmd + ["--as-list"] * as_list, check=True, capture_output=True, text=True).stdout
             row = json.loads(out.strip().splitlines()[-1])
             rows.append(row)

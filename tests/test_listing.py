@@ -113,3 +113,36 @@ def test_items_whose_hashes_collide_are_told_apart_by_their_keys(monkeypatch):
     monkeypatch.setattr(Listing, "_key_hashes", lambda self: real(self) % np.uint64(4))  # collisions and a repeat
     with pytest.raises(ValueError, match="duplicate key 'k00030' in here"):
         twice.check_unique_keys("here")
+
+
+def test_front_coded_text_reads_back_every_string_whatever_it_shares():
+    from data.sources.listing import TextBuilder
+
+    rng = np.random.default_rng(3)
+    long = "x" * 300
+    values = ["", "", "a", "ab", "abc", "ab", "é1", "è2", "日本", "日本語", long, long + "y", long[:-1], "z" * 9000,
+              *(f"raw-{i // 37:06d}/{rng.integers(0, 10 ** 6):07d}" for i in range(500))]
+    values = [v.encode() for v in values]
+    first, second = TextBuilder(), TextBuilder()
+    for v in values[:23]:  # 23: the absorbed strings start mid-block
+        first.append(v)
+    for v in values[23:]:
+        second.append(v)
+    first.absorb(second)
+    column = first.build()
+    assert list(column) == values and [column[i] for i in range(len(values))] == values
+    assert column.lengths.dtype == np.uint16  # a suffix of 300 B widened the lengths
+    picked = rng.integers(0, len(values), 400)
+    assert list(column.take(picked)) == [values[i] for i in picked]
+    assert list(column.take(np.sort(picked))) == [values[i] for i in np.sort(picked)]
+    assert list(TextBuilder().build()) == [] and len(column.take(np.zeros(0, np.int64))) == 0
+
+
+def test_keys_that_share_a_prefix_cost_their_suffix():
+    # 100k WebDataset-like keys: 31 characters, of which consecutive ones share all but the last digits
+    items = [SourceItem(key=f"raw-{i // 10000:06d}/{i:020d}", label="", split="", ref=f"s3://b/r.tar\t{4608 * i}\t4096")
+             for i in range(100000)]
+    listing = Listing.from_items(items)
+    assert listing._keys.nbytes() / len(listing) < 8 and listing.nbytes() / len(listing) < 24
+    assert listing[99999] == items[99999] and listing.take(np.array([5, 99998, 17])) == [items[5], items[99998],
+                                                                                      items[17]]
