@@ -1,1 +1,1 @@
-"""Cluster launch (Ray)."""
+"""Cluster (top floor): the `bgsplit` CLI and the drivers of many jobs: Ray Train, Ray tasks, the experiment (Tune)."""

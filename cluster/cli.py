@@ -170,7 +170,7 @@ def _shards_add_labels(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from trainer.demo import run_demo
+    from cluster.demo import run_demo
 
     run_demo(args.out, quick=args.quick, seeds=args.seeds, prepare_only=args.prepare_only,
              keep_results=args.keep_results)
@@ -183,7 +183,7 @@ def _fetch_weights(args: argparse.Namespace) -> None:
 
 
 def _experiment(args: argparse.Namespace) -> None:
-    from trainer.experiment import experiment_cli
+    from cluster.experiment import experiment_cli
 
     execute = None
     if args.ray:

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from cluster.cli import main
-from trainer.config import ConfigError
-from trainer.experiment import (
+from cluster.experiment import (
     ExperimentSpec,
     MethodSpec,
     base_method,
@@ -24,6 +23,7 @@ from trainer.experiment import (
     sample_grid,
     t_quantile_975,
 )
+from trainer.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "configs" / "experiment_fmnist.yaml"

@@ -12,9 +12,9 @@ from data.build import BuildSpec, build_set
 from data.shards import write_shard_set
 from data.sources import FashionMNISTSource
 from cluster.cli import main
+from cluster.experiment import load_spec, parse_spec, run_experiment
+from cluster.experiment_data import DataSpec, check_sets, resolve_rare
 from trainer.config import ConfigError, load_config
-from trainer.experiment import load_spec, parse_spec, run_experiment
-from trainer.experiment_data import DataSpec, check_sets, resolve_rare
 
 ROOT = Path(__file__).resolve().parents[1]
 RARE = ("1", "8")
@@ -85,7 +85,7 @@ def test_data_block_is_either_sets_or_a_construction(own_sets, tmp_path):
     with pytest.raises(ConfigError, match="must map exactly train"):
         parse_spec({"data": {"sets": {"train": {"A": "a"}}}, "methods": {"x": {}}})
     with pytest.raises(ConfigError, match="at least 1 training positive"):
-        from trainer.experiment_data import build_sets
+        from cluster.experiment_data import build_sets
         build_sets(str(tmp_path), DataSpec(settings={"none": 0}))
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import environ
-from trainer.experiment import parse_spec, run_experiment
+from cluster.experiment import parse_spec, run_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -1,1 +1,1 @@
-"""Trainer: teacher, student, losses, the task, the loop, evaluation and the CLI."""
+"""Trainer (middle floor): teacher, student, losses, the task, the loop, evaluation, mining and teacher labels."""

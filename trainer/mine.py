@@ -261,7 +261,7 @@ def image_member(fields: dict[str, bytes]) -> bytes | None:
 
 def publish(job: MineJob, fingerprint: str, manifest: Manifest, class_names: list[str]) -> dict[str, Any]:
     """candidates.jsonl, contact sheets and review.html from the merged parts; mine.json last (it marks done)."""
-    from trainer.review import write_review
+    from data.review import write_review
 
     top, scored = merge_parts(job, fingerprint, manifest, len(class_names) - 1)
     rows = list(candidates(top, class_names))

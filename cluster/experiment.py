@@ -25,9 +25,9 @@ from typing import Any
 
 import yaml
 
+from cluster.experiment_data import DataSpec, check_sets, locate_sets, parse_sets
+from cluster.experiment_data import slug as _slug
 from trainer.config import ConfigError, JobConfig, load_config
-from trainer.experiment_data import DataSpec, check_sets, locate_sets, parse_sets
-from trainer.experiment_data import slug as _slug
 
 Score = Callable[[JobConfig, str], dict[str, Any]]
 """(config to train, evaluation set location) -> {"map": float, "ap": {...}}; trains once, scores once."""
@@ -336,9 +336,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def code_fingerprint() -> str:
     """Hash of bgsplit's own source under data/ and trainer/ (sub-folders included: a change to a source reader
-    changes what a run trains on): a stored result is reused only if neither its config nor the code changed."""
+    changes what a run trains on) and of this study's own modules (cluster/experiment*.py: how a run is trained
+    and scored): a stored result is reused only if neither its config nor the code changed."""
     digest = hashlib.sha256()
-    for path in sorted([*ROOT.glob("data/**/*.py"), *ROOT.glob("trainer/**/*.py")]):
+    for path in sorted([*ROOT.glob("data/**/*.py"), *ROOT.glob("trainer/**/*.py"),
+                        *ROOT.glob("cluster/experiment*.py")]):
         digest.update(str(path.relative_to(ROOT)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
@@ -979,6 +981,6 @@ def experiment_command(config: str, out: str, quick: bool = False, keep_results:
 
 def experiment_cli(args: Any, execute: Execute | None = None) -> None:
     """`bgsplit experiment CONFIG [--out DIR] [--quick] [--keep-results]` (cluster.cli's handler; with --ray the
-    CLI passes cluster.trials.tune_executor as ``execute``, so this module never imports cluster/)."""
+    CLI passes cluster.trials.tune_executor as ``execute``: cluster.trials imports this module, not the other way)."""
     experiment_command(args.config, os.path.abspath(args.out) if execute else args.out, args.quick,
                        args.keep_results, execute)
