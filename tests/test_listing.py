@@ -146,3 +146,5 @@ def test_keys_that_share_a_prefix_cost_their_suffix():
     assert listing._keys.nbytes() / len(listing) < 8 and listing.nbytes() / len(listing) < 24
     assert listing[99999] == items[99999] and listing.take(np.array([5, 99998, 17])) == [items[5], items[99998],
                                                                                       items[17]]
+    backwards = np.arange(99999, -1, -3)  # more than one gather's worth, each string found from its block's start
+    assert listing.take(backwards) == [items[i] for i in backwards]

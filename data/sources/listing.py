@@ -51,7 +51,7 @@ _NUMPY = {"B": np.uint8, "H": np.uint16, "I": np.uint32}
 
 # a block of front-coded strings starts with one stored whole, so any string is at most this many steps away
 _BLOCK = 16
-_GATHER = 1 << 16  # strings gathered at a time by TextColumn.take: ~50 MB of index arrays
+_GATHER = 1 << 14  # strings gathered at a time by TextColumn.take: ~25 MB of index arrays at most
 _MAX_SHARED = 255  # a shared prefix's length is one byte; a longer one is cut (the rest goes into the suffix)
 
 
