@@ -162,11 +162,30 @@ def stand_in_teacher():
     return Teacher("bench-stand-in", trunk, nn.Linear(32, 1000), 1000, ((127.0,) * 3, (128.0,) * 3), 0)
 
 
-def phase_build(a: argparse.Namespace) -> None:
+def phase_build(a: argparse.Namespace) -> dict[str, Any]:
+    """Build the set; report how far the driver's RSS rose over what it held after its imports, sampled every
+    10 ms. Its lifetime peak (``rss_mb``) is often the imports' own transient, which moved by ~130 MB between
+    identical runs here, more than a 1M listing costs: the rise, not the RSS slope between sizes, is the driver's
+    cost a sample."""
     from data.build import BuildRequest, build_command
+    import data.sources.wds  # noqa: F401 - imported before the base: the source's code is not a per-sample cost
 
+    def rss_mb() -> float:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+    base, peak, done = rss_mb(), [0.0], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.01):
+            peak[0] = max(peak[0], rss_mb())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     build_command(BuildRequest(f"wds:{a.pattern}", a.set, rare=RARE, positives_per_class=max(1, a.n // 100),
                                max_count=10_000, workers=a.build_workers), progress=False)
+    done.set()
+    sampler.join()
+    return {"driver_added_mb": max(peak[0], rss_mb()) - base}
 
 
 def phase_label(a: argparse.Namespace) -> None:
@@ -269,11 +288,13 @@ def measure(n: int, root: str, scratch: Path, a: argparse.Namespace, env: dict[s
     set_url = storage.join(root, f"set-{n}")
     storage.remove(set_url, recursive=True)
     common = ["--n", str(n), "--px", str(a.px), "--set", set_url, "--scratch", str(scratch)]
-    build_s, build_rss, _ = run_phase(["--phase", "build", "--pattern", pattern, "--build-workers",
-                                       str(a.build_workers), *common], env)
+    build_s, build_rss, (built,) = run_phase(["--phase", "build", "--pattern", pattern, "--build-workers",
+                                              str(a.build_workers), *common], env)
     m = read_manifest(set_url)
-    row = {"samples": m.count, "shards": len(m.shards), "generate_s": round(gen_s, 1),
+    row = {"samples": m.count, "source_samples": n, "shards": len(m.shards), "generate_s": round(gen_s, 1),
            "build_img_s": round(n / build_s, 1), "build_rss_mb": round(max(build_rss.values()), 1),
+           "build_driver_added_mb": round(built["driver_added_mb"], 1),
+           "build_driver_bytes_per_sample": round(built["driver_added_mb"] * 2 ** 20 / n, 1),
            "metadata_bytes_per_sample": round(metadata_bytes(set_url) / m.count, 1),
            "set_bytes_per_sample": round(m.bytes / m.count, 1)}
     if a.phases == "build":  # the build driver's memory alone (its listing is what grows with N)
@@ -378,6 +399,13 @@ def main(argv: list[str] | None = None) -> int:
             slope = (rows[-1]["build_rss_mb"] - rows[-2]["build_rss_mb"]) * 2 ** 20 / (
                 rows[-1]["samples"] - rows[-2]["samples"])
             print(f"build driver: {slope:.0f} B a sample (RSS slope of the two largest sizes)")
+        if len(rows) > 1:
+            rise = (rows[-1]["build_driver_added_mb"] - rows[-2]["build_driver_added_mb"]) * 2 ** 20 / (
+                rows[-1]["source_samples"] - rows[-2]["source_samples"])
+            print(f"build driver: {rise:.0f} B a source sample (slope of its RSS rise over the two largest sizes)")
+        for row in rows:
+            print(f"build driver at {row['samples']:,} samples: its RSS rose {row['build_driver_added_mb']} MB over "
+                  f"its imports, {row['build_driver_bytes_per_sample']} B a source sample")
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(rows, indent=1))
         meta = {"storage": "s3" if a.s3 else "local", "ranks": a.ranks, "workers": a.workers, "batch": a.batch,
