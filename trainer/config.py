@@ -46,6 +46,10 @@ class TeacherConfig:
     """Teacher input size; 0 means the student's image size (online mode resizes the student's crop)."""
     topk: int = 5
     """Teacher top-k kept in the cache and used by the top-k soft aux loss."""
+    share_prefix: bool = True
+    """With model.frozen_stages=N and a teacher that is the student's own pre-trained network (same weights, same
+    input size), run only the teacher's upper stages on the prefix activations the student computed: one prefix
+    forward a step instead of two. The logits are the same (fp32 tolerance); false runs the whole teacher."""
 
 
 @dataclass
@@ -63,6 +67,10 @@ class ModelConfig:
     freeze_bn_stats: bool = False
     """Keep the trunk's BatchNorm running statistics fixed (affine weights still train): for small batches or
     data far from ImageNet, where batch statistics would pull the trunk away from the teacher's features."""
+    frozen_stages: int = 0
+    """Freeze the trunk's stem and first N stages (EfficientNet-Lite0: 7, ResNet: 4): eval mode, no gradients, no
+    optimiser state, no DDP/DeepSpeed buckets. 0 fine-tunes the whole trunk. What a shared teacher prefix
+    (teacher.share_prefix) and cached views (views.count) are computed from."""
     dropout: bool = True
     """Keep the trunk's own dropout and stochastic depth (EfficientNet-Lite0: 0.2 before the heads, drop-connect
     0.2). Off, the aux head sees the features the teacher's classifier was trained on: at the demo's start the
@@ -319,6 +327,8 @@ def validate(cfg: JobConfig) -> JobConfig:
         raise ConfigError(f"loss.aux_weight must be >= 0, got {cfg.loss.aux_weight}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
+    if cfg.model.frozen_stages < 0:
+        raise ConfigError(f"model.frozen_stages must be >= 0 (0: nothing frozen), got {cfg.model.frozen_stages}")
     if cfg.optim.trunk_lr_mult < 0 or cfg.optim.lp_epochs < 0:
         raise ConfigError(f"optim.trunk_lr_mult and optim.lp_epochs must be >= 0, got {cfg.optim.trunk_lr_mult} "
                           f"and {cfg.optim.lp_epochs}")

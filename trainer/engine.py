@@ -200,6 +200,11 @@ class DeepSpeedEngine(Engine):
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         self.ds_config = deepspeed_config(cfg, device, world)
+        # DeepSpeed's bf16/fp16 modes cast every parameter and keep an fp32 master only of those it optimises:
+        # the frozen prefix (model.frozen_stages) keeps its fp32 weights here, so a checkpoint holds them exactly
+        frozen = student.frozen_state_names() if hasattr(student, "frozen_state_names") else set()
+        self.frozen_fp32 = {name: t.detach().cpu().clone() for name, t in student.state_dict().items()
+                            if name in frozen}
         engine, ds_optimizer, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, config=self.ds_config)
         self.model = engine
         self.engine = engine
@@ -224,11 +229,16 @@ class DeepSpeedEngine(Engine):
 
         state = {}
         for name, param in self.student.named_parameters():
+            if name in self.frozen_fp32:
+                state[name] = self.frozen_fp32[name].clone()
+                continue
             full = safe_get_full_fp32_param(param)  # a collective under ZeRO; None where the param is the master
             state[name] = (param.detach() if full is None else full).float().cpu().clone()
         persistent = self.student.state_dict(keep_vars=True).keys()
         for name, buffer in self.student.named_buffers():
-            if name in persistent:
+            if name in self.frozen_fp32:
+                state[name] = self.frozen_fp32[name].clone()
+            elif name in persistent:
                 state[name] = buffer.detach().float().cpu().clone() if buffer.is_floating_point() else buffer.cpu()
         return state
 

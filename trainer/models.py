@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.backbones import Backbone, disable_dropout, load_backbone
+from trainer.backbones import STAGED_TRUNKS, Backbone, TrunkStages, disable_dropout, load_backbone, trunk_stages
 from trainer.checkpoint import VALID_FIX, CheckpointError, load_checkpoint
 
 
@@ -161,6 +161,28 @@ class Teacher(nn.Module):
         return self
 
     @torch.inference_mode()
+    def from_prefix(self, prefix: torch.Tensor, n: int) -> torch.Tensor:
+        """Logits from the output of the trunk's stage ``n``, computed by a student whose first ``n`` stages are
+        these very weights (``shares_prefix``): only the upper stages run here."""
+        stages = trunk_stages(self.trunk)
+        weight = next(self.trunk.parameters())
+        return self.classifier(stages.rest(prefix.to(weight.dtype), n)).float()
+
+    def shares_prefix(self, student: "Student", image_size: int) -> bool:
+        """Whether the student's frozen prefix computes exactly this teacher's first stages: the same network,
+        the same prefix weights (as loaded, before any cast), the same input size and normalisation."""
+        n = getattr(student, "frozen_stages", 0)
+        if not n or self.arch != student.arch or (self.image_size and self.image_size != image_size):
+            return False
+        mine, theirs = trunk_stages(self.trunk), student.stages()
+        if mine is None or theirs is None or mine.count != theirs.count:
+            return False
+        if self.normalize.mean.tolist() != student.normalize.mean.tolist() or \
+                self.normalize.std.tolist() != student.normalize.std.tolist():
+            return False
+        return all(same_weights(a, b) for a, b in zip(mine.prefix_modules(n), theirs.prefix_modules(n)))
+
+    @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.normalize(images)
         if self.image_size and x.shape[-1] != self.image_size:
@@ -246,6 +268,38 @@ class Student(nn.Module):
                           else nn.Linear(backbone.feature_dim, rare_outputs))
         self.aux_head = nn.Linear(backbone.feature_dim, aux_classes) if aux_classes else None
 
+    frozen_stages: int = 0
+    """The stem and the first N stages of the trunk are frozen (model.frozen_stages): eval mode, no gradients,
+    no optimiser state, not in DDP's buckets, run under no_grad."""
+
+    def stages(self) -> TrunkStages | None:
+        return trunk_stages(self.trunk)
+
+    def freeze_prefix(self, n: int) -> "Student":
+        """Freeze the stem and the first ``n`` stages; a one-line ValueError naming model.frozen_stages when the
+        trunk has no such stages."""
+        if n == 0:
+            return self
+        stages = self.stages()
+        if stages is None:
+            raise ValueError(f"model.frozen_stages={n}: bgsplit does not know the stages of the trunk {self.arch}; "
+                             f"use model.frozen_stages=0, or one of {STAGED_TRUNKS}")
+        if not 0 < n <= stages.count:
+            raise ValueError(f"model.frozen_stages={n}: the {self.arch} trunk has {stages.count} stages; use 0 (none "
+                             f"frozen) to {stages.count}")
+        for module in stages.prefix_modules(n):
+            module.requires_grad_(False)
+        self.frozen_stages = n
+        return self.train(self.training)
+
+    def frozen_state_names(self) -> set[str]:
+        """state_dict keys of the frozen prefix (weights and BatchNorm statistics): what never changes in a run."""
+        if not self.frozen_stages:
+            return set()
+        names = {id(m): name for name, m in self.named_modules()}
+        return {f"{names[id(m)]}.{k}" for m in self.stages().prefix_modules(self.frozen_stages)
+                for k in m.state_dict()}
+
     def freeze_trunk(self) -> "Student":
         """A linear probe (optim.trunk_lr_mult=0): the trunk is a fixed feature extractor, in eval mode (running
         BN statistics, no dropout) and without gradients, so its backward pass is not even computed."""
@@ -257,6 +311,9 @@ class Student(nn.Module):
         super().train(mode)
         if mode and (getattr(self, "trunk_frozen", False) or getattr(self, "trunk_probe", False)):
             self.trunk.eval()
+        if mode and self.frozen_stages:
+            for module in self.stages().prefix_modules(self.frozen_stages):
+                module.eval()
         if mode and self.freeze_bn_stats:
             for m in self.trunk.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -270,10 +327,25 @@ class Student(nn.Module):
         background = logits.new_full((logits.shape[0], 1), float(self.fixed_background_logit))
         return torch.cat([background, logits], dim=1)
 
-    def forward(self, images: torch.Tensor, with_aux: bool = True) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor | None = None, with_aux: bool = True, *, prefix: torch.Tensor | None = None,
+                return_prefix: bool = False) -> dict[str, torch.Tensor]:
+        """Main (and aux) logits of uint8 ``images``, or of ``prefix``, the frozen prefix's activations computed
+        earlier (trainer.views). ``return_prefix`` adds the prefix's output as ``prefix`` for a teacher that
+        shares it."""
+        n = self.frozen_stages
         first = next(self.trunk.parameters())
-        features = self.trunk(self.normalize(images, first.dtype))
-        out = {"main": self.main_logits(features)}
+        out: dict[str, torch.Tensor] = {}
+        if prefix is None and not n:
+            features = self.trunk(self.normalize(images, first.dtype))
+        else:
+            stages = self.stages()
+            if prefix is None:
+                with torch.no_grad():
+                    prefix = stages.prefix(self.normalize(images, first.dtype), n)
+            features = stages.rest(prefix.to(first.dtype) if prefix.is_floating_point() else prefix, n)
+            if return_prefix:
+                out["prefix"] = prefix
+        out["main"] = self.main_logits(features)
         if with_aux and self.aux_head is not None:
             out["aux"] = self.aux_head(features)
         return out
@@ -286,7 +358,8 @@ def same_weights(a: nn.Module, b: nn.Module) -> bool:
 
 
 def build_student(spec: StudentSpec, teacher: Teacher | None = None, *, weights: str = "NONE",
-                  init_aux_from_teacher: bool = True, freeze_bn_stats: bool = False, dropout: bool = True) -> Student:
+                  init_aux_from_teacher: bool = True, freeze_bn_stats: bool = False, dropout: bool = True,
+                  frozen_stages: int = 0) -> Student:
     """The student ``spec`` describes, its trunk initialised from ``weights`` (NONE: random, as when the weights
     come from a checkpoint next). ``init_aux_from_teacher``, ``freeze_bn_stats`` and ``dropout`` are how it
     trains, not its shape.
@@ -303,6 +376,7 @@ def build_student(spec: StudentSpec, teacher: Teacher | None = None, *, weights:
                       normalized_main_head=spec.normalized_main_head, logit_scale=spec.logit_scale,
                       freeze_bn_stats=freeze_bn_stats)
     student.spec = spec
+    student.freeze_prefix(frozen_stages)
     student.class_names = list(spec.class_names) if spec.class_names is not None else None
     if (init_aux_from_teacher and teacher is not None and student.aux_head is not None
             and teacher.arch == spec.trunk and isinstance(teacher.classifier, nn.Linear)

@@ -37,25 +37,35 @@ class BGSplitTask:
             raise ValueError("loss.aux=soft needs the teacher's full output: use teacher.mode=online, or loss.aux=topk"
                              " with cached labels")
 
-    def teacher_targets(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        if self.cfg.teacher.mode == "cached":
+    def teacher_targets(self, batch: dict[str, Any], prefix: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Cached labels (teacher-label, or cached views) from the batch; else the teacher's logits, from the
+        student's frozen prefix when it is the teacher's own (``shared_prefix``), else from the image."""
+        if "teacher_idx" in batch:
             return {"teacher_idx": batch["teacher_idx"], "teacher_prob": batch["teacher_prob"]}
         # the teacher is outside the engine, so it gets its own autocast (DeepSpeed does not cast it)
         image = batch["image"]
         with torch.autocast(image.device.type, dtype=self.teacher_dtype, enabled=self.teacher_dtype is not None):
-            logits = self.teacher(image)
+            logits = (self.teacher(image) if prefix is None
+                      else self.teacher.from_prefix(prefix, self.shared_prefix))
         idx, prob = teacher_topk(logits, self.cfg.teacher.topk)
         # inference-mode tensors cannot be saved for backward: clone them into normal tensors
         return {"teacher_idx": idx.clone(), "teacher_prob": prob.clone(), "teacher_logits": logits.clone()}
 
+    shared_prefix: int = 0
+    """N when the teacher runs only its upper stages on the student's frozen prefix (Trainer.build decides)."""
+
     def __call__(self, batch: dict[str, Any], epoch: float) -> dict[str, torch.Tensor]:
-        out = self.student(batch["image"], with_aux=self.use_aux)
+        if "prefix" in batch:  # a cached view: the frozen prefix ran when the cache was built
+            out = self.student(prefix=batch["prefix"], with_aux=self.use_aux)
+        else:
+            share = self.use_aux and bool(self.shared_prefix)
+            out = self.student(batch["image"], with_aux=self.use_aux, return_prefix=share)
         main_loss = self.main_loss(out["main"], batch["label"], epoch)
         result = {"main_logits": out["main"], "main_loss": main_loss}
         if not self.use_aux:
             result["loss"] = main_loss
             return result
-        targets = self.teacher_targets(batch)
+        targets = self.teacher_targets(batch, out.get("prefix"))
         aux = self.cfg.loss.aux
         if aux == "hard":
             aux_loss = aux_hard(out["aux"], targets["teacher_idx"])

@@ -113,7 +113,12 @@ class Trainer:
         spec = StudentSpec.from_config(cfg, manifest, teacher.num_classes if teacher is not None else 0)
         student = build_student(spec, teacher, weights=cfg.model.weights,
                                 init_aux_from_teacher=cfg.model.init_aux_from_teacher,
-                                freeze_bn_stats=cfg.model.freeze_bn_stats, dropout=cfg.model.dropout).to(device)
+                                freeze_bn_stats=cfg.model.freeze_bn_stats, dropout=cfg.model.dropout,
+                                frozen_stages=cfg.model.frozen_stages).to(device)
+        # decided on the weights as loaded, before the teacher is cast to the autocast dtype
+        shared = (cfg.model.frozen_stages if teacher is not None and cfg.teacher.mode == "online"
+                  and cfg.teacher.share_prefix
+                  and teacher.to(device).shares_prefix(student, cfg.data.image_size) else 0)
         if device.type == "cuda" and cfg.run.channels_last:
             student = student.to(memory_format=torch.channels_last)
         labels = teacher_labels_for(manifest, cfg, teacher) if use_aux and cfg.teacher.mode == "cached" else None
@@ -124,6 +129,7 @@ class Trainer:
         resume_url, resume_state = checkpoints.find(cfg.run.resume)
         if resume_state is not None:
             checkpoints.validate(resume_state, spec, cfg.engine.name, resume_url)
+            check_frozen_stages(resume_state, cfg, resume_url)
             if cfg.engine.name == "deepspeed":
                 # DeepSpeed casts and partitions the student when it wraps it and keeps its own fp32 master
                 # copy: the trained weights go in first, so a resume that cannot use the checkpoint's ZeRO
@@ -145,6 +151,10 @@ class Trainer:
         engine = build_engine(student, optimizer, cfg, device)
         # the task runs the wrapped student (gradients are synchronised) and the bare, frozen teacher
         task = BGSplitTask(engine.model, teacher, cfg, manifest.counts, drw_epoch(cfg), teacher_dtype=dtype)
+        task.shared_prefix = shared
+        if cfg.model.frozen_stages:
+            log.info("trunk stem and stages 1-%d frozen; the teacher %s", cfg.model.frozen_stages,
+                     "runs its upper stages on the student's prefix" if shared else "runs whole")
         return cls(cfg, device, manifest, teacher, student, task, stream, engine, scheduler, steps_per_epoch,
                    total, rank, world, checkpoints=checkpoints, resume_url=resume_url, resume_state=resume_state)
 
@@ -320,6 +330,7 @@ class Trainer:
         summary = {"steps": self.step, "epochs": self.step / self.steps_per_epoch, "checkpoint": path,
                    "seconds": time.time() - start_time, "val": final, "world": self.world,
                    "engine": self.engine.name, "resumed_from": self.resumed_from, "resume": self.resume_info,
+                   "frozen_stages": cfg.model.frozen_stages, "teacher_shares_prefix": bool(self.task.shared_prefix),
                    "checkpoint_uploads": self.checkpoints.uploads(),
                    "skipped": dict(zip(SKIP_KINDS, self.skipped.tolist())),
                    "skipped_by_shard": self.skipped_by_shard,
@@ -351,6 +362,16 @@ class Trainer:
             logger.log(self.step, {"val_map": result["map"]})
             self.history.append({"step": self.step, "val_map": result["map"]})
         return result
+
+
+def check_frozen_stages(state: dict[str, Any], cfg: JobConfig, url: str) -> None:
+    """A run continues with the prefix it froze: a resume that freezes another part of the trunk would train
+    weights the checkpoint held fixed (and a shared teacher would read a prefix that is no longer its own)."""
+    saved = int(((state.get("config") or {}).get("model") or {}).get("frozen_stages", 0))
+    if saved != cfg.model.frozen_stages:
+        raise ValueError(f"cannot resume from {url}: it was trained with model.frozen_stages={saved} but this run "
+                         f"has model.frozen_stages={cfg.model.frozen_stages}; give model.frozen_stages={saved} or "
+                         "a new run.out_dir")
 
 
 def read_set(location: str, key: str):
