@@ -83,6 +83,8 @@ class Trainer:
     """The checkpoint this run continues from (decided in ``build``, before the engine wraps the student)."""
     resume_state: dict[str, Any] | None = None
     resume_info: dict[str, Any] = field(default_factory=dict)
+    teacher_shares_prefix: bool = False
+    """Decided once in ``build``: a test or bench may wrap ``task`` in a plain function."""
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -156,7 +158,8 @@ class Trainer:
             log.info("trunk stem and stages 1-%d frozen; the teacher %s", cfg.model.frozen_stages,
                      "runs its upper stages on the student's prefix" if shared else "runs whole")
         return cls(cfg, device, manifest, teacher, student, task, stream, engine, scheduler, steps_per_epoch,
-                   total, rank, world, checkpoints=checkpoints, resume_url=resume_url, resume_state=resume_state)
+                   total, rank, world, checkpoints=checkpoints, resume_url=resume_url, resume_state=resume_state,
+                   teacher_shares_prefix=bool(shared))
 
     # -- state ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -330,7 +333,7 @@ class Trainer:
         summary = {"steps": self.step, "epochs": self.step / self.steps_per_epoch, "checkpoint": path,
                    "seconds": time.time() - start_time, "val": final, "world": self.world,
                    "engine": self.engine.name, "resumed_from": self.resumed_from, "resume": self.resume_info,
-                   "frozen_stages": cfg.model.frozen_stages, "teacher_shares_prefix": bool(self.task.shared_prefix),
+                   "frozen_stages": cfg.model.frozen_stages, "teacher_shares_prefix": self.teacher_shares_prefix,
                    "checkpoint_uploads": self.checkpoints.uploads(),
                    "skipped": dict(zip(SKIP_KINDS, self.skipped.tolist())),
                    "skipped_by_shard": self.skipped_by_shard,
