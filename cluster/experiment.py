@@ -27,6 +27,7 @@ import yaml
 
 from cluster.experiment_data import DataSpec, check_sets, locate_sets, parse_sets
 from cluster.experiment_data import slug as _slug
+from data.shards import manifest_identity
 from trainer.config import ConfigError, JobConfig, load_config
 
 Score = Callable[[JobConfig, str], dict[str, Any]]
@@ -344,22 +345,6 @@ def code_fingerprint() -> str:
         digest.update(str(path.relative_to(ROOT)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
-
-
-def manifest_identity(location: str) -> str:
-    """Hash of a set's manifest (what it holds: its shards, counts and build spec; not how long the build took, nor
-    its key index, which follows from the shards and which older sets lack), so a set rebuilt from the same spec
-    (byte-identical shards) keeps its identity and its stored results, and a set built differently gets another;
-    '' for no set."""
-    if not location:
-        return ""
-    from data import storage
-    from data.shards import manifest_url
-
-    doc = json.loads(storage.read_bytes(manifest_url(location)))
-    meta = {k: v for k, v in doc.get("meta", {}).items() if not k.endswith("_seconds")}  # timings vary by rebuild
-    doc.pop("key_index", None)
-    return _hash({**doc, "meta": meta}) + "m"
 
 
 def config_key(cfg: JobConfig) -> dict[str, Any]:

@@ -170,6 +170,20 @@ def manifest_url(location: str) -> str:
     return location if location.endswith(".json") else storage.join(location, MANIFEST)
 
 
+def manifest_identity(location: str) -> str:
+    """Hash of a set's manifest (what it holds: its shards, counts and build spec; not how long the build took, nor
+    its key index, which follows from the shards and which older sets lack), so a set rebuilt from the same spec
+    (byte-identical shards) keeps its identity and whatever is cached or stored for it (study results, probe
+    features), and a set built differently gets another; '' for no set."""
+    if not location:
+        return ""
+    doc = json.loads(storage.read_bytes(manifest_url(location)))
+    meta = {k: v for k, v in doc.get("meta", {}).items() if not k.endswith("_seconds")}  # timings vary by rebuild
+    doc.pop("key_index", None)
+    key = json.dumps({**doc, "meta": meta}, sort_keys=True, default=str)
+    return hashlib.sha256(key.encode()).hexdigest()[:10] + "m"
+
+
 def read_manifest(location: str) -> Manifest:
     """Load a set's manifest from its folder/prefix or the manifest path itself."""
     if not location:

@@ -74,7 +74,7 @@ def test_an_index_that_does_not_match_its_manifest_is_not_trusted(tmp_path, capl
 def test_a_sets_identity_for_stored_results_ignores_its_key_index(tmp_path):
     """An experiment's stored runs are keyed by their sets' manifests: a set rebuilt by this version (with an
     index) must keep the identity it had without one, or every committed result would be run again."""
-    from cluster.experiment import manifest_identity
+    from data.shards import manifest_identity
 
     m = write_shard_set(str(tmp_path), _samples(20), max_count=10, **CLASSES)
     with_index = manifest_identity(m.root)
