@@ -71,6 +71,20 @@ class ModelConfig:
     """Freeze the trunk's stem and first N stages (EfficientNet-Lite0: 7, ResNet: 4): eval mode, no gradients, no
     optimiser state, no DDP/DeepSpeed buckets. 0 fine-tunes the whole trunk. What a shared teacher prefix
     (teacher.share_prefix) and cached views (views.count) are computed from."""
+    head_init: str = "random"
+    """random, or probe (LP-FT as Kumar et al. publish it): before step 0 the main head becomes the converged
+    logistic probe on the student's own trunk features of the training set (its input size, the eval transform),
+    the standardisation folded in, C and class weighting chosen on model.probe_val."""
+    probe_C: list[float] = field(default_factory=lambda: [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 0.1, 1.0])
+    """head_init=probe: the inverse L2 strengths tried (scikit-learn's C; the experiment's linear-probe grid)."""
+    probe_class_weight: list[str] = field(default_factory=lambda: ["none", "balanced"])
+    """head_init=probe: the class weightings tried (none, balanced)."""
+    probe_val: str = ""
+    """head_init=probe: the set C and weighting are chosen on ('' = data.val); needed when they give several
+    points. A study passes its validation split here, never its test split."""
+    probe_cache_dir: str = ""
+    """head_init=probe: where the trunk's features of the sets are cached ('' = <run.out_dir>/features, or
+    ~/.cache/bgsplit/features when run.out_dir is a URL). Keyed by set, weights and size: a study shares one."""
     dropout: bool = True
     """Keep the trunk's own dropout and stochastic depth (EfficientNet-Lite0: 0.2 before the heads, drop-connect
     0.2). Off, the aux head sees the features the teacher's classifier was trained on: at the demo's start the
@@ -232,6 +246,7 @@ CHOICES = {
     "data.mode": ("exact", "resampled"),
     "data.pad_policy": ("pad", "drop"),
     "teacher.mode": ("online", "cached"),
+    "model.head_init": ("random", "probe"),
     "loss.main": ("ce", "class_balanced", "focal", "ldam_drw", "logit_adjust"),
     "loss.aux": ("hard", "soft", "topk"),
     "optim.name": ("sgd", "adamw"),
@@ -329,6 +344,16 @@ def validate(cfg: JobConfig) -> JobConfig:
         raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
     if cfg.model.frozen_stages < 0:
         raise ConfigError(f"model.frozen_stages must be >= 0 (0: nothing frozen), got {cfg.model.frozen_stages}")
+    if cfg.model.head_init == "probe":
+        if not cfg.model.probe_C or min(cfg.model.probe_C) <= 0:
+            raise ConfigError(f"model.probe_C is {cfg.model.probe_C}: give one or more values > 0")
+        weightings = cfg.model.probe_class_weight
+        if not weightings or not set(weightings) <= {"none", "balanced"}:
+            raise ConfigError(f"model.probe_class_weight is {weightings}: give [none], [balanced] or both")
+        if cfg.model.normalized_main_head or cfg.loss.main == "ldam_drw":
+            raise ConfigError("model.head_init=probe folds a logistic regression into a linear main head, and this "
+                              "run's is cosine-normalised (model.normalized_main_head or loss.main=ldam_drw): use "
+                              "model.head_init=random with it")
     if cfg.optim.trunk_lr_mult < 0 or cfg.optim.lp_epochs < 0:
         raise ConfigError(f"optim.trunk_lr_mult and optim.lp_epochs must be >= 0, got {cfg.optim.trunk_lr_mult} "
                           f"and {cfg.optim.lp_epochs}")

@@ -26,6 +26,7 @@ from trainer.checkpoint import CheckpointManager, rng_state, set_rng_state
 from trainer.config import JobConfig
 from trainer.engine import Engine, autocast_dtype, build_engine, build_optimizer
 from trainer.evaluate import EvalSetup, evaluate_student
+from trainer.head_init import broadcast_head, fit_probe_head
 from trainer.models import Student, StudentSpec, Teacher, build_student, build_teacher
 from trainer.schedule import build_scheduler, in_probe_phase
 from trainer.runtime import gather, init_distributed, resolve_device, seed_everything
@@ -85,6 +86,10 @@ class Trainer:
     resume_info: dict[str, Any] = field(default_factory=dict)
     teacher_shares_prefix: bool = False
     """Decided once in ``build``: a test or bench may wrap ``task`` in a plain function."""
+    head_init: dict[str, Any] = field(default_factory=dict)
+    """model.head_init=probe: the probe the main head started from (C, weighting, validation mAP, grid)."""
+    init_head: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The main head's weights at step 0 (model.head_init=probe), kept in every checkpoint: WiSE-FT's theta_0."""
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -137,6 +142,11 @@ class Trainer:
                 # copy: the trained weights go in first, so a resume that cannot use the checkpoint's ZeRO
                 # files (another world size, precision or stage) still continues from them
                 student.load_state_dict(resume_state["student"])
+        head_init: dict[str, Any] = {}
+        if cfg.model.head_init == "probe" and resume_state is None:  # a resume's head comes from its checkpoint
+            if rank == 0:
+                head_init = fit_probe_head(student, cfg)
+            broadcast_head(student, world)
         stream = ShardStream(manifest, cfg.data, train=True, seed=cfg.run.seed, rank=rank, world=world,
                              teacher_labels=labels)
         steps_per_epoch = max(stream.batches_per_epoch() // cfg.optim.grad_accum, 1)
@@ -159,7 +169,9 @@ class Trainer:
                      "runs its upper stages on the student's prefix" if shared else "runs whole")
         return cls(cfg, device, manifest, teacher, student, task, stream, engine, scheduler, steps_per_epoch,
                    total, rank, world, checkpoints=checkpoints, resume_url=resume_url, resume_state=resume_state,
-                   teacher_shares_prefix=bool(shared))
+                   teacher_shares_prefix=bool(shared), head_init=head_init,
+                   init_head=({k: v.detach().clone() for k, v in student.main_head.state_dict().items()}
+                              if cfg.model.head_init == "probe" and resume_state is None else {}))
 
     # -- state ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -167,14 +179,18 @@ class Trainer:
         states are gathered from every rank, ZeRO-3 gathers the weights): every rank calls it, the other ranks'
         return value is not written."""
         rngs = gather(rng_state())
-        return {"student": self.engine.student_state_dict(), "engine": self.engine.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "loader": self.loader_state.state_dict(), "rng": rngs}
+        state = {"student": self.engine.student_state_dict(), "engine": self.engine.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "loader": self.loader_state.state_dict(), "rng": rngs}
+        if self.init_head:
+            state["init_head"] = {k: v.detach().cpu() for k, v in self.init_head.items()}
+        return state
 
     def meta(self) -> dict[str, Any]:
         """Rank 0's meta.json: what describes the checkpoint (the writer adds the format and the step)."""
         return {"student_spec": self.student.spec.to_dict(), "engine_name": self.engine.name, "world": self.world,
                 "steps_per_epoch": self.steps_per_epoch, "config": self.cfg.to_dict(), "history": self.history,
-                "skipped": self.skipped.tolist(), "skipped_by_shard": self.skipped_by_shard}
+                "skipped": self.skipped.tolist(), "skipped_by_shard": self.skipped_by_shard,
+                "head_init": self.head_init}
 
     def load_state_dict(self, state: dict[str, Any], url: str = "checkpoint") -> None:
         """Everything but DeepSpeed's partitioned files (``_load_sharded``). A checkpoint of another world size
@@ -194,6 +210,8 @@ class Trainer:
         self.history = list(state.get("history", []))
         self.skipped = torch.tensor(state.get("skipped", [0] * len(SKIP_KINDS)), dtype=torch.long)
         self.skipped_by_shard = dict(state.get("skipped_by_shard", {}))
+        self.init_head = dict(state.get("init_head") or {})
+        self.head_init = dict(state.get("head_init") or {})
         saved_world = int(state.get("world", self.world))
         self.resume_info = {"from": url, "from_world": saved_world, "from_step": self.step}
         if saved_world != self.world:
@@ -334,6 +352,7 @@ class Trainer:
                    "seconds": time.time() - start_time, "val": final, "world": self.world,
                    "engine": self.engine.name, "resumed_from": self.resumed_from, "resume": self.resume_info,
                    "frozen_stages": cfg.model.frozen_stages, "teacher_shares_prefix": self.teacher_shares_prefix,
+                   "head_init": {k: v for k, v in self.head_init.items() if k != "grid"},
                    "checkpoint_uploads": self.checkpoints.uploads(),
                    "skipped": dict(zip(SKIP_KINDS, self.skipped.tolist())),
                    "skipped_by_shard": self.skipped_by_shard,

@@ -1,0 +1,82 @@
+"""model.head_init=probe (LP-FT as published): at step 0 the student's main head scores exactly what the tuned
+probe on its own trunk's features scores, with or without a fixed background logit; the head it started from
+travels in the checkpoint; bad settings are one-line errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_config
+from trainer.checkpoint import load_checkpoint
+from trainer.config import ConfigError
+from trainer.head_init import check_positives, features_cache_dir, trunk_features
+from trainer.probe import ProbeParams, fit_logistic, predict_logistic
+from trainer.train import Trainer
+
+GRID = ["model.head_init=probe", "model.probe_C=[0.001,0.1,10.0]", "model.probe_class_weight=[none,balanced]"]
+
+
+def _student_probs(student, features: np.ndarray) -> np.ndarray:
+    student.eval()
+    with torch.no_grad():
+        return torch.softmax(student.main_logits(torch.from_numpy(features)), dim=1).numpy()
+
+
+@pytest.mark.parametrize("background", [None, 0.0, 2.5])
+def test_step0_main_head_scores_equal_the_tuned_probe(tiny_sets, tmp_path, background):
+    extra = [] if background is None else [f"model.fixed_background_logit={background}"]
+    cfg = tiny_config(tiny_sets, tmp_path / "run", *GRID, *extra, "loss.aux_weight=0")
+    trainer = Trainer.build(cfg)
+    chosen = trainer.head_init
+    assert len(chosen["grid"]) == 6 and (chosen["C"], chosen["class_weight"]) in {
+        (r["C"], r["class_weight"]) for r in chosen["grid"]}
+    assert chosen["val_map"] == max(r["score"] for r in chosen["grid"])
+    # the probe refit here, from the same cached features, scores the validation set as the student's head does
+    kwargs = {"cache_dir": features_cache_dir(cfg), "resize_ratio": cfg.data.eval_resize_ratio}
+    train = trunk_features(trainer.student, cfg.data.train, cfg.data.image_size, **kwargs)
+    val = trunk_features(trainer.student, cfg.data.val, cfg.data.image_size, **kwargs)
+    probe = fit_logistic(train, ProbeParams(C=chosen["C"], class_weight=chosen["class_weight"]))
+    np.testing.assert_allclose(_student_probs(trainer.student, val.features), predict_logistic(probe, val.features),
+                               atol=1e-5)
+    # and through the run's own evaluation path (images, eval transform, the whole student)
+    assert trainer.validate()["map"] == pytest.approx(chosen["val_map"], abs=1e-5)
+    assert trainer.init_head["weight"].shape == trainer.student.main_head.weight.shape
+
+
+def test_the_starting_head_travels_in_the_checkpoint_and_a_resume_keeps_it(tiny_sets, tmp_path):
+    cfg = tiny_config(tiny_sets, tmp_path / "run", *GRID, "loss.aux_weight=0", "optim.epochs=1", "run.max_steps=3")
+    trainer = Trainer.build(cfg)
+    start = {k: v.clone() for k, v in trainer.student.main_head.state_dict().items()}
+    summary = trainer.fit()
+    state = load_checkpoint(summary["checkpoint"])
+    assert set(state["init_head"]) == {"weight", "bias"}
+    for k, v in start.items():
+        assert torch.equal(state["init_head"][k], v)
+        assert not torch.equal(state["student"][f"main_head.{k}"], v)  # the head trained on from there
+    assert summary["head_init"]["C"] == trainer.head_init["C"]
+    resumed = Trainer.build(tiny_config(tiny_sets, tmp_path / "run", *GRID, "loss.aux_weight=0", "optim.epochs=1",
+                                        "run.max_steps=4", "run.resume=auto"))
+    assert resumed.head_init == {}  # no probe fit on resume: the checkpoint holds the head
+    resumed.maybe_resume()
+    assert all(torch.equal(resumed.init_head[k], v) for k, v in start.items())
+    assert resumed.head_init["C"] == trainer.head_init["C"]
+
+
+def test_bad_head_init_settings_are_one_line_errors(tiny_sets, tmp_path):
+    with pytest.raises(ValueError, match="model.probe_val") as err:
+        Trainer.build(tiny_config(tiny_sets, tmp_path / "a", *GRID, "data.val=", "loss.aux_weight=0"))
+    assert "\n" not in str(err.value)
+    for bad, word in ((["model.normalized_main_head=true"], "cosine"), (["loss.main=ldam_drw"], "cosine"),
+                      (["model.probe_C=[]"], "probe_C"), (["model.probe_C=[0.1,-1]"], "probe_C"),
+                      (["model.probe_class_weight=[balance]"], "probe_class_weight"),
+                      (["model.head_init=probes"], "model.head_init")):
+        with pytest.raises(ConfigError, match=word):
+            tiny_config(tiny_sets, tmp_path / "b", *GRID, *bad)
+    with pytest.raises(ValueError, match="no images of b.*model.head_init=random") as err:
+        check_positives(np.array([0, 0, 1, 1, 0]), ["background", "a", "b"], "/sets/train")
+    assert "\n" not in str(err.value) and "/sets/train" in str(err.value)
+    # a single grid point needs no validation set
+    trainer = Trainer.build(tiny_config(tiny_sets, tmp_path / "c", "model.head_init=probe", "model.probe_C=[0.1]",
+                                        "model.probe_class_weight=[balanced]", "data.val=", "loss.aux_weight=0"))
+    assert trainer.head_init["C"] == 0.1 and trainer.head_init["val_map"] is None
