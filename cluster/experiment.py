@@ -358,7 +358,7 @@ def config_key(cfg: JobConfig) -> dict[str, Any]:
         return out
 
     defaults = flat(JobConfig().to_dict())
-    where = {"data.train", "data.val", "data.test", "run.out_dir"}
+    where = {"data.train", "data.val", "data.test", "run.out_dir", "model.probe_val", "model.probe_cache_dir"}
     return {k: v for k, v in flat(cfg.to_dict()).items()
             if k not in where and (k not in defaults or defaults[k] != v)}
 
@@ -436,7 +436,9 @@ class Runner:
         for i, (cfg, eval_set, record) in enumerate(items):
             key = {"config": config_key(cfg),
                    "data": {"train": manifest_identity(cfg.data.train), "val": manifest_identity(cfg.data.val),
-                            "eval": manifest_identity(eval_set)}}
+                            "eval": manifest_identity(eval_set),
+                            **({"probe_val": manifest_identity(cfg.model.probe_val)}
+                               if cfg.model.head_init == "probe" else {})}}
             record = {**record, "image_size": cfg.data.image_size, "run_dir": cfg.run.out_dir}
             stored = self._stored(cfg.run.out_dir, key)
             if stored is not None:
@@ -500,12 +502,25 @@ def train_and_score(cfg: JobConfig, eval_set: str, keep_checkpoint: bool = True)
 
     trainer = Trainer.build(cfg)
     trainer.fit()
-    result = evaluate_student(trainer.student, read_manifest(eval_set),
-                              EvalSetup(cfg.data.image_size, 128, 0, cfg.data.eval_resize_ratio), trainer.device)
+    setup = EvalSetup(cfg.data.image_size, 128, 0, cfg.data.eval_resize_ratio)
+
+    def score(location: str) -> dict[str, Any]:
+        return evaluate_student(trainer.student, read_manifest(location), setup, trainer.device)
+
+    result = score(eval_set)
+    out = {"map": result["map"], "ap": result["ap"],
+           "curve": [[h["step"] / trainer.steps_per_epoch, h["val_map"]] for h in trainer.history if "val_map" in h]}
+    if trainer.init_head and cfg.model.probe_val and keep_checkpoint:
+        # a final run that started from a probe: WiSE-FT between that probe and the fine-tuned student, its
+        # alpha chosen on validation (model.probe_val, the split the probe itself was chosen on)
+        from trainer.wise_ft import starting_state, sweep
+
+        theta0 = starting_state(trainer.student, cfg.model.weights, trainer.init_head)
+        out["wise_ft"] = sweep(trainer.student, theta0, lambda: score(cfg.model.probe_val)["map"],
+                               lambda: score(eval_set)["map"], test_at_one=result["map"])
     if not keep_checkpoint:  # tuning runs are never loaded again: 27 MB each is too much to keep x100
         shutil.rmtree(Path(cfg.run.out_dir) / "checkpoints", ignore_errors=True)
-    curve = [[h["step"] / trainer.steps_per_epoch, h["val_map"]] for h in trainer.history if "val_map" in h]
-    return {"map": result["map"], "ap": result["ap"], "curve": curve}
+    return out
 
 
 def default_score(cfg: JobConfig, eval_set: str) -> dict[str, Any]:
@@ -542,12 +557,15 @@ class FeatureProbe:
 
 
 def job_config(spec: ExperimentSpec, train: str, out_dir: str, seed: int, overrides: list[str], *,
-               val: str = "", curve_every: float = 0.0) -> JobConfig:
+               val: str = "", curve_every: float = 0.0, features_dir: str = "") -> JobConfig:
     # data.val stays empty unless curves are recorded: the one scored evaluation of a run is done by the scorer,
-    # on the split the phase allows; a curve on validation is only looked at, never used to choose
+    # on the split the phase allows; a curve on validation is only looked at, never used to choose. A probe that
+    # starts the head (model.head_init=probe) is chosen on validation in every phase: never on test
     curve = [f"data.val={val}", f"run.eval_every={curve_every}"] if curve_every else []
+    probe = [*([f"model.probe_val={val}"] if val else []),
+             *([f"model.probe_cache_dir={features_dir}"] if features_dir else [])]
     return load_config(spec.base, [f"data.train={train}", "data.val=", "data.test=", f"run.out_dir={out_dir}",
-                                   f"run.seed={seed}", "run.progress=false", "run.resume=", *spec.overrides,
+                                   f"run.seed={seed}", "run.progress=false", "run.resume=", *probe, *spec.overrides,
                                    *overrides, *curve])
 
 
@@ -555,7 +573,7 @@ def best_config(spec: ExperimentSpec, sets: dict[str, str], setting: str, method
                 ) -> dict[str, Any]:
     """The full training config of a method's chosen point, ready for `bgsplit train --config` (swap data.train
     for the full-size set)."""
-    cfg = job_config(spec, sets[setting], f"runs/{_slug(method)}", 0, overrides)
+    cfg = job_config(spec, sets[setting], f"runs/{_slug(method)}", 0, overrides, val=sets["val"])
     doc = cfg.to_dict()
     doc["data"].update(val=sets["val"], test=sets["test"])
     doc["run"].update(progress=True)
@@ -586,8 +604,9 @@ def run_setting(spec: ExperimentSpec, setting: str, sets: dict[str, str], out: s
     active = {m: ms for m, ms in spec.methods.items() if not ms.settings or setting in ms.settings}
     mdirs = {m: os.path.join(out, "runs", _slug(setting), _slug(m)) for m in active}
     points = {m: _tuning_points(spec, m, ms) for m, ms in active.items() if ms.kind == "train"}
+    features = os.path.join(out, "features")
     batch = [(job_config(spec, sets[setting], os.path.join(mdirs[m], f"tune-{_hash(overrides)}"), spec.tune_seed,
-                         overrides),
+                         overrides, val=sets["val"], features_dir=features),
               sets["val"], {"setting": setting, "method": m, "phase": "tune", "split": "val", "seed": spec.tune_seed,
                             "point": point, "overrides": overrides})
              for m, pts in points.items() for point, overrides in pts]
@@ -619,7 +638,8 @@ def run_setting(spec: ExperimentSpec, setting: str, sets: dict[str, str], out: s
                                                  {**base, "deterministic": True}))
                 continue
             finals.append((job_config(spec, sets[setting], os.path.join(fdir, f"seed{seed}"), seed, c["overrides"],
-                                      val=sets["val"], curve_every=spec.curve_every), sets["test"], base))
+                                      val=sets["val"], curve_every=spec.curve_every, features_dir=features),
+                           sets["test"], base))
     runs += runner.run_many(finals)
     return runs, chosen
 
@@ -694,6 +714,13 @@ def summarize_runs(spec: ExperimentSpec, runs: list[dict[str, Any]], chosen: dic
                               "maps": [r["map"] for r in sorted(rows, key=lambda r: r["seed"])],
                               "deterministic": bool(rows[0].get("deterministic")),
                               "val_map": chosen.get(setting, {}).get(method, {}).get("val_map")})
+            wise = [r for r in rows if r.get("wise_ft")]
+            if wise:  # beside the plain run: the same runs interpolated back to their probe, alpha on validation
+                wise.sort(key=lambda r: r["seed"])
+                mean, std = mean_std([r["wise_ft"]["map"] for r in wise])
+                table.append({"setting": setting, "method": f"{method} + WiSE-FT", "mean": mean, "std": std,
+                              "n": len(wise), "maps": [r["wise_ft"]["map"] for r in wise], "deterministic": False,
+                              "val_map": None, "alphas": [r["wise_ft"]["alpha"] for r in wise]})
             curve = _mean_curve([r["curve"] for r in rows if r.get("curve")])
             if curve:
                 curves.append({"setting": setting, "method": method, "n": sum(1 for r in rows if r.get("curve")),
@@ -779,6 +806,8 @@ def results_markdown(spec: ExperimentSpec, summary: dict[str, Any], chosen: dict
               "| setting | method | test mAP | seeds | val mAP (chosen point) |", "| --- | --- | ---: | ---: | ---: |"]
     for row in summary["table"]:
         n = "1 (deterministic)" if row["deterministic"] else row["n"]
+        if row.get("alphas"):
+            n = f"{n} (alpha on val: {', '.join(f'{a:g}' for a in row['alphas'])})"
         lines.append(f"| {row['setting']} | {row['method']} | {_pct(row['mean'])} ± {_pct(row['std'])} | {n} | "
                      f"{_pct(row['val_map'])} |")
     lines += ["", "## Paired differences (variant minus base, paired by seed, 95% t interval)", "",

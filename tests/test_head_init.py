@@ -80,3 +80,48 @@ def test_bad_head_init_settings_are_one_line_errors(tiny_sets, tmp_path):
     trainer = Trainer.build(tiny_config(tiny_sets, tmp_path / "c", "model.head_init=probe", "model.probe_C=[0.1]",
                                         "model.probe_class_weight=[balanced]", "data.val=", "loss.aux_weight=0"))
     assert trainer.head_init["C"] == 0.1 and trainer.head_init["val_map"] is None
+
+
+def test_wise_ft_alpha_zero_is_the_probe_and_one_the_fine_tuned_student(tiny_sets, tmp_path):
+    from trainer.wise_ft import interpolate, starting_state, sweep
+
+    cfg = tiny_config(tiny_sets, tmp_path / "run", *GRID, "loss.aux_weight=0", "optim.epochs=1", "run.max_steps=3")
+    trainer = Trainer.build(cfg)
+    student = trainer.student
+    kwargs = {"cache_dir": features_cache_dir(cfg), "resize_ratio": cfg.data.eval_resize_ratio}
+    val = trunk_features(student, cfg.data.val, cfg.data.image_size, **kwargs)
+    at_start = _student_probs(student, val.features)
+    trainer.fit()
+    theta1 = {k: v.clone() for k, v in student.state_dict().items()}
+    theta0 = starting_state(student, cfg.model.weights, trainer.init_head)
+    student.load_state_dict(theta0)
+    np.testing.assert_allclose(_student_probs(student, trunk_features(student, cfg.data.val, cfg.data.image_size,
+                                                                      **kwargs).features), at_start, atol=1e-6)
+    half = interpolate(theta0, theta1, 0.5)
+    k = "main_head.weight"
+    torch.testing.assert_close(half[k], (theta0[k] + theta1[k]) / 2)
+    assert torch.equal(interpolate(theta0, theta1, 1.0)[k], theta1[k])
+    student.load_state_dict(theta1)
+    # the sweep picks alpha on validation (the largest on a tie), scores test there once, and restores theta_1
+    calls = []
+    vals = iter([0.1, 0.3, 0.3, 0.2, 0.25])
+    result = sweep(student, theta0, lambda: next(vals), lambda: calls.append(student.main_head.weight.clone()) or 0.7)
+    assert result["alpha"] == 0.5 and result["map"] == 0.7 and len(calls) == 1
+    torch.testing.assert_close(calls[0], half[k])
+    assert torch.equal(student.state_dict()[k], theta1[k])
+    ones = sweep(student, theta0, iter([0, 0, 0, 0, 1.0]).__next__, lambda: 1 / 0, test_at_one=0.42)
+    assert ones["alpha"] == 1.0 and ones["map"] == 0.42  # alpha = 1 is the plain run: its test score is reused
+
+
+def test_a_study_run_from_a_probe_reports_wise_ft_beside_the_plain_run(tiny_sets, tmp_path):
+    from cluster.experiment import train_and_score
+
+    cfg = tiny_config(tiny_sets, tmp_path / "final-x" / "seed0", *GRID, "loss.aux_weight=0", "optim.epochs=1",
+                      "run.max_steps=3", "data.val=", f"model.probe_val={tiny_sets['test']}")
+    result = train_and_score(cfg, tiny_sets["test"])
+    wise = result["wise_ft"]
+    assert wise["alphas"] == [0.0, 0.25, 0.5, 0.75, 1.0] and len(wise["val_map"]) == 5
+    # here validation and test are one set, so the chosen alpha's test score is its validation score
+    assert wise["map"] == pytest.approx(max(wise["val_map"]), abs=1e-6)
+    assert wise["val_map"][-1] == pytest.approx(result["map"], abs=1e-6)  # alpha = 1 is the plain run
+    assert wise["val_map"][0] == pytest.approx(Trainer.build(cfg).head_init["val_map"], abs=1e-5)  # 0: the probe
