@@ -329,3 +329,26 @@ def make_loader(stream: ShardStream, num_workers: int) -> DataLoader:
                       pin_memory=torch.cuda.is_available(), prefetch_factor=4 if num_workers else None,
                       generator=torch.Generator().manual_seed(stream.seed),
                       worker_init_fn=_forget_inherited_s3_sessions if num_workers else None)
+
+
+def set_samples(manifest: Manifest, shards: list[int] | None = None, read_ahead_mb: float = 0.0
+                ) -> Iterator[tuple[str, int, bytes | None, str]]:
+    """(key, main label, encoded image, shard file) of every sample of the given shards (all: None), in manifest
+    order, undecoded: for a pass that transforms each image its own way (trainer.views crops each one many
+    times). The image is None where the sample has no image member or a readable label; samples lost to a corrupt
+    shard are not yielded (the reader logs them)."""
+    chosen = range(len(manifest.shards)) if shards is None else shards
+    reader = ShardReader(manifest, manifest.shards, read_ahead_mb=read_ahead_mb)
+    events = in_order(interleaved(((Piece(s, 0, manifest.shards[s].count), 0) for s in chosen), 1))
+    try:
+        for _, sample in reader.run(events):
+            if sample is None:
+                continue
+            ext = next((e for e in IMAGE_EXTS if e in sample.fields), None)
+            try:
+                label = int(sample.fields["cls"])
+            except (KeyError, ValueError):
+                ext, label = None, -1
+            yield sample.key, label, sample.fields[ext] if ext else None, sample.shard
+    finally:
+        reader.close()

@@ -226,6 +226,24 @@ class StorageConfig:
 
 
 @dataclass
+class ViewsConfig:
+    count: int = 0
+    """Cached prefix views (trainer/views.py): compute the frozen prefix's output and the teacher's targets for
+    this many augmented views of each training image once, and train the upper stages and heads on them, one
+    view an image an epoch. 0: online (every step decodes, crops and runs the prefix). Needs model.frozen_stages;
+    for a study on a CPU at the teacher's resolution (a view at 160 px, N = 4 is 16 KB)."""
+    positive_count: int = 0
+    """Views of each positive image (0: 8 x count): re-sampling shows a positive many times an epoch."""
+    cache_dir: str = ""
+    """Where caches are built ('' = <run.out_dir>/views, ~/.cache/bgsplit/views if run.out_dir is a URL), one
+    folder each, named by what the views depend on: a study's runs share them. A folder holding a meta.json is
+    used as the cache itself and must match this run."""
+    seed: int = 0
+    """The crops' seed, apart from run.seed: the runs of a study (other seeds) share one cache. View v is the
+    crop the online loader takes in epoch v at run.seed = views.seed."""
+
+
+@dataclass
 class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -236,6 +254,7 @@ class JobConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    views: ViewsConfig = field(default_factory=ViewsConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -354,6 +373,19 @@ def validate(cfg: JobConfig) -> JobConfig:
             raise ConfigError("model.head_init=probe folds a logistic regression into a linear main head, and this "
                               "run's is cosine-normalised (model.normalized_main_head or loss.main=ldam_drw): use "
                               "model.head_init=random with it")
+    if cfg.views.count < 0 or cfg.views.positive_count < 0:
+        raise ConfigError(f"views.count and views.positive_count must be >= 0 (0: online), got {cfg.views.count} and "
+                          f"{cfg.views.positive_count}")
+    if cfg.views.count:
+        if cfg.model.frozen_stages < 1:
+            raise ConfigError("views.count caches the frozen prefix's output, and model.frozen_stages is 0: give "
+                              "model.frozen_stages=N (EfficientNet-Lite0: 1-7) or views.count=0")
+        if cfg.teacher.mode != "online":
+            raise ConfigError("views.count stores the teacher's targets of each view beside it: use "
+                              "teacher.mode=online with it (cached teacher labels are of other crops)")
+        if cfg.loss.aux == "soft" and cfg.loss.aux_weight > 0:
+            raise ConfigError("loss.aux=soft needs the teacher's whole output, and a view stores its top-k: use "
+                              "loss.aux=hard or topk with views.count, or views.count=0")
     if cfg.optim.trunk_lr_mult < 0 or cfg.optim.lp_epochs < 0:
         raise ConfigError(f"optim.trunk_lr_mult and optim.lp_epochs must be >= 0, got {cfg.optim.trunk_lr_mult} "
                           f"and {cfg.optim.lp_epochs}")

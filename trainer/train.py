@@ -13,7 +13,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,9 @@ from trainer.models import Student, StudentSpec, Teacher, build_student, build_t
 from trainer.schedule import build_scheduler, in_probe_phase
 from trainer.runtime import gather, init_distributed, resolve_device, seed_everything
 from trainer.task import BGSplitTask
+
+if TYPE_CHECKING:
+    from trainer.views import ViewStream
 
 log = logging.getLogger("bgsplit.train")
 
@@ -65,7 +68,7 @@ class Trainer:
     teacher: Teacher | None
     student: Student
     task: BGSplitTask
-    stream: ShardStream
+    stream: "ShardStream | ViewStream"
     engine: Engine
     scheduler: torch.optim.lr_scheduler.LambdaLR
     steps_per_epoch: int
@@ -114,7 +117,7 @@ class Trainer:
         use_aux = cfg.loss.aux_weight > 0
         teacher = None
         dtype = autocast_dtype(cfg.run.precision, device)
-        if use_aux:
+        if use_aux or cfg.views.count:  # views store the teacher's targets: one cache serves runs with and without
             teacher = build_teacher(cfg.teacher.name, cfg.teacher.weights,
                                     cfg.teacher.image_size or cfg.data.image_size)
         spec = StudentSpec.from_config(cfg, manifest, teacher.num_classes if teacher is not None else 0)
@@ -123,9 +126,9 @@ class Trainer:
                                 freeze_bn_stats=cfg.model.freeze_bn_stats, dropout=cfg.model.dropout,
                                 frozen_stages=cfg.model.frozen_stages).to(device)
         # decided on the weights as loaded, before the teacher is cast to the autocast dtype
-        shared = (cfg.model.frozen_stages if teacher is not None and cfg.teacher.mode == "online"
-                  and cfg.teacher.share_prefix
-                  and teacher.to(device).shares_prefix(student, cfg.data.image_size) else 0)
+        same_prefix = teacher is not None and teacher.to(device).shares_prefix(student, cfg.data.image_size)
+        shared = (cfg.model.frozen_stages if same_prefix and cfg.teacher.mode == "online" and cfg.teacher.share_prefix
+                  else 0)
         if device.type == "cuda" and cfg.run.channels_last:
             student = student.to(memory_format=torch.channels_last)
         labels = teacher_labels_for(manifest, cfg, teacher) if use_aux and cfg.teacher.mode == "cached" else None
@@ -147,8 +150,14 @@ class Trainer:
             if rank == 0:
                 head_init = fit_probe_head(student, cfg)
             broadcast_head(student, world)
-        stream = ShardStream(manifest, cfg.data, train=True, seed=cfg.run.seed, rank=rank, world=world,
-                             teacher_labels=labels)
+        if cfg.views.count:
+            from trainer.views import ViewStream, build_views, load_views
+
+            folder = build_views(cfg, manifest, student, teacher, shared, device, rank, world)
+            stream = ViewStream(load_views(folder), cfg, seed=cfg.run.seed, rank=rank, world=world)
+        else:
+            stream = ShardStream(manifest, cfg.data, train=True, seed=cfg.run.seed, rank=rank, world=world,
+                                 teacher_labels=labels)
         steps_per_epoch = max(stream.batches_per_epoch() // cfg.optim.grad_accum, 1)
         if stream.batches_per_epoch() < cfg.optim.grad_accum:
             raise ValueError(f"training set {manifest.root} has {manifest.count} samples: fewer than one optimiser "
@@ -249,7 +258,7 @@ class Trainer:
     # -- loop -----------------------------------------------------------------------------------------------
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         out = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        if self.device.type == "cuda" and self.cfg.run.channels_last:
+        if self.device.type == "cuda" and self.cfg.run.channels_last and "image" in out:
             out["image"] = out["image"].contiguous(memory_format=torch.channels_last)
         return out
 
@@ -303,7 +312,8 @@ class Trainer:
         window: dict[str, torch.Tensor] = {}
         window_steps, window_images, window_positives, t0 = 0, 0, 0, time.time()
         self.stream.start = LoaderState(**self.loader_state.state_dict())
-        batches = iter(make_loader(self.stream, cfg.data.num_workers))  # one pass for the whole run
+        # one pass for the whole run; cached views are gathered from memory maps in this process
+        batches = iter(make_loader(self.stream, 0 if cfg.views.count else cfg.data.num_workers))
         batches_per_epoch = self.stream.batches_per_epoch()
         start_time = time.time()
         log.info("rank %d of %d, engine %s: %s; the run: %.4g epochs = %d optimiser steps (the progress bar)",
@@ -316,7 +326,7 @@ class Trainer:
             except (ValueError, OSError) as e:
                 raise one_line(e) from None
             self._count_skips(batch)
-            if "image" not in batch:
+            if "label" not in batch:  # skip counts only
                 continue
             self.loader_state.advance(batch["position"], batches_per_epoch)
             micro.append(batch)
