@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from cluster.experiment_data import DataSpec, check_sets, locate_sets, parse_sets
+from cluster.experiment_data import DataSpec, check_sets, expand_draws, locate_sets, parse_sets
 from cluster.experiment_data import slug as _slug
 from data.shards import manifest_identity
 from trainer.config import ConfigError, JobConfig, load_config
@@ -127,6 +127,7 @@ def _parse_data(doc: dict[str, Any]) -> DataSpec:
     spec.rare = [str(r) for r in spec.rare]
     if not isinstance(spec.settings, dict) or not spec.settings:
         raise ConfigError("experiment key 'data.settings' must map setting names to positives per class")
+    spec.settings = expand_draws(spec.settings, spec.draws)
     return spec
 
 

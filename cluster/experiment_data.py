@@ -39,10 +39,31 @@ class DataSpec:
     """Seed of the carve-out and of the draw of positives and background."""
     resize_short_side: int | None = None
     """Store images re-encoded at this short side (large photos); null keeps them as they are."""
+    draws: int = 1
+    """Draws of the positives of each setting: draw d > 0 is the setting '<name> (draw d)', the same background,
+    validation and test images with other positives (BuildSpec.positives_seed d), tuned and reported like any
+    setting. With 2 positives a class, which 2 a user happens to have moves mAP as much as a run's seed does."""
 
     @property
     def built(self) -> bool:
         return bool(self.sets)
+
+
+DRAW = " (draw "
+
+
+def expand_draws(settings: dict[str, Any], draws: int) -> dict[str, Any]:
+    """Each setting, then its draws 1..draws-1 as settings of their own."""
+    if not isinstance(draws, int) or draws < 1:
+        raise ConfigError(f"experiment key 'data.draws' must be an integer >= 1, got {draws!r}")
+    return {f"{name}{DRAW}{d})" if d else name: n for name, n in settings.items() for d in range(draws)}
+
+
+def positives_seed(setting: str) -> int | None:
+    """The draw a setting name carries ('99.6% bg (draw 2)' -> 2); None for the first draw (the set's seed)."""
+    if not setting.endswith(")") or DRAW not in setting:
+        return None
+    return int(setting.rsplit(DRAW, 1)[1][:-1])
 
 
 def slug(text: str) -> str:
@@ -102,7 +123,8 @@ def build_sets(root: str, data: DataSpec) -> dict[str, str]:
     for name, positives in data.settings.items():
         sets[name] = os.path.join(root, f"train-{slug(name)}")
         build_set(src, BuildSpec(data.source, rare, positives_per_class=positives, max_background=data.background,
-                                 holdout=data.holdout, part="rest", **common), sets[name], progress=False)
+                                 holdout=data.holdout, part="rest", positives_seed=positives_seed(name), **common),
+                  sets[name], progress=False)
     sets["val"] = os.path.join(root, "val")
     build_set(src, BuildSpec(data.source, rare, holdout=data.holdout, part="holdout", **common), sets["val"],
               progress=False)

@@ -62,11 +62,12 @@ def positives_for_background_fraction(num_background: int, num_rare: int, fracti
 
 def select_bg(labels: list[str] | LabelCodes, rare_classes: list[str], *, positives_per_class: int | None = None,
               background_fraction: float | None = None, max_background: int | None = None,
-              seed: int = 0) -> BGSelection:
+              seed: int = 0, positives_seed: int | None = None) -> BGSelection:
     """Choose the items of a -BG set.
 
     Evaluation sets pass neither cap and keep every positive. Training sets cap positives per class, either
     directly or through a target background fraction, with a seeded choice so the same seed gives the same set.
+    ``positives_seed`` draws the positives from a generator of their own (the background stays ``seed``'s).
     """
     if positives_per_class is not None and background_fraction is not None:
         raise ValueError("give positives_per_class or background_fraction, not both")
@@ -81,6 +82,8 @@ def select_bg(labels: list[str] | LabelCodes, rare_classes: list[str], *, positi
     if background_fraction is not None:
         cap = positives_for_background_fraction(len(background), len(rare_classes), background_fraction)
     kept = [background]
+    if positives_seed is not None:
+        rng = np.random.default_rng([positives_seed, 2027])
     for k in range(1, len(rare_classes) + 1):
         members = positions(mains == k)
         if len(members) == 0:

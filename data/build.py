@@ -53,6 +53,18 @@ class BuildSpec:
     jpeg_quality: int = 90
     holdout_positives_per_class: int | None = None
     """With a holdout: take exactly this many images of every rare class instead of the class's share."""
+    positives_seed: int | None = None
+    """Seed of the draw of positives alone (None: ``seed``): another draw of a few positives beside the same
+    background, carve-out and test set, so a comparison's interval covers which positives a user happened to have."""
+
+
+def spec_doc(spec: BuildSpec) -> dict[str, Any]:
+    """The spec as its manifest stores it; a field added later is left out at its default, so the sets built
+    before it keep their identity (and the study results stored for them)."""
+    doc = asdict(spec)
+    if doc["positives_seed"] is None:
+        del doc["positives_seed"]
+    return doc
 
 
 PREFIX = "shard"
@@ -74,7 +86,7 @@ def _up_to_date(out: str, spec: BuildSpec) -> Manifest | None:
     if not storage.exists(url) or json.loads(storage.read_bytes(url)).get("format") != FORMAT:
         return None  # none, or one of an older format: rebuild
     manifest = read_manifest(out)
-    return manifest if manifest.meta.get("build") == json.loads(json.dumps(asdict(spec))) else None
+    return manifest if manifest.meta.get("build") == json.loads(json.dumps(spec_doc(spec))) else None
 
 
 def _check(spec: BuildSpec) -> None:
@@ -98,7 +110,7 @@ def _select(items: Listing, spec: BuildSpec) -> BGSelection:
         pool = np.sort(np.random.default_rng([spec.seed, 31]).choice(pool, spec.subsample, replace=False))
     sel = select_bg(items.labels.take(pool), list(spec.rare), positives_per_class=spec.positives_per_class,
                     background_fraction=spec.background_fraction, max_background=spec.max_background,
-                    seed=spec.seed)
+                    seed=spec.seed, positives_seed=spec.positives_seed)
     if spec.holdout and spec.part != "holdout":
         _warn_short(sel, spec)
     return BGSelection(indices=pool[sel.indices], main_labels=sel.main_labels, rare_classes=sel.rare_classes)
@@ -183,7 +195,7 @@ def build_set(source: Source, spec: BuildSpec, out: str, *, progress: bool = Tru
     resize = Resize(spec.resize_short_side, spec.jpeg_quality)
     per_shard = samples_per_shard(estimate_sample_bytes(source, chosen, resize), spec.max_count, spec.max_bytes)
     tasks = plan_shards(chosen, per_shard=per_shard, root=out, source=spec.source, prefix=PREFIX,
-                        num_classes=len(spec.rare) + 1, spec_hash=spec_hash(asdict(spec)), resize=resize,
+                        num_classes=len(spec.rare) + 1, spec_hash=spec_hash(spec_doc(spec)), resize=resize,
                         seed=spec.seed)
     del chosen  # the tasks hold their own index arrays
     invalidate(out)
@@ -223,7 +235,7 @@ def _manifest(out: str, spec: BuildSpec, class_names: list[str], tasks: list[Sha
     if not shards:
         raise ValueError(f"no decodable image among the {sum(len(t.items) for t in tasks)} selected from "
                          f"{spec.source}: check the source files")
-    meta: dict[str, Any] = {"build": asdict(spec), "build_seconds": round(time.time() - start, 3),
+    meta: dict[str, Any] = {"build": spec_doc(spec), "build_seconds": round(time.time() - start, 3),
                             "samples_per_shard": per_shard,
                             "skipped": {"bad_images": len(skipped), "keys": skipped[:SKIPPED_KEYS_IN_MANIFEST]}}
     return Manifest(root=out, rare_classes=list(spec.rare), class_names=class_names, shards=shards, counts=counts,

@@ -215,3 +215,31 @@ def test_the_own_data_template_runs_on_a_users_sets(own_sets, tmp_path):
     assert result["advice"][0]["method"] == "re-sample + bg-split" and "vs" in result["advice"][0]  # fake: aux +0.1
     cfg = load_config(tmp_path / "out" / "best" / "mine" / "re-sample-plus-bg-split.yaml", [])
     assert cfg.teacher.image_size == 0 and cfg.data.train == own_sets["B"]
+
+
+def test_draws_of_the_positives_share_everything_but_the_positives(tmp_path):
+    from cluster.experiment_data import build_sets
+    from data.loader import set_samples
+    from data.shards import manifest_identity, read_manifest
+
+    doc = {"source": "fmnist:train", "test_source": "fmnist:test", "rare": list(RARE), "background": 60,
+           "settings": {"low": 2}, "holdout": 40, "test_images": 50, "draws": 3}
+    spec = parse_spec({"data": doc, "methods": {"m": {}}})
+    assert list(spec.data.settings) == ["low", "low (draw 1)", "low (draw 2)"]
+    sets = build_sets(str(tmp_path), spec.data)
+
+    def keys(location):
+        return {(k, label) for k, label, _, _ in set_samples(read_manifest(location))}
+
+    drawn = {name: keys(sets[name]) for name in spec.data.settings}
+    backgrounds = [{k for k, label in v if label == 0} for v in drawn.values()]
+    positives = [{k for k, label in v if label > 0} for v in drawn.values()]
+    assert backgrounds[0] == backgrounds[1] == backgrounds[2] and len(backgrounds[0]) == 60
+    assert all(len(p) == 4 for p in positives) and positives[0] != positives[1] != positives[2]
+    # the first draw is the set a study without draws builds: same manifest identity, so stored runs are reused
+    plain = parse_spec({"data": {**doc, "draws": 1}, "methods": {"m": {}}})
+    again = build_sets(str(tmp_path / "plain"), plain.data)
+    assert manifest_identity(again["low"]) == manifest_identity(sets["low"])
+    assert "positives_seed" not in read_manifest(sets["low"]).meta["build"]
+    with pytest.raises(ConfigError, match="data.draws"):
+        parse_spec({"data": {**doc, "draws": 0}, "methods": {"m": {}}})
