@@ -359,7 +359,8 @@ def config_key(cfg: JobConfig) -> dict[str, Any]:
         return out
 
     defaults = flat(JobConfig().to_dict())
-    where = {"data.train", "data.val", "data.test", "run.out_dir", "model.probe_val", "model.probe_cache_dir"}
+    where = {"data.train", "data.val", "data.test", "run.out_dir", "model.probe_val", "model.probe_cache_dir",
+             "views.cache_dir"}
     return {k: v for k, v in flat(cfg.to_dict()).items()
             if k not in where and (k not in defaults or defaults[k] != v)}
 
@@ -558,13 +559,16 @@ class FeatureProbe:
 
 
 def job_config(spec: ExperimentSpec, train: str, out_dir: str, seed: int, overrides: list[str], *,
-               val: str = "", curve_every: float = 0.0, features_dir: str = "") -> JobConfig:
+               val: str = "", curve_every: float = 0.0, study_dir: str = "") -> JobConfig:
     # data.val stays empty unless curves are recorded: the one scored evaluation of a run is done by the scorer,
     # on the split the phase allows; a curve on validation is only looked at, never used to choose. A probe that
     # starts the head (model.head_init=probe) is chosen on validation in every phase: never on test
     curve = [f"data.val={val}", f"run.eval_every={curve_every}"] if curve_every else []
+    # the study's caches (the trunk's features for a probe-initialised head, cached prefix views) are shared
+    # by all its runs: each is keyed by what it depends on
     probe = [*([f"model.probe_val={val}"] if val else []),
-             *([f"model.probe_cache_dir={features_dir}"] if features_dir else [])]
+             *([f"model.probe_cache_dir={os.path.join(study_dir, 'features')}",
+                f"views.cache_dir={os.path.join(study_dir, 'views')}"] if study_dir else [])]
     return load_config(spec.base, [f"data.train={train}", "data.val=", "data.test=", f"run.out_dir={out_dir}",
                                    f"run.seed={seed}", "run.progress=false", "run.resume=", *probe, *spec.overrides,
                                    *overrides, *curve])
@@ -605,9 +609,8 @@ def run_setting(spec: ExperimentSpec, setting: str, sets: dict[str, str], out: s
     active = {m: ms for m, ms in spec.methods.items() if not ms.settings or setting in ms.settings}
     mdirs = {m: os.path.join(out, "runs", _slug(setting), _slug(m)) for m in active}
     points = {m: _tuning_points(spec, m, ms) for m, ms in active.items() if ms.kind == "train"}
-    features = os.path.join(out, "features")
     batch = [(job_config(spec, sets[setting], os.path.join(mdirs[m], f"tune-{_hash(overrides)}"), spec.tune_seed,
-                         overrides, val=sets["val"], features_dir=features),
+                         overrides, val=sets["val"], study_dir=out),
               sets["val"], {"setting": setting, "method": m, "phase": "tune", "split": "val", "seed": spec.tune_seed,
                             "point": point, "overrides": overrides})
              for m, pts in points.items() for point, overrides in pts]
@@ -639,7 +642,7 @@ def run_setting(spec: ExperimentSpec, setting: str, sets: dict[str, str], out: s
                                                  {**base, "deterministic": True}))
                 continue
             finals.append((job_config(spec, sets[setting], os.path.join(fdir, f"seed{seed}"), seed, c["overrides"],
-                                      val=sets["val"], curve_every=spec.curve_every, features_dir=features),
+                                      val=sets["val"], curve_every=spec.curve_every, study_dir=out),
                            sets["test"], base))
     runs += runner.run_many(finals)
     return runs, chosen
