@@ -91,10 +91,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--class-weight", default="balanced", choices=["none", "balanced"])
     p.add_argument("--threads", type=int, default=1, help="torch's threads (the scikit-learn fit always runs on one)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--features", default="", help="a cached features .npz (trainer.probe's cache: features, labels) "
+                   "to fit instead of synthetic ones")
     p.add_argument("--json", default="", help="write one row per (solver, C)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    train = synthetic_features(args.n, args.dim, 3, args.per_rare, args.seed)
+    if args.features:
+        with np.load(args.features, allow_pickle=False) as cached:
+            labels = cached["labels"]
+            train = Features(cached["features"], labels, [str(c) for c in range(int(labels.max()) + 1)])
+    else:
+        train = synthetic_features(args.n, args.dim, 3, args.per_rare, args.seed)
+    print(f"{len(train.labels)} x {train.features.shape[1]} features, classes {np.bincount(train.labels).tolist()}")
     rows = []
     print("| solver | C | seconds | iterations | converged | grad_max | max prob diff vs other |\n"
           "| --- | ---: | ---: | ---: | --- | ---: | ---: |")

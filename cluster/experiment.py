@@ -394,7 +394,8 @@ def store_result(out_dir: str, key: dict[str, Any], code: str, result: dict[str,
 
 def _result(scored: dict[str, Any], start: float) -> dict[str, Any]:
     return {"map": float(scored["map"]), "ap": scored.get("ap", {}), "seconds": time.time() - start,
-            "started": start, "curve": scored.get("curve", []), "fit": scored.get("fit", {})}
+            "started": start, "curve": scored.get("curve", []), "fit": scored.get("fit", {}),
+            **({"wise_ft": scored["wise_ft"]} if scored.get("wise_ft") else {})}
 
 
 def run_trial(trial: Trial, score: Score) -> dict[str, Any]:
@@ -443,6 +444,13 @@ class Runner:
                                if cfg.model.head_init == "probe" else {})}}
             record = {**record, "image_size": cfg.data.image_size, "run_dir": cfg.run.out_dir}
             stored = self._stored(cfg.run.out_dir, key)
+            if (stored is not None and record.get("phase") == "final" and cfg.model.head_init == "probe"
+                    and cfg.model.probe_val and not stored.get("wise_ft") and self.score is default_score):
+                wise = wise_ft_from_checkpoint(cfg, eval_set, stored["map"])
+                if wise is not None:  # scored before WiSE-FT was reported: added from its checkpoint, kept
+                    stored["wise_ft"] = wise
+                    store_result(cfg.run.out_dir, key, stored["code"],
+                                 {k: v for k, v in stored.items() if k not in ("code", "reused")})
             if stored is not None:
                 records[i] = {**record, **stored}
                 self._log(records[i])
@@ -513,16 +521,44 @@ def train_and_score(cfg: JobConfig, eval_set: str, keep_checkpoint: bool = True)
     out = {"map": result["map"], "ap": result["ap"],
            "curve": [[h["step"] / trainer.steps_per_epoch, h["val_map"]] for h in trainer.history if "val_map" in h]}
     if trainer.init_head and cfg.model.probe_val and keep_checkpoint:
-        # a final run that started from a probe: WiSE-FT between that probe and the fine-tuned student, its
-        # alpha chosen on validation (model.probe_val, the split the probe itself was chosen on)
-        from trainer.wise_ft import starting_state, sweep
-
-        theta0 = starting_state(trainer.student, cfg.model.weights, trainer.init_head)
-        out["wise_ft"] = sweep(trainer.student, theta0, lambda: score(cfg.model.probe_val)["map"],
-                               lambda: score(eval_set)["map"], test_at_one=result["map"])
+        out["wise_ft"] = wise_ft_scores(trainer.student, cfg, trainer.init_head, eval_set, result["map"],
+                                        trainer.device)
     if not keep_checkpoint:  # tuning runs are never loaded again: 27 MB each is too much to keep x100
         shutil.rmtree(Path(cfg.run.out_dir) / "checkpoints", ignore_errors=True)
     return out
+
+
+def wise_ft_scores(student: Any, cfg: JobConfig, init_head: dict[str, Any], eval_set: str, plain_map: float,
+                   device: Any) -> dict[str, Any]:
+    """A final run that started from a probe: WiSE-FT between that probe and the fine-tuned student, alpha chosen
+    on validation (model.probe_val, the split the probe itself was chosen on), test scored at it once."""
+    from data.shards import read_manifest
+    from trainer.evaluate import EvalSetup, evaluate_student
+    from trainer.wise_ft import starting_state, sweep
+
+    setup = EvalSetup(cfg.data.image_size, 128, 0, cfg.data.eval_resize_ratio)
+
+    def score(location: str) -> float:
+        return evaluate_student(student, read_manifest(location), setup, device)["map"]
+
+    theta0 = starting_state(student, cfg.model.weights, init_head)
+    return sweep(student, theta0, lambda: score(cfg.model.probe_val), lambda: score(eval_set), test_at_one=plain_map)
+
+
+def wise_ft_from_checkpoint(cfg: JobConfig, eval_set: str, plain_map: float) -> dict[str, Any] | None:
+    """WiSE-FT of a stored final run from its kept checkpoint (a run scored before its study asked for it);
+    None when the run kept no checkpoint with the head it started from."""
+    import torch
+
+    from trainer.checkpoint import latest_checkpoint, load_checkpoint
+    from trainer.models import student_from_state
+
+    url = latest_checkpoint(cfg.run.out_dir)
+    state = load_checkpoint(url) if url else None
+    if not state or not state.get("init_head"):
+        return None
+    return wise_ft_scores(student_from_state(state, url), cfg, state["init_head"], eval_set, plain_map,
+                          torch.device("cpu"))
 
 
 def default_score(cfg: JobConfig, eval_set: str) -> dict[str, Any]:
