@@ -21,6 +21,18 @@ def _train(args: argparse.Namespace) -> None:
     if args.debug:
         overrides = ["run.device=cpu", "run.precision=fp32", "data.num_workers=0"] + overrides
     cfg = load_config(args.config, overrides)
+    if cfg.probe.kind != "none":  # a probe fit (trainer/probe_model.py): a shard pass, then one fit on rank 0
+        from trainer.probe_model import feature_pass, save_probe
+
+        cfg.run.out_dir = output_location(cfg.run.out_dir, "run.out_dir")
+        fp = feature_pass(cfg)
+        args.gpus_per_task = cfg.cluster.gpus_per_worker if cfg.cluster.use_gpu else 0.0  # with --ray: Ray tasks
+        features = _pass(fp, args)
+        if features is None:  # not rank 0 under torchrun: rank 0 fits and writes
+            return
+        print(result_line(save_probe(cfg, fp, features)))
+        print(run_folder_line(cfg.run.out_dir), file=sys.stderr)
+        return
     if args.ray:  # Ray Train workers, cluster.num_workers of them (cluster/ray_train.py)
         from cluster.ray_train import launch
 

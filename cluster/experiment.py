@@ -621,11 +621,21 @@ def best_config(spec: ExperimentSpec, sets: dict[str, str], setting: str, method
     return doc
 
 
-def _write_best(out: str, setting: str, method: str, doc: dict[str, Any], how: str) -> str:
+def _probe_training(chosen: dict[str, Any]) -> list[str]:
+    from trainer.probe import probe_params
+    from trainer.probe_model import training_overrides
+
+    return training_overrides(probe_params(chosen["overrides"]))
+
+
+def _write_best(out: str, setting: str, method: str, doc: dict[str, Any], how: str, fits: str = "") -> str:
     path = Path(out, "best", _slug(setting), f"{_slug(method)}.yaml")
     path.parent.mkdir(parents=True, exist_ok=True)
-    header = (f"# bgsplit experiment: {method}'s chosen point in setting '{setting}' ({how}).\n"
-              f"# Train it: bgsplit train --config {path} data.train=<your full training set>\n")
+    shown = os.path.relpath(path) if path.resolve().is_relative_to(Path.cwd()) else str(path)
+    what = (f"# It fits the probe ({fits}) on data.train's teacher features and writes it as a checkpoint that "
+            "eval and mine take.\n" if fits else "")
+    header = (f"# bgsplit experiment: {method}'s chosen point in setting '{setting}' ({how}).\n{what}"
+              f"# Train it: bgsplit train --config {shown} data.train=<your full training set>\n")
     tmp = path.with_suffix(".tmp")
     tmp.write_text(header + yaml.safe_dump(doc, sort_keys=False))
     os.replace(tmp, path)
@@ -654,6 +664,10 @@ def run_setting(spec: ExperimentSpec, setting: str, sets: dict[str, str], out: s
         if mspec.kind == "probe":
             probe_runs, chosen[method] = _tune_probe(spec, setting, method, mspec, sets, mdirs[method], runner)
             runs += probe_runs
+            training = _probe_training(chosen[method])
+            chosen[method]["best_config"] = _write_best(
+                out, setting, method, best_config(spec, sets, setting, method, training),
+                "best validation mAP" if chosen[method]["tuning_runs"] else "its only point", fits=training[0])
     tuned = runner.run_many(batch)
     runs += tuned
     for method, mspec in active.items():

@@ -143,7 +143,11 @@ def test_own_sets_with_probes_curves_best_configs_and_advice(own_sets, tmp_path)
     cfg = load_config(best, [])
     assert cfg.data.sampling == "balanced" and cfg.loss.aux_weight == 0 and cfg.optim.lr == 0.003
     assert (cfg.data.train, cfg.data.val, cfg.data.test) == (own_sets["A"], own_sets["val"], own_sets["test"])
-    assert not (tmp_path / "out" / "best" / "A" / "probe.yaml").exists()
+    # and the probe's: `bgsplit train` on it fits the chosen probe (at its input size) and writes a checkpoint
+    probe = load_config(tmp_path / "out" / "best" / "A" / "probe.yaml", [])
+    assert (probe.probe.kind, probe.probe.class_weight, probe.data.image_size) == ("logistic", "balanced", 160)
+    assert "It fits the probe (probe.kind=logistic)" in (tmp_path / "out" / "best" / "A" / "probe.yaml").read_text()
+    assert "| best/A/probe.yaml |" in md and "(probe)" not in md
     # the page names it relative to the study folder, so a committed page stays right on another clone
     assert "| best/A/re-sample.yaml |" in md and str(tmp_path) not in md
 

@@ -542,6 +542,11 @@ class CheckpointManager:
     def validate(state: dict[str, Any], spec: Any, engine_name: str, url: str) -> None:
         """The checkpoint's student has this run's shape (``spec``, a StudentSpec, compares field by field) and
         was written by this run's engine; anything else is one line naming the field and the fix."""
+        if state.get("engine_name") == "probe":
+            kind = ((state.get("config") or {}).get("probe") or {}).get("kind", "?")
+            raise ValueError(f"cannot resume from {url}: it is a probe fit (probe.kind={kind}), not a training run; "
+                             "give eval and mine its --checkpoint, and start training with run.resume= (empty) or "
+                             "model.head_init=probe to begin a student from a probe")
         spec.check_resume(state.get("student_spec"), url)
         saved_engine = state.get("engine_name", "ddp")
         if saved_engine != engine_name:

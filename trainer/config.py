@@ -244,6 +244,28 @@ class ViewsConfig:
 
 
 @dataclass
+class ProbeConfig:
+    kind: str = "none"
+    """none: train the student. logistic or knn: `bgsplit train` fits that baseline on the frozen teacher's pooled
+    features of data.train at data.image_size instead (trainer/probe_model.py) and writes it as a checkpoint that
+    eval and mine take like a trained one: what `bgsplit experiment` writes to best/ when a probe wins."""
+    C: float = 1.0
+    """logistic: inverse L2 strength, as scikit-learn's (the experiment tunes it on validation)."""
+    class_weight: str = "none"
+    """logistic: none or balanced."""
+    k: int = 20
+    """knn: neighbours that vote."""
+    temperature: float = 0.07
+    """knn: a neighbour votes exp(cosine / temperature)."""
+    max_iter: int = 1000
+    """logistic: L-BFGS iterations at most."""
+    max_background: int = 200000
+    """Background images the fit keeps (every positive is kept): a sample by key hash, the same whatever the
+    shards' split, so the fit's memory is bounded (200k x 1,280 float32 features = 1 GB) on a 10M-image set.
+    The checkpoint records how many background images were seen and how many kept; 0 keeps them all."""
+
+
+@dataclass
 class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -255,6 +277,7 @@ class JobConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     views: ViewsConfig = field(default_factory=ViewsConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -266,6 +289,8 @@ CHOICES = {
     "data.pad_policy": ("pad", "drop"),
     "teacher.mode": ("online", "cached"),
     "model.head_init": ("random", "probe"),
+    "probe.kind": ("none", "logistic", "knn"),
+    "probe.class_weight": ("none", "balanced"),
     "loss.main": ("ce", "class_balanced", "focal", "ldam_drw", "logit_adjust"),
     "loss.aux": ("hard", "soft", "topk"),
     "optim.name": ("sgd", "adamw"),
@@ -373,6 +398,12 @@ def validate(cfg: JobConfig) -> JobConfig:
             raise ConfigError("model.head_init=probe folds a logistic regression into a linear main head, and this "
                               "run's is cosine-normalised (model.normalized_main_head or loss.main=ldam_drw): use "
                               "model.head_init=random with it")
+    if cfg.probe.C <= 0 or cfg.probe.k < 1 or cfg.probe.temperature <= 0 or cfg.probe.max_iter < 1 \
+            or cfg.probe.max_background < 0:
+        raise ConfigError(f"probe values out of range: C={cfg.probe.C}, k={cfg.probe.k}, temperature="
+                          f"{cfg.probe.temperature}, max_iter={cfg.probe.max_iter}, max_background="
+                          f"{cfg.probe.max_background} (C > 0, k >= 1, temperature > 0, max_iter >= 1, "
+                          "max_background >= 0)")
     if cfg.views.count < 0 or cfg.views.positive_count < 0:
         raise ConfigError(f"views.count and views.positive_count must be >= 0 (0: online), got {cfg.views.count} and "
                           f"{cfg.views.positive_count}")

@@ -36,6 +36,11 @@ class StudentSpec:
     """The cosine head's scale; only meaningful with normalized_main_head."""
     class_names: tuple[str, ...] | None = None
     rare_classes: tuple[str, ...] | None = None
+    knn_bank: int = 0
+    """0: a linear (or cosine) main head. N: the main head is a kNN classifier over a bank of N stored features
+    (a `probe.kind=knn` fit: trainer/probe_model.py), voting with knn_k neighbours at knn_temperature."""
+    knn_k: int = 20
+    knn_temperature: float = 0.07
 
     @classmethod
     def from_config(cls, cfg: Any, manifest: Any, aux_classes: int) -> "StudentSpec":
@@ -58,7 +63,8 @@ class StudentSpec:
             raise CheckpointError(f"{where} has no student description (student_spec); {VALID_FIX}")
         kinds = {"trunk": (str,), "num_classes": (int,), "aux_classes": (int,), "normalized_main_head": (bool,),
                  "fixed_background_logit": (int, float, type(None)), "logit_scale": (int, float),
-                 "class_names": (list, tuple, type(None)), "rare_classes": (list, tuple, type(None))}
+                 "class_names": (list, tuple, type(None)), "rare_classes": (list, tuple, type(None)),
+                 "knn_bank": (int,), "knn_k": (int,), "knn_temperature": (int, float)}
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             if f.name not in doc:
@@ -66,16 +72,18 @@ class StudentSpec:
                     raise CheckpointError(f"{where}: its student description has no {f.name}; {VALID_FIX}")
                 continue
             value = doc[f.name]
-            bad_int = f.name in ("num_classes", "aux_classes") and isinstance(value, bool)
+            bad_int = f.name in ("num_classes", "aux_classes", "knn_bank", "knn_k") and isinstance(value, bool)
             if not isinstance(value, kinds[f.name]) or bad_int or (
                     isinstance(value, (list, tuple)) and not all(isinstance(v, str) for v in value)):
                 raise CheckpointError(f"{where}: its student description has {f.name}={value!r}, which is not a "
                                       f"valid {f.name}; {VALID_FIX}")
             values[f.name] = tuple(value) if isinstance(value, list) else value
         spec = cls(**values)
-        if spec.num_classes < 2 or spec.aux_classes < 0:
+        if spec.num_classes < 2 or spec.aux_classes < 0 or spec.knn_bank < 0 or spec.knn_k < 1 \
+                or spec.knn_temperature <= 0:
             raise CheckpointError(f"{where}: its student description has num_classes={spec.num_classes}, "
-                                  f"aux_classes={spec.aux_classes}; {VALID_FIX}")
+                                  f"aux_classes={spec.aux_classes}, knn_bank={spec.knn_bank}, knn_k={spec.knn_k}, "
+                                  f"knn_temperature={spec.knn_temperature}; {VALID_FIX}")
         return spec
 
     def mismatch(self, saved: "StudentSpec") -> tuple[str, Any, Any] | None:
@@ -238,6 +246,26 @@ class NormedLinear(nn.Module):
         return self.scale * (F.normalize(x.float(), dim=1) @ F.normalize(self.weight.float(), dim=1).t())
 
 
+class KnnHead(nn.Module):
+    """A kNN classifier as a main head, so a `probe.kind=knn` fit is a checkpoint eval and mine score like any
+    student: the bank (L2-normalised features) and its labels are buffers, saved with the weights. Its logits are
+    the log of the normalised votes, so the softmax eval and mine take is the vote share trainer.probe.predict_knn
+    gives (a class no neighbour votes for: -inf, score 0)."""
+
+    def __init__(self, feature_dim: int, bank: int, num_classes: int, k: int, temperature: float):
+        super().__init__()
+        self.num_classes, self.k, self.temperature = num_classes, k, temperature
+        self.register_buffer("bank", torch.zeros(bank, feature_dim))
+        self.register_buffer("labels", torch.zeros(bank, dtype=torch.int64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = F.normalize(x.float(), dim=1)
+        sims, idx = (q @ self.bank.float().T).topk(min(self.k, len(self.labels)), dim=1)
+        votes = torch.zeros(len(q), self.num_classes, device=q.device).scatter_add_(
+            1, self.labels[idx], (sims / self.temperature).exp())
+        return (votes / votes.sum(1, keepdim=True)).log()
+
+
 def fp32_logits(head: nn.Module, features: torch.Tensor) -> torch.Tensor:
     """The main head in fp32 whatever the trunk ran in: its softmax is the score AP is computed from, and bf16
     (8 bits of mantissa) collapses tens of thousands of distinct scores into a few thousand ties. The head is
@@ -254,7 +282,7 @@ class Student(nn.Module):
 
     def __init__(self, backbone: Backbone, num_classes: int, aux_classes: int, *,
                  fixed_background_logit: float | None = None, normalized_main_head: bool = False,
-                 logit_scale: float = 30.0, freeze_bn_stats: bool = False):
+                 logit_scale: float = 30.0, freeze_bn_stats: bool = False, knn: tuple[int, int, float] | None = None):
         super().__init__()
         self.freeze_bn_stats = freeze_bn_stats
         self.arch = backbone.name
@@ -264,7 +292,8 @@ class Student(nn.Module):
         self.trunk = backbone.trunk
         self.fixed_background_logit = fixed_background_logit
         rare_outputs = num_classes - 1 if fixed_background_logit is not None else num_classes
-        self.main_head = (NormedLinear(backbone.feature_dim, rare_outputs, logit_scale) if normalized_main_head
+        self.main_head = (KnnHead(backbone.feature_dim, knn[0], num_classes, knn[1], knn[2]) if knn
+                          else NormedLinear(backbone.feature_dim, rare_outputs, logit_scale) if normalized_main_head
                           else nn.Linear(backbone.feature_dim, rare_outputs))
         self.aux_head = nn.Linear(backbone.feature_dim, aux_classes) if aux_classes else None
 
@@ -374,7 +403,8 @@ def build_student(spec: StudentSpec, teacher: Teacher | None = None, *, weights:
     student = Student(backbone, spec.num_classes, spec.aux_classes,
                       fixed_background_logit=spec.fixed_background_logit,
                       normalized_main_head=spec.normalized_main_head, logit_scale=spec.logit_scale,
-                      freeze_bn_stats=freeze_bn_stats)
+                      freeze_bn_stats=freeze_bn_stats,
+                      knn=(spec.knn_bank, spec.knn_k, spec.knn_temperature) if spec.knn_bank else None)
     student.spec = spec
     student.freeze_prefix(frozen_stages)
     student.class_names = list(spec.class_names) if spec.class_names is not None else None

@@ -1,0 +1,109 @@
+"""A probe as a model: `bgsplit train` with probe.kind fits it and writes a checkpoint that eval and mine take,
+scoring what the experiment's probe of the same fit scores."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cluster.cli import main
+from data.shards import read_manifest
+from trainer.probe import Features, ProbeParams, extract_features, probe_scores
+from trainer.probe_model import FeaturePass, background_rate, keep_background
+
+SIZE = 48
+
+
+def _fit(tiny_sets, out, *overrides, capsys=None):
+    code = main(["train", "--config", "configs/debug.yaml", f"data.train={tiny_sets['train']}", "data.val=",
+                 f"data.image_size={SIZE}", f"run.out_dir={out}", "data.num_workers=0", *overrides])
+    return code
+
+
+def _scores(checkpoint, location):
+    from trainer.evaluate import EvalSetup, evaluate_student
+    from trainer.models import load_student_from_checkpoint
+
+    student = load_student_from_checkpoint(checkpoint)
+    result = evaluate_student(student, location, EvalSetup(SIZE, 64), torch.device("cpu"), keep_predictions=True)
+    return result["predictions"][0]
+
+
+@pytest.mark.parametrize("kind,params", [("logistic", ["probe.C=0.01", "probe.class_weight=balanced"]),
+                                         ("knn", ["probe.k=7", "probe.temperature=0.1"])])
+def test_a_probe_checkpoint_scores_what_the_experiments_probe_scores(tiny_sets, teacher, tmp_path, capsys, kind,
+                                                                     params):
+    out = tmp_path / kind
+    assert _fit(tiny_sets, out, f"probe.kind={kind}", *params) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["engine"] == "probe" and line["steps"] == 0
+    meta = json.loads((out / "checkpoints" / "step-00000000" / "meta.json").read_text())
+    assert meta["student_spec"]["aux_classes"] == 0 and meta["config"]["data"]["image_size"] == SIZE
+    assert meta["probe_fit"]["background_kept"] == meta["probe_fit"]["background_seen"] == 288  # under the cap
+    # the experiment's probe: cached features of both sets, fit, score
+    feats = [extract_features(teacher, loc, SIZE, cache_dir=str(tmp_path / "features"), identity=loc)
+             for loc in (tiny_sets["train"], tiny_sets["test"])]
+    p = {k.split("=")[0].removeprefix("probe."): k.split("=")[1] for k in params}
+    pp = ProbeParams(kind=kind, image_size=SIZE, C=float(p.get("C", 1.0)), class_weight=p.get("class_weight", "none"),
+                     k=int(p.get("k", 20)), temperature=float(p.get("temperature", 0.07)))
+    expected, _ = probe_scores(feats[0], feats[1], pp)
+    got = _scores(str(out), tiny_sets["test"])
+    assert got.shape == expected.shape and np.abs(got - expected).max() < 1e-5
+    assert expected[:, 1:].max() > 0.5  # a real fit: it is confident somewhere
+
+
+def test_background_sample_is_a_pure_function_of_keys_bounded_and_keeps_every_positive(tiny_sets, tmp_path,
+                                                                                       capsys):
+    keys = [f"img-{i:06d}" for i in range(20000)]
+    kept = keep_background(keys, 0.1)
+    assert 1800 < kept.sum() < 2200  # about the rate
+    assert np.array_equal(keep_background(keys[::-1], 0.1)[::-1], kept)  # order (any split) does not matter
+    assert keep_background(keys, 1.0).all() and background_rate(288, 100) == 100 / 288
+    assert background_rate(288, 0) == background_rate(50, 100) == 1.0
+    # on a real set: every positive kept, the background cut to about the cap, the same rows for any split
+    p = FeaturePass(tiny_sets["train"], SIZE, "efficientnet_lite0", "DEFAULT", rate=background_rate(288, 100))
+    n = len(p.manifest.shards)
+    whole = p.publish([(list(range(n)), p.run(list(range(n)), torch.device("cpu")))])
+    split = p.publish([([i], p.run([i], torch.device("cpu"))) for i in reversed(range(n))])
+    assert np.array_equal(whole["labels"], split["labels"])
+    assert np.allclose(whole["features"], split["features"], atol=1e-4)
+    counts = np.bincount(whole["labels"], minlength=3)
+    assert counts[1:].tolist() == read_manifest(tiny_sets["train"]).counts[1:]
+    assert 60 < counts[0] < 140 and whole["background_seen"] == 288
+    out = tmp_path / "capped"
+    assert _fit(tiny_sets, out, "probe.kind=logistic", "probe.max_background=100") == 0
+    meta = json.loads((out / "checkpoints" / "step-00000000" / "meta.json").read_text())
+    assert meta["probe_fit"]["background_kept"] == counts[0] and meta["probe_fit"]["background_seen"] == 288
+
+
+def test_eval_and_mine_take_a_probe_checkpoint(tiny_sets, tmp_path, capsys):
+    out = tmp_path / "probe"
+    assert _fit(tiny_sets, out, "probe.kind=logistic", "probe.C=0.1") == 0
+    assert main(["eval", "--checkpoint", str(out), "--data", tiny_sets["test"], "--out", str(tmp_path / "ev")]) == 0
+    report = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert report["map"] > 0.5
+    assert main(["mine", "--checkpoint", str(out), "--pool", tiny_sets["test"], "--out", str(tmp_path / "mined"),
+                 "--top", "10"]) == 0
+    assert any((tmp_path / "mined").iterdir())
+
+
+def test_bad_probe_inputs_are_one_line_errors(tiny_sets, tmp_path, capsys):
+    out = tmp_path / "probe"
+    assert _fit(tiny_sets, out, "probe.kind=knn") == 0
+    capsys.readouterr()
+    # a probe checkpoint handed to train as a resume source
+    code = main(["train", "--config", "configs/debug.yaml", f"data.train={tiny_sets['train']}", "data.val=",
+                 f"data.image_size={SIZE}", f"run.out_dir={tmp_path / 'student'}", f"run.resume={out}",
+                 "optim.epochs=0.1"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "is a probe fit (probe.kind=knn)" in err and "run.resume=" in err
+    # a probe run asked to resume
+    assert _fit(tiny_sets, tmp_path / "again", "probe.kind=logistic", f"run.resume={out}") == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    # values out of range, an unknown kind
+    assert _fit(tiny_sets, tmp_path / "x", "probe.kind=logistic", "probe.C=0") == 2
+    assert "probe values out of range" in capsys.readouterr().err
+    assert _fit(tiny_sets, tmp_path / "x", "probe.kind=svm") == 2
+    assert "probe.kind" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -1,0 +1,234 @@
+"""A probe (logistic regression or kNN on the frozen teacher's pooled features) as a model a user can ship.
+
+`bgsplit experiment` often recommends a probe, and a recommendation that ends as a number helps nobody: here
+`bgsplit train` with ``probe.kind=logistic|knn`` fits it on a whole training set and writes it as an ordinary
+checkpoint (the teacher's trunk plus a main head: the logistic fit folded into one linear layer, or the kNN bank
+as buffers), which eval, mine and ``teacher.name=checkpoint`` take like a trained student's; nothing new to load,
+nothing pickled.
+
+Scale. The features come from a shard pass (this process, every torchrun rank, or Ray tasks: the same split as
+eval), and each part returns only the rows the fit keeps: every positive, and the background whose key hash falls
+under ``probe.max_background / background count``. The sample is a pure function of the keys, so it is the same
+whatever the split, and the fit's memory is bounded: at 10M images with the default 200k background rows it holds
+~1 GB of float32 features (1,280 a row) and L-BFGS's few copies of them, on one process. The checkpoint records
+how many background images were seen and how many kept.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from data.config import LoaderConfig
+from data.loader import ShardStream, make_loader
+from data.shards import read_manifest
+from trainer.config import JobConfig
+from trainer.shard_pass import cached_model
+
+log = logging.getLogger("bgsplit.probe")
+
+SAMPLE_SALT = b"bgsplit-probe-background\0"
+
+
+def background_rate(background: int, max_background: int) -> float:
+    """The share of background images a fit keeps: all of them (1.0) when they fit ``max_background`` (0: no
+    cap)."""
+    if max_background <= 0 or background <= max_background:
+        return 1.0
+    return max_background / background
+
+
+def keep_background(keys: list[str], rate: float) -> np.ndarray:
+    """Which of these background keys the fit keeps: the first 8 bytes of a salted SHA-256 of the key, read as a
+    fraction of 2^64, below ``rate``. A pure function of the key, so every split of the shards keeps the same
+    rows, and a key keeps its fate across refits of a grown set."""
+    if rate >= 1.0:
+        return np.ones(len(keys), dtype=bool)
+    limit = int(rate * 2 ** 64)
+    return np.array([int.from_bytes(hashlib.sha256(SAMPLE_SALT + k.encode()).digest()[:8], "big") < limit
+                     for k in keys], dtype=bool)
+
+
+@dataclass
+class FeaturePass:
+    """The teacher trunk's pooled features of a set's positives and sampled background (trainer.shard_pass), in
+    the eval transform at ``image_size``, fp32 (the numbers the experiment's probes are fit on)."""
+
+    location: str
+    image_size: int
+    arch: str
+    weights: str
+    rate: float
+    batch_size: int = 128
+    num_workers: int = 0
+    resize_ratio: float = 1.15
+    teacher: Any = field(default=None, repr=False)
+    name: str = "embedded"
+
+    def __post_init__(self) -> None:
+        self.manifest = read_manifest(self.location)
+        self.token = uuid.uuid4().hex
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "teacher": None}  # each Ray worker builds its own, once (cached_model)
+
+    def shard_counts(self) -> list[int]:
+        return [s.count for s in self.manifest.shards]
+
+    def todo(self, shards: list[int]) -> list[int]:
+        return shards
+
+    def begin(self) -> None:
+        return None
+
+    @torch.no_grad()
+    def run(self, shards: list[int], device: torch.device) -> dict[str, Any]:
+        from trainer.models import build_teacher
+
+        teacher = self.teacher or cached_model(self.token, lambda: build_teacher(self.arch, self.weights))
+        teacher = teacher.to(device).eval()
+        cfg = LoaderConfig(image_size=self.image_size, batch_size=self.batch_size, num_workers=self.num_workers,
+                           eval_resize_ratio=self.resize_ratio)
+        shard_index = {s.url: i for i, s in enumerate(self.manifest.shards)}
+        feats, labels, order, seen = [], [], [], 0
+        if shards:
+            for batch in make_loader(ShardStream(self.manifest, cfg, train=False, shards=shards), self.num_workers):
+                if "image" not in batch:
+                    continue
+                label = batch["label"].numpy()
+                background = label == 0
+                seen += int(background.sum())
+                keep = ~background
+                keep[background] = keep_background([k for k, b in zip(batch["key"], background) if b], self.rate)
+                if not keep.any():
+                    continue
+                rows = torch.from_numpy(np.flatnonzero(keep))
+                x = teacher.normalize(batch["image"][rows].to(device))
+                feats.append(teacher.trunk(x).float().cpu())
+                labels.append(label[keep])
+                order.extend((shard_index[url], int(i)) for (url, i), k in zip(batch["ref"], keep) if k)
+        dim = feats[0].shape[1] if feats else 0
+        return {"features": torch.cat(feats).numpy() if feats else np.zeros((0, dim), np.float32),
+                "labels": np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, np.int64),
+                "order": np.array(order, dtype=np.int64).reshape(-1, 2), "background_seen": seen}
+
+    def publish(self, parts: list[tuple[list[int], dict[str, Any]]]) -> dict[str, Any]:
+        got = [p for _, p in parts if len(p["labels"])]
+        if not got:
+            raise ValueError(f"data.train={self.location} yielded no decodable images: check its shards")
+        order = np.concatenate([p["order"] for p in got])
+        rank = np.lexsort((order[:, 1], order[:, 0]))  # manifest order, whatever the split
+        features = np.concatenate([p["features"] for p in got])[rank]
+        labels = np.concatenate([p["labels"] for p in got])[rank]
+        return {"features": features, "labels": labels,
+                "background_seen": sum(p["background_seen"] for _, p in parts)}
+
+
+def training_overrides(params: Any) -> list[str]:
+    """An experiment's probe point (trainer.probe.ProbeParams) as the `bgsplit train` overrides that fit the same
+    probe on a full set: its input size is the run's data.image_size."""
+    return [f"probe.kind={params.kind}", f"probe.C={params.C}", f"probe.class_weight={params.class_weight}",
+            f"probe.k={params.k}", f"probe.temperature={params.temperature}", f"probe.max_iter={params.max_iter}",
+            f"data.image_size={params.image_size}"]
+
+
+def feature_pass(cfg: JobConfig) -> FeaturePass:
+    """The pass a ``probe.kind`` run makes over data.train; one-line errors for what cannot be fit."""
+    from trainer.train import read_set
+
+    if cfg.probe.kind == "none":
+        raise ValueError("probe.kind is none: this run trains a student (bgsplit train), it fits no probe")
+    if cfg.run.resume:
+        raise ValueError(f"run.resume={cfg.run.resume}: a probe fit has nothing to resume (it is one pass and one "
+                         "fit); give run.resume= (empty)")
+    if cfg.teacher.name == "checkpoint":
+        raise ValueError("probe.kind fits on a pre-trained network's features: give teacher.name= a registry model "
+                         "(efficientnet_lite0, a torchvision model), not a checkpoint")
+    manifest = read_set(cfg.data.train, "data.train")
+    counts = manifest.counts
+    empty = [name for name, n in zip(manifest.rare_classes, counts[1:]) if n == 0]
+    if empty:
+        raise ValueError(f"data.train={cfg.data.train} has no positives of {', '.join(empty)}: a probe cannot score "
+                         "a class it never saw; add labelled images of it (`bgsplit shards add-labels`)")
+    from trainer.models import teacher_weights
+
+    return FeaturePass(cfg.data.train, cfg.data.image_size, cfg.teacher.name,
+                       teacher_weights(cfg.teacher.name, cfg.teacher.weights),
+                       background_rate(counts[0], cfg.probe.max_background), batch_size=cfg.data.batch_size,
+                       num_workers=cfg.data.num_workers, resize_ratio=cfg.data.eval_resize_ratio)
+
+
+def probe_student(cfg: JobConfig, fp: FeaturePass, features: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The fitted probe as a Student (teacher trunk + folded head or kNN bank) and what the fit did."""
+    from trainer.backbones import load_backbone
+    from trainer.models import Student, StudentSpec
+    from trainer.probe import Features, ProbeParams, fit_logistic, fold_linear
+
+    manifest = fp.manifest
+    names = list(manifest.class_names)
+    x, y = features["features"], features["labels"]
+    p = cfg.probe
+    knn = p.kind == "knn"
+    spec = StudentSpec(trunk=cfg.teacher.name, num_classes=manifest.num_classes, aux_classes=0,
+                       class_names=tuple(names), rare_classes=tuple(manifest.rare_classes),
+                       knn_bank=len(y) if knn else 0, knn_k=p.k, knn_temperature=p.temperature)
+    student = Student(load_backbone(spec.trunk, fp.weights), spec.num_classes, 0,
+                      knn=(len(y), p.k, p.temperature) if knn else None)
+    student.spec, student.class_names = spec, names
+    fit: dict[str, Any] = {"kind": p.kind, "rows": int(len(y)), "positives": np.bincount(y, minlength=len(names))[1:]
+                           .tolist(), "background_seen": int(features["background_seen"]),
+                           "background_kept": int((y == 0).sum()), "background_rate": fp.rate,
+                           "image_size": fp.image_size}
+    with torch.no_grad():
+        if knn:
+            student.main_head.bank.copy_(torch.nn.functional.normalize(torch.from_numpy(x).float(), dim=1))
+            student.main_head.labels.copy_(torch.from_numpy(y))
+            fit.update(k=p.k, temperature=p.temperature)
+        else:
+            model = fit_logistic(Features(x, y, names), ProbeParams(kind="logistic", image_size=fp.image_size, C=p.C,
+                                                                    class_weight=p.class_weight,
+                                                                    max_iter=p.max_iter))
+            weight, bias = fold_linear(model)
+            student.main_head.weight.copy_(weight)
+            student.main_head.bias.copy_(bias)
+            fit.update(C=p.C, class_weight=p.class_weight,
+                       **{k: model[k] for k in ("iterations", "grad_max", "loss", "converged")})
+    return student.eval(), fit
+
+
+def save_probe(cfg: JobConfig, fp: FeaturePass, features: dict[str, Any]) -> dict[str, Any]:
+    """Fit, write the checkpoint (step 0, complete or absent, like any) and summary.json; score data.val if set.
+    Returns the summary ``result_line`` prints."""
+    import json
+
+    from data import storage
+    from trainer.checkpoint import CheckpointWriter
+    from trainer.evaluate import EvalSetup, evaluate_student
+
+    student, fit = probe_student(cfg, fp, features)
+    if fit.get("converged") is False:
+        log.warning("the logistic fit stopped at probe.max_iter=%d before converging: raise it", cfg.probe.max_iter)
+    log.info("probe %s fit on %d rows (%d background of %d seen, rate %.4g; positives %s)", cfg.probe.kind,
+             fit["rows"], fit["background_kept"], fit["background_seen"], fp.rate, fit["positives"])
+    val = None
+    if cfg.data.val:
+        val = evaluate_student(student, cfg.data.val, EvalSetup(fp.image_size, cfg.data.batch_size,
+                                                                resize_ratio=cfg.data.eval_resize_ratio),
+                               torch.device("cpu"))
+        val = {"map": val["map"], "ap": val["ap"]}
+        log.info("probe validation mAP %.2f on %s", 100 * val["map"], cfg.data.val)
+    meta = {"student_spec": student.spec.to_dict(), "engine_name": "probe", "world": 1, "steps_per_epoch": 0,
+            "config": cfg.to_dict(), "history": [], "probe_fit": fit, "val": val}
+    writer = CheckpointWriter(cfg.run.out_dir, keep=cfg.run.keep_checkpoints, background=False)
+    url = writer.save(0, {"student": {k: v.detach().cpu() for k, v in student.state_dict().items()}},
+                      uuid.uuid4().hex, meta=meta)
+    summary = {"checkpoint": url, "steps": 0, "world": 1, "engine": "probe", "val": val, "resumed_from": None,
+               "skipped": None, "probe_fit": fit}
+    storage.write_bytes(storage.join(cfg.run.out_dir, "summary.json"),
+                        json.dumps(summary, indent=1, default=float).encode())
+    return summary
