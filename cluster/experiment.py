@@ -198,7 +198,7 @@ def _parse_method(spec: ExperimentSpec, name: str, body: Any) -> MethodSpec:
         from trainer.probe import probe_params
 
         for point in method_grid({}, method.grid):  # every point must be a valid probe: fail before any run
-            probe_params([*method.overrides, *point_overrides(point)])
+            _in_method(name, method, point, lambda o: probe_params(o), [*method.overrides, *point_overrides(point)])
     if method.ablation_of and method.ablation_of not in spec.methods:
         raise ConfigError(f"methods.{name}.ablation_of names '{method.ablation_of}', which is not a method "
                           "listed before it")
@@ -939,16 +939,40 @@ def plot_curves(summary: dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
+def _in_method(name: str, mspec: MethodSpec, point: dict[str, Any], load: Callable[[list[str]], Any],
+               overrides: list[str]) -> Any:
+    """``load(overrides)``, a ConfigError naming the method and the experiment key the bad override came from: a
+    study of five methods whose error only names a config key leaves the user searching the file for it."""
+    try:
+        return load(overrides)
+    except ConfigError as e:
+        where = f"methods.{name}.overrides"
+        for key, value in point.items():
+            try:
+                load(point_overrides({key: value}))
+            except ConfigError:
+                where = f"methods.{name}.grid" if key in mspec.grid else "grid (the shared axes)"
+                break
+        raise ConfigError(f"experiment method '{name}', {where}: {e}") from None
+
+
 def check_configs(spec: ExperimentSpec, sets: dict[str, str]) -> None:
     """Every config the experiment will train, loaded once up front: a typo in a method's override or grid is a
     one-line error before the first run, not hours in."""
     for setting in spec.data.settings:
+        try:
+            job_config(spec, sets[setting], "runs/check", 0, [])
+        except ConfigError as e:
+            raise ConfigError(f"experiment key 'overrides' or 'base': {e}") from None
         for name, mspec in spec.methods.items():
+            def load(overrides: list[str]) -> JobConfig:
+                return job_config(spec, sets[setting], "runs/check", 0, overrides)
+
             if mspec.kind == "train" and not mspec.ablation_of:
                 for point in method_grid(spec.grid, mspec.grid):
-                    job_config(spec, sets[setting], "runs/check", 0, [*mspec.overrides, *point_overrides(point)])
+                    _in_method(name, mspec, point, load, [*mspec.overrides, *point_overrides(point)])
             elif mspec.ablation_of:
-                job_config(spec, sets[setting], "runs/check", 0, mspec.overrides)
+                _in_method(name, mspec, {}, load, mspec.overrides)
 
 
 def write_reports(spec: ExperimentSpec, runs: list[dict[str, Any]], sets: dict[str, str], out: str,

@@ -220,9 +220,33 @@ def test_unknown_experiment_key_is_a_one_line_error(tmp_path, capsys):
     typo = tmp_path / "typo.yaml"
     typo.write_text(SHIPPED.read_text().replace("loss.aux_weight=0]", "loss.aux_wieght=0]", 1)
                     .replace("base: fmnist_bg.yaml", f"base: {ROOT / 'configs' / 'fmnist_bg.yaml'}"))
-    with pytest.raises(ConfigError, match="aux_wieght"):
+    sets = _fake_sets(tmp_path) | {"99.6% bg": "x", "98.0% bg": "y"}
+    with pytest.raises(ConfigError, match="method 'fine-tune', methods.fine-tune.overrides: .*aux_wieght"):
         run_experiment(load_spec(typo), str(tmp_path / "o"), score=lambda cfg, s: {"map": 0.0}, code="c",
-                       sets=_fake_sets(tmp_path) | {"99.6% bg": "x", "98.0% bg": "y"}, log=lambda _: None)
+                       sets=sets, log=lambda _: None)
+
+
+def test_an_unknown_key_in_a_method_grid_names_the_method(tmp_path):
+    """Issue 36: a typo inside one method's grid (or the shared grid) names the method and the experiment key."""
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(SHIPPED.read_text().replace("grid: {loss.focal_gamma:", "grid: {loss.focal_gama:", 1)
+                    .replace("base: fmnist_bg.yaml", f"base: {ROOT / 'configs' / 'fmnist_bg.yaml'}"))
+    sets = _fake_sets(tmp_path) | {"99.6% bg": "x", "98.0% bg": "y"}
+
+    def run(spec):
+        run_experiment(spec, str(tmp_path / "o"), score=lambda cfg, s: {"map": 0.0}, code="c", sets=sets,
+                       log=lambda _: None)
+
+    with pytest.raises(ConfigError, match=r"experiment method 'focal', methods\.focal\.grid: .*focal_gama") as e:
+        run(load_spec(typo))
+    assert "\n" not in str(e.value)
+    shared = load_spec(SHIPPED.with_name("experiment_fmnist.yaml"))
+    shared.base = str(ROOT / "configs" / "fmnist_bg.yaml")
+    shared.grid = {"optim.lrr": [0.1]}
+    with pytest.raises(ConfigError, match=r"method 'fine-tune', grid \(the shared axes\): .*optim\.lrr"):
+        run(shared)
+    with pytest.raises(ConfigError, match="method 'lp', .*probe.CC"):
+        parse_spec({"methods": {"lp": {"kind": "probe", "grid": {"probe.CC": [1.0]}}}})
 
 
 @pytest.mark.slow
