@@ -269,7 +269,7 @@ def publish(job: MineJob, fingerprint: str, manifest: Manifest, class_names: lis
                         "".join(json.dumps(r) + "\n" for r in rows).encode())
     fields = fetch_images(manifest, rows)
     thumbs = {k: img for k, f in fields.items() if (img := image_member(f)) is not None}
-    review = write_review(job.out, rows, thumbs, class_names)
+    review = write_review(job.out, rows, thumbs, class_names, scored=scored)
     summary = {"pool": manifest.root, "pool_images": manifest.count, "scored": scored, "shares": len(manifest.shards),
                "checkpoint": job.checkpoint, "top": job.top, "classes": class_names[1:], "candidates": len(rows),
                "fingerprint": fingerprint, "outputs": {"candidates": storage.join(job.out, CANDIDATES), **review}}
