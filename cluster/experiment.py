@@ -241,7 +241,57 @@ def quick_spec(spec: ExperimentSpec) -> ExperimentSpec:
         data = dataclasses.replace(spec.data, settings=dict([first]), holdout=300, test_images=500)
     return dataclasses.replace(
         spec, data=data, methods=methods, budget=2, seeds=spec.seeds[:1], curve_every=0.0,
-        pairs=[p for p in spec.pairs if set(p) <= set(methods)], overrides=[*spec.overrides, "optim.epochs=0.5"])
+        pairs=[p for p in spec.pairs if set(p) <= set(methods)],
+        overrides=[*spec.overrides, f"optim.epochs={QUICK_EPOCHS}"])
+
+
+QUICK_EPOCHS = 0.5
+
+
+def quick_left_out(spec: ExperimentSpec) -> list[str]:
+    """What ``quick_spec`` drops from ``spec``, one line each: a smoke run that silently compared 2 of 5 methods at
+    a quarter of the length was read as the study's answer (issue 36)."""
+    quick = quick_spec(spec)
+    lines = []
+    methods = [m for m in spec.methods if m not in quick.methods]
+    if methods:
+        lines.append(f"methods {', '.join(methods)} (only {', '.join(quick.methods)} run)")
+    settings = [s for s in spec.data.settings if s not in quick.data.settings]
+    if settings:
+        lines.append(f"settings {', '.join(settings)} (only {', '.join(quick.data.settings)} runs)")
+    seeds = [s for s in spec.seeds if s not in quick.seeds]
+    if seeds:
+        lines.append(f"final seeds {', '.join(map(str, seeds))} (seed {quick.seeds[0]} only: no confidence interval)")
+    if spec.budget > quick.budget:
+        lines.append(f"tuning points: {quick.budget} a method instead of up to {spec.budget}")
+    full = load_config(spec.base, spec.overrides).optim.epochs
+    lines.append(f"training length: optim.epochs={QUICK_EPOCHS} instead of {full:g} (the configs under best/ say "
+                 "so in their header)")
+    if spec.curve_every:
+        lines.append(f"validation curves (curve_every={spec.curve_every:g})")
+    if not spec.data.built:
+        lines.append(f"data: a {quick.data.holdout}-image validation set and {quick.data.test_images} test images "
+                     f"instead of {spec.data.holdout} and {spec.data.test_images}")
+    return lines
+
+
+def smoke_header(quick: ExperimentSpec, full: ExperimentSpec, train: str, overrides: list[str]) -> str:
+    """The YAML comment a --quick best/ config opens with: what in it differs from the full study's config of the
+    same point (the training length, chiefly), so it is not trained as it stands and taken for the recipe."""
+    def flat(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in doc.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    short = flat(job_config(quick, train, "runs/x", 0, overrides).to_dict())
+    long = flat(job_config(full, train, "runs/x", 0, overrides).to_dict())
+    changed = [f"{k}: {short[k]} here, {long[k]} in the full study" for k in short if short[k] != long.get(k)]
+    fix = " ".join(f"{k}={long[k]}" for k in short if short[k] != long.get(k))
+    return ("# SMOKE-LENGTH CONFIG, made by `bgsplit experiment --quick`: "
+            + ("; ".join(changed) or "its training length is the full study's") + ".\n"
+            f"# Its point was chosen from at most {quick.budget} tuning runs: run the experiment without --quick for "
+            "the study's choice" + (f", or train this one at full length by adding: {fix}" if fix else "") + "\n")
 
 
 # ------------------------------------------------------------------------------------------------ pure logic
@@ -621,10 +671,10 @@ def best_config(spec: ExperimentSpec, sets: dict[str, str], setting: str, method
     return doc
 
 
-def _write_best(out: str, setting: str, method: str, doc: dict[str, Any], how: str) -> str:
+def _write_best(out: str, setting: str, method: str, doc: dict[str, Any], how: str, smoke: str = "") -> str:
     path = Path(out, "best", _slug(setting), f"{_slug(method)}.yaml")
     path.parent.mkdir(parents=True, exist_ok=True)
-    header = (f"# bgsplit experiment: {method}'s chosen point in setting '{setting}' ({how}).\n"
+    header = (f"{smoke}# bgsplit experiment: {method}'s chosen point in setting '{setting}' ({how}).\n"
               f"# Train it: bgsplit train --config {path} data.train=<your full training set>\n")
     tmp = path.with_suffix(".tmp")
     tmp.write_text(header + yaml.safe_dump(doc, sort_keys=False))
@@ -633,8 +683,8 @@ def _write_best(out: str, setting: str, method: str, doc: dict[str, Any], how: s
     return os.path.relpath(path, out)
 
 
-def run_setting(spec: ExperimentSpec, setting: str, sets: dict[str, str], out: str, runner: Runner
-                ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def run_setting(spec: ExperimentSpec, setting: str, sets: dict[str, str], out: str, runner: Runner,
+                full: ExperimentSpec | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Tune every method on the validation split, then train the seeds with the chosen points, score test once.
 
     Each phase is one batch of independent runs (parallel trials on a cluster). Final runs go seed by seed across
@@ -662,8 +712,9 @@ def run_setting(spec: ExperimentSpec, setting: str, sets: dict[str, str], out: s
         chosen[method] = _choose(spec, method, mspec, [r for r in tuned if r["method"] == method], chosen)
         how = ("best validation mAP" if chosen[method]["tuning_runs"] else
                f"ablation: the point of {mspec.ablation_of}" if mspec.ablation_of else "its only point")
+        smoke = smoke_header(spec, full, sets[setting], chosen[method]["overrides"]) if full is not None else ""
         chosen[method]["best_config"] = _write_best(
-            out, setting, method, best_config(spec, sets, setting, method, chosen[method]["overrides"]), how)
+            out, setting, method, best_config(spec, sets, setting, method, chosen[method]["overrides"]), how, smoke)
     finals = []
     for seed in spec.seeds:
         for method, c in chosen.items():
@@ -998,14 +1049,15 @@ def write_reports(spec: ExperimentSpec, runs: list[dict[str, Any]], sets: dict[s
 def run_experiment(spec: ExperimentSpec, out: str, *, score: Score | None = None, code: str | None = None,
                    sets: dict[str, str] | None = None, log: Callable[[str], None] = print,
                    probe: ProbeScore | None = None, keep_results: bool = False,
-                   execute: Execute | None = None) -> dict[str, Any]:
+                   execute: Execute | None = None, full: ExperimentSpec | None = None) -> dict[str, Any]:
     """Tune, train and score every setting x method; write results.json, results.md, plot.png (and curves.png,
     best/<setting>/<method>.yaml) under ``out``.
 
     ``score`` (default: really train and evaluate), ``probe`` (default: fit on the teacher's cached features),
     ``code`` (default: the source fingerprint) and ``sets`` (default: the spec's sets, or build them under
     out/data, then check them) are parameters so tests can fake them; ``execute`` runs each phase's batch of
-    trials (default: one after another here; cluster.trials.tune_executor: Ray Tune trials)."""
+    trials (default: one after another here; cluster.trials.tune_executor: Ray Tune trials). ``full``: the spec
+    ``spec`` was cut down from by --quick (its best/ configs then say what the full study's would set)."""
     started = time.time()
     code = code or code_fingerprint()
     settings = list(spec.data.settings)
@@ -1022,7 +1074,7 @@ def run_experiment(spec: ExperimentSpec, out: str, *, score: Score | None = None
     runs: list[dict[str, Any]] = []
     chosen: dict[str, Any] = {}
     for setting in settings:
-        setting_runs, chosen[setting] = run_setting(spec, setting, sets, out, runner)
+        setting_runs, chosen[setting] = run_setting(spec, setting, sets, out, runner, full)
         runs += setting_runs
     summary = summarize_runs(spec, runs, chosen)
     seconds = time.time() - started
@@ -1054,7 +1106,11 @@ def experiment_command(config: str, out: str, quick: bool = False, keep_results:
                        execute: Execute | None = None) -> dict[str, Any]:
     set_threads()
     spec = load_spec(config)
-    return run_experiment(quick_spec(spec) if quick else spec, out, keep_results=keep_results, execute=execute)
+    if not quick:
+        return run_experiment(spec, out, keep_results=keep_results, execute=execute)
+    print("--quick: a smoke run, not the comparison; it leaves out:\n" +
+          "".join(f"  - {line}\n" for line in quick_left_out(spec)), end="", flush=True)
+    return run_experiment(quick_spec(spec), out, keep_results=keep_results, execute=execute, full=spec)
 
 
 def experiment_cli(args: Any, execute: Execute | None = None) -> None:
