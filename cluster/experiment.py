@@ -464,6 +464,85 @@ def sequential(score: Score) -> Execute:
     return execute
 
 
+def plan_runs(spec: ExperimentSpec) -> dict[str, dict[str, int]]:
+    """Runs the study asks for, by method kind and phase, reused ones included: {"train": {"tune": n, "final": n},
+    "probe": {...}}. A trained run costs minutes and a probe fit seconds, so a count that mixes them says nothing of
+    the time."""
+    counts = {kind: {"tune": 0, "final": 0} for kind in ("train", "probe")}
+    for setting in spec.data.settings:
+        for method, mspec in spec.methods.items():
+            if mspec.settings and setting not in mspec.settings:
+                continue
+            if mspec.kind == "probe":
+                points = len(method_grid({}, mspec.grid))
+                counts["probe"]["tune"] += points if points > 1 else 0
+                counts["probe"]["final"] += 1  # deterministic: one fit for every seed
+            else:
+                counts["train"]["tune"] += len(_tuning_points(spec, method, mspec))
+                counts["train"]["final"] += len(spec.seeds)
+    return counts
+
+
+def estimate_seconds(todo: dict[str, int], seconds: dict[str, list[float]]) -> float | None:
+    """Seconds left: each kind's runs to do times its measured mean; None while trained runs are to do and none has
+    been timed (a probe fit's seconds say nothing of a training run's). Probe fits not yet timed count 0: seconds
+    each beside trained runs' minutes."""
+    if todo.get("train") and not seconds.get("train"):
+        return None
+    return sum(n * sum(seconds[kind]) / len(seconds[kind]) for kind, n in todo.items() if n and seconds.get(kind))
+
+
+def duration_text(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+
+
+@dataclass
+class Progress:
+    """The study's cost as it goes: the runs planned before the first starts, then a line per finished run with the
+    runs done, the runs to do (a stored run found reused leaves the count) and the time left at the measured
+    seconds per run of each kind (issue 36: 28 trainings, ~3 h, and nothing printed for 5 minutes)."""
+
+    kinds: dict[str, str]
+    """Method -> its kind (train or probe)."""
+    planned: dict[str, dict[str, int]]
+    log: Callable[[str], None] = print
+    done: int = 0
+    reused: int = 0
+    seconds: dict[str, list[float]] = field(default_factory=lambda: {"train": [], "probe": []})
+
+    def __post_init__(self) -> None:
+        self.todo = {kind: sum(phases.values()) for kind, phases in self.planned.items()}
+
+    @classmethod
+    def of(cls, spec: ExperimentSpec, log: Callable[[str], None] = print) -> Progress:
+        return cls({m: ms.kind for m, ms in spec.methods.items()}, plan_runs(spec), log)
+
+    def start(self) -> None:
+        t, p = self.planned["train"], self.planned["probe"]
+        self.log(f"plan: {sum(self.todo.values())} runs: {t['tune']} tuning and {t['final']} final training runs, "
+                 f"{p['tune'] + p['final']} probe fits (seconds each); runs stored by an earlier invocation are "
+                 "reused and leave the count as they are found; the time left is printed from the first trained "
+                 "run on")
+
+    def record(self, rec: dict[str, Any]) -> None:
+        kind = self.kinds.get(rec["method"], "train")
+        self.todo[kind] = max(0, self.todo[kind] - 1)
+        if rec.get("reused"):
+            self.reused += 1
+        else:
+            self.done += 1
+            self.seconds[kind].append(float(rec["seconds"]))
+        left = estimate_seconds(self.todo, self.seconds)
+        when = (f"about {duration_text(left)} left" if left is not None else
+                "time left known after the first trained run")
+        reused = f", {self.reused} reused" if self.reused else ""
+        self.log(f"  [{self.done} run(s) done{reused}, {sum(self.todo.values())} to do: {when}]")
+
+
 @dataclass
 class Runner:
     """Runs (config, evaluation set) pairs, reusing each stored result when nothing that affects it changed."""
@@ -477,6 +556,8 @@ class Runner:
     moves on); results.md counts the runs per code version, so the mix is never hidden."""
     execute: Execute | None = None
     """How the runs that are not stored are run (default: ``sequential(score)``)."""
+    progress: Progress | None = None
+    """Told of every run as it finishes or is found stored."""
 
     def run(self, cfg: JobConfig, eval_set: str, record: dict[str, Any]) -> dict[str, Any]:
         return self.run_many([(cfg, eval_set, record)])[0]
@@ -551,6 +632,8 @@ class Runner:
         what = f"tune {rec['point']}: val" if rec["phase"] == "tune" else f"seed {rec['seed']}: test"
         self.log(f"  {rec['setting']:9s} {rec['method']:24s} {what} mAP {100 * rec['map']:5.1f} "
                  f"({rec['seconds']:.0f}s{', reused' if rec['reused'] else ''})")
+        if self.progress is not None:
+            self.progress.record(rec)
 
 
 def train_and_score(cfg: JobConfig, eval_set: str, keep_checkpoint: bool = True) -> dict[str, Any]:
@@ -1070,7 +1153,9 @@ def run_experiment(spec: ExperimentSpec, out: str, *, score: Score | None = None
         base = load_config(spec.base, spec.overrides)
         probe = FeatureProbe(base.teacher.name, base.teacher.weights, os.path.join(out, "features"),
                              base.data.eval_resize_ratio)
-    runner = Runner(score or default_score, code, log, probe, keep_results, execute)
+    progress = Progress.of(spec, log)
+    progress.start()
+    runner = Runner(score or default_score, code, log, probe, keep_results, execute, progress)
     runs: list[dict[str, Any]] = []
     chosen: dict[str, Any] = {}
     for setting in settings:

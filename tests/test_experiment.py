@@ -15,10 +15,13 @@ from cluster.experiment import (
     ExperimentSpec,
     MethodSpec,
     base_method,
+    duration_text,
+    estimate_seconds,
     load_spec,
     method_grid,
     paired_difference,
     parse_spec,
+    plan_runs,
     quick_left_out,
     quick_spec,
     run_experiment,
@@ -273,6 +276,57 @@ def test_quick_says_what_it_leaves_out_and_its_best_configs_say_they_are_smoke_l
         assert yaml.safe_load(text)["optim"]["epochs"] == 0.5  # the header is a comment: the config still loads
     run_experiment(spec, str(tmp_path / "full"), score=FakeScorer(sets), code="c", sets=sets, log=lambda _: None)
     assert not [p for p in (tmp_path / "full" / "best").rglob("*.yaml") if "SMOKE" in p.read_text()]
+
+
+def test_the_plan_counts_the_runs_the_study_makes(tmp_path):
+    sets, spec = _fake_sets(tmp_path), _spec()
+    scorer = FakeScorer(sets)
+    run_experiment(spec, str(tmp_path / "out"), score=scorer, code="c", sets=sets, log=lambda _: None)
+    plan = plan_runs(spec)
+    assert plan["train"]["tune"] == sum("tune-" in c["out_dir"] for c in scorer.calls)
+    assert plan["train"]["final"] == sum("final-" in c["out_dir"] for c in scorer.calls)
+    assert plan["probe"] == {"tune": 0, "final": 0}
+    probes = dataclasses.replace(spec, methods={**spec.methods, "lp": MethodSpec(kind="probe", grid={
+        "probe.C": [0.1, 1.0], "probe.class_weight": ["none", "balanced"]}, settings=["A"])})
+    assert plan_runs(probes)["probe"] == {"tune": 4, "final": 1}  # one deterministic final fit
+
+
+def test_the_estimate_is_each_kinds_measured_mean_times_its_runs_to_do():
+    assert estimate_seconds({"train": 3, "probe": 2}, {"train": [10.0, 20.0], "probe": [1.0]}) == 3 * 15 + 2 * 1
+    assert estimate_seconds({"train": 3, "probe": 2}, {"train": [], "probe": [1.0]}) is None  # no trained run yet
+    assert estimate_seconds({"train": 2, "probe": 5}, {"train": [30.0], "probe": []}) == 60  # probes: seconds
+    assert estimate_seconds({"train": 0, "probe": 0}, {"train": [], "probe": []}) == 0
+    assert [duration_text(x) for x in (42, 600, 11_000)] == ["42 s", "10 min", "3 h 03 min"]
+
+
+def test_progress_lines_count_down_and_the_first_estimate_is_within_2x_of_the_time_left(tmp_path):
+    """A study of 26 runs whose every run takes 0.15 s: the estimate printed after the first run against the time
+    the rest really took; then a rerun reuses every run and says so."""
+    sets = _fake_sets(tmp_path)
+    spec = _spec()
+    spec.data = dataclasses.replace(spec.data, settings={"A": 2})
+    scorer = FakeScorer(sets)
+
+    def slow(cfg, eval_set):
+        time.sleep(0.15)
+        return scorer(cfg, eval_set)
+
+    lines: list[tuple[float, str]] = []
+    run_experiment(spec, str(tmp_path / "out"), score=slow, code="c", sets=sets,
+                   log=lambda line: lines.append((time.monotonic(), line)))
+    total = sum(plan_runs(spec)["train"].values())
+    assert lines[0][1].startswith(f"plan: {total} runs: ")
+    progress = [(t, line) for t, line in lines if line.startswith("  [")]
+    assert [line.split(" run(s)")[0] for _, line in progress] == [f"  [{i}" for i in range(1, total + 1)]
+    assert progress[-1][1] == f"  [{total} run(s) done, 0 to do: about 0 s left]"
+    first_at, first = progress[0]
+    assert f", {total - 1} to do: about " in first
+    estimate = float(first.split("about ")[1].split(" s left")[0])
+    measured = progress[-1][0] - first_at
+    assert measured / 2 <= estimate <= 2 * measured, (estimate, measured)
+    again: list[str] = []
+    run_experiment(spec, str(tmp_path / "out"), score=slow, code="c", sets=sets, log=again.append)
+    assert f"  [0 run(s) done, {total} reused, 0 to do: about 0 s left]" in again
 
 
 @pytest.mark.slow
