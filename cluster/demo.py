@@ -19,6 +19,7 @@ def run_demo(out: str = "artifacts/demo", *, quick: bool = False, seeds: int | N
     spec = load_spec(CONFIG)
     if seeds is not None:
         spec = dataclasses.replace(spec, seeds=list(range(seeds)))
+    full = spec if quick else None
     if quick:
         spec = quick_spec(spec)
     if prepare_only:
@@ -26,4 +27,4 @@ def run_demo(out: str = "artifacts/demo", *, quick: bool = False, seeds: int | N
         check_sets(sets, list(spec.data.settings))
         print(f"data ready: {', '.join(sets.values())}", flush=True)
         return {"sets": sets}
-    return run_experiment(spec, out, keep_results=keep_results)
+    return run_experiment(spec, out, keep_results=keep_results, full=full)

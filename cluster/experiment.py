@@ -198,7 +198,7 @@ def _parse_method(spec: ExperimentSpec, name: str, body: Any) -> MethodSpec:
         from trainer.probe import probe_params
 
         for point in method_grid({}, method.grid):  # every point must be a valid probe: fail before any run
-            probe_params([*method.overrides, *point_overrides(point)])
+            _in_method(name, method, point, lambda o: probe_params(o), [*method.overrides, *point_overrides(point)])
     if method.ablation_of and method.ablation_of not in spec.methods:
         raise ConfigError(f"methods.{name}.ablation_of names '{method.ablation_of}', which is not a method "
                           "listed before it")
@@ -241,7 +241,57 @@ def quick_spec(spec: ExperimentSpec) -> ExperimentSpec:
         data = dataclasses.replace(spec.data, settings=dict([first]), holdout=300, test_images=500)
     return dataclasses.replace(
         spec, data=data, methods=methods, budget=2, seeds=spec.seeds[:1], curve_every=0.0,
-        pairs=[p for p in spec.pairs if set(p) <= set(methods)], overrides=[*spec.overrides, "optim.epochs=0.5"])
+        pairs=[p for p in spec.pairs if set(p) <= set(methods)],
+        overrides=[*spec.overrides, f"optim.epochs={QUICK_EPOCHS}"])
+
+
+QUICK_EPOCHS = 0.5
+
+
+def quick_left_out(spec: ExperimentSpec) -> list[str]:
+    """What ``quick_spec`` drops from ``spec``, one line each: a smoke run that silently compared 2 of 5 methods at
+    a quarter of the length was read as the study's answer (issue 36)."""
+    quick = quick_spec(spec)
+    lines = []
+    methods = [m for m in spec.methods if m not in quick.methods]
+    if methods:
+        lines.append(f"methods {', '.join(methods)} (only {', '.join(quick.methods)} run)")
+    settings = [s for s in spec.data.settings if s not in quick.data.settings]
+    if settings:
+        lines.append(f"settings {', '.join(settings)} (only {', '.join(quick.data.settings)} runs)")
+    seeds = [s for s in spec.seeds if s not in quick.seeds]
+    if seeds:
+        lines.append(f"final seeds {', '.join(map(str, seeds))} (seed {quick.seeds[0]} only: no confidence interval)")
+    if spec.budget > quick.budget:
+        lines.append(f"tuning points: {quick.budget} a method instead of up to {spec.budget}")
+    full = load_config(spec.base, spec.overrides).optim.epochs
+    lines.append(f"training length: optim.epochs={QUICK_EPOCHS} instead of {full:g} (the configs under best/ say "
+                 "so in their header)")
+    if spec.curve_every:
+        lines.append(f"validation curves (curve_every={spec.curve_every:g})")
+    if not spec.data.built:
+        lines.append(f"data: a {quick.data.holdout}-image validation set and {quick.data.test_images} test images "
+                     f"instead of {spec.data.holdout} and {spec.data.test_images}")
+    return lines
+
+
+def smoke_header(quick: ExperimentSpec, full: ExperimentSpec, train: str, overrides: list[str]) -> str:
+    """The YAML comment a --quick best/ config opens with: what in it differs from the full study's config of the
+    same point (the training length, chiefly), so it is not trained as it stands and taken for the recipe."""
+    def flat(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in doc.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    short = flat(job_config(quick, train, "runs/x", 0, overrides).to_dict())
+    long = flat(job_config(full, train, "runs/x", 0, overrides).to_dict())
+    changed = [f"{k}: {short[k]} here, {long[k]} in the full study" for k in short if short[k] != long.get(k)]
+    fix = " ".join(f"{k}={long[k]}" for k in short if short[k] != long.get(k))
+    return ("# SMOKE-LENGTH CONFIG, made by `bgsplit experiment --quick`: "
+            + ("; ".join(changed) or "its training length is the full study's") + ".\n"
+            f"# Its point was chosen from at most {quick.budget} tuning runs: run the experiment without --quick for "
+            "the study's choice" + (f", or train this one at full length by adding: {fix}" if fix else "") + "\n")
 
 
 # ------------------------------------------------------------------------------------------------ pure logic
@@ -414,6 +464,85 @@ def sequential(score: Score) -> Execute:
     return execute
 
 
+def plan_runs(spec: ExperimentSpec) -> dict[str, dict[str, int]]:
+    """Runs the study asks for, by method kind and phase, reused ones included: {"train": {"tune": n, "final": n},
+    "probe": {...}}. A trained run costs minutes and a probe fit seconds, so a count that mixes them says nothing of
+    the time."""
+    counts = {kind: {"tune": 0, "final": 0} for kind in ("train", "probe")}
+    for setting in spec.data.settings:
+        for method, mspec in spec.methods.items():
+            if mspec.settings and setting not in mspec.settings:
+                continue
+            if mspec.kind == "probe":
+                points = len(method_grid({}, mspec.grid))
+                counts["probe"]["tune"] += points if points > 1 else 0
+                counts["probe"]["final"] += 1  # deterministic: one fit for every seed
+            else:
+                counts["train"]["tune"] += len(_tuning_points(spec, method, mspec))
+                counts["train"]["final"] += len(spec.seeds)
+    return counts
+
+
+def estimate_seconds(todo: dict[str, int], seconds: dict[str, list[float]]) -> float | None:
+    """Seconds left: each kind's runs to do times its measured mean; None while trained runs are to do and none has
+    been timed (a probe fit's seconds say nothing of a training run's). Probe fits not yet timed count 0: seconds
+    each beside trained runs' minutes."""
+    if todo.get("train") and not seconds.get("train"):
+        return None
+    return sum(n * sum(seconds[kind]) / len(seconds[kind]) for kind, n in todo.items() if n and seconds.get(kind))
+
+
+def duration_text(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+
+
+@dataclass
+class Progress:
+    """The study's cost as it goes: the runs planned before the first starts, then a line per finished run with the
+    runs done, the runs to do (a stored run found reused leaves the count) and the time left at the measured
+    seconds per run of each kind (issue 36: 28 trainings, ~3 h, and nothing printed for 5 minutes)."""
+
+    kinds: dict[str, str]
+    """Method -> its kind (train or probe)."""
+    planned: dict[str, dict[str, int]]
+    log: Callable[[str], None] = print
+    done: int = 0
+    reused: int = 0
+    seconds: dict[str, list[float]] = field(default_factory=lambda: {"train": [], "probe": []})
+
+    def __post_init__(self) -> None:
+        self.todo = {kind: sum(phases.values()) for kind, phases in self.planned.items()}
+
+    @classmethod
+    def of(cls, spec: ExperimentSpec, log: Callable[[str], None] = print) -> Progress:
+        return cls({m: ms.kind for m, ms in spec.methods.items()}, plan_runs(spec), log)
+
+    def start(self) -> None:
+        t, p = self.planned["train"], self.planned["probe"]
+        self.log(f"plan: {sum(self.todo.values())} runs: {t['tune']} tuning and {t['final']} final training runs, "
+                 f"{p['tune'] + p['final']} probe fits (seconds each); runs stored by an earlier invocation are "
+                 "reused and leave the count as they are found; the time left is printed from the first trained "
+                 "run on")
+
+    def record(self, rec: dict[str, Any]) -> None:
+        kind = self.kinds.get(rec["method"], "train")
+        self.todo[kind] = max(0, self.todo[kind] - 1)
+        if rec.get("reused"):
+            self.reused += 1
+        else:
+            self.done += 1
+            self.seconds[kind].append(float(rec["seconds"]))
+        left = estimate_seconds(self.todo, self.seconds)
+        when = (f"about {duration_text(left)} left" if left is not None else
+                "time left known after the first trained run")
+        reused = f", {self.reused} reused" if self.reused else ""
+        self.log(f"  [{self.done} run(s) done{reused}, {sum(self.todo.values())} to do: {when}]")
+
+
 @dataclass
 class Runner:
     """Runs (config, evaluation set) pairs, reusing each stored result when nothing that affects it changed."""
@@ -427,6 +556,8 @@ class Runner:
     moves on); results.md counts the runs per code version, so the mix is never hidden."""
     execute: Execute | None = None
     """How the runs that are not stored are run (default: ``sequential(score)``)."""
+    progress: Progress | None = None
+    """Told of every run as it finishes or is found stored."""
 
     def run(self, cfg: JobConfig, eval_set: str, record: dict[str, Any]) -> dict[str, Any]:
         return self.run_many([(cfg, eval_set, record)])[0]
@@ -501,6 +632,8 @@ class Runner:
         what = f"tune {rec['point']}: val" if rec["phase"] == "tune" else f"seed {rec['seed']}: test"
         self.log(f"  {rec['setting']:9s} {rec['method']:24s} {what} mAP {100 * rec['map']:5.1f} "
                  f"({rec['seconds']:.0f}s{', reused' if rec['reused'] else ''})")
+        if self.progress is not None:
+            self.progress.record(rec)
 
 
 def train_and_score(cfg: JobConfig, eval_set: str, keep_checkpoint: bool = True) -> dict[str, Any]:
@@ -628,13 +761,14 @@ def _probe_training(chosen: dict[str, Any]) -> list[str]:
     return training_overrides(probe_params(chosen["overrides"]))
 
 
-def _write_best(out: str, setting: str, method: str, doc: dict[str, Any], how: str, fits: str = "") -> str:
+def _write_best(out: str, setting: str, method: str, doc: dict[str, Any], how: str, smoke: str = "",
+                fits: str = "") -> str:
     path = Path(out, "best", _slug(setting), f"{_slug(method)}.yaml")
     path.parent.mkdir(parents=True, exist_ok=True)
     shown = os.path.relpath(path) if path.resolve().is_relative_to(Path.cwd()) else str(path)
     what = (f"# It fits the probe ({fits}) on data.train's teacher features and writes it as a checkpoint that "
             "eval and mine take.\n" if fits else "")
-    header = (f"# bgsplit experiment: {method}'s chosen point in setting '{setting}' ({how}).\n{what}"
+    header = (f"{smoke}# bgsplit experiment: {method}'s chosen point in setting '{setting}' ({how}).\n{what}"
               f"# Train it: bgsplit train --config {shown} data.train=<your full training set>\n")
     tmp = path.with_suffix(".tmp")
     tmp.write_text(header + yaml.safe_dump(doc, sort_keys=False))
@@ -643,8 +777,8 @@ def _write_best(out: str, setting: str, method: str, doc: dict[str, Any], how: s
     return os.path.relpath(path, out)
 
 
-def run_setting(spec: ExperimentSpec, setting: str, sets: dict[str, str], out: str, runner: Runner
-                ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def run_setting(spec: ExperimentSpec, setting: str, sets: dict[str, str], out: str, runner: Runner,
+                full: ExperimentSpec | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Tune every method on the validation split, then train the seeds with the chosen points, score test once.
 
     Each phase is one batch of independent runs (parallel trials on a cluster). Final runs go seed by seed across
@@ -676,8 +810,9 @@ def run_setting(spec: ExperimentSpec, setting: str, sets: dict[str, str], out: s
         chosen[method] = _choose(spec, method, mspec, [r for r in tuned if r["method"] == method], chosen)
         how = ("best validation mAP" if chosen[method]["tuning_runs"] else
                f"ablation: the point of {mspec.ablation_of}" if mspec.ablation_of else "its only point")
+        smoke = smoke_header(spec, full, sets[setting], chosen[method]["overrides"]) if full is not None else ""
         chosen[method]["best_config"] = _write_best(
-            out, setting, method, best_config(spec, sets, setting, method, chosen[method]["overrides"]), how)
+            out, setting, method, best_config(spec, sets, setting, method, chosen[method]["overrides"]), how, smoke)
     finals = []
     for seed in spec.seeds:
         for method, c in chosen.items():
@@ -953,16 +1088,40 @@ def plot_curves(summary: dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
+def _in_method(name: str, mspec: MethodSpec, point: dict[str, Any], load: Callable[[list[str]], Any],
+               overrides: list[str]) -> Any:
+    """``load(overrides)``, a ConfigError naming the method and the experiment key the bad override came from: a
+    study of five methods whose error only names a config key leaves the user searching the file for it."""
+    try:
+        return load(overrides)
+    except ConfigError as e:
+        where = f"methods.{name}.overrides"
+        for key, value in point.items():
+            try:
+                load(point_overrides({key: value}))
+            except ConfigError:
+                where = f"methods.{name}.grid" if key in mspec.grid else "grid (the shared axes)"
+                break
+        raise ConfigError(f"experiment method '{name}', {where}: {e}") from None
+
+
 def check_configs(spec: ExperimentSpec, sets: dict[str, str]) -> None:
     """Every config the experiment will train, loaded once up front: a typo in a method's override or grid is a
     one-line error before the first run, not hours in."""
     for setting in spec.data.settings:
+        try:
+            job_config(spec, sets[setting], "runs/check", 0, [])
+        except ConfigError as e:
+            raise ConfigError(f"experiment key 'overrides' or 'base': {e}") from None
         for name, mspec in spec.methods.items():
+            def load(overrides: list[str]) -> JobConfig:
+                return job_config(spec, sets[setting], "runs/check", 0, overrides)
+
             if mspec.kind == "train" and not mspec.ablation_of:
                 for point in method_grid(spec.grid, mspec.grid):
-                    job_config(spec, sets[setting], "runs/check", 0, [*mspec.overrides, *point_overrides(point)])
+                    _in_method(name, mspec, point, load, [*mspec.overrides, *point_overrides(point)])
             elif mspec.ablation_of:
-                job_config(spec, sets[setting], "runs/check", 0, mspec.overrides)
+                _in_method(name, mspec, {}, load, mspec.overrides)
 
 
 def write_reports(spec: ExperimentSpec, runs: list[dict[str, Any]], sets: dict[str, str], out: str,
@@ -988,14 +1147,15 @@ def write_reports(spec: ExperimentSpec, runs: list[dict[str, Any]], sets: dict[s
 def run_experiment(spec: ExperimentSpec, out: str, *, score: Score | None = None, code: str | None = None,
                    sets: dict[str, str] | None = None, log: Callable[[str], None] = print,
                    probe: ProbeScore | None = None, keep_results: bool = False,
-                   execute: Execute | None = None) -> dict[str, Any]:
+                   execute: Execute | None = None, full: ExperimentSpec | None = None) -> dict[str, Any]:
     """Tune, train and score every setting x method; write results.json, results.md, plot.png (and curves.png,
     best/<setting>/<method>.yaml) under ``out``.
 
     ``score`` (default: really train and evaluate), ``probe`` (default: fit on the teacher's cached features),
     ``code`` (default: the source fingerprint) and ``sets`` (default: the spec's sets, or build them under
     out/data, then check them) are parameters so tests can fake them; ``execute`` runs each phase's batch of
-    trials (default: one after another here; cluster.trials.tune_executor: Ray Tune trials)."""
+    trials (default: one after another here; cluster.trials.tune_executor: Ray Tune trials). ``full``: the spec
+    ``spec`` was cut down from by --quick (its best/ configs then say what the full study's would set)."""
     started = time.time()
     code = code or code_fingerprint()
     settings = list(spec.data.settings)
@@ -1008,11 +1168,13 @@ def run_experiment(spec: ExperimentSpec, out: str, *, score: Score | None = None
         base = load_config(spec.base, spec.overrides)
         probe = FeatureProbe(base.teacher.name, base.teacher.weights, os.path.join(out, "features"),
                              base.data.eval_resize_ratio)
-    runner = Runner(score or default_score, code, log, probe, keep_results, execute)
+    progress = Progress.of(spec, log)
+    progress.start()
+    runner = Runner(score or default_score, code, log, probe, keep_results, execute, progress)
     runs: list[dict[str, Any]] = []
     chosen: dict[str, Any] = {}
     for setting in settings:
-        setting_runs, chosen[setting] = run_setting(spec, setting, sets, out, runner)
+        setting_runs, chosen[setting] = run_setting(spec, setting, sets, out, runner, full)
         runs += setting_runs
     summary = summarize_runs(spec, runs, chosen)
     seconds = time.time() - started
@@ -1044,7 +1206,11 @@ def experiment_command(config: str, out: str, quick: bool = False, keep_results:
                        execute: Execute | None = None) -> dict[str, Any]:
     set_threads()
     spec = load_spec(config)
-    return run_experiment(quick_spec(spec) if quick else spec, out, keep_results=keep_results, execute=execute)
+    if not quick:
+        return run_experiment(spec, out, keep_results=keep_results, execute=execute)
+    print("--quick: a smoke run, not the comparison; it leaves out:\n" +
+          "".join(f"  - {line}\n" for line in quick_left_out(spec)), end="", flush=True)
+    return run_experiment(quick_spec(spec), out, keep_results=keep_results, execute=execute, full=spec)
 
 
 def experiment_cli(args: Any, execute: Execute | None = None) -> None:

@@ -2,7 +2,8 @@
 
 A comparison is only worth reading if its sets are what they claim, so every set is checked before the first
 run starts (one line each, naming the experiment key and the fix): a missing set, sets that disagree on the
-classes, a validation or test key that is also a training key, a split without a positive of some class.
+classes, a validation or test image that is also a training image (by content: data.overlap), a split without a
+positive of some class.
 """
 from __future__ import annotations
 
@@ -145,11 +146,33 @@ def _where(name: str, settings: list[str]) -> str:
     return f"data.sets.train[{name!r}]" if name in settings else f"data.sets.{name}"
 
 
+def _check_leaks(sets: dict[str, str], settings: list[str]) -> None:
+    """One data.overlap comparison of every held-out set with every training set, named by experiment key."""
+    from data.overlap import CONTENT, REBUILD, comparable, first_sample, shared
+
+    names = {sets[name]: _where(name, settings) for name in [*settings, "val", "test"]}
+    hashes = comparable([sets[name] for name in [*settings, "val", "test"]], names=names)
+    for held in ("val", "test"):
+        for name in settings:
+            common = shared(hashes[sets[held]], hashes[sets[name]])
+            if not common.size:
+                continue
+            by = hashes[sets[held]].by
+            first = first_sample(sets[held], common, by)
+            what = (f"{common.size} image(s) (the same bytes)" if by == CONTENT else
+                    f"{common.size} image key(s) (by file name: a set here records no content hashes, so other "
+                    "images under the same names count too; " + REBUILD.replace("rebuild it", "rebuild them") + ")")
+            raise ConfigError(f"experiment data.sets.{held} ({sets[held]}) shares {what} with "
+                              f"{_where(name, settings)} (first: {first}): a method would be scored on images it "
+                              f"trained on; carve the {held} set out with `bgsplit shards build --holdout` or draw "
+                              "it from another split")
+
+
 def check_sets(sets: dict[str, str], settings: list[str], *, keys: bool = True) -> dict[str, Any]:
     """Refuse sets a comparison cannot be trusted on, before anything trains; returns each set's counts.
 
-    ``keys``: also read every sample key (one pass over the shards) to refuse validation or test images that are
-    also training images."""
+    ``keys``: also refuse validation or test images that are also training images (data.overlap: by content
+    where the sets record it, else by key)."""
     from data.shards import read_manifest
 
     manifests = {}
@@ -174,17 +197,6 @@ def check_sets(sets: dict[str, str], settings: list[str], *, keys: bool = True) 
                                   f"class '{cls}': a setting needs at least one of every rare class (add images of "
                                   "it, or drop the class from every set)")
     if keys:
-        from trainer.mine import keys_of
-
-        train_keys = {name: keys_of([sets[name]]) for name in settings}
-        for held in ("val", "test"):
-            held_keys = keys_of([sets[held]])
-            for name, tk in train_keys.items():
-                shared = held_keys & tk
-                if shared:
-                    raise ConfigError(f"experiment data.sets.{held} ({sets[held]}) shares {len(shared)} image key(s)"
-                                      f" with {_where(name, settings)} (first: {sorted(shared)[0]}): a method "
-                                      f"would be scored on images it trained on; carve the {held} set out with "
-                                      "`bgsplit shards build --holdout` or draw it from another split")
+        _check_leaks(sets, settings)
     return {name: {"count": m.count, "counts": m.counts, "background_fraction": m.background_fraction,
                    "class_names": m.class_names} for name, m in manifests.items()}

@@ -31,6 +31,7 @@ from data.shards import (
     ShardInfo,
     TarShard,
     check_objects,
+    content_hash,
     iter_tar,
     make_record,
     manifest_url,
@@ -168,6 +169,8 @@ def _write_shards(out: str, tag: str, kind: str, samples: list[tuple[Label, byte
         chunk = samples[start:start + MAX_PER_SHARD]
         name = f"{PREFIX}-{tag}-{kind}-{n:06d}.tar"
         counts = [0] * num_classes
+        # the pool's stored bytes: its source's bytes (what a content hash is of) unless the pool was built re-encoded
+        contents = [content_hash(image) for _, image in chunk]
         with storage.atomic_write(storage.join(out, name)) as f:
             tar = TarShard(f)
             for label, image in chunk:
@@ -176,7 +179,8 @@ def _write_shards(out: str, tag: str, kind: str, samples: list[tuple[Label, byte
             offsets = tar.close()
             size = f.tell()
         record = make_record(name=name, kind=kind, count=len(chunk), size=size, counts=counts, offsets=offsets,
-                             labels=[lb.cls for lb, _ in chunk], keys=tar.keys, source="add-labels")
+                             labels=[lb.cls for lb, _ in chunk], keys=tar.keys, source="add-labels",
+                             contents=contents)
         storage.write_bytes(storage.join(out, record_name(name)), json.dumps(record).encode())
         infos.append(ShardInfo(url=name, kind=kind, count=len(chunk), bytes=size))
     return infos

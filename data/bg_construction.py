@@ -176,3 +176,24 @@ def stratified_holdout(labels: list[str] | LabelCodes, rare_classes: list[str], 
     rest = np.ones(len(labels), dtype=bool)  # a mask, not setdiff1d: that sorts a copy of every index
     rest[held_all] = False
     return positions(rest), held_all
+
+
+STEADY_VALIDATION = 10
+"""Validation positives of a class below which its AP, and so every choice made on validation, hangs on a handful of
+images: the issue-36 newcomer's 1 a class gave 34.2 and 2.8 val mAP for one config on two seeds."""
+
+
+def few_validation_positives(name: str, held: int, size: int, positives_per_class: int | None) -> str | None:
+    """One line on a rare class whose validation share is below ``STEADY_VALIDATION`` (None when it is not): what
+    it holds and the flag value that holds more while ``positives_per_class`` still train."""
+    if held >= STEADY_VALIDATION:
+        return None
+    room = size - positives_per_class if positives_per_class else size // 2  # no cap: keep half to train on
+    more = min(STEADY_VALIDATION, room)
+    fix = (f"--holdout-positives-per-class {more} holds {more}" + (f" and leaves {positives_per_class} to train on"
+                                                                   if positives_per_class else "")
+           if more > held else "adding images of the class is the way to more")
+    return (f"rare class '{name}' has {held} validation image(s) of its {size}: validation AP, and every choice made"
+            f" on it, rests on {'it' if held == 1 else 'them'}; {fix} (fewer than {STEADY_VALIDATION} stays noisy;"
+            " k-fold validation, scoring every image, is not in bgsplit yet)")
+

@@ -19,7 +19,8 @@ from typing import Any, Callable
 import numpy as np
 
 from data import storage
-from data.bg_construction import BGSelection, positives_for_background_fraction, select_bg, stratified_holdout
+from data.bg_construction import (BGSelection, few_validation_positives, main_labels_for,
+                                  positives_for_background_fraction, select_bg, stratified_holdout)
 from data.ingest import (Resize, ShardItems, ShardResult, ShardTask, estimate_sample_bytes, finished, plan_shards,
                          run_tasks, samples_per_shard, spec_hash)
 from data.shards import (FORMAT, RECORD_READS_IN_FLIGHT, Manifest, ShardInfo, invalidate, manifest_url, read_manifest,
@@ -324,5 +325,19 @@ def build_command(request: BuildRequest, *, runner: Runner | None = None,
     """The CLI's entry: the training (or evaluation) set, plus the carved-out validation set if asked."""
     source = open_source(request.source_spec())
     rare_ids = tuple(rare_classes_from(request.split_file, request.rare, source))
-    return {name: build_set(source, spec, out, progress=progress, workers=request.workers, runner=runner)
-            for name, (spec, out) in request.specs(rare_ids).items()}
+    built = {name: build_set(source, spec, out, progress=progress, workers=request.workers, runner=runner)
+             for name, (spec, out) in request.specs(rare_ids).items()}
+    if "holdout" in built:
+        _warn_few_validation(built["holdout"], source, rare_ids, request.positives_per_class)
+    return built
+
+
+def _warn_few_validation(val: Manifest, source: Source, rare: tuple[str, ...], positives_per_class: int | None
+                         ) -> None:
+    """A carve-out that leaves some class only a few validation images builds fine and then picks methods by
+    noise: say so after the build, with the flag value that holds more."""
+    sizes = np.bincount(main_labels_for(source.items().labels, list(rare)), minlength=len(rare) + 1)
+    for k, name in enumerate(val.class_names[1:], start=1):
+        line = few_validation_positives(name, val.counts[k], int(sizes[k]), positives_per_class)
+        if line is not None:
+            log.warning("%s: %s", val.root, line)

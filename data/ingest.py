@@ -29,7 +29,8 @@ import numpy as np
 from PIL import Image
 
 from data import storage
-from data.shards import RECORD, TarShard, make_record, record_name, sample_fields, shard_name, tar_bytes
+from data.shards import (RECORD, TarShard, content_hash, make_record, record_name, sample_fields, shard_name,
+                         tar_bytes)
 from data.sources import Listing, Source, SourceItem, open_source, positions
 from data.transforms import BadImage, decode_rgb
 
@@ -228,6 +229,7 @@ def write_shard(task: ShardTask, source: Source, progress: Progress | None = Non
     result = ShardResult(name=task.name, kind=task.kind, count=0, bytes=0, counts=[0] * task.num_classes)
     pending_images, pending_bytes, last = 0, 0, time.monotonic()
     labels: list[int] = []
+    contents: list[int] = []  # of the source bytes: a re-encoded image keeps its source's hash
     with storage.atomic_write(task.url) as f:
         tar = TarShard(f)
         for item, label, raw in _read_ahead(source, task.items):
@@ -240,6 +242,7 @@ def write_shard(task: ShardTask, source: Source, progress: Progress | None = Non
             else:
                 tar.add(item.key, sample_fields(item.key, image, label, item.label))
                 labels.append(label)
+                contents.append(content_hash(raw))
                 result.count += 1
                 result.counts[label] += 1
             if progress and time.monotonic() - last > 0.2:
@@ -249,7 +252,7 @@ def write_shard(task: ShardTask, source: Source, progress: Progress | None = Non
         result.bytes = f.tell()
     record = make_record(name=result.name, kind=result.kind, count=result.count, size=result.bytes,
                          counts=result.counts, offsets=offsets, labels=labels, keys=tar.keys, skipped=result.skipped,
-                         spec=task.spec_hash, plan=task.digest)
+                         spec=task.spec_hash, plan=task.digest, contents=contents)
     storage.write_bytes(task.record_url, json.dumps(record).encode())
     if progress and pending_images:
         progress(pending_images, pending_bytes)

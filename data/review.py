@@ -25,8 +25,8 @@ from data import storage
 log = logging.getLogger("bgsplit.review")
 
 __all__ = ["CSV_COLUMNS", "PAGE_THUMB", "PLACEHOLDER_RGB", "REVIEW_HTML", "SHEET_CAPTION_H", "SHEET_CELL",
-           "SHEET_COLUMNS", "SHEET_PAD", "SHEET_TITLE_H", "ReviewFiles", "contact_sheet", "review_html", "safe_name",
-           "write_review"]
+           "SHEET_COLUMNS", "SHEET_PAD", "SHEET_TITLE_H", "ReviewFiles", "contact_sheet", "percentile_text",
+           "review_html", "safe_name", "score_text", "write_review"]
 
 REVIEW_HTML = "review.html"
 CSV_COLUMNS = ("key", "class", "class_name", "label", "score", "rank", "shard", "index")
@@ -90,6 +90,37 @@ def _group(candidates: list[dict], class_names: list[str]) -> dict[int, list[dic
     return groups
 
 
+def score_text(score: float) -> str:
+    """Three significant digits at any scale: a rare class's softmax over an unlabelled pool sits at 1e-4..1e-6,
+    where three decimals showed every candidate as 0.000."""
+    return f"{score:#.3g}"
+
+
+def percentile_text(rank: int, scored: int) -> str:
+    """'top 0.041%': where a rank stands in the pool, which a bare score does not say (a low score can still be the
+    pool's best)."""
+    p = 100.0 * rank / max(scored, 1)
+    return f"top {p:.0f}%" if p >= 10 else f"top {p:.1f}%" if p >= 1 else f"top {p:.2g}%"
+
+
+def _cards(per_class: dict[int, list[dict]]) -> dict[int, list[list[dict]]]:
+    """Candidates as cards: one per image, under the class where it ranks best (the smaller class id on a tie),
+    holding its candidacy for every class, that one first. A key in three classes' top lists is looked at once and
+    marked per class on one card, not found three times."""
+    by_key: dict[str, list[dict]] = {}
+    for recs in per_class.values():
+        for rec in recs:
+            by_key.setdefault(rec["key"], []).append(rec)
+    cards: dict[int, list[list[dict]]] = {cls: [] for cls in per_class}
+    for recs in per_class.values():
+        for rec in recs:
+            mine = by_key[rec["key"]]
+            home = min(mine, key=lambda r: (r["rank"], r["class"]))
+            if rec is home:
+                cards[rec["class"]].append([home, *sorted((r for r in mine if r is not home), key=lambda r: r["class"])])
+    return cards
+
+
 def contact_sheet(class_name: str, items: list[dict], images: dict[str, Image.Image | None]) -> Image.Image:
     """One RGB image: a title line, then a SHEET_COLUMNS-wide grid of letterboxed cells captioned '#rank: score'."""
     rows = math.ceil(len(items) / SHEET_COLUMNS)
@@ -111,7 +142,7 @@ def contact_sheet(class_name: str, items: list[dict], images: dict[str, Image.Im
             sheet.paste(fitted.convert("RGB"), (x + (SHEET_CELL - fitted.width) // 2,
                                                 y + (SHEET_CELL - fitted.height) // 2))
         draw.text((x + SHEET_CELL // 2, y + SHEET_CELL + SHEET_CAPTION_H // 2),
-                  f"#{cand['rank']}: {float(cand['score']):.3f}", fill=(0, 0, 0), font=font, anchor="mm")
+                  f"#{cand['rank']}: {score_text(float(cand['score']))}", fill=(0, 0, 0), font=font, anchor="mm")
     return sheet
 
 
@@ -128,8 +159,9 @@ def _data_uri(img: Image.Image) -> str:
 
 
 def _record(cand: dict) -> dict:
-    """What the page needs of a candidate, in plain JSON types (mine may hand over numpy scalars)."""
-    return {"id": f"card-{int(cand['class'])}-{int(cand['rank'])}", "key": str(cand["key"]),
+    """What the page needs of a candidate, in plain JSON types (mine may hand over numpy scalars); ``id`` names its
+    mark (one per class an image is a candidate for), ``card`` is set when the cards are laid out."""
+    return {"id": f"mark-{int(cand['class'])}-{int(cand['rank'])}", "key": str(cand["key"]),
             "class": int(cand["class"]), "class_name": str(cand["class_name"]), "score": float(cand["score"]),
             "rank": int(cand["rank"]), "shard": str(cand["shard"]), "index": int(cand["index"])}
 
@@ -139,45 +171,67 @@ def _script_json(value: object) -> str:
     return json.dumps(value, ensure_ascii=False).replace("<", "\\u003c")
 
 
-def _card(rec: dict, uri: str | None) -> str:
+def _card(recs: list[dict], uri: str | None, scored: int | None) -> str:
     esc = html.escape
-    image = (f'<img src="{uri}" alt="{esc(rec["key"])}">' if uri is not None
+    home = recs[0]
+    image = (f'<img src="{uri}" alt="{esc(home["key"])}">' if uri is not None
              else '<div class="missing">no image</div>')
-    return (f'<div class="card" id="{rec["id"]}" data-key="{esc(rec["key"])}" data-class="{rec["class"]}" '
-            f'data-rank="{rec["rank"]}" data-label="">'
+    marks = []
+    for n, rec in enumerate(recs, start=1):
+        where = f" title=\"{percentile_text(rec['rank'], scored)} of {scored:,} scored\"" if scored else ""
+        marks.append(f'<div class="mark" id="{rec["id"]}" data-class="{rec["class"]}" data-label="">'
+                     f'<span class="cname">{n if len(recs) > 1 else ""}{" " if len(recs) > 1 else ""}'
+                     f'{esc(rec["class_name"])}</span><b>#{rec["rank"]}</b>'
+                     f'<span class="score"{where}>{score_text(rec["score"])}</span>'
+                     '<span class="set"><button type="button" data-set="yes">yes</button>'
+                     '<button type="button" data-set="no">no</button></span></div>')
+    return (f'<div class="card{" multi" if len(recs) > 1 else ""}" id="card-{home["class"]}-{home["rank"]}" '
+            f'data-key="{esc(home["key"])}" data-class="{home["class"]}" data-rank="{home["rank"]}" data-label="">'
             f'<div class="thumb">{image}<span class="badge"></span></div>'
-            f'<div class="meta"><b>#{rec["rank"]}</b><span class="score">{rec["score"]:.3f}</span></div>'
-            f'<div class="key" title="{esc(rec["key"])}">{esc(rec["key"])}</div>'
-            '<div class="set"><button type="button" data-set="yes">yes</button>'
-            '<button type="button" data-set="no">no</button></div></div>')
+            f'<div class="key" title="{esc(home["key"])}">{esc(home["key"])}</div>'
+            f'<div class="marks">{"".join(marks)}</div></div>')
 
 
 def review_html(candidates: list[dict], images: dict[str, Image.Image | None], class_names: list[str],
-                title: str) -> str:
-    """The whole page as one string; ``images`` maps key -> decoded thumbnail (None for a placeholder)."""
+                title: str, scored: int | None = None) -> str:
+    """The whole page as one string; ``images`` maps key -> decoded thumbnail (None for a placeholder); ``scored``
+    (the pool images scored) adds each candidate's rank percentile to its score's tooltip."""
     groups = _group(candidates, class_names)
     per_class = {cls: [_record(c) for c in items] for cls, items in groups.items()}
-    records = [rec for recs in per_class.values() for rec in recs]
+    cards = _cards(per_class)
+    for recs in cards.values():
+        for card in recs:
+            for rec in card:
+                rec["card"] = f"card-{card[0]['class']}-{card[0]['rank']}"
+    records = [rec for recs in cards.values() for card in recs for rec in card]  # in page order
     digest = hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()[:16]
     uris = {key: _data_uri(img) for key, img in images.items() if img is not None}  # once per key, not per card
     sections = []
-    for cls, recs in per_class.items():
-        cards = "".join(_card(rec, uris.get(rec["key"])) for rec in recs)
+    for cls, recs in cards.items():
+        here = "".join(_card(card, uris.get(card[0]["key"]), scored) for card in recs)
+        elsewhere = len(per_class[cls]) - len(recs)
+        note = (f", {elsewhere} of them on {'its' if elsewhere == 1 else 'their'} image's card under a class "
+                f"{'it ranks' if elsewhere == 1 else 'they rank'} higher in" if elsewhere else "")
         sections.append(f'<section id="class-{cls}" data-class="{cls}"><h2>{html.escape(class_names[cls])} '
-                        f'<small>{len(recs)} candidates</small></h2><div class="grid">{cards}</div></section>')
+                        f'<small>{len(per_class[cls])} candidates{note}</small></h2><div class="grid">{here}</div>'
+                        '</section>')
+    images_count = sum(len(recs) for recs in cards.values())
     esc = html.escape
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{esc(title)}</title><style>{_STYLE}</style></head>
 <body><header><h1>{esc(title)}</h1>
-<span class="counts"><span class="c-yes">yes <b id="count-yes">0</b></span>
+<span class="counts"><span>{images_count} images, {len(records)} candidates:</span>
+<span class="c-yes">yes <b id="count-yes">0</b></span>
 <span class="c-no">no <b id="count-no">0</b></span> <span>unset <b id="count-unset">0</b></span></span>
 <button type="button" id="export">Export CSV</button> <button type="button" id="copy">Copy CSV</button>
 <span id="status"></span>
-<p class="help">click a card: unset &rarr; yes &rarr; no &middot; <kbd>&larr;&rarr;&uarr;&darr;</kbd> / <kbd>h</kbd>
-<kbd>j</kbd> <kbd>k</kbd> <kbd>l</kbd> move &middot; <kbd>y</kbd> yes &middot; <kbd>n</kbd> no &middot; <kbd>u</kbd> /
-<kbd>Backspace</kbd> clear &middot; <kbd>a</kbd> all unset of this class &rarr; no &middot; marks are kept in this
-browser until exported</p></header>
+<p class="help">one card per image, a mark per class it is a candidate for (yes for one class makes another's yes a
+no) &middot; click a card: unset &rarr; yes &rarr; no of its first class, or a class's yes / no &middot;
+<kbd>&larr;&rarr;&uarr;&darr;</kbd> / <kbd>h</kbd> <kbd>j</kbd> <kbd>k</kbd> <kbd>l</kbd> move &middot;
+<kbd>1</kbd>&ndash;<kbd>9</kbd> pick a card's class &middot; <kbd>y</kbd> yes &middot; <kbd>n</kbd> no to every class
+of the card &middot; <kbd>u</kbd> / <kbd>Backspace</kbd> clear &middot; <kbd>a</kbd> all unset of this class &rarr; no
+&middot; scores to 3 significant digits &middot; marks are kept in this browser until exported</p></header>
 <main id="review" data-storage-key="{esc(f"bgsplit-review:{title}:{digest}")}">{"".join(sections)}</main>
 <script type="application/json" id="candidates">{_script_json(records)}</script>
 <script>{_SCRIPT.replace("__CSV_COLUMNS__", json.dumps(CSV_COLUMNS))}</script></body></html>
@@ -185,7 +239,7 @@ browser until exported</p></header>
 
 
 def write_review(out: str, candidates: list[dict], thumbs: dict[str, bytes], class_names: list[str],
-                 title: str = "bgsplit mine: review") -> ReviewFiles:
+                 title: str = "bgsplit mine: review", scored: int | None = None) -> ReviewFiles:
     """Write ``contact-<class>.png`` per rare class and ``review.html`` into ``out`` (local folder or URL)."""
     images = {key: _decode(key, thumbs.get(key)) for key in dict.fromkeys(str(c["key"]) for c in candidates)}
     groups = _group(candidates, class_names)
@@ -200,7 +254,7 @@ def write_review(out: str, candidates: list[dict], thumbs: dict[str, bytes], cla
         storage.write_bytes(url, _png(contact_sheet(class_names[cls], items, images)))
         sheets[class_names[cls]] = url
     review = storage.join(out, REVIEW_HTML)
-    storage.write_bytes(review, review_html(candidates, images, class_names, title).encode("utf-8"))
+    storage.write_bytes(review, review_html(candidates, images, class_names, title, scored).encode("utf-8"))
     return {"review": review, "contact_sheets": sheets}
 
 
@@ -239,27 +293,38 @@ h2 { margin: 16px 0 8px; font-size: 15px; } h2 small { color: #5b6374; font-weig
 .badge:empty { display: none; }
 .card[data-label="yes"] .badge { background: #2e9d45; }
 .card[data-label="no"] .badge { background: #d33b3b; }
-.meta { display: flex; justify-content: space-between; margin-top: 4px; }
+.card.multi { box-shadow: 0 0 0 2px #8a6fd1; }
 .score { font-variant-numeric: tabular-nums; }
-.key { overflow: hidden; white-space: nowrap; text-overflow: ellipsis; color: #5b6374;
+.key { margin-top: 4px; overflow: hidden; white-space: nowrap; text-overflow: ellipsis; color: #5b6374;
   font: 11px ui-monospace, SFMono-Regular, Menlo, monospace; }
-.set { display: flex; gap: 4px; margin-top: 4px; }
+.mark { display: grid; grid-template-columns: 1fr auto auto; gap: 2px 6px; align-items: center; margin-top: 3px;
+  padding: 1px 3px; border-left: 3px solid transparent; border-radius: 3px; }
+.mark .cname { overflow: hidden; white-space: nowrap; text-overflow: ellipsis; }
+.mark.sel { background: #e6eefb; }
+.mark[data-label="yes"] { border-left-color: #2e9d45; background: #e3f4e6; }
+.mark[data-label="no"] { border-left-color: #d33b3b; background: #fbe6e6; }
+.set { grid-column: 1 / -1; display: flex; gap: 4px; }
 .set button { flex: 1; padding: 1px 0; font-size: 12px; }
 .set button[data-set="yes"]:hover { background: #dff3e3; } .set button[data-set="no"]:hover { background: #fbe1e1; }
 """
 
-# Marks are kept per card id (card-<class>-<rank>): the storage key already pins the exact candidate list.
+# Marks are kept per candidate id (mark-<class>-<rank>): the storage key already pins the exact candidate list. A
+# card (one image) holds one mark per class it is a candidate for; the cursor is a card and one of its marks.
 _SCRIPT = r"""
 (() => {
   "use strict";
   const COLUMNS = __CSV_COLUMNS__;
   const cands = JSON.parse(document.getElementById("candidates").textContent);
-  const cards = cands.map((c) => document.getElementById(c.id));
+  const cardIds = [...new Set(cands.map((c) => c.card))];
+  const cards = cardIds.map((id) => document.getElementById(id));
   const index = new Map(cards.map((el, i) => [el, i]));
+  const marksOf = cardIds.map((id) => cands.filter((c) => c.card === id));  // the card's marks, in row order
+  const byId = new Map(cands.map((c) => [c.id, c]));
+  const cardOf = new Map(cardIds.map((id, i) => [id, i]));
   const storageKey = document.getElementById("review").dataset.storageKey;
   const status = document.getElementById("status");
   const labels = load();
-  let cursor = 0;
+  let cursor = 0, row = 0;
 
   function load() {
     try {
@@ -279,10 +344,15 @@ _SCRIPT = r"""
     }
   }
 
+  // a card is yes when one class is, no when every class is, else unset
   function paint(i) {
-    const label = labels[cands[i].id] || "";
+    const marks = marksOf[i];
+    for (const c of marks) document.getElementById(c.id).dataset.label = labels[c.id] || "";
+    const yes = marks.find((c) => labels[c.id] === "yes");
+    const label = yes ? "yes" : marks.every((c) => labels[c.id] === "no") ? "no" : "";
     cards[i].dataset.label = label;
-    cards[i].querySelector(".badge").textContent = label.toUpperCase();
+    cards[i].querySelector(".badge").textContent =
+      yes && marks.length > 1 ? yes.class_name : label.toUpperCase();
   }
 
   function counts() {
@@ -296,22 +366,37 @@ _SCRIPT = r"""
     document.getElementById("count-unset").textContent = cands.length - yes - no;
   }
 
-  function mark(indices, label) {
-    for (const i of indices) {
-      if (label) labels[cands[i].id] = label;
-      else delete labels[cands[i].id];
-      paint(i);
+  // an image has one class: its yes for one class turns a yes for another into a no (add-labels refuses two)
+  function mark(ids, label) {
+    const touched = new Set();
+    for (const id of ids) {
+      const i = cardOf.get(byId.get(id).card);
+      if (label === "yes") {
+        for (const other of marksOf[i]) if (other.id !== id && labels[other.id] === "yes") labels[other.id] = "no";
+      }
+      if (label) labels[id] = label;
+      else delete labels[id];
+      touched.add(i);
     }
+    touched.forEach(paint);
     save();
     counts();
   }
 
-  function moveTo(i) {
+  function select(r) {
+    for (const c of marksOf[cursor]) document.getElementById(c.id).classList.remove("sel");
+    row = Math.max(0, Math.min(marksOf[cursor].length - 1, r));
+    if (marksOf[cursor].length > 1) document.getElementById(marksOf[cursor][row].id).classList.add("sel");
+  }
+
+  function moveTo(i, r = 0) {
     if (!cards.length) return;
+    for (const c of marksOf[cursor]) document.getElementById(c.id).classList.remove("sel");
     cards[cursor].classList.remove("cursor");
     cursor = Math.max(0, Math.min(cards.length - 1, i));
     cards[cursor].classList.add("cursor");
     cards[cursor].scrollIntoView({block: "nearest"});
+    select(r);
   }
 
   // The grid reflows with the window, so "one row up/down" is found on screen: the nearest card by x in the
@@ -365,28 +450,35 @@ _SCRIPT = r"""
     }
   });
 
+  const next = {"": "yes", "yes": "no", "no": ""};
+
   document.getElementById("review").addEventListener("click", (e) => {
     const card = e.target.closest(".card");
     if (!card) return;
     const i = index.get(card);
+    const markEl = e.target.closest(".mark");
+    const r = markEl ? marksOf[i].findIndex((c) => c.id === markEl.id) : 0;
+    const id = marksOf[i][r].id;
     const button = e.target.closest("button[data-set]");
-    const next = {"": "yes", "yes": "no", "no": ""};
-    mark([i], button ? button.dataset.set : next[labels[cands[i].id] || ""]);
-    moveTo(i);
+    mark([id], button ? button.dataset.set : next[labels[id] || ""]);
+    moveTo(i, r);
   });
 
   document.addEventListener("keydown", (e) => {
     if (e.ctrlKey || e.metaKey || e.altKey || !cards.length) return;  // leave browser shortcuts alone
     const key = e.key.length === 1 ? e.key.toLowerCase() : e.key;
+    const here = marksOf[cursor];
     if (key === "ArrowLeft" || key === "h") moveTo(cursor - 1);
     else if (key === "ArrowRight" || key === "l") moveTo(cursor + 1);
     else if (key === "ArrowUp" || key === "k") moveTo(rowStep(-1));
     else if (key === "ArrowDown" || key === "j") moveTo(rowStep(1));
-    else if (key === "y" || key === "n") { mark([cursor], key === "y" ? "yes" : "no"); moveTo(cursor + 1); }
-    else if (key === "u" || key === "Backspace") mark([cursor], "");
+    else if (/^[1-9]$/.test(key) && Number(key) <= here.length) select(Number(key) - 1);
+    else if (key === "y") { mark([here[row].id], "yes"); moveTo(cursor + 1); }
+    else if (key === "n") { mark(here.map((c) => c.id), "no"); moveTo(cursor + 1); }
+    else if (key === "u" || key === "Backspace") mark(here.map((c) => c.id), "");
     else if (key === "a") {
-      const cls = cands[cursor].class;
-      mark(cands.flatMap((c, i) => (c.class === cls && !labels[c.id] ? [i] : [])), "no");
+      const cls = here[row].class;
+      mark(cands.filter((c) => c.class === cls && !labels[c.id]).map((c) => c.id), "no");
     }
     else return;
     e.preventDefault();  // arrows would scroll the page, Backspace would go back in some browsers

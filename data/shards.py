@@ -1,7 +1,8 @@
 """WebDataset shard sets: the one training and evaluation format, and the manifest that makes a set usable.
 
 A set is a folder (or object-store prefix) of ``<name>-<kind>-NNNNNN.tar`` shards, one completion record
-``<name>-<kind>-NNNNNN.json`` per shard, its key index ``keys.npy`` and ``manifest.json``. Each shard is written
+``<name>-<kind>-NNNNNN.json`` per shard, its key index ``keys.npy``, its content index ``contents.npy`` and
+``manifest.json``. Each shard is written
 under a temporary name and published whole, then its record; the index and the manifest last: a crashed build
 leaves no manifest and is never used.
 Positives and background go to separate shards (same manifest) so a loader can re-sample the few positives
@@ -37,6 +38,7 @@ log = logging.getLogger("bgsplit.data")
 
 MANIFEST = "manifest.json"
 KEY_INDEX = "keys.npy"
+CONTENT_INDEX = "contents.npy"
 FORMAT = "bgsplit-shards/2"
 RECORD = "bgsplit-shard-done/2"
 RECORD_READS_IN_FLIGHT = 16
@@ -84,6 +86,9 @@ class Manifest:
     key_index: dict[str, Any] | None = None
     """{"file": "keys.npy", "count": n}: the set's sorted key hashes (``key_hashes``), written before the
     manifest; None for a set built by an older bgsplit, or one that keeps shards of such a set."""
+    content_index: dict[str, Any] | None = None
+    """{"file": "contents.npy", "count": n}: the set's sorted, unique content hashes (``content_hashes``: its
+    images' source bytes), written with the key index; None for a set whose shard records predate them."""
     cwd_relative: bool = False
     """Read from a manifest of an older `shards add-labels`, which listed its parent's shards relative to the
     working directory it ran in: they were resolved against this process's working directory instead."""
@@ -123,6 +128,7 @@ class Manifest:
             "background_fraction": self.background_fraction,
             **extra,
             **({"key_index": self.key_index} if self.key_index else {}),
+            **({"content_index": self.content_index} if self.content_index else {}),
             "shards": shards,
             "meta": self.meta,
         }
@@ -172,14 +178,15 @@ def manifest_url(location: str) -> str:
 
 def manifest_identity(location: str) -> str:
     """Hash of a set's manifest (what it holds: its shards, counts and build spec; not how long the build took, nor
-    its key index, which follows from the shards and which older sets lack), so a set rebuilt from the same spec
-    (byte-identical shards) keeps its identity and whatever is cached or stored for it (study results, probe
-    features), and a set built differently gets another; '' for no set."""
+    its key and content indexes, which follow from the shards and which older sets lack), so a set rebuilt from the
+    same spec (byte-identical shards) keeps its identity and whatever is cached or stored for it (study results,
+    probe features), and a set built differently gets another; '' for no set."""
     if not location:
         return ""
     doc = json.loads(storage.read_bytes(manifest_url(location)))
     meta = {k: v for k, v in doc.get("meta", {}).items() if not k.endswith("_seconds")}  # timings vary by rebuild
     doc.pop("key_index", None)
+    doc.pop("content_index", None)
     key = json.dumps({**doc, "meta": meta}, sort_keys=True, default=str)
     return hashlib.sha256(key.encode()).hexdigest()[:10] + "m"
 
@@ -206,7 +213,7 @@ def read_manifest(location: str) -> Manifest:
         raise ValueError(f"shard manifest {url} lists no shards: rebuild the set with `bgsplit shards build`")
     return Manifest(root=root, rare_classes=list(doc["rare_classes"]), class_names=list(doc["class_names"]),
                     shards=shards, counts=list(doc["counts"]), meta=doc.get("meta", {}), cwd_relative=cwd_relative,
-                    key_index=doc.get("key_index"))
+                    key_index=doc.get("key_index"), content_index=doc.get("content_index"))
 
 
 def missing_shards(manifest: Manifest) -> list[tuple[ShardInfo, str]]:
@@ -312,23 +319,47 @@ class TarShard:
         return self.offsets + [end]
 
 
+def _hash64(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
 def key_hashes(keys: Iterable[str]) -> np.ndarray:
     """Each key's first 8 bytes of BLAKE2b as a uint64, in order: what a set's key index holds.
 
     Two different keys share a hash with probability 2^-64, so checking n pool keys against an index of m keys
     wrongly drops one with probability about n * m / 2^64: ~5e-6 for 10M against 10M."""
-    return np.array([int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "little") for k in keys],
-                    dtype=np.uint64)
+    return np.array([_hash64(k.encode()) for k in keys], dtype=np.uint64)
+
+
+def content_hash(image: bytes) -> int:
+    """An image's first 8 bytes of BLAKE2b over its source bytes, as they were read (before any re-encoding), so
+    the same file built with or without --resize-short-side has one hash. A leak check compares these: file names
+    repeat across folders (IMG_0001.jpg in every camera export) where bytes do not."""
+    return _hash64(image)
+
+
+def _b64(hashes: Iterable[int] | np.ndarray) -> str:
+    return base64.b64encode(np.asarray(list(hashes) if not isinstance(hashes, np.ndarray) else hashes,
+                                       dtype=np.uint64).astype("<u8").tobytes()).decode()
+
+
+def record_hashes(record: dict[str, Any], field: str) -> np.ndarray | None:
+    """A record's per-sample hashes (``key_hashes`` or ``content_hashes``), in sample order; None when the record
+    predates them."""
+    if field not in record:
+        return None
+    return np.frombuffer(base64.b64decode(record[field]), dtype="<u8").astype(np.uint64, copy=False)
 
 
 def make_record(*, name: str, kind: str, count: int, size: int, counts: list[int], offsets: list[int],
                 labels: list[int] | None, keys: list[str], skipped: list[tuple[str, str]] = (),
-                **extra: Any) -> dict[str, Any]:
+                contents: Iterable[int] | None = None, **extra: Any) -> dict[str, Any]:
     """``keys`` go in as their hashes (base64 of little-endian uint64, ~11 B a sample), from which the manifest's
-    writer makes the set's key index without reading a shard."""
-    hashes = base64.b64encode(key_hashes(keys).astype("<u8").tobytes()).decode()
+    writer makes the set's key index without reading a shard; ``contents`` (``content_hash`` of each sample, in
+    order) likewise make its content index."""
     record = {"format": RECORD, "name": name, "kind": kind, "count": count, "bytes": size, "counts": counts,
-              "skipped": [list(s) for s in skipped], "offsets": offsets, "key_hashes": hashes, **extra}
+              "skipped": [list(s) for s in skipped], "offsets": offsets, "key_hashes": _b64(key_hashes(keys)),
+              **({"content_hashes": _b64(contents)} if contents is not None else {}), **extra}
     if kind == "positive":
         record["labels"] = labels
     return record
@@ -354,45 +385,78 @@ def _sorted_unique(values: np.ndarray) -> np.ndarray:
     return values[keep]
 
 
-def write_key_index(manifest: Manifest) -> dict[str, Any] | None:
-    """The sorted, unique key hashes of every listed shard, from their records, as ``keys.npy`` beside the manifest
-    (None, and no file, when a listed shard's record predates key hashes: a set keeping an older set's shards)."""
-    parts = []
-    urls = (storage.join(manifest.root, shard.record) for shard in manifest.shards)
-    for _, data in storage.in_flight(storage.read_bytes, urls, RECORD_READS_IN_FLIGHT):
-        doc = json.loads(data)
-        if "key_hashes" not in doc:
-            return None
-        parts.append(np.frombuffer(base64.b64decode(doc["key_hashes"]), dtype="<u8"))
+def _save_index(root: str, file: str, parts: list[np.ndarray]) -> dict[str, Any]:
     index = np.concatenate(parts).astype(np.uint64, copy=False) if parts else np.zeros(0, np.uint64)
-    del parts
+    parts.clear()  # the caller's list: its arrays go before the sort, not after the save
     index = _sorted_unique(index)
     buf, count = io.BytesIO(), int(index.size)
     np.save(buf, index, allow_pickle=False)
     del index  # before the file's bytes are copied out of the buffer
-    storage.write_bytes(storage.join(manifest.root, KEY_INDEX), buf.getvalue())
-    return {"file": KEY_INDEX, "count": count}
+    storage.write_bytes(storage.join(root, file), buf.getvalue())
+    return {"file": file, "count": count}
 
 
-def read_key_index(manifest: Manifest) -> np.ndarray | None:
-    """The set's sorted key hashes (8 B a key, one read), or None for a set without a usable index."""
-    if not manifest.key_index:
+def write_indexes(manifest: Manifest) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The key index (``keys.npy``) and content index (``contents.npy``) beside the manifest: each the sorted, unique
+    hashes of every listed shard, from their records (one read each). Either is None, and no file, when a listed
+    shard's record predates it (a set keeping an older set's shards)."""
+    keys: list[np.ndarray] | None = []
+    contents: list[np.ndarray] | None = []
+    urls = (storage.join(manifest.root, shard.record) for shard in manifest.shards)
+    for _, data in storage.in_flight(storage.read_bytes, urls, RECORD_READS_IN_FLIGHT):
+        doc = json.loads(data)
+        k, c = record_hashes(doc, "key_hashes"), record_hashes(doc, "content_hashes")
+        if k is None:
+            keys = None
+        elif keys is not None:
+            keys.append(k)
+        if c is None:
+            contents = None
+        elif contents is not None:
+            contents.append(c)
+    # one at a time: ~24 B a key at the peak, as with the key index alone
+    key_index = _save_index(manifest.root, KEY_INDEX, keys) if keys is not None else None
+    content_index = _save_index(manifest.root, CONTENT_INDEX, contents) if contents is not None else None
+    return key_index, content_index
+
+
+def write_key_index(manifest: Manifest) -> dict[str, Any] | None:
+    """The key index alone (see ``write_indexes``)."""
+    return write_indexes(manifest)[0]
+
+
+def _read_index(manifest: Manifest, index_doc: dict[str, Any] | None, what: str) -> np.ndarray | None:
+    if not index_doc:
         return None
-    url = storage.join(manifest.root, manifest.key_index["file"])
+    url = storage.join(manifest.root, index_doc["file"])
     try:
         index = np.load(io.BytesIO(storage.read_bytes(url)), allow_pickle=False)
     except (OSError, ValueError) as e:
-        log.warning("key index %s is unreadable (%s): reading the set's keys from its shards instead", url, e)
+        log.warning("%s index %s is unreadable (%s): %s", what, url, e, _INSTEAD[what])
         return None
-    if index.dtype != np.uint64 or index.ndim != 1 or index.size != manifest.key_index.get("count"):
-        log.warning("key index %s does not match its manifest: reading the set's keys from its shards instead", url)
+    if index.dtype != np.uint64 or index.ndim != 1 or index.size != index_doc.get("count"):
+        log.warning("%s index %s does not match its manifest: %s", what, url, _INSTEAD[what])
         return None
     return index
 
 
+_INSTEAD = {"key": "reading the set's keys from its shards instead",
+            "content": "comparing the set by its keys instead"}
+
+
+def read_key_index(manifest: Manifest) -> np.ndarray | None:
+    """The set's sorted key hashes (8 B a key, one read), or None for a set without a usable index."""
+    return _read_index(manifest, manifest.key_index, "key")
+
+
+def read_content_index(manifest: Manifest) -> np.ndarray | None:
+    """The set's sorted, unique content hashes (8 B an image, one read), or None for a set without a usable one."""
+    return _read_index(manifest, manifest.content_index, "content")
+
+
 def write_manifest(manifest: Manifest) -> None:
     """Written last, after the key index: its presence is what marks a set as complete."""
-    manifest.key_index = write_key_index(manifest)
+    manifest.key_index, manifest.content_index = write_indexes(manifest)
     storage.write_bytes(manifest_url(manifest.root), json.dumps(manifest.to_json(), indent=1).encode())
 
 
@@ -406,13 +470,15 @@ class _ShardSink:
         self._buffer = io.BytesIO()
         self._tar: TarShard | None = None
         self._labels: list[int] = []
+        self._contents: list[int] = []
 
-    def write(self, key: str, fields: dict[str, bytes], label: int) -> None:
+    def write(self, key: str, fields: dict[str, bytes], label: int, content: int) -> None:
         if self._tar is None:
             self._buffer = io.BytesIO()
-            self._tar, self._labels = TarShard(self._buffer), []
+            self._tar, self._labels, self._contents = TarShard(self._buffer), [], []
         self._tar.add(key, fields)
         self._labels.append(label)
+        self._contents.append(content)
         if len(self._labels) >= self.max_count or self._buffer.tell() >= self.max_bytes:
             self.close()
 
@@ -425,7 +491,7 @@ class _ShardSink:
         counts = [self._labels.count(c) for c in range(self.num_classes)]
         storage.write_bytes(storage.join(self.root, name), data)
         record = make_record(name=name, kind=self.kind, count=len(self._labels), size=len(data), counts=counts,
-                             offsets=offsets, labels=self._labels, keys=self._tar.keys)
+                             offsets=offsets, labels=self._labels, keys=self._tar.keys, contents=self._contents)
         storage.write_bytes(storage.join(self.root, record_name(name)), json.dumps(record).encode())
         self.done.append(ShardInfo(url=name, kind=self.kind, count=len(self._labels), bytes=len(data)))
         self._tar = None
@@ -453,7 +519,8 @@ def write_shard_set(root: str, samples: Iterable[tuple[str, bytes, int, str]], *
         if not 0 <= label <= len(rare_classes):
             raise ValueError(f"sample '{key}' has main label {label}, outside 0..{len(rare_classes)}")
         seen.add(key)
-        sinks["positive" if label else "background"].write(key, sample_fields(key, image, label, orig), label)
+        sinks["positive" if label else "background"].write(key, sample_fields(key, image, label, orig), label,
+                                                           content_hash(image))
         counts[label] += 1
         if progress:
             progress(1)

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from conftest import tiny_config
-from trainer.checkpoint import INDEX, CheckpointManager, latest_checkpoint, list_checkpoints, load_checkpoint, resolve
+from trainer.checkpoint import INDEX, CheckpointError, CheckpointManager, latest_checkpoint, list_checkpoints, load_checkpoint, resolve
 from trainer.models import StudentSpec
 from cluster.cli import main
 from trainer.train import train
@@ -74,3 +74,36 @@ def test_the_manager_resumes_the_newest_complete_one_and_refuses_another_engine(
     with pytest.raises(ValueError, match=r"engine.name=ddp but this run uses engine.name=deepspeed") as e:
         manager.validate(state, spec, "deepspeed", url)
     assert "\n" not in str(e.value)
+
+
+def test_an_empty_index_is_reported_as_such_not_as_missing(run_dir, tmp_path, capsys):
+    """Issue 36: a checkpoint whose index.json is 0 bytes was taken for complete, then "does not exist"."""
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    newest = copy / "checkpoints" / "step-00000003"
+    (newest / INDEX).write_bytes(b"")
+    # a run folder skips it for the newest one that is complete, and its listing says why
+    assert resolve(str(copy)).endswith("step-00000002")
+    assert load_checkpoint(str(copy))["step"] == 2
+    with pytest.raises(CheckpointError, match=r"step-00000003 is damaged: its index.json is empty \(0 bytes\).*"
+                                              r"step-00000003 \(its index.json is empty \(0 bytes\)\)"):
+        load_checkpoint(str(newest))
+    (copy / "checkpoints" / "step-00000002" / INDEX).write_text("{trunc")
+    with pytest.raises(FileNotFoundError, match=r"no complete checkpoint yet \(checkpoints: step-00000002 \(its "
+                                                r"index.json is not valid JSON \(6 bytes\)\), step-00000003 \(its "
+                                                r"index.json is empty"):
+        load_checkpoint(str(copy))
+    assert main(["eval", "--checkpoint", str(copy), "--data", "x", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "does not exist" not in err and "index.json is empty" in err and "\n" not in err
+
+
+def test_a_checkpoint_without_its_state_or_a_run_without_checkpoints_says_which(run_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    (copy / "checkpoints" / "step-00000003" / "state.pt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"step-00000003 has index.json but no state.pt"):
+        load_checkpoint(str(copy))
+    shutil.rmtree(copy / "checkpoints")
+    with pytest.raises(FileNotFoundError, match=r"run folder .*copy has no checkpoints \(no checkpoints/ in it"):
+        load_checkpoint(str(copy))

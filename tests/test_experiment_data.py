@@ -57,7 +57,8 @@ def test_good_sets_pass_and_each_bad_one_is_a_one_line_error(own_sets):
     cases = [({"val": own_sets["A"] + "-missing"}, "data.sets.val: no shard set at .*build it with"),
              ({"B": own_sets["A"] + "-missing"}, r"data.sets.train\['B'\]: no shard set"),
              ({"test": own_sets["other"]}, "disagree on the classes: data.sets.test has .*same --rare classes"),
-             ({"val": own_sets["leaky"]}, r"data.sets.val .* shares \d+ image key\(s\) with data.sets.train"),
+             ({"val": own_sets["leaky"]},
+              r"data.sets.val .* shares \d+ image\(s\) \(the same bytes\) with data.sets.train"),
              ({"test": own_sets["lacking"]}, "has no test positive of class 'Bag'")]
     lacking = json.loads(Path(own_sets["lacking"], "manifest.json").read_text())["counts"]
     assert lacking[2] == 0, "the fixture's small subsample must miss class 8 for the last case"

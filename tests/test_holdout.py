@@ -192,3 +192,45 @@ def test_holdout_shares_follow_the_source_mix_with_a_floor_of_one():
     # never all of a class, whatever the holdout
     assert holdout_shares([4, 300], 100, 380, ["a", "b"]) == ([3, 282], 95)
     assert holdout_shares([100, 120], 10_000, 500, ["a", "b"], per_class=7) == ([7, 7], 486)
+
+
+def test_a_handful_of_positives_the_newcomers_flags(tiny, tmp_path, capsys, caplog):
+    """Issue 36: 6 images a class with the README's --positives-per-class 10. The refusal names the class, its
+    count and a value that works; that value builds, and warns (one line a class) that validation holds 1 image of
+    each; the value the warning names for a steadier validation works too and holds what it says."""
+    code, err = _tiny_build(tiny, tmp_path / "a", capsys, "--positives-per-class", "10", "--holdout", "30")
+    assert code == 2 and len(err) == 1, err
+    assert ("rare class 'ant' has 6 images and the holdout takes 1 (its share of --holdout 30), leaving 5 to train "
+            "on, fewer than --positives-per-class 10: use --positives-per-class 5") in err[0]
+
+    def warned() -> list[str]:
+        lines = [r.getMessage() for r in caplog.records if "validation image" in r.getMessage()]
+        caplog.clear()
+        return lines
+
+    with caplog.at_level(logging.WARNING, logger="bgsplit.data"):
+        code, err = _tiny_build(tiny, tmp_path / "b", capsys, "--positives-per-class", "5", "--holdout", "30")
+        assert code == 0, err
+        lines = warned()
+        assert len(lines) == 3 and all("\n" not in w for w in lines)
+        assert ("rare class 'ant' has 1 validation image(s) of its 6: validation AP, and every choice made on it, "
+                "rests on it; adding images of the class is the way to more") in lines[0]
+        code, err = _tiny_build(tiny, tmp_path / "c", capsys, "--positives-per-class", "3", "--holdout", "30")
+        assert code == 0, err
+        lines = warned()
+        assert "--holdout-positives-per-class 3 holds 3 and leaves 3 to train on" in lines[0]
+        code, err = _tiny_build(tiny, tmp_path / "d", capsys, "--positives-per-class", "3", "--holdout", "30",
+                                "--holdout-positives-per-class", "3")
+        assert code == 0, err
+        assert read_manifest(str(tmp_path / "d" / "val")).counts[1:] == [3, 3, 3]
+        assert read_manifest(str(tmp_path / "d" / "train")).counts[1:] == [3, 3, 3]
+        assert "3 validation image(s) of its 6" in warned()[0]  # still fewer than 10: still said
+
+
+def test_enough_validation_positives_warn_nothing():
+    from data.bg_construction import few_validation_positives
+
+    assert few_validation_positives("a", 10, 100, 5) is None
+    assert "--holdout-positives-per-class 10 holds 10" in few_validation_positives("a", 2, 100, 5)
+    assert "--holdout-positives-per-class 4 holds 4 and leaves" not in few_validation_positives("a", 2, 8, None)
+    assert "--holdout-positives-per-class 4 holds 4" in few_validation_positives("a", 2, 8, None)  # half trains

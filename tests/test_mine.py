@@ -140,6 +140,36 @@ def test_mine_excludes_training_keys_and_builds_a_source_pool(tiny_sets, checkpo
         "candidates"] == 0
 
 
+def test_mine_excludes_by_content_not_by_file_name(checkpoint, tmp_path, caplog):
+    """Issue 36: --exclude drops a pool image that IS a training image (the same bytes, under any name) and keeps one
+    that only shares a training image's file name (IMG_0000.png from another camera). A set without content hashes
+    (an older build) falls back to names, and says how to get the content check."""
+    import logging
+
+    from data.shards import MANIFEST, write_shard_set
+
+    def png(seed: int) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), ((41 * seed) % 256, (97 * seed) % 256, (13 * seed + 5) % 256)).save(buf, "PNG")
+        return buf.getvalue()
+
+    train = write_shard_set(str(tmp_path / "train"), [(f"IMG_{i:04d}", png(i), 0, "bg") for i in range(6)],
+                            rare_classes=[], class_names=["background"]).root
+    pool = write_shard_set(str(tmp_path / "pool"), [("IMG_0000", png(100), 0, ""), ("IMG_0001", png(101), 0, ""),
+                                                    ("copy-of-3", png(3), 0, ""), ("new", png(102), 0, "")],
+                           rare_classes=[], class_names=["background"]).root
+    mine(_job(checkpoint, pool, tmp_path / "by-content", exclude=(train,), top=4))
+    got = _rows(tmp_path / "by-content")
+    assert {r["key"] for r in got} == {"IMG_0000", "IMG_0001", "new"} and len(got) == 3 * 2  # 2 rare classes
+    doc = json.loads((Path(train) / MANIFEST).read_text())
+    del doc["content_index"]  # as a bgsplit before content hashes wrote it
+    (Path(train) / MANIFEST).write_text(json.dumps(doc))
+    with caplog.at_level(logging.WARNING, logger="bgsplit.mine"):
+        mine(_job(checkpoint, pool, tmp_path / "by-key", exclude=(train,), top=4))
+    assert {r["key"] for r in _rows(tmp_path / "by-key")} == {"copy-of-3", "new"}
+    assert "--exclude compares file names" in caplog.text and "to compare by content" in caplog.text
+
+
 def _write_csv(path, rows):
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, ["key", "class", "class_name", "label", "score", "rank", "shard", "index"])

@@ -49,7 +49,9 @@ def _pool() -> tuple[list[dict], dict[str, bytes], dict[str, tuple[int, int, int
         else:
             size = (64, 32) if i == 1 else (40, 40)
             thumbs[key], colours[key] = _encode(Image.new("RGB", size, _colour(i))), _colour(i)
-    bag = [("pool_0007", 0.8123456789), ("bag-a_1", 0.5), ("bag-b_2", 0.25)]  # pool_0007 is a Trouser too
+    # pool_0007 is a Trouser too (rank 8 there, 1 here: one card, under Bag); bag-b_2 scores like a rare class on a
+    # real pool, where three decimals read 0.000
+    bag = [("pool_0007", 0.8123456789), ("bag-a_1", 0.5), ("bag-b_2", 1.2345e-05)]
     for rank, (key, score) in enumerate(bag, 1):
         candidates.append({"key": key, "class": 2, "class_name": "Bag", "score": score, "rank": rank,
                            "shard": SHARD.format(7), "index": 100 + rank})
@@ -135,8 +137,9 @@ def _keys(driver, *keys: str) -> None:
 
 
 def _labels(driver) -> dict[str, str]:
+    """Every candidate's mark (one per class an image is a candidate for) by its id."""
     return driver.execute_script(
-        "return Object.fromEntries([...document.querySelectorAll('.card')].map(c => [c.id, c.dataset.label]))")
+        "return Object.fromEntries([...document.querySelectorAll('.mark')].map(c => [c.id, c.dataset.label]))")
 
 
 def _cursor(driver) -> str:
@@ -162,37 +165,48 @@ def _card_id(cand: dict) -> str:
     return f"card-{cand['class']}-{cand['rank']}"
 
 
+def _mark_id(cand: dict) -> str:
+    return f"mark-{cand['class']}-{cand['rank']}"
+
+
 def test_review_page_keyboard_mouse_export_and_reload(tmp_path, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
+
+    from data.add_labels import parse_labels
 
     driver, dl = browser()
     candidates, thumbs, _ = _pool()
     files = review.write_review(str(tmp_path / "out"), candidates, thumbs, CLASS_NAMES)
     driver.get(Path(files["review"]).as_uri())
 
+    # one card per image, under the class it ranks best in; pool_0007 (Trouser #8, Bag #1) is one card under Bag
+    homes = {1: [c for c in candidates if c["class"] == 1 and c["key"] != "pool_0007"],
+             2: [c for c in candidates if c["class"] == 2]}
     for cls in (1, 2):
         cards = driver.find_elements(By.CSS_SELECTOR, f"section[data-class='{cls}'] .card")
-        want = [c for c in candidates if c["class"] == cls]
         assert [(c.get_attribute("id"), c.get_attribute("data-key"), c.get_attribute("data-class")) for c in cards] \
-            == [(_card_id(c), c["key"], str(cls)) for c in want]
-    assert len(driver.find_elements(By.CSS_SELECTOR, ".card img")) == len(candidates) - 1  # one placeholder
-    by_id = {_card_id(c): c for c in candidates}
-    expected = {card: "" for card in by_id}
+            == [(_card_id(c), c["key"], str(cls)) for c in homes[cls]]
+    assert len(driver.find_elements(By.CSS_SELECTOR, ".card")) == len({c["key"] for c in candidates}) == 14
+    assert [m.get_attribute("id") for m in driver.find_elements(By.CSS_SELECTOR, "#card-2-1 .mark")] == \
+        ["mark-2-1", "mark-1-8"]
+    assert len(driver.find_elements(By.CSS_SELECTOR, ".card img")) == 14 - 1  # one placeholder
+    by_id = {_mark_id(c): c for c in candidates}
+    expected = {mark: "" for mark in by_id}
     assert _labels(driver) == expected and _cursor(driver) == "card-1-1"
 
     _keys(driver, "y")
     _keys(driver, "n")
-    expected.update({"card-1-1": "yes", "card-1-2": "no"})
+    expected.update({"mark-1-1": "yes", "mark-1-2": "no"})
     assert _cursor(driver) == "card-1-3"
     _keys(driver, Keys.ARROW_RIGHT, "y")
-    expected["card-1-4"] = "yes"
+    expected["mark-1-4"] = "yes"
     assert _labels(driver) == expected and _cursor(driver) == "card-1-5"
     _keys(driver, "h", "u")  # back onto card-1-4 and clear it, then mark it again
-    expected["card-1-4"] = ""
+    expected["mark-1-4"] = ""
     assert _labels(driver) == expected and _cursor(driver) == "card-1-4"
     _keys(driver, Keys.BACKSPACE, "l", "h", "y")
-    expected["card-1-4"] = "yes"
+    expected["mark-1-4"] = "yes"
     assert _labels(driver) == expected and _cursor(driver) == "card-1-5"
 
     # up/down go by a row of the grid as laid out (the window width decides it): to the nearest card by x in the
@@ -215,35 +229,58 @@ def test_review_page_keyboard_mouse_export_and_reload(tmp_path, browser):
     _keys(driver, "j", Keys.ARROW_UP)
     assert _cursor(driver) == next_row(below, down=False)
 
+    # the two-class card: a click on the image cycles its first class; each class has its own yes / no; a yes for
+    # one class turns the other's yes into a no (add-labels refuses an image with two classes)
     second = driver.find_element(By.ID, "card-2-1")
-    second.click()
-    assert second.get_attribute("data-label") == "yes"
-    second.click()
-    expected["card-2-1"] = "no"
+    second.find_element(By.CSS_SELECTOR, ".thumb").click()
+    assert driver.find_element(By.ID, "mark-2-1").get_attribute("data-label") == "yes"
+    assert second.get_attribute("data-label") == "yes" and second.find_element(By.CSS_SELECTOR, ".badge").text == "Bag"
+    driver.find_element(By.CSS_SELECTOR, "#mark-1-8 button[data-set='yes']").click()
+    expected.update({"mark-2-1": "no", "mark-1-8": "yes"})
+    assert _labels(driver) == expected
+    assert second.find_element(By.CSS_SELECTOR, ".badge").text == "Trouser"
     driver.find_element(By.CSS_SELECTOR, "#card-2-2 button[data-set='yes']").click()
-    expected["card-2-2"] = "yes"
+    expected["mark-2-2"] = "yes"
+    # by keyboard: 2 picks the card's second class, y marks it; n says the image is none of its classes
+    _keys(driver, Keys.ARROW_LEFT, "2", "y")
+    expected.update({"mark-1-8": "yes"})
+    assert _labels(driver) == expected and _cursor(driver) == "card-2-2"
+    _keys(driver, Keys.ARROW_LEFT, "n")
+    expected.update({"mark-2-1": "no", "mark-1-8": "no"})
+    assert _labels(driver) == expected
+    assert second.get_attribute("data-label") == "no" and second.find_element(By.CSS_SELECTOR, ".badge").text == "NO"
+    _keys(driver, Keys.ARROW_LEFT, "2", "y")  # back onto card-2-1: a Trouser after all
+    expected.update({"mark-1-8": "yes"})
     assert _labels(driver) == expected
     assert driver.find_element(By.CSS_SELECTOR, "#card-2-2 .badge").text == "YES"
-    assert driver.find_element(By.CSS_SELECTOR, "#card-2-1 .badge").text == "NO"
     marked = {v: sum(1 for x in expected.values() if x == v) for v in ("yes", "no", "")}
     assert _counts(driver) == {"yes": marked["yes"], "no": marked["no"], "unset": marked[""]}
+
+    # scores to three significant digits: 1.2345e-05 is not 0.000
+    shown = {m.get_attribute("id"): m.find_element(By.CSS_SELECTOR, ".score").text
+             for m in driver.find_elements(By.CSS_SELECTOR, ".mark")}
+    assert shown["mark-2-3"] == "1.23e-05" and shown["mark-2-1"] == "0.812" and shown["mark-2-2"] == "0.500"
 
     driver.find_element(By.ID, "export").click()
     data = _wait_for_file(dl / "labels.csv")
     rows = list(csv.reader(io.StringIO(data.decode("utf-8"), newline="")))
     assert rows[0] == HEADER
-    want = [[c["key"], str(c["class"]), c["class_name"], expected[_card_id(c)], c["score"], str(c["rank"]), c["shard"],
-             str(c["index"])] for c in candidates if expected[_card_id(c)]]
-    got = [row[:4] + [float(row[4])] + row[5:] for row in rows[1:]]
-    assert got == want
+    want = [[c["key"], str(c["class"]), c["class_name"], expected[_mark_id(c)], c["score"], str(c["rank"]), c["shard"],
+             str(c["index"])] for c in candidates if expected[_mark_id(c)]]
+    got = sorted(row[:4] + [float(row[4])] + row[5:] for row in rows[1:])
+    assert got == sorted(want)
     assert driver.execute_script("return window.bgsplitLabelsCSV()") == data.decode("utf-8")
+    # add-labels reads the export as it is: one label per image, the two-class one a Trouser
+    labels = {lb.key: lb.cls for lb in parse_labels(data.decode("utf-8"), CLASS_NAMES, "labels.csv")}
+    assert labels["pool_0007"] == 1 and labels["bag-a_1"] == 2 and labels["pool_0001"] == 0
+    assert len(labels) == len({c["key"] for c in candidates if expected[_mark_id(c)]})
 
     driver.refresh()
     assert _labels(driver) == expected and _counts(driver)["yes"] == marked["yes"]
     assert _cursor(driver) == "card-1-1"
-    _keys(driver, "a")  # every still-unset Trouser is background; the Bags are left as they are
-    expected.update({card: "no" for card, label in expected.items() if card.startswith("card-1-") and not label})
-    assert expected["card-2-3"] == "" and _labels(driver) == expected
+    _keys(driver, "a")  # every still-unset Trouser mark is background; the Bags are left as they are
+    expected.update({m: "no" for m, label in expected.items() if m.startswith("mark-1-") and not label})
+    assert expected["mark-2-3"] == "" and _labels(driver) == expected
     assert _counts(driver) == {"yes": marked["yes"], "no": len(expected) - marked["yes"] - 1, "unset": 1}
 
     shot = tmp_path / "review.png"
@@ -251,6 +288,15 @@ def test_review_page_keyboard_mouse_export_and_reload(tmp_path, browser):
     if os.environ.get("BGSPLIT_SCREENSHOT_DIR"):
         shot = Path(shutil.copy(shot, Path(os.environ["BGSPLIT_SCREENSHOT_DIR"]) / "review.png"))
     print(f"review screenshot: {shot}")
+
+
+def test_score_text_shows_small_scores():
+    assert review.score_text(1.2345e-05) == "1.23e-05" and review.score_text(4.2e-4) == "0.000420"
+    assert review.score_text(0.8123456) == "0.812" and review.score_text(1.0) == "1.00"
+    assert review.percentile_text(1, 2432) == "top 0.041%" and review.percentile_text(100, 2432) == "top 4.1%"
+    html = review.review_html([{"key": "k", "class": 1, "class_name": "a", "score": 3e-6, "rank": 2, "shard": "s",
+                                "index": 0}], {}, ["bg", "a"], "t", scored=1000)
+    assert '<span class="score" title="top 0.2% of 1,000 scored">3.00e-06</span>' in html
 
 
 def test_names_needing_escapes_round_trip(tmp_path, browser):
@@ -272,7 +318,7 @@ def test_names_needing_escapes_round_trip(tmp_path, browser):
     assert not driver.find_elements(By.CSS_SELECTOR, "h2 b")  # the name is text, not markup
     _keys(driver, "y")
     driver.find_element(By.CSS_SELECTOR, "#card-1-2 button[data-set='no']").click()
-    assert _labels(driver) == {"card-1-1": "yes", "card-1-2": "no"}
+    assert _labels(driver) == {"mark-1-1": "yes", "mark-1-2": "no"}
     text = driver.execute_script("return window.bgsplitLabelsCSV()")
     rows = list(csv.DictReader(io.StringIO(text, newline="")))
     assert [(r["key"], r["class_name"], r["label"], r["shard"]) for r in rows] == \

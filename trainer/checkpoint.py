@@ -55,6 +55,8 @@ log = logging.getLogger("bgsplit.checkpoint")
 
 PATTERN = re.compile(r"^step-(\d{8})$")
 INDEX, STATE, META, DEEPSPEED = "index.json", "state.pt", "meta.json", "deepspeed"
+RUN_FILES = ("summary.json", "metrics.jsonl")
+"""What a run folder holds beside checkpoints/: how a run that saved none is told from any other folder."""
 FORMAT = "bgsplit-checkpoint/3"
 LEGACY_FORMAT = "bgsplit-checkpoint/2"
 MARKER_TIMEOUT_S = float(os.environ.get("BGSPLIT_CHECKPOINT_MARKER_TIMEOUT", "1800"))
@@ -166,13 +168,32 @@ def _steps(out_dir: str) -> list[tuple[int, str]]:
                   for n in storage.listdir(folder) if (m := PATTERN.match(n)))
 
 
+def index_problem(url: str) -> str | None:
+    """Why a checkpoint folder's index does not vouch for it (None: it does). An index.json of 0 bytes or
+    unreadable JSON (a copy or a sync cut short, a disk that filled up) marks nothing complete: counted as
+    present, it made a run folder resolve to a checkpoint that was then reported as not existing."""
+    file = storage.join(url, INDEX)
+    if not storage.exists(file):
+        return f"no {INDEX}: its upload did not finish"
+    data = storage.read_bytes(file)
+    if not data.strip():
+        return f"its {INDEX} is empty ({len(data)} bytes)"
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return f"its {INDEX} is not valid JSON ({len(data)} bytes)"
+    if not isinstance(doc, dict):
+        return f"its {INDEX} holds no checkpoint index"
+    return None
+
+
 def list_checkpoints(out_dir: str) -> list[str]:
-    """Complete checkpoints (an index file is present), oldest first."""
-    return [url for _, url in _steps(out_dir) if storage.exists(storage.join(url, INDEX))]
+    """Complete checkpoints (a readable index file is present), oldest first."""
+    return [url for _, url in _steps(out_dir) if index_problem(url) is None]
 
 
 def incomplete_checkpoints(out_dir: str) -> list[str]:
-    return [url for _, url in _steps(out_dir) if not storage.exists(storage.join(url, INDEX))]
+    return [url for _, url in _steps(out_dir) if index_problem(url) is not None]
 
 
 def latest_checkpoint(out_dir: str) -> str | None:
@@ -211,12 +232,15 @@ def resolve(url: str) -> str:
 
 
 def _listing(run: str) -> str:
-    steps = [_name(u) for _, u in _steps(run)]
-    done = {_name(u) for u in list_checkpoints(run)}
+    steps = _steps(run)[-5:]
     if not steps:
         return "no checkpoints"
-    shown = ", ".join(f"{s}{'' if s in done else ' (incomplete)'}" for s in steps[-5:])
-    return f"checkpoints: {shown}"
+    shown = []
+    for _, url in steps:
+        problem = index_problem(url)
+        note = "" if problem is None else " (incomplete)" if problem.startswith("no ") else f" ({problem})"
+        shown.append(f"{_name(url)}{note}")
+    return f"checkpoints: {', '.join(shown)}"
 
 
 def _near(url: str) -> str:
@@ -234,16 +258,34 @@ def state_url(url: str) -> str:
     url = resolve(url)
     if url.endswith(".pt"):
         return url
-    if not storage.exists(storage.join(url, INDEX)):
+    problem = index_problem(url)
+    if problem is not None and storage.exists(storage.join(url, INDEX)):
+        raise CheckpointError(f"checkpoint {url} is damaged: {problem}, so nothing vouches that its upload "
+                              f"finished; use an older checkpoint{_near(url)}")
+    if problem is not None:
         if storage.exists(storage.join(url, STATE)):
             raise FileNotFoundError(f"checkpoint {url} is incomplete (no {INDEX}: its upload did not finish); "
                                     f"use an older checkpoint{_near(url)}")
+        if any(storage.exists(storage.join(url, f)) for f in RUN_FILES):
+            raise FileNotFoundError(f"run folder {url} has no checkpoints (no checkpoints/ in it: it stopped before "
+                                    "its end, or they were removed, as a study does for its tuning runs): give a run "
+                                    "that finished, or resume this one with run.resume=auto")
         if storage.exists(url):
             raise CheckpointError(f"{url} is not a bgsplit checkpoint (no {INDEX} there): {VALID_FIX}, or a run "
                                   "folder (its newest checkpoint)")
         raise FileNotFoundError(f"checkpoint {url} does not exist{_near(url)}: give an existing checkpoint folder "
                                 "or a run folder")
     return storage.join(url, STATE)
+
+
+def _missing_state(url: str, file: str) -> str:
+    """The message for a state.pt that is not there: a checkpoint whose index vouches for it lost a file since
+    (a partial copy, a prune); only a path with nothing at it does not exist."""
+    folder = storage.dirname(file)
+    if _name(file) == STATE and storage.exists(storage.join(folder, INDEX)):
+        return (f"checkpoint {folder} has {INDEX} but no {STATE} (removed or not copied since it was written): "
+                f"use an older checkpoint{_near(folder)}")
+    return f"checkpoint {url} does not exist{_near(url)}: give an existing checkpoint folder or a run folder"
 
 
 def meta_url(state: str) -> str:
@@ -342,8 +384,7 @@ def read_meta(url: str, trust: bool | None = None) -> dict[str, Any]:
     if meta is not None:
         return meta
     if not storage.exists(file):
-        raise FileNotFoundError(f"checkpoint {url} does not exist{_near(url)}: give an existing checkpoint folder "
-                                "or a run folder")
+        raise FileNotFoundError(_missing_state(url, file))
     state = _legacy(file, storage.read_bytes(file), trust)
     return {k: v for k, v in state.items() if k not in ("student", "engine", "scheduler", "rng", "loader")}
 
@@ -354,8 +395,7 @@ def load_checkpoint(url: str, trust: bool | None = None) -> dict[str, Any]:
     ``trust`` (default: BGSPLIT_TRUST_CHECKPOINT) only concerns checkpoints of the previous format."""
     file = state_url(url)
     if not storage.exists(file):
-        raise FileNotFoundError(f"checkpoint {url} does not exist{_near(url)}: give an existing checkpoint folder "
-                                "or a run folder")
+        raise FileNotFoundError(_missing_state(url, file))
     meta = _read_meta_file(meta_url(file))
     data = storage.read_bytes(file)
     if meta is None:

@@ -24,7 +24,9 @@ from typing import Any
 import numpy as np
 
 from data import storage
-from data.shards import Manifest, iter_tar, key_hashes, read_key_index, read_manifest
+from data import overlap
+from data.overlap import CONTENT, KEY, keys_of  # noqa: F401 - keys_of: its old home, for callers of it here
+from data.shards import Manifest, key_hashes, read_content_index, read_manifest, read_record, record_hashes
 
 log = logging.getLogger("bgsplit.mine")
 
@@ -49,9 +51,12 @@ class MineJob:
     """Shard sets whose keys are never candidates (the training and validation sets)."""
     num_workers: int = 0
 
-    def fingerprint(self, checkpoint_id: str, pool_identity: str) -> str:
+    def fingerprint(self, checkpoint_id: str, pool_identity: str, exclude_by: str = "key") -> str:
+        """``exclude_by`` "content" enters the digest (parts excluded by key are not those); "key" leaves the
+        digest of a pass before content hashes as it was, so its parts are still reused."""
         doc = {"checkpoint": self.checkpoint, "checkpoint_id": checkpoint_id, "pool": pool_identity, "top": self.top,
-               "image_size": self.image_size, "exclude": sorted(self.exclude)}
+               "image_size": self.image_size, "exclude": sorted(self.exclude),
+               **({"exclude_by": exclude_by} if exclude_by != "key" else {})}
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -135,46 +140,56 @@ def part_url(out: str, fingerprint: str, shard_url: str) -> str:
     return storage.join(out, PARTS, fingerprint, os.path.basename(shard_url).rsplit(".", 1)[0] + ".json")
 
 
-class ExcludedKeys:
-    """The keys of the ``--exclude`` sets, as one sorted uint64 array of key hashes (8 B a key): read once per
-    process from each set's key index (one GET), tested a share at a time by binary search. A set built before
-    key indexes is read from its shards, with a warning, since that costs a pass over its bytes per process."""
+class Excluded:
+    """The images of the ``--exclude`` sets (data.overlap): one sorted uint64 array of their content hashes (8 B an
+    image), read once per process from each set's content index (one GET), tested a share at a time by binary
+    search against the share's hashes from its shard record. By key instead (each set's key index, or its keys
+    read from its shards) where the pool or an excluded set records no content hashes (``exclusion_kind``)."""
 
-    def __init__(self, locations: Iterable[str]):
-        parts = []
-        for location in locations:
-            manifest = read_manifest(location)
-            index = read_key_index(manifest)
-            if index is None:
-                log.warning("--exclude %s has no key index (built by an older bgsplit): reading its keys from its "
-                            "shards in every process; rebuild it with `bgsplit shards build` into a new folder to "
-                            "read 8 bytes a key instead", location)
-                index = key_hashes(keys_of([location]))
-            parts.append(index)
+    def __init__(self, locations: Iterable[str], by: str = KEY):
+        locations = list(locations)
+        self.by = by
+        if by == CONTENT:
+            parts = [read_content_index(read_manifest(loc)) for loc in locations]
+            if any(p is None for p in parts):
+                raise ValueError("an excluded set lost its content index since the pass began: rerun `bgsplit mine`")
+        else:
+            parts = [overlap.key_index_of(loc) for loc in locations]
         self.hashes = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.uint64)
 
     def __len__(self) -> int:
         return int(self.hashes.size)
 
-    def contains(self, keys: list[str]) -> np.ndarray:
-        """One bool per key: is it in an excluded set (see data.shards.key_hashes for the collision odds)."""
+    def contains(self, keys: list[str], contents: np.ndarray | None = None) -> np.ndarray:
+        """One bool per sample (``keys``, and their content hashes when the exclusion is by content): is it in an
+        excluded set (see data.shards.key_hashes for the collision odds)."""
         if not keys or not self.hashes.size:
             return np.zeros(len(keys), dtype=bool)
-        h = key_hashes(keys)
-        at = np.minimum(np.searchsorted(self.hashes, h), self.hashes.size - 1)
-        return self.hashes[at] == h
+        if self.by == CONTENT:
+            if contents is None:
+                raise ValueError("an exclusion by content needs the samples' content hashes")
+            return overlap.contains(self.hashes, contents)
+        return overlap.contains(self.hashes, key_hashes(keys))
 
 
-def keys_of(locations: Iterable[str]) -> set[str]:
-    """Every sample key of these shard sets (a pass over their shards' bytes; meant for training and validation
-    sets, not for a pool of millions)."""
-    keys: set[str] = set()
-    for location in locations:
-        manifest = read_manifest(location)
-        for shard in manifest.shards:
-            with storage.open_read(storage.join(manifest.root, shard.url)) as stream:
-                keys.update(key for key, _ in iter_tar(stream))
-    return keys
+ExcludedKeys = Excluded
+"""The old name: an exclusion by key."""
+
+
+def exclusion_kind(pool: Manifest, exclude: Iterable[str], *, warn: bool = True) -> str:
+    """CONTENT where the pool and every excluded set record content hashes (manifests only: cheap on every rank),
+    else KEY, with a warning saying which set to rebuild."""
+    exclude = list(exclude)
+    if not exclude:
+        return KEY
+    lacking = [loc for loc in exclude if not read_manifest(loc).content_index]
+    lacking += [f"the pool {pool.root}"] if not pool.content_index else []
+    if lacking and warn:
+        log.warning("--exclude compares file names, not images: %s record%s no content hashes (built by an older "
+                    "bgsplit), so a pool image named like a training image is dropped even if it differs; %s",
+                    ", ".join(lacking), "s" if len(lacking) == 1 else "", overlap.REBUILD.replace("rebuild it",
+                                                                                                 "rebuild each"))
+    return KEY if lacking else CONTENT
 
 
 def score_shares(job: MineJob, fingerprint: str, shards: list[int], chunk: int = 8, *, device=None,
@@ -200,7 +215,7 @@ def score_shares(job: MineJob, fingerprint: str, shards: list[int], chunk: int =
     token = token or uuid.uuid4().hex
     student = cached_model(token, lambda: load_student_from_checkpoint(job.checkpoint).to(device))
     classes = student.num_classes - 1
-    excluded = cached_model(token, lambda: ExcludedKeys(job.exclude), "exclude")
+    excluded = cached_model(token, lambda: Excluded(job.exclude, exclusion_kind(manifest, job.exclude)), "exclude")
     setup = EvalSetup(job.image_size, job.batch_size, job.num_workers, precision=job.precision)
     scored = 0
     for start in range(0, len(todo), chunk):
@@ -214,8 +229,12 @@ def score_shares(job: MineJob, fingerprint: str, shards: list[int], chunk: int =
             rows = np.flatnonzero(urls == url)
             top = TopN(job.top, classes)
             share_keys = [keys[i] for i in rows]
+            indices = [refs[i][1] for i in rows]
+            contents = None
+            if excluded.by == CONTENT and len(excluded):  # the share's hashes: its record, one small read
+                contents = record_hashes(read_record(manifest, manifest.shards[s]), "content_hashes")[indices]
             top.add_scores(probs[rows], share_keys, storage.absolute(storage.join(manifest.root, url)),
-                           [refs[i][1] for i in rows], s, ~excluded.contains(share_keys))
+                           indices, s, ~excluded.contains(share_keys, contents))
             doc = {"shard": url, "scored": len(rows), "count": manifest.shards[s].count, "top": top.to_json()}
             storage.write_bytes(part_url(job.out, fingerprint, url), json.dumps(doc).encode())
     return {"scored": scored, "shares": len(todo), "reused": len(shards) - len(todo)}
@@ -269,7 +288,7 @@ def publish(job: MineJob, fingerprint: str, manifest: Manifest, class_names: lis
                         "".join(json.dumps(r) + "\n" for r in rows).encode())
     fields = fetch_images(manifest, rows)
     thumbs = {k: img for k, f in fields.items() if (img := image_member(f)) is not None}
-    review = write_review(job.out, rows, thumbs, class_names)
+    review = write_review(job.out, rows, thumbs, class_names, scored=scored)
     summary = {"pool": manifest.root, "pool_images": manifest.count, "scored": scored, "shares": len(manifest.shards),
                "checkpoint": job.checkpoint, "top": job.top, "classes": class_names[1:], "candidates": len(rows),
                "fingerprint": fingerprint, "outputs": {"candidates": storage.join(job.out, CANDIDATES), **review}}
@@ -311,7 +330,8 @@ class MinePass:
 
         self.manifest = read_manifest(self.job.pool)
         checkpoint_id, self.class_names = checkpoint_facts(self.job.checkpoint)  # once, on the driver or a rank
-        self.fingerprint = self.job.fingerprint(checkpoint_id, pool_identity(self.manifest))
+        self.fingerprint = self.job.fingerprint(checkpoint_id, pool_identity(self.manifest),
+                                                exclusion_kind(self.manifest, self.job.exclude, warn=False))
         self.token = uuid.uuid4().hex
 
     def shard_counts(self) -> list[int]:
