@@ -1,0 +1,92 @@
+"""What a `probe.kind=logistic` fit costs at scale (trainer/probe_model.py): the fit on one process over every
+positive and ``probe.max_background`` background rows, and the background sampler over a 10M-key set.
+
+At 10M training images the feature pass keeps every positive and a key-hash sample of the background, so the fit
+sees at most ``max_background`` background rows whatever the set's size; this bench fits synthetic features shaped
+like EfficientNet-Lite0's (bench/probe_solver.py's generator: 1,280-d, 3 rare classes of 30 positives) at growing
+row counts, each size in its own process so its peak resident memory is its own, and times ``keep_background``
+over 10M keys (the sampler every rank runs on its share).
+
+    .venv/bin/python bench/probe_fit.py --json bench/results/probe_fit/results.json   # ~10 min on 2 cores
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def one_fit(rows: int, C: float, class_weight: str) -> dict:
+    """Fit once at ``rows`` background rows (this process's peak RSS is the figure)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from probe_solver import synthetic_features
+
+    from trainer.probe import ProbeParams, fit_logistic
+
+    feats = synthetic_features(rows + 90, 1280, rare=3, per_rare=30, seed=0)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    model = fit_logistic(feats, ProbeParams(C=C, class_weight=class_weight))
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"rows": int(len(feats.labels)), "features_mb": round(feats.features.nbytes / 2 ** 20, 1),
+            "fit_s": round(seconds, 2), "iterations": model["iterations"], "converged": model["converged"],
+            "peak_rss_mb": round(peak / 1024, 1), "fit_rss_mb": round((peak - before) / 1024, 1)}
+
+
+def sampler(keys: int) -> dict:
+    from trainer.probe_model import background_rate, keep_background
+
+    rate = background_rate(10_000_000, 200_000)  # a 10M-image set at the default cap, whatever ``keys``
+    names = [f"shard-{i // 1000:06d}/img-{i:08d}" for i in range(keys)]
+    start = time.perf_counter()
+    kept = int(keep_background(names, rate).sum())
+    seconds = time.perf_counter() - start
+    return {"keys": keys, "rate": rate, "kept": kept, "seconds": round(seconds, 2),
+            "keys_per_s": round(keys / seconds)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, nargs="+", default=[25_000, 50_000, 100_000, 200_000])
+    ap.add_argument("--C", type=float, default=1e-4)
+    ap.add_argument("--class-weight", default="balanced")
+    ap.add_argument("--keys", type=int, default=10_000_000)
+    ap.add_argument("--json", default="")
+    ap.add_argument("--one", type=int, default=0, help=argparse.SUPPRESS)  # a child: one fit, JSON on stdout
+    args = ap.parse_args(argv)
+    if args.one:
+        print(json.dumps(one_fit(args.one, args.C, args.class_weight)))
+        return 0
+    rows = []
+    for n in args.rows:
+        out = subprocess.run([sys.executable, __file__, "--one", str(n), "--C", str(args.C), "--class-weight",
+                              args.class_weight], capture_output=True, text=True, check=True)
+        row = {"config": f"fit {n} background rows", "C": args.C, "class_weight": args.class_weight,
+               **json.loads(out.stdout.strip().splitlines()[-1])}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    row = {"config": f"keep_background over {args.keys} keys", **sampler(args.keys)}
+    print(json.dumps(row), flush=True)
+    rows.append(row)
+    if args.json:
+        doc = {"bench": "probe_fit", "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+               "command": "python bench/probe_fit.py " + " ".join(argv or sys.argv[1:]), "rows": rows}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(args.json).with_suffix(".partial")
+        tmp.write_text(json.dumps(doc, indent=1))
+        os.replace(tmp, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
