@@ -4,7 +4,7 @@ positive and ``probe.max_background`` background rows, and the background sample
 At 10M training images the feature pass keeps every positive and a key-hash sample of the background, so the fit
 sees at most ``max_background`` background rows whatever the set's size; this bench fits synthetic features shaped
 like EfficientNet-Lite0's (bench/probe_solver.py's generator: 1,280-d, 3 rare classes of 30 positives) at growing
-row counts, each size in its own process so its peak resident memory is its own, and times ``keep_background``
+row counts, each fit in its own process (the features drawn in another) so its peak resident memory is the fit's, and times ``keep_background``
 over 10M keys (the sampler every rank runs on its share).
 
     .venv/bin/python bench/probe_fit.py --json bench/results/probe_fit/results.json   # ~10 min on 2 cores
@@ -18,6 +18,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,22 +26,32 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def one_fit(rows: int, C: float, class_weight: str) -> dict:
-    """Fit once at ``rows`` background rows (this process's peak RSS is the figure)."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    from probe_solver import synthetic_features
+def one_fit(path: str, C: float, class_weight: str) -> dict:
+    """Load the features at ``path`` and fit once: this process's peak RSS over its RSS after the imports is the
+    fit's memory (features included), since the features were drawn in another process."""
+    import numpy as np
 
-    from trainer.probe import ProbeParams, fit_logistic
+    from trainer.probe import Features, ProbeParams, fit_logistic
 
-    feats = synthetic_features(rows + 90, 1280, rare=3, per_rare=30, seed=0)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with np.load(path, allow_pickle=False) as f:
+        feats = Features(f["features"], f["labels"], ["background", "rare1", "rare2", "rare3"])
     start = time.perf_counter()
     model = fit_logistic(feats, ProbeParams(C=C, class_weight=class_weight))
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"rows": int(len(feats.labels)), "features_mb": round(feats.features.nbytes / 2 ** 20, 1),
             "fit_s": round(seconds, 2), "iterations": model["iterations"], "converged": model["converged"],
-            "peak_rss_mb": round(peak / 1024, 1), "fit_rss_mb": round((peak - before) / 1024, 1)}
+            "fit_peak_mb": round((peak - base) / 1024, 1)}
+
+
+def draw(rows: int, path: str) -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    import numpy as np
+    from probe_solver import synthetic_features
+
+    feats = synthetic_features(rows + 90, 1280, rare=3, per_rare=30, seed=0)
+    np.savez(path, features=feats.features, labels=feats.labels)
 
 
 def sampler(keys: int) -> dict:
@@ -62,15 +73,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--class-weight", default="balanced")
     ap.add_argument("--keys", type=int, default=10_000_000)
     ap.add_argument("--json", default="")
-    ap.add_argument("--one", type=int, default=0, help=argparse.SUPPRESS)  # a child: one fit, JSON on stdout
+    ap.add_argument("--one", default="", help=argparse.SUPPRESS)  # a child: one fit, JSON on stdout
     args = ap.parse_args(argv)
     if args.one:
         print(json.dumps(one_fit(args.one, args.C, args.class_weight)))
         return 0
     rows = []
     for n in args.rows:
-        out = subprocess.run([sys.executable, __file__, "--one", str(n), "--C", str(args.C), "--class-weight",
-                              args.class_weight], capture_output=True, text=True, check=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "features.npz")
+            draw(n, path)
+            out = subprocess.run([sys.executable, __file__, "--one", path, "--C", str(args.C), "--class-weight",
+                                  args.class_weight], capture_output=True, text=True, check=True)
         row = {"config": f"fit {n} background rows", "C": args.C, "class_weight": args.class_weight,
                **json.loads(out.stdout.strip().splitlines()[-1])}
         print(json.dumps(row), flush=True)
