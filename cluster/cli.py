@@ -154,14 +154,30 @@ def _mine(args: argparse.Namespace) -> None:
 
     if args.top < 1:
         raise ValueError(f"--top must be at least 1, got {args.top}")
+    if bool(args.checkpoint) == bool(args.positives):
+        raise ValueError("give --checkpoint (a trained model or a probe) or --positives (a handful of examples to "
+                         "start from), one of the two")
     _trust(args)
-    image_size = args.image_size or _trained_size(args.checkpoint)
+    image_size = args.image_size or (224 if args.positives else _trained_size(args.checkpoint))
     rank = 0
     if not args.ray:
         rank, _ = init_distributed(_device_for_ranks())
     pool = broadcast(pool_set(args.pool, args.out, args.workers) if rank == 0 else None)
-    job = MineJob(args.checkpoint, pool, args.out, args.top, image_size, args.batch_size, args.precision,
-                  tuple(args.exclude), args.num_workers)
+    checkpoint, exclude = args.checkpoint, tuple(args.exclude)
+    if args.positives:  # mining before any training (trainer/probe_model.py): rank 0 fits, the others wait
+        from trainer.probe_model import cold_start, positives_set
+
+        def start() -> tuple[str, str]:
+            examples = positives_set(args.positives, [c for c in args.rare.split(",") if c], args.out, args.workers)
+            url, _ = cold_start(examples, pool, args.out, image_size=image_size, kind=args.probe,
+                                background=args.background, batch_size=args.batch_size,
+                                num_workers=args.num_workers)
+            return url, examples
+
+        checkpoint, examples = broadcast(start() if rank == 0 else None)
+        exclude += (examples,)  # the examples are never candidates
+    job = MineJob(checkpoint, pool, args.out, args.top, image_size, args.batch_size, args.precision, exclude,
+                  args.num_workers)
     summary = _pass(MinePass(job), args)
     if summary is not None:
         print(json.dumps(summary, indent=1))
@@ -303,8 +319,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("mine", help="score an unlabeled pool, keep the top N per rare class; candidates.jsonl, "
                        "contact sheets, review.html (one process, torchrun, or --ray)")
-    m.add_argument("--checkpoint", required=True,
-                   help="a checkpoint folder, or a run folder (its newest; also RUN/latest)")
+    m.add_argument("--checkpoint", default="",
+                   help="a checkpoint folder, or a run folder (its newest; also RUN/latest); a probe's too")
+    m.add_argument("--positives", default="",
+                   help="instead of --checkpoint, start from a handful of examples: a shard set, or a source with "
+                   "a folder per class (folder:examples, with --rare); a probe on the teacher's features of them "
+                   "against a sample of the pool ranks it (written to OUT/model). A second round: the set "
+                   "`shards add-labels` made from the first round's labels")
+    m.add_argument("--rare", default="", help="with a --positives source: the classes to mine for (comma-separated)")
+    m.add_argument("--probe", choices=("logistic", "knn"), default="logistic",
+                   help="with --positives: logistic (C 1e-5, balanced) or kNN to the examples")
+    m.add_argument("--background", type=int, default=5000,
+                   help="with --positives: pool images (a key-hash sample) the probe fits as background")
     m.add_argument("--pool", required=True, help="a shard set, or any source `shards build` reads (folder:, "
                    "manifest:, wds:, fmnist:...), local or on S3; a source is built into OUT/pool first")
     m.add_argument("--top", type=int, default=100, help="candidates kept per rare class")

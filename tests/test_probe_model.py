@@ -107,3 +107,63 @@ def test_bad_probe_inputs_are_one_line_errors(tiny_sets, tmp_path, capsys):
     assert "probe values out of range" in capsys.readouterr().err
     assert _fit(tiny_sets, tmp_path / "x", "probe.kind=svm") == 2
     assert "probe.kind" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def _hits(pool: str, candidates: list[dict]) -> dict[int, list[bool]]:
+    """Per class, in rank order: is the candidate an image of that class (the pool's hidden labels)."""
+    from data import storage
+    from data.shards import read_record
+
+    manifest = read_manifest(pool)
+    labels = {}
+    for shard in manifest.shards:
+        record = read_record(manifest, shard)
+        for i in range(shard.count):
+            labels[storage.join(manifest.root, shard.url), i] = record["labels"][i] if shard.kind == "positive" else 0
+    out: dict[int, list[bool]] = {}
+    for c in sorted(candidates, key=lambda c: (c["class"], c["rank"])):
+        url = c["shard"] if "://" in c["shard"] or c["shard"].startswith("/") else storage.join(manifest.root,
+                                                                                               c["shard"])
+        out.setdefault(c["class"], []).append(labels[url, c["index"]] == c["class"])
+    return out
+
+
+COLD_SIZE = 128  # at 48-64 px the teacher barely tells Fashion-MNIST's classes apart
+
+
+@pytest.mark.parametrize("kind", ["logistic", "knn"])
+def test_mining_starts_from_two_examples_a_class_before_any_training(tiny_sets, tmp_path, capsys, kind):
+    from conftest import RARE
+    from data.build import BuildSpec, build_set
+    from data.sources import FashionMNISTSource
+
+    examples = build_set(FashionMNISTSource("train"), BuildSpec("fmnist:train", RARE, positives_per_class=2,
+                                                                max_background=0, seed=5),
+                         str(tmp_path / "examples"), progress=False).root
+    out = tmp_path / f"mined-{kind}"
+    assert main(["mine", "--positives", examples, "--pool", tiny_sets["test"], "--out", str(out), "--top", "10",
+                 "--image-size", str(COLD_SIZE), "--probe", kind, "--background", "100"]) == 0
+    meta = json.loads((out / "model" / "checkpoints" / "step-00000000" / "meta.json").read_text())
+    assert meta["probe_fit"]["positives"] == [2, 2] and meta["probe_fit"]["examples"] == 4
+    assert 60 < meta["probe_fit"]["pool_sample"] < 140  # ~100 of the 300 by key hash
+    rows = [json.loads(line) for line in (out / "candidates.jsonl").read_text().splitlines()]
+    assert sorted({r["class"] for r in rows}) == [1, 2] and len(rows) == 20 and (out / "review.html").exists()
+    if kind == "logistic":  # each class's top 10 hold >= 3x its share of the pool (random review's expectation)
+        hits = _hits(tiny_sets["test"], rows)
+        counts = read_manifest(tiny_sets["test"]).counts
+        for c in (1, 2):
+            assert sum(hits[c]) / len(hits[c]) >= 3 * counts[c] / sum(counts), (c, hits[c])
+    else:  # the bank holds the examples: each example is its own nearest neighbour, so eval on them is perfect
+        assert main(["eval", "--checkpoint", str(out / "model"), "--data", examples, "--out",
+                     str(tmp_path / "ev")]) == 0
+        assert json.loads((tmp_path / "ev" / "report.json").read_text())["map"] == 1.0
+
+
+def test_bad_cold_start_inputs_are_one_line_errors(tiny_sets, tmp_path, capsys):
+    out = str(tmp_path / "m")
+    assert main(["mine", "--pool", tiny_sets["test"], "--out", out]) == 2
+    assert "give --checkpoint" in capsys.readouterr().err
+    assert main(["mine", "--positives", "folder:" + str(tmp_path), "--pool", tiny_sets["test"], "--out", out]) == 2
+    assert "give --rare" in capsys.readouterr().err
+    assert main(["mine", "--positives", str(tmp_path / "nothing"), "--pool", tiny_sets["test"], "--out", out]) == 2
+    assert "neither a shard set" in capsys.readouterr().err

@@ -163,42 +163,65 @@ def feature_pass(cfg: JobConfig) -> FeaturePass:
                        num_workers=cfg.data.num_workers, resize_ratio=cfg.data.eval_resize_ratio)
 
 
-def probe_student(cfg: JobConfig, fp: FeaturePass, features: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """The fitted probe as a Student (teacher trunk + folded head or kNN bank) and what the fit did."""
+def fit_student(probe: Any, trunk: str, weights: str, class_names: list[str], rare_classes: list[str],
+                x: np.ndarray, y: np.ndarray) -> tuple[Any, dict[str, Any]]:
+    """Features ``x`` [n, d] of the ``trunk`` network (``weights``) with labels ``y`` -> the fitted probe
+    (``probe``: a ProbeConfig) as a Student (that trunk + the folded logistic head or the kNN bank) and what the
+    fit did."""
     from trainer.backbones import load_backbone
     from trainer.models import Student, StudentSpec
     from trainer.probe import Features, ProbeParams, fit_logistic, fold_linear
 
-    manifest = fp.manifest
-    names = list(manifest.class_names)
-    x, y = features["features"], features["labels"]
-    p = cfg.probe
-    knn = p.kind == "knn"
-    spec = StudentSpec(trunk=cfg.teacher.name, num_classes=manifest.num_classes, aux_classes=0,
-                       class_names=tuple(names), rare_classes=tuple(manifest.rare_classes),
-                       knn_bank=len(y) if knn else 0, knn_k=p.k, knn_temperature=p.temperature)
-    student = Student(load_backbone(spec.trunk, fp.weights), spec.num_classes, 0,
-                      knn=(len(y), p.k, p.temperature) if knn else None)
-    student.spec, student.class_names = spec, names
-    fit: dict[str, Any] = {"kind": p.kind, "rows": int(len(y)), "positives": np.bincount(y, minlength=len(names))[1:]
-                           .tolist(), "background_seen": int(features["background_seen"]),
-                           "background_kept": int((y == 0).sum()), "background_rate": fp.rate,
-                           "image_size": fp.image_size}
+    knn = probe.kind == "knn"
+    spec = StudentSpec(trunk=trunk, num_classes=len(class_names), aux_classes=0, class_names=tuple(class_names),
+                       rare_classes=tuple(rare_classes), knn_bank=len(y) if knn else 0, knn_k=probe.k,
+                       knn_temperature=probe.temperature)
+    student = Student(load_backbone(trunk, weights), spec.num_classes, 0,
+                      knn=(len(y), probe.k, probe.temperature) if knn else None)
+    student.spec, student.class_names = spec, list(class_names)
+    fit: dict[str, Any] = {"kind": probe.kind, "rows": int(len(y)),
+                           "positives": np.bincount(y, minlength=len(class_names))[1:].tolist()}
     with torch.no_grad():
         if knn:
             student.main_head.bank.copy_(torch.nn.functional.normalize(torch.from_numpy(x).float(), dim=1))
             student.main_head.labels.copy_(torch.from_numpy(y))
-            fit.update(k=p.k, temperature=p.temperature)
+            fit.update(k=probe.k, temperature=probe.temperature)
         else:
-            model = fit_logistic(Features(x, y, names), ProbeParams(kind="logistic", image_size=fp.image_size, C=p.C,
-                                                                    class_weight=p.class_weight,
-                                                                    max_iter=p.max_iter))
+            model = fit_logistic(Features(x, y, list(class_names)),
+                                 ProbeParams(kind="logistic", C=probe.C, class_weight=probe.class_weight,
+                                             max_iter=probe.max_iter))
             weight, bias = fold_linear(model)
             student.main_head.weight.copy_(weight)
             student.main_head.bias.copy_(bias)
-            fit.update(C=p.C, class_weight=p.class_weight,
+            fit.update(C=probe.C, class_weight=probe.class_weight,
                        **{k: model[k] for k in ("iterations", "grad_max", "loss", "converged")})
+            if not model["converged"]:
+                log.warning("the logistic fit stopped at probe.max_iter=%d before converging: raise it",
+                            probe.max_iter)
     return student.eval(), fit
+
+
+def probe_student(cfg: JobConfig, fp: FeaturePass, features: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The probe ``cfg`` asks for, fit on a FeaturePass's output over data.train."""
+    manifest = fp.manifest
+    student, fit = fit_student(cfg.probe, cfg.teacher.name, fp.weights, list(manifest.class_names),
+                               list(manifest.rare_classes), features["features"], features["labels"])
+    fit.update(background_seen=int(features["background_seen"]),
+               background_kept=int((features["labels"] == 0).sum()), background_rate=fp.rate,
+               image_size=fp.image_size)
+    return student, fit
+
+
+def write_probe(out_dir: str, student: Any, cfg: JobConfig, fit: dict[str, Any], val: dict[str, Any] | None,
+                keep: int = 2) -> str:
+    """The probe as checkpoint step 0 under ``out_dir`` (complete or absent, like any checkpoint)."""
+    from trainer.checkpoint import CheckpointWriter
+
+    meta = {"student_spec": student.spec.to_dict(), "engine_name": "probe", "world": 1, "steps_per_epoch": 0,
+            "config": cfg.to_dict(), "history": [], "probe_fit": fit, "val": val}
+    writer = CheckpointWriter(out_dir, keep=keep, background=False)
+    return writer.save(0, {"student": {k: v.detach().cpu() for k, v in student.state_dict().items()}},
+                       uuid.uuid4().hex, meta=meta)
 
 
 def save_probe(cfg: JobConfig, fp: FeaturePass, features: dict[str, Any]) -> dict[str, Any]:
@@ -207,12 +230,9 @@ def save_probe(cfg: JobConfig, fp: FeaturePass, features: dict[str, Any]) -> dic
     import json
 
     from data import storage
-    from trainer.checkpoint import CheckpointWriter
     from trainer.evaluate import EvalSetup, evaluate_student
 
     student, fit = probe_student(cfg, fp, features)
-    if fit.get("converged") is False:
-        log.warning("the logistic fit stopped at probe.max_iter=%d before converging: raise it", cfg.probe.max_iter)
     log.info("probe %s fit on %d rows (%d background of %d seen, rate %.4g; positives %s)", cfg.probe.kind,
              fit["rows"], fit["background_kept"], fit["background_seen"], fp.rate, fit["positives"])
     val = None
@@ -222,13 +242,85 @@ def save_probe(cfg: JobConfig, fp: FeaturePass, features: dict[str, Any]) -> dic
                                torch.device("cpu"))
         val = {"map": val["map"], "ap": val["ap"]}
         log.info("probe validation mAP %.2f on %s", 100 * val["map"], cfg.data.val)
-    meta = {"student_spec": student.spec.to_dict(), "engine_name": "probe", "world": 1, "steps_per_epoch": 0,
-            "config": cfg.to_dict(), "history": [], "probe_fit": fit, "val": val}
-    writer = CheckpointWriter(cfg.run.out_dir, keep=cfg.run.keep_checkpoints, background=False)
-    url = writer.save(0, {"student": {k: v.detach().cpu() for k, v in student.state_dict().items()}},
-                      uuid.uuid4().hex, meta=meta)
+    url = write_probe(cfg.run.out_dir, student, cfg, fit, val, cfg.run.keep_checkpoints)
     summary = {"checkpoint": url, "steps": 0, "world": 1, "engine": "probe", "val": val, "resumed_from": None,
                "skipped": None, "probe_fit": fit}
     storage.write_bytes(storage.join(cfg.run.out_dir, "summary.json"),
                         json.dumps(summary, indent=1, default=float).encode())
     return summary
+
+
+# ------------------------------------------------------------------------------------------------ cold start
+
+COLD_START_C = 1e-5
+"""The cold start's logistic C (balanced weights): the probe's best point in every 99.6% study at 2 positives a
+class (bench/results/fmnist_160: C 1e-5, balanced, 224 px), nearly a class-mean classifier, which is what a
+handful of examples supports."""
+
+
+def positives_set(positives: str, rare: list[str], out: str, workers: int = 0) -> str:
+    """The examples as a shard set: itself, or a labelled source (folder:examples with a folder per class, ...)
+    built into ``out/positives`` with ``rare`` as its classes and no background."""
+    from data import storage
+    from data.shards import manifest_url
+
+    if storage.exists(manifest_url(positives)):
+        return positives
+    if ":" not in positives or positives.split(":", 1)[0] in ("s3", "gs", "file", "memory"):
+        raise FileNotFoundError(f"--positives {positives} is neither a shard set (no manifest.json there) nor a "
+                                "source spec such as folder:/path (a folder per class)")
+    if not rare:
+        raise ValueError(f"--positives {positives} is a source: give --rare with the class names to mine for "
+                         "(its folder names)")
+    from data.build import BuildSpec, build_set
+    from data.sources import open_source
+
+    location = storage.join(out, "positives")
+    build_set(open_source(positives), BuildSpec(positives, tuple(rare), max_background=0), location,
+              workers=workers)
+    return location
+
+
+def cold_start(positives: str, pool: str, out: str, *, image_size: int = 224, kind: str = "logistic",
+               background: int = 5000, teacher: str = "efficientnet_lite0", weights: str = "",
+               batch_size: int = 128, num_workers: int = 0) -> tuple[str, dict[str, Any]]:
+    """Mining before any training: the probe ``kind`` fit on the teacher's features of the ``positives`` set (all
+    its images, its background too: hard negatives a labelling round added) against a key-hash sample of
+    ``background`` pool images, taken as background because a pool of a rare-class problem is ~99% background
+    (its few positives in the sample cost the fit little). Written as ``out/model`` (a checkpoint mine ranks
+    the pool with; eval takes it too). Returns the checkpoint URL and what the fit did."""
+    from data import storage
+    from trainer.config import JobConfig
+    from trainer.models import teacher_weights
+    from trainer.shard_pass import run_pass
+    from trainer.train import read_set
+
+    if kind not in ("logistic", "knn"):
+        raise ValueError(f"--probe {kind}: choose logistic or knn")
+    if background < 1:
+        raise ValueError(f"--background {background}: give the number of pool images to fit against (>= 1)")
+    manifest = read_set(positives, "--positives")
+    empty = [name for name, n in zip(manifest.rare_classes, manifest.counts[1:]) if n == 0]
+    if empty:
+        raise ValueError(f"--positives {positives} holds no images of {', '.join(empty)}: give at least one "
+                         "example of each class to mine for")
+    weights = teacher_weights(teacher, weights)
+    pool_manifest = read_set(pool, "--pool")
+    device = torch.device("cpu") if not torch.cuda.is_available() else torch.device("cuda")
+    passes = [FeaturePass(positives, image_size, teacher, weights, 1.0, batch_size, num_workers),
+              FeaturePass(pool, image_size, teacher, weights, background_rate(pool_manifest.count, background),
+                          batch_size, num_workers)]
+    shown, sampled = [run_pass(p, device=device, rank=0, world=1) for p in passes]
+    x = np.concatenate([shown["features"], sampled["features"]])
+    y = np.concatenate([shown["labels"], np.zeros(len(sampled["labels"]), np.int64)])
+    cfg = JobConfig()
+    cfg.data.train, cfg.data.image_size, cfg.teacher.name = positives, image_size, teacher
+    cfg.probe.kind, cfg.probe.C, cfg.probe.class_weight = kind, COLD_START_C, "balanced"
+    student, fit = fit_student(cfg.probe, teacher, weights, list(manifest.class_names), list(manifest.rare_classes),
+                               x, y)
+    fit.update(cold_start=True, pool=pool, pool_sample=int(len(sampled["labels"])), image_size=image_size,
+               examples=int(len(shown["labels"])))
+    url = write_probe(storage.join(out, "model"), student, cfg, fit, None)
+    log.info("cold start: a %s probe on %d example(s) (%s a class) against %d pool images, at %d px: %s", kind,
+             fit["examples"], fit["positives"], fit["pool_sample"], image_size, url)
+    return url, fit
