@@ -153,6 +153,21 @@ def test_mining_starts_from_two_examples_a_class_before_any_training(tiny_sets, 
         counts = read_manifest(tiny_sets["test"]).counts
         for c in (1, 2):
             assert sum(hits[c]) / len(hits[c]) >= 3 * counts[c] / sum(counts), (c, hits[c])
+        # round 2: the reviewed candidates (an annotator from the hidden labels) join the examples, and the next
+        # round fits on all of them, its hard negatives included; the labelled images are no longer candidates
+        lines = ["key,class,label"] + [f"{r['key']},{r['class']},{'yes' if hit else 'no'}"
+                                       for r in rows for hit in [hits[r["class"]][r["rank"] - 1]]]
+        (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+        assert main(["shards", "add-labels", "--data", examples, "--labels", str(tmp_path / "labels.csv"),
+                     "--pool", tiny_sets["test"], "--out", str(tmp_path / "round1")]) == 0
+        out2 = tmp_path / "round2"
+        assert main(["mine", "--positives", str(tmp_path / "round1"), "--pool", tiny_sets["test"], "--out",
+                     str(out2), "--top", "10", "--image-size", str(COLD_SIZE), "--background", "100"]) == 0
+        fit2 = json.loads((out2 / "model" / "checkpoints" / "step-00000000" / "meta.json").read_text())["probe_fit"]
+        assert fit2["positives"] == [2 + sum(hits[1]), 2 + sum(hits[2])]
+        assert fit2["examples"] == 4 + len({r["key"] for r in rows})
+        again = {r["key"] for r in map(json.loads, (out2 / "candidates.jsonl").read_text().splitlines())}
+        assert not again & {r["key"] for r in rows}
     else:  # the bank holds the examples: each example is its own nearest neighbour, so eval on them is perfect
         assert main(["eval", "--checkpoint", str(out / "model"), "--data", examples, "--out",
                      str(tmp_path / "ev")]) == 0
