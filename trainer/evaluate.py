@@ -32,7 +32,7 @@ from data.shards import Manifest, read_manifest
 from data.transforms import eval_transform
 from trainer.metrics import evaluate
 from trainer.runtime import resolve_device
-from trainer.shard_pass import cached_model, run_pass
+from trainer.shard_pass import WholeSetPass, cached_model, run_pass
 from trainer.report import PR_CURVES_PNG, TOP_SCORING_PNG, plot_pr_curves, plot_top_scoring_grid, write_report
 
 
@@ -128,7 +128,7 @@ def merge_predictions(manifest: Manifest, parts: Sequence[Predictions]) -> Predi
 
 
 @dataclass
-class EvalPass:
+class EvalPass(WholeSetPass):
     """Score a set with the student's main head (trainer.shard_pass): metrics, or with ``report_dir`` the report.
 
     The student is ``student`` (training's validation: the live model, this process only) or rebuilt from
@@ -159,15 +159,6 @@ class EvalPass:
             raise ValueError("an evaluation of an in-memory student runs in its own process; give a checkpoint "
                              "to run it as Ray tasks")
         return self.__dict__
-
-    def shard_counts(self) -> list[int]:
-        return [s.count for s in self.manifest.shards]
-
-    def todo(self, shards: list[int]) -> list[int]:
-        return shards
-
-    def begin(self) -> None:
-        return None
 
     def run(self, shards: list[int], device: torch.device) -> Predictions:
         student = self.student

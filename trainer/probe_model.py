@@ -28,7 +28,7 @@ from data.config import LoaderConfig
 from data.loader import ShardStream, make_loader
 from data.shards import read_manifest
 from trainer.config import JobConfig
-from trainer.shard_pass import cached_model
+from trainer.shard_pass import WholeSetPass, cached_model
 
 log = logging.getLogger("bgsplit.probe")
 
@@ -55,7 +55,7 @@ def keep_background(keys: list[str], rate: float) -> np.ndarray:
 
 
 @dataclass
-class FeaturePass:
+class FeaturePass(WholeSetPass):
     """The teacher trunk's pooled features of a set's positives and sampled background (trainer.shard_pass), in
     the eval transform at ``image_size``, fp32 (the numbers the experiment's probes are fit on)."""
 
@@ -76,15 +76,6 @@ class FeaturePass:
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "teacher": None}  # each Ray worker builds its own, once (cached_model)
-
-    def shard_counts(self) -> list[int]:
-        return [s.count for s in self.manifest.shards]
-
-    def todo(self, shards: list[int]) -> list[int]:
-        return shards
-
-    def begin(self) -> None:
-        return None
 
     @torch.no_grad()
     def run(self, shards: list[int], device: torch.device) -> dict[str, Any]:

@@ -51,6 +51,22 @@ class ShardPass(Protocol):
         """(shards, result) of every share or task, in shard order."""
 
 
+class WholeSetPass:
+    """The defaults of a pass over every shard of ``self.manifest`` with nothing to skip or prepare (eval, a
+    probe's features): a subclass says only its ``run`` and ``publish``."""
+
+    manifest: Any
+
+    def shard_counts(self) -> list[int]:
+        return [s.count for s in self.manifest.shards]
+
+    def todo(self, shards: list[int]) -> list[int]:
+        return shards
+
+    def begin(self) -> None:
+        return None
+
+
 _CACHE: dict[tuple[str, str], Any] = {}
 
 
