@@ -31,7 +31,7 @@ def _train(args: argparse.Namespace) -> None:
         if features is None:  # not rank 0 under torchrun: rank 0 fits and writes
             return
         print(result_line(save_probe(cfg, fp, features)))
-        print(run_folder_line(cfg.run.out_dir), file=sys.stderr)
+        print(run_folder_line(cfg.run.out_dir, probe=True), file=sys.stderr)
         return
     if args.ray:  # Ray Train workers, cluster.num_workers of them (cluster/ray_train.py)
         from cluster.ray_train import launch

@@ -37,8 +37,10 @@ def test_a_probe_checkpoint_scores_what_the_experiments_probe_scores(tiny_sets, 
                                                                      params):
     out = tmp_path / kind
     assert _fit(tiny_sets, out, f"probe.kind={kind}", *params) == 0
-    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    captured = capsys.readouterr()
+    line = json.loads(captured.out.strip().splitlines()[-1])
     assert line["engine"] == "probe" and line["steps"] == 0
+    assert "summary.json, checkpoints/" in captured.err.strip().splitlines()[-1]  # no metrics a probe never logs
     meta = json.loads((out / "checkpoints" / "step-00000000" / "meta.json").read_text())
     assert meta["student_spec"]["aux_classes"] == 0 and meta["config"]["data"]["image_size"] == SIZE
     assert meta["probe_fit"]["background_kept"] == meta["probe_fit"]["background_seen"] == 288  # under the cap

@@ -428,12 +428,14 @@ def result_line(summary: dict[str, Any]) -> str:
                        "resumed_from": summary.get("resumed_from"), "skipped": summary.get("skipped")})
 
 
-def run_folder_line(out_dir: str) -> str:
+def run_folder_line(out_dir: str, probe: bool = False) -> str:
     """The last line of a run: where its outputs went, so that nobody has to guess a folder (under Ray the
-    working directory is a temporary copy), with the forms eval and mine take for its checkpoint."""
+    working directory is a temporary copy), with the forms eval and mine take for its checkpoint. A probe fit
+    logs no metrics: summary.json and its one checkpoint."""
     where = out_dir if storage.is_remote(out_dir) else os.path.abspath(out_dir)
     board = "" if storage.is_remote(out_dir) else f", tensorboard/ (tensorboard --logdir {where}/tensorboard)"
-    return (f"run folder {where}: summary.json, metrics.jsonl{board}, checkpoints/; give eval and mine "
+    logs = "" if probe else f", metrics.jsonl{board}"
+    return (f"run folder {where}: summary.json{logs}, checkpoints/; give eval and mine "
             f"--checkpoint {where} (its newest checkpoint)")
 
 
