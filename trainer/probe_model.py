@@ -112,7 +112,7 @@ class FeaturePass(WholeSetPass):
     def publish(self, parts: list[tuple[list[int], dict[str, Any]]]) -> dict[str, Any]:
         got = [p for _, p in parts if len(p["labels"])]
         if not got:
-            raise ValueError(f"data.train={self.location} yielded no decodable images: check its shards")
+            raise ValueError(f"shard set {self.location} yielded no decodable images to fit on: check its shards")
         order = np.concatenate([p["order"] for p in got])
         rank = np.lexsort((order[:, 1], order[:, 0]))  # manifest order, whatever the split
         features = np.concatenate([p["features"] for p in got])[rank]
