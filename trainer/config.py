@@ -261,7 +261,7 @@ class ProbeConfig:
     """logistic: L-BFGS iterations at most."""
     max_background: int = 100000
     """Background images the fit keeps (every positive is kept): a sample by key hash, the same whatever the
-    shards' split, so the fit's memory is bounded on a 10M-image set: ~34 KB a row at 1,280 features (float64
+    shards' split, so the fit's memory is bounded on a 10M-image set: ~35 KB a row at 1,280 features (float64
     copies inside the solver; bench/probe_fit.py: 3.4 GB and 253 s at 100k rows on 2 cores). The checkpoint
     records how many background images were seen and how many kept; 0 keeps them all."""
 

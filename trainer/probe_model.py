@@ -10,7 +10,7 @@ Scale. The features come from a shard pass (this process, every torchrun rank, o
 eval), and each part returns only the rows the fit keeps: every positive, and the background whose key hash falls
 under ``probe.max_background / background count``. The sample is a pure function of the keys, so it is the same
 whatever the split, and the fit's memory is bounded: at 10M images with the default 100k background rows the fit
-peaks at ~3.4 GB on one process (bench/probe_fit.py: ~34 KB a row of 1,280 features, the solver's float64
+peaks at ~3.4 GB on one process (bench/probe_fit.py: ~35 KB a row of 1,280 features, the solver's float64
 copies; 0.9 GB at 25k rows, 1.7 GB at 50k), and the sampler hashes ~680k keys/s. The checkpoint records how many
 background images were seen and how many kept.
 """
