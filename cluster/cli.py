@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from data.storage import StorageOutage
 from trainer.config import ConfigError
@@ -204,6 +205,14 @@ def _demo(args: argparse.Namespace) -> None:
              keep_results=args.keep_results)
 
 
+def _docs(args: argparse.Namespace) -> None:
+    from cluster.docs import docs_command
+
+    code = docs_command(Path(args.root), args.check)
+    if code:
+        sys.exit(code)
+
+
 def _fetch_weights(args: argparse.Namespace) -> None:
     from trainer.backbones import fetch_torchvision_weights
 
@@ -384,6 +393,14 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--cpus-per-trial", type=float, default=1.0, help="with --ray: CPUs (and torch threads) a trial")
     x.add_argument("--gpus-per-trial", type=float, default=0.0, help="with --ray: GPUs a trial (1 on a GPU cluster)")
     x.set_defaults(func=_experiment)
+
+    dc = sub.add_parser("docs", help="rewrite every generated table of README.md and docs/ from the committed "
+                        "results (bench/results/) and the reference pages from the code; --check changes nothing")
+    dc.add_argument("--check", action="store_true", help="rewrite nothing; exit 1 on a block that differs from its "
+                    "render, or a source or cited results path that is not committed (git ls-files)")
+    dc.add_argument("--root", default=str(Path(__file__).resolve().parents[1]), help="the checkout (default: the "
+                    "one bgsplit runs from)")
+    dc.set_defaults(func=_docs)
 
     f = sub.add_parser("fetch-weights", help="download torchvision weights into torch's cache (needs a network)")
     f.add_argument("model")

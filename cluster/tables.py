@@ -1,0 +1,240 @@
+"""Committed results as Markdown: pure functions from a results file's JSON (or a study's results.md) to the text
+that docs include between markers (cluster/docs.py). Nothing here measures anything or reads the clock, so a
+render of the same file is the same text on every machine, and a test can hold the docs to it.
+
+Numbers are written as strong as their evidence: a difference is called ahead or behind only when its 95%
+interval excludes 0; one seed says one seed; a table whose runs come from several code versions says so.
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from typing import Any, Callable
+
+# ------------------------------------------------------------------------------------------------ studies
+
+
+def _pts(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}"
+
+
+def _signed(x: float) -> str:
+    return f"{100 * x:+.1f}".replace("-", "−")
+
+
+def _bound(x: float) -> str:
+    """An interval's end in points; two decimals where one would print 0.0, so its sign stays visible."""
+    text = f"{100 * x:.1f}"
+    if text in ("0.0", "-0.0"):
+        text = f"{100 * x:.2f}"
+    return text.replace("-", "−")
+
+
+def reading(pair: dict[str, Any]) -> str:
+    """What a paired difference may be called: ahead / behind only with a 95% interval that excludes 0."""
+    if pair.get("mean") is None:
+        return "no paired seeds"
+    if pair.get("ci95") is None:
+        return "one seed: no interval, not a result"
+    low, high = pair["ci95"]
+    if low > 0:
+        return "ahead: the interval excludes 0"
+    if high < 0:
+        return "behind: the interval excludes 0"
+    return "not resolved: the interval includes 0"
+
+
+def _score(row: dict[str, Any] | None, seeds: bool = False) -> str:
+    if row is None:
+        return "n/a"
+    if row.get("deterministic"):
+        return f"{_pts(row['mean'])} (one fit)"
+    return f"{_pts(row['mean'])} ± {_pts(row['std'])}" + (f" ({row['n']} seed{'s' if row['n'] != 1 else ''})"
+                                                          if seeds else "")
+
+
+def _comparison(pair: dict[str, Any]) -> str:
+    if pair["why"] == "BG split":
+        return f"BG split added to {pair['base']} ({pair['variant']} vs {pair['base']})"
+    if pair["why"].startswith("best trained"):
+        return f"best trained method vs best probe, both picked on validation ({pair['variant']} vs {pair['base']})"
+    return f"{pair['variant']} vs {pair['base']}"
+
+
+def code_versions(doc: dict[str, Any]) -> str:
+    """How many runs each code version made, and a warning when there is more than one."""
+    runs = doc.get("runs") or []
+    counts = Counter((r.get("code") or "?")[:8] for r in runs)
+    finals = sum(1 for r in runs if r.get("phase") == "final")
+    text = (f"{len(runs)} runs ({finals} final, {len(runs) - finals} tuning) from "
+            + ("1 code version" if len(counts) == 1 else f"{len(counts)} code versions")
+            + f" ({', '.join(f'{c}: {n}' for c, n in counts.most_common())})")
+    if len(counts) > 1:
+        text += "; the table mixes code versions, reused across sessions with `--keep-results`"
+    return text
+
+
+def provenance(doc: dict[str, Any], source: str) -> str:
+    seeds = (doc.get("spec") or {}).get("seeds") or []
+    return (f"_Source: `{source}`; seeds {', '.join(map(str, seeds))}; {code_versions(doc)}. mAP in points on the "
+            "test split; differences paired by seed with a 95% t interval; a probe is one deterministic fit._")
+
+
+def study_verdicts(doc: dict[str, Any], source: str) -> str:
+    """Every paired difference a study computed (each BG-split variant against its base, the best trained method
+    against the best probe), with both sides' test mAP and what the interval allows one to say; then which method
+    validation picks, and where the numbers come from."""
+    rows = {(r["setting"], r["method"]): r for r in doc["table"]}
+    out = ["| setting | comparison | base | variant | difference [95% CI] | seeds | reading |",
+           "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    for p in doc["pairs"]:
+        diff = "n/a" if p["mean"] is None else _signed(p["mean"])
+        if p.get("ci95"):
+            diff += f" [{_bound(p['ci95'][0])}, {_bound(p['ci95'][1])}]"
+        out.append(f"| {p['setting']} | {_comparison(p)} | {_score(rows.get((p['setting'], p['base'])))} | "
+                   f"{_score(rows.get((p['setting'], p['variant'])))} | {diff} | {p['n']} | {reading(p)} |")
+    out.append("")
+    for a in doc.get("advice") or []:
+        out.append(f"Validation picks **{a['method']}** for {a['setting']} (val mAP {_pts(a['val_map'])}).")
+    if doc.get("advice"):
+        out.append("")
+    out.append(provenance(doc, source))
+    return "\n".join(out)
+
+
+def section(markdown: str, headings: list[str], source_dir: str, doc_dir: str) -> str:
+    """The ``## heading`` sections of a results.md whose titles start with ``headings``, each as a bold title and
+    its body; images are pointed at from the including page's folder."""
+    parts = re.split(r"^## ", markdown, flags=re.M)[1:]
+    found = []
+    for want in headings:
+        match = [p for p in parts if p.startswith(want)]
+        if not match:
+            raise ValueError(f"no section starting {want!r} in the results page; its sections: "
+                             + ", ".join(repr(p.splitlines()[0]) for p in parts))
+        title, _, body = match[0].partition("\n")
+
+        def image(m: re.Match[str]) -> str:
+            target = m.group(2)
+            if "://" in target or target.startswith("/"):
+                return m.group(0)
+            return f"![{m.group(1)}]({os.path.relpath(os.path.join(source_dir, target), doc_dir)})"
+
+        body = re.sub(r"!\[([^\]]*)\]\(([^)]+)\)", image, body.strip())
+        found.append(f"**{title.strip()}**\n\n{body}")
+    return "\n\n".join(found)
+
+
+# ------------------------------------------------------------------------------------------------ benches
+
+
+def _table(head: list[str], rows: list[list[Any]], right: set[int] | None = None) -> str:
+    right = set(range(1, len(head))) if right is None else right
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---:" if i in right else "---"
+                                                            for i in range(len(head))) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def prefix_step(doc: dict[str, Any]) -> str:
+    a = doc["args"]
+    modes = {"full": "full fine-tune", "frozen": "frozen prefix", "frozen+shared": "frozen + shared with the teacher"}
+    sizes = sorted({r["image_size"] for r in doc["rows"]})
+    by = {(r["image_size"], r["mode"]): r for r in doc["rows"]}
+    rows = [[size] + [f"{by[size, m]['img_s']:.1f} img/s ({by[size, m]['speedup_vs_full']:.2f}×)"
+                      if (size, m) in by else "-" for m in modes] for size in sizes]
+    return (_table(["px", *modes.values()], rows) + "\n\n"
+            f"_{a['trunk']}, {doc['device']}, batch {a['batch']}, {a['precision']}, frozen stages N = "
+            f"{a['frozen_stages']}, synthetic batches (the step alone), median of {a['repeats']} blocks of "
+            f"{a['steps']} steps; one run._")
+
+
+def views_run(doc: dict[str, Any]) -> str:
+    c = doc["config"]
+    rows = []
+    for r in doc["rows"]:
+        rows.append([r["mode"], f"{r['epochs']:g}", r["steps"], f"{r['build_s'] / 60:.1f}", f"{r['train_s'] / 60:.1f}",
+                     f"{r['img_s']:.1f}",
+                     f"{r['projected_run_s'] / 60:.1f}" if "projected_run_s" in r else "-",
+                     f"{r['kb_per_view']:.1f}" if "kb_per_view" in r else "-",
+                     f"{r['per_1m_images_gb_at_10_views']:.0f}" if "per_1m_images_gb_at_10_views" in r else "-",
+                     f"{r['speedup_vs_online']:.2f}×" if "speedup_vs_online" in r else "-"])
+    return (_table(["mode", "epochs", "steps", "cache build min", "train min", "img/s", "projected 30-epoch min",
+                    "KB a view", "GB per 1M images at 10 views", "vs online"], rows, set(range(1, 10))) + "\n\n"
+            f"_{c['image_size']} px, frozen stages N = {c['frozen_stages']}, {c['views']} views, {doc['cpus']} CPUs; "
+            "the online row is measured over its epochs and projected to the run's length; one run._")
+
+
+def probe_fit(doc: dict[str, Any]) -> str:
+    fits = [r for r in doc["rows"] if "fit_s" in r]
+    rows = [[f"{r['rows']:,}", f"{r['features_mb']:.0f}", f"{r['fit_s']:.0f}", r["iterations"],
+             "yes" if r["converged"] else "no", f"{r['fit_peak_mb'] / 1024:.2f}"] for r in fits]
+    text = _table(["rows fitted", "features MB", "fit s", "L-BFGS iterations", "converged", "fit peak GB"], rows)
+    for r in doc["rows"]:
+        if "keys_per_s" in r:
+            text += (f"\n\nThe background sampler kept {r['kept']:,} of {r['keys']:,} keys (rate {r['rate']:g}) in "
+                     f"{r['seconds']:.1f} s ({r['keys_per_s']:,.0f} keys/s).")
+    fit = fits[0] if fits else {}
+    return text + (f"\n\n_C {fit.get('C', 'n/a')}, class weight {fit.get('class_weight', 'n/a')}, "
+                   f"{doc['machine']['cpus']} CPUs; one run each. Command: `{doc['command']}`._")
+
+
+def probe_solver(doc: dict[str, Any]) -> str:
+    c = doc["config"]
+    rows = [[r["solver"], f"{r['C']:g}", f"{r['seconds']:.2f}", r["iterations"], "yes" if r["converged"] else "no",
+             f"{r['grad_max']:.1e}", f"{r['max_prob_diff_vs_other_solver']:.1e}"] for r in doc["rows"]]
+    return (_table(["solver", "C", "seconds", "iterations", "converged", "max gradient", "max probability difference "
+                    "to the other solver"], rows, {1, 2, 3, 5, 6}) + "\n\n"
+            f"_{c['n']:,} synthetic rows of {c['dim']} features, {c['per_rare']} positives a rare class, class weight "
+            f"{c['class_weight']}, {c['threads']} thread; one run._")
+
+
+def damaged_headers(doc: list[dict[str, Any]]) -> str:
+    rows = [[r["shards"], f"{r['samples']:,}", r["damaged"], f"{r['read']:,}", r["lost"], r["good_lost"]] for r in doc]
+    return (_table(["shards", "samples", "damaged samples", "read", "lost", "good samples lost"], rows) + "\n\n"
+            "_One byte changed in one member header of one sample in each shard; the set read once; one run._")
+
+
+def loader_latency(doc: dict[str, Any]) -> str:
+    c = doc["config"]
+    return (doc["table"].strip() + "\n\n"
+            f"_The table as `bench/loader.py` wrote it: {c['images']:,} synthetic ~0.3 MB photos, {c['shard_mb']:g} MB "
+            f"shards, batch {c['batch_size']}, {c['image_size']} px, medians of {c['repeats']} sweeps of "
+            f"{c['seconds']:g} s a cell, {doc['cpus']} CPUs shared with the S3 server and the latency proxy; S3 is "
+            f"SeaweedFS on loopback, `S3 + {c['s3_latency_ms']:g} ms` holds back every answer's first byte. Local "
+            "rows do not use read-ahead, so both read-ahead rows share their local figure._")
+
+
+def own_data_loop(doc: list[dict[str, Any]], readme_commands: list[str] | None) -> str:
+    """The own-data block as measured; whether the README's block is still that block is part of the render."""
+    r = doc[0]
+    compare = r["compare"]
+    winner = ", ".join(r["winner"])
+    steps = [["compare (`bgsplit experiment`)",
+              "validation picks " + winner + "; test: " + "; ".join(
+                  f"{m} {_score(row, seeds=True)}" for m, row in compare.items())],
+             ["train the winner (v1)", f"{_pts(r['test_map_v1'])} (one training run)"],
+             ["mine the pool, label the top 100 a class", "precision@100 " + ", ".join(
+                 f"{c} {p:.2f}" for c, p in r["mined_precision_at_100"].items())],
+             ["add the labels, retrain (v2)",
+              f"{_pts(r['test_map_v2'])} ({_signed(r['test_map_v2'] - r['test_map_v1'])} on v1; one run each, "
+              "no interval)"]]
+    measured = [c["command"] for c in r["commands"]]
+    if readme_commands is None:
+        same = "The README has no own-data block to compare with the measured one."
+    elif readme_commands == measured:
+        same = "The commands measured are the README's own-data block as it stands."
+    else:
+        same = ("The README's own-data block has changed since this measurement: rerun "
+                "`python bench/own_data_loop.py --json bench/results/own_data_loop/results.json`.")
+    minutes = r["total_seconds"] / 60
+    return (_table(["step", "result (test mAP points)"], [[s, v] for s, v in steps], set()) + "\n\n"
+            f"{same} The whole block took {minutes:.1f} min; test mAP is on the set built from `photos-test/`.")
+
+
+BENCHES: dict[str, Callable[[Any], str]] = {
+    "prefix_step": prefix_step, "views_run": views_run, "probe_fit": probe_fit, "probe_solver": probe_solver,
+    "damaged_headers": damaged_headers, "loader_latency": loader_latency,
+}
+"""bench/results/<name>/results.json -> its table (own_data_loop also reads the README; cluster/docs.py)."""
