@@ -264,7 +264,7 @@ def _ray_flags(parser: argparse.ArgumentParser, gpus: bool = True) -> None:
 LOADER_HELP = ("DataLoader processes decoding images (data.num_workers in a config; 0: in the process itself); "
                "--num-workers / --workers are the old names")
 """One word a meaning across commands: --loader-workers decode, --writers write shards, --world / cluster.num_workers
-count ranks (README, "Words")."""
+count ranks (docs/user-guide.md, "Words")."""
 
 
 def build_parser() -> argparse.ArgumentParser:

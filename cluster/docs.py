@@ -14,6 +14,9 @@ KIND is one of
   them. With ``pending=``, a page not committed yet renders as one line naming the command that makes it;
 - ``bench NAME``: the table of bench/results/NAME/results.json (cluster.tables.BENCHES);
 - ``own-data-loop``: bench/results/own_data_loop/results.json, and whether the README's block is the one measured;
+- ``plan SHARDS SAMPLES_PER_SHARD WORLD LOADER_WORKERS BATCH``: what `bgsplit shards plan` prints for such a set
+  (data/plan.py is a pure function of these);
+- ``modules``: every module of data/, trainer/ and cluster/ with its docstring's first paragraph;
 - ``config-reference`` / ``cli-reference``: every config key (trainer/config.py's dataclasses and their field
   docstrings) / every command and flag (cluster/cli.py's parsers).
 
@@ -142,11 +145,13 @@ def render(root: Path, page: str, line: int, directive: str) -> Render:
             raise DocsError(f"{page}:{line}: {path}: {e}") from None
         sources = [path]
         study = os.path.join(os.path.dirname(path), "results.json")
-        if (root / study).is_file():
-            doc = _load(root, study)
-            if isinstance(doc, dict) and "runs" in doc:
-                text += "\n\n" + tables.provenance(doc, path)
-                sources.append(study)
+        doc = _load(root, study) if (root / study).is_file() else None
+        if isinstance(doc, dict) and "runs" in doc:
+            text += "\n\n" + tables.provenance(doc, path)
+            sources.append(study)
+        else:  # a results page without its study's JSON beside it: its own count of runs per code version
+            codes = re.search(r"Runs per code version: ([^\n]*?)\.?$", (root / path).read_text(), re.M)
+            text += f"\n\n_Source: `{path}`" + (f"; runs per code version: {codes.group(1)}" if codes else "") + "._"
         return Render(text, sources)
     if kind == "bench":
         need(1, "a bench name")
@@ -161,12 +166,23 @@ def render(root: Path, page: str, line: int, directive: str) -> Render:
         if not (root / path).is_file():
             raise _absent(page, line, path)
         return Render(tables.own_data_loop(_load(root, path), readme_own_data(root)), [path])
+    if kind == "plan":
+        need(5, "SHARDS SAMPLES_PER_SHARD WORLD LOADER_WORKERS BATCH")
+        from data.plan import describe_plan, plan_summary
+
+        shards, per, world, workers, batch = (int(a) for a in args[:5])
+        summary = plan_summary([per] * shards, world=world, workers=workers, batch_size=batch, mode="exact",
+                               policy="pad")
+        return Render(f"```\n$ bgsplit shards plan --data SET --world {world} --loader-workers {workers} --batch-size "
+                      f"{batch}     # SET: {shards:,} shards of {per:,} images\n{describe_plan(summary)}\n```")
+    if kind == "modules":
+        return Render(modules_table(root))
     if kind == "config-reference":
         return Render(config_reference())
     if kind == "cli-reference":
         return Render(cli_reference())
     raise DocsError(f"{page}:{line}: unknown generated block kind {kind!r}: use verdicts, section, bench, "
-                    "own-data-loop, config-reference or cli-reference")
+                    "own-data-loop, plan, modules, config-reference or cli-reference")
 
 
 OWN_DATA = "## Your own images, start to finish"
@@ -228,6 +244,23 @@ def _field_docs(cls: type) -> dict[str, str]:
 def _class_doc(cls: type) -> str:
     node = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0]
     return inspect.cleandoc(ast.get_docstring(node) or "")
+
+
+PACKAGES = ("data", "data/sources", "trainer", "cluster")
+
+
+def modules_table(root: Path) -> str:
+    """Each module of the packages, floor by floor, with the first line of its docstring."""
+    rows = ["| module | what it is (its docstring's first paragraph) |", "| --- | --- |"]
+    for package in PACKAGES:
+        for path in sorted((root / package).glob("*.py")):
+            if path.name == "__init__.py" and package != "data/sources":
+                doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+                rows.append(f"| **`{package}/`** | {_cell(doc.split(chr(10) + chr(10))[0])} |")
+                continue
+            doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+            rows.append(f"| `{package}/{path.name}` | {_cell(doc.split(chr(10) + chr(10))[0])} |")
+    return "\n".join(rows)
 
 
 def config_reference() -> str:

@@ -54,12 +54,10 @@ def _score(row: dict[str, Any] | None, seeds: bool = False) -> str:
                                                           if seeds else "")
 
 
-def _comparison(pair: dict[str, Any]) -> str:
-    if pair["why"] == "BG split":
-        return f"BG split added to {pair['base']} ({pair['variant']} vs {pair['base']})"
+def _sides(pair: dict[str, Any]) -> tuple[str, str]:
     if pair["why"].startswith("best trained"):
-        return f"best trained method vs best probe, both picked on validation ({pair['variant']} vs {pair['base']})"
-    return f"{pair['variant']} vs {pair['base']}"
+        return f"{pair['variant']} (best trained)", f"{pair['base']} (best probe)"
+    return pair["variant"], pair["base"]
 
 
 def code_versions(doc: dict[str, Any]) -> str:
@@ -76,9 +74,12 @@ def code_versions(doc: dict[str, Any]) -> str:
 
 
 def provenance(doc: dict[str, Any], source: str) -> str:
-    seeds = (doc.get("spec") or {}).get("seeds") or []
-    return (f"_Source: `{source}`; seeds {', '.join(map(str, seeds))}; {code_versions(doc)}. mAP in points on the "
-            "test split; differences paired by seed with a 95% t interval; a probe is one deterministic fit._")
+    spec = doc.get("spec") or {}
+    seeds = spec.get("seeds") or []
+    draws = (spec.get("data") or {}).get("draws")
+    drawn = f" on {draws} draw{'s' if draws != 1 else ''} of the training positives" if draws else ""
+    return (f"_Source: `{source}`; seeds {', '.join(map(str, seeds))}{drawn}; {code_versions(doc)}. mAP in points "
+            "on the test split; differences paired by seed with a 95% t interval; a probe is one deterministic fit._")
 
 
 def study_verdicts(doc: dict[str, Any], source: str) -> str:
@@ -86,14 +87,15 @@ def study_verdicts(doc: dict[str, Any], source: str) -> str:
     against the best probe), with both sides' test mAP and what the interval allows one to say; then which method
     validation picks, and where the numbers come from."""
     rows = {(r["setting"], r["method"]): r for r in doc["table"]}
-    out = ["| setting | comparison | base | variant | difference [95% CI] | seeds | reading |",
-           "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    out = ["| setting | variant | base | variant's test mAP | base's test mAP | difference [95% CI] | seeds "
+           "| reading |", "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |"]
     for p in doc["pairs"]:
         diff = "n/a" if p["mean"] is None else _signed(p["mean"])
         if p.get("ci95"):
             diff += f" [{_bound(p['ci95'][0])}, {_bound(p['ci95'][1])}]"
-        out.append(f"| {p['setting']} | {_comparison(p)} | {_score(rows.get((p['setting'], p['base'])))} | "
-                   f"{_score(rows.get((p['setting'], p['variant'])))} | {diff} | {p['n']} | {reading(p)} |")
+        variant, base = _sides(p)
+        out.append(f"| {p['setting']} | {variant} | {base} | {_score(rows.get((p['setting'], p['variant'])))} | "
+                   f"{_score(rows.get((p['setting'], p['base'])))} | {diff} | {p['n']} | {reading(p)} |")
     out.append("")
     for a in doc.get("advice") or []:
         out.append(f"Validation picks **{a['method']}** for {a['setting']} (val mAP {_pts(a['val_map'])}).")
@@ -122,8 +124,29 @@ def section(markdown: str, headings: list[str], source_dir: str, doc_dir: str) -
             return f"![{m.group(1)}]({os.path.relpath(os.path.join(source_dir, target), doc_dir)})"
 
         body = re.sub(r"!\[([^\]]*)\]\(([^)]+)\)", image, body.strip())
+        if title.startswith("Paired differences"):
+            body = _with_readings(body)
         found.append(f"**{title.strip()}**\n\n{body}")
     return "\n\n".join(found)
+
+
+def _with_readings(body: str) -> str:
+    """A results page's table of paired differences with the reading column: what its 95% interval allows."""
+    lines = body.splitlines()
+    header = next((i for i, line in enumerate(lines) if line.startswith("|") and "95% CI" in line), None)
+    if header is None:
+        return body
+    column = [c.strip() for c in lines[header].strip("|").split("|")].index("95% CI")
+    lines[header] += " reading |"
+    lines[header + 1] += " --- |"
+    for i in range(header + 2, len(lines)):
+        if not lines[i].startswith("|"):
+            break
+        cell = [c.strip() for c in lines[i].strip("|").split("|")][column]
+        bounds = re.fullmatch(r"\[(-?[\d.]+), (-?[\d.]+)\]", cell)
+        pair = {"mean": 0.0, "ci95": [float(bounds.group(1)), float(bounds.group(2))] if bounds else None}
+        lines[i] += f" {reading(pair)} |"
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------ benches

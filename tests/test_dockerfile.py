@@ -92,7 +92,7 @@ def test_declared_torch_and_cuda_are_the_locks():
     labels = " ".join(rest for op, rest in _instructions() if op == "LABEL")
     assert '"${TORCH_VERSION}"' in labels and '"${CUDA_VERSION}"' in labels
     # the prose around the run lines names the same versions
-    text = (ROOT / "Dockerfile").read_text() + _readme_docker_block()
+    text = (ROOT / "Dockerfile").read_text() + _docs_docker_block() + (ROOT / "README.md").read_text()
     assert set(re.findall(r"CUDA (\d+\.\d+)", text)) == {args["CUDA_VERSION"]}
     assert set(re.findall(r"torch (\d+\.\d+\.\d+)", text)) == {args["TORCH_VERSION"]}
 
@@ -191,8 +191,9 @@ def test_dockerignore_keeps_host_files_out_and_the_runtime_in():
         assert not _dockerignored(path), path
 
 
-def _readme_docker_block() -> str:
-    lines = (ROOT / "README.md").read_text().splitlines()
+def _docs_docker_block() -> str:
+    """The cluster guide's Docker section: from its first mention of the image to its last `docker run` line."""
+    lines = (ROOT / "docs" / "cluster.md").read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if "Docker image" in line)
     end = max(i for i, line in enumerate(lines) if "docker run" in line)
     return "\n".join(lines[start:end + 1])
@@ -200,7 +201,7 @@ def _readme_docker_block() -> str:
 
 def test_documented_run_lines_give_the_gpu_and_shared_memory():
     comments = "\n".join(line for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("#"))
-    for where, text in (("Dockerfile", comments), ("README", _readme_docker_block())):
+    for where, text in (("Dockerfile", comments), ("docs/cluster.md", _docs_docker_block())):
         lines = [line for line in text.splitlines() if "docker run" in line]
         for line in lines:
             assert re.search(r"--shm-size[= ]\d+[gGmM]|--ipc[= ]host", line), f"{where}: {line}"
@@ -209,6 +210,11 @@ def test_documented_run_lines_give_the_gpu_and_shared_memory():
         assert any(" head" in line for line in gpu) and any(" worker " in line for line in gpu), where
         assert any("bgsplit train" in line for line in gpu), where
         assert any("-e BGSPLIT_REQUIRE_GPU=0" in line for line in lines), f"{where}: no CPU-only line"
+    # the README's short cluster recipe starts the same head and workers
+    readme = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("docker run")]
+    assert any(" head" in line for line in readme) and any(" worker " in line for line in readme)
+    for line in readme:
+        assert re.search(r"--shm-size[= ]\d+[gGmM]|--ipc[= ]host", line) and "--gpus all" in line, line
 
 
 needs_cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine with no GPU")
