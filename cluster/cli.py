@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 
 from data.storage import StorageOutage
 from trainer.config import ConfigError
@@ -206,6 +205,8 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _docs(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     from cluster.docs import docs_command
 
     code = docs_command(Path(args.root), args.check)
@@ -398,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "results (bench/results/) and the reference pages from the code; --check changes nothing")
     dc.add_argument("--check", action="store_true", help="rewrite nothing; exit 1 on a block that differs from its "
                     "render, or a source or cited results path that is not committed (git ls-files)")
-    dc.add_argument("--root", default=str(Path(__file__).resolve().parents[1]), help="the checkout (default: the "
+    dc.add_argument("--root", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), help="the checkout (default: the "
                     "one bgsplit runs from)")
     dc.set_defaults(func=_docs)
 

@@ -154,13 +154,19 @@ def render(root: Path, page: str, line: int, directive: str) -> Render:
             text += f"\n\n_Source: `{path}`" + (f"; runs per code version: {codes.group(1)}" if codes else "") + "._"
         return Render(text, sources)
     if kind == "bench":
-        need(1, "a bench name")
-        if args[0] not in tables.BENCHES:
-            raise DocsError(f"{page}:{line}: no renderer for bench {args[0]!r}; known: {', '.join(tables.BENCHES)}")
+        need(1, "a bench name (bench/results/NAME, or NAME/RUN for another run of that bench)")
+        bench = args[0].split("/")[0]
+        if bench not in tables.BENCHES:
+            raise DocsError(f"{page}:{line}: no renderer for bench {bench!r}; known: {', '.join(tables.BENCHES)} "
+                            "(cluster/tables.py BENCHES)")
         path = f"{RESULTS}{args[0]}/results.json"
         if not (root / path).is_file():
             raise _absent(page, line, path)
-        return Render(tables.BENCHES[args[0]](_load(root, path)), [path])
+        try:
+            return Render(tables.BENCHES[bench](_load(root, path)), [path])
+        except (KeyError, TypeError, IndexError) as e:
+            raise DocsError(f"{page}:{line}: {path} is not the shape cluster/tables.py's {bench} renderer reads "
+                            f"({type(e).__name__}: {e}): update the renderer for the bench's new output") from None
     if kind == "own-data-loop":
         path = f"{RESULTS}own_data_loop/results.json"
         if not (root / path).is_file():

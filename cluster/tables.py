@@ -214,9 +214,12 @@ def probe_solver(doc: dict[str, Any]) -> str:
 
 
 def damaged_headers(doc: list[dict[str, Any]]) -> str:
-    rows = [[r["shards"], f"{r['samples']:,}", r["damaged"], f"{r['read']:,}", r["lost"], r["good_lost"]] for r in doc]
-    return (_table(["shards", "samples", "damaged samples", "read", "lost", "good samples lost"], rows) + "\n\n"
-            "_One byte changed in one member header of one sample in each shard; the set read once; one run._")
+    rows = [[r.get("read_as", "evaluation"), r.get("field", "any"), r["shards"], f"{r['samples']:,}", r["damaged"],
+             f"{r['read']:,}", r["lost"], r["good_lost"], r.get("skip_counts", "-")] for r in doc]
+    return (_table(["read as", "header field damaged", "shards", "samples", "damaged samples", "read", "lost",
+                    "good samples lost", "skips counted"], rows, set(range(2, 9))) + "\n\n"
+            "_One byte changed in one member header of one sample in each shard; the set read once, in evaluation "
+            "order or as one training epoch (the first column); one run each._")
 
 
 def loader_latency(doc: dict[str, Any]) -> str:

@@ -204,6 +204,16 @@ def test_a_results_page_table_of_differences_gets_its_reading():
         "one seed: no interval, not a result"]
 
 
+def test_a_bench_file_of_a_new_shape_is_a_one_line_error_naming_the_renderer(tmp_path):
+    (tmp_path / "bench/results/probe_fit/again").mkdir(parents=True)
+    (tmp_path / "bench/results/probe_fit/again/results.json").write_text(json.dumps({"rows": [{"fit_s": 1}]}))
+    (tmp_path / "README.md").write_text("<!-- begin generated: bench probe_fit/again -->\n<!-- end generated -->\n")
+    problems, _ = docs.check(tmp_path, {"README.md", "bench/results/probe_fit/again/results.json"})
+    assert len(problems) == 1 and "\n" not in problems[0]
+    assert problems[0].startswith("README.md:1: bench/results/probe_fit/again/results.json is not the shape "
+                                  "cluster/tables.py's probe_fit renderer reads (KeyError")
+
+
 def test_section_points_images_at_the_including_page():
     md = "# t\n\n## Curves (x)\n\n| a |\n\n![curves](curves.png)\n\n## Other\n\nno\n"
     assert tables.section(md, ["Curves"], "bench/results/s", "docs") == \
