@@ -87,8 +87,8 @@ class ModelConfig:
     ~/.cache/bgsplit/features when run.out_dir is a URL). Keyed by set, weights and size: a study shares one."""
     dropout: bool = True
     """Keep the trunk's own dropout and stochastic depth (EfficientNet-Lite0: 0.2 before the heads, drop-connect
-    0.2). Off, the aux head sees the features the teacher's classifier was trained on: at the demo's start the
-    aux loss is 0.23 nats in eval mode and 1.88 in train mode (bench/aux_study.py)."""
+    0.2). Off, the aux head sees the features the teacher's classifier was trained on, where train-mode noise
+    moves the aux loss well away from the teacher's optimum (bench/aux_study.py measures it)."""
 
 
 @dataclass
