@@ -81,8 +81,11 @@ def ray_runner(tasks: list, source, *, progress=None, done=None) -> list:
 # -- eval, teacher-label, mine ----------------------------------------------------------------------------------
 def _run_group(p, shards: list[int]) -> tuple[list[int], Any]:
     """One Ray task: the pass's work on a group of shards, on the device this task was given."""
+    import os
+
     from trainer.runtime import resolve_device
 
+    os.environ["BGSPLIT_PROGRESS"] = "0"  # the driver reports the tasks; a line from each task would drown it
     return shards, p.run(shards, resolve_device("auto"))  # BGSPLIT_REQUIRE_GPU holds in a task too
 
 
@@ -103,7 +106,15 @@ def ray_pass(p, *, shards_per_task: int = 4, gpus_per_task: float = 0.0) -> Any:
     remote = ray.remote(num_cpus=1, num_gpus=gpus_per_task, max_retries=MAX_RETRIES)(_run_group)
     handle = ray.put(p)  # one copy in the object store, not one per task
     parts: dict[int, tuple[list[int], Any]] = {}
-    _in_flight(2 * _cluster_cpus(), lambda g: remote.remote(handle, g), groups,
-               lambda r: parts.__setitem__(r[0][0], r))
+    from data.progress import progress
+
+    bar = progress(sum(counts[s] for s in todo), unit="img", desc=f"{p.name} by Ray tasks")
+
+    def finished(r: tuple[list[int], Any]) -> None:
+        parts[r[0][0]] = r
+        bar.update(sum(counts[s] for s in r[0]))
+
+    _in_flight(2 * _cluster_cpus(), lambda g: remote.remote(handle, g), groups, finished)
+    bar.close()
     log.info("%s %d of %d shards in %d Ray tasks", p.name, len(todo), len(counts), len(groups))
     return p.publish([parts[g[0]] for g in groups])  # shard order, whatever order the tasks finished in

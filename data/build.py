@@ -23,6 +23,7 @@ from data.bg_construction import (BGSelection, few_validation_positives, main_la
                                   positives_for_background_fraction, select_bg, stratified_holdout)
 from data.ingest import (Resize, ShardItems, ShardResult, ShardTask, estimate_sample_bytes, finished, plan_shards,
                          run_tasks, samples_per_shard, spec_hash)
+from data.progress import progress as progress_bar
 from data.shards import (FORMAT, RECORD_READS_IN_FLIGHT, Manifest, ShardInfo, invalidate, manifest_url, read_manifest,
                          record_name, write_manifest)
 from data.sources import Listing, Source, index_dtype, open_source, read_split_file, resolve_rare_classes
@@ -129,26 +130,21 @@ def _warn_short(sel: BGSelection, spec: BuildSpec) -> None:
 
 
 class _Bar:
-    """tqdm over images, with the source's MB/s read (what an object store or disk is asked for)."""
+    """Progress over images (a bar on a terminal, a line every ~10 s in a log: data.progress), with the source's
+    MB/s read (what an object store or disk is asked for)."""
 
     def __init__(self, enabled: bool, total: int, initial: int, desc: str):
         self.read, self.start = 0, time.monotonic()
-        self.bar = None
-        if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, unit="img", desc=desc, leave=False, smoothing=0.1)
+        self.bar = progress_bar(total, initial=initial, unit="img", desc=desc, enabled=enabled)
 
     def __call__(self, images: int, read_bytes: int) -> None:
         self.read += read_bytes
-        if self.bar is not None:
-            self.bar.update(images)
-            mb_s = self.read / (1 << 20) / max(time.monotonic() - self.start, 1e-6)
-            self.bar.set_postfix_str(f"{mb_s:.1f} MB/s", refresh=False)
+        mb_s = self.read / (1 << 20) / max(time.monotonic() - self.start, 1e-6)
+        self.bar.set_postfix_str(f"{mb_s:.1f} MB/s read", refresh=False)
+        self.bar.update(images)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.bar.close()
 
 
 def _warn_skipped(result: ShardResult) -> None:
@@ -205,7 +201,7 @@ def build_set(source: Source, spec: BuildSpec, out: str, *, progress: bool = Tru
     results = {t.name: r for t, r in done if r is not None}
     todo = [t for t in tasks if t.name not in results]
     bar = _Bar(progress, sum(len(t.items) for t in tasks), sum(len(t.items) for t in tasks if t.name in results),
-               "shards")
+               "shards build")
     try:
         run = runner or functools.partial(run_tasks, workers=workers)
         for r in run(todo, source, progress=bar, done=_warn_skipped):

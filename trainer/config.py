@@ -178,7 +178,8 @@ class RunConfig:
     resume: str = ""
     """'' (fresh), 'auto' (newest complete checkpoint in out_dir) or a checkpoint path."""
     progress: bool = True
-    """Show a progress bar."""
+    """Show progress on rank 0: a bar on a terminal; in a log file or under `ray job submit`, one line every ~10 s
+    with the steps done, the rate and the time left (data/progress.py)."""
     max_steps: int = 0
     """Stop after this many optimiser steps (0 = the full schedule); for debugging and tests."""
 

@@ -18,7 +18,7 @@ import json
 import os
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -69,7 +69,8 @@ def planned_batches(counts: Sequence[int], shards: Sequence[int], batch_size: in
 
 @torch.no_grad()
 def predict(student: torch.nn.Module, manifest: Manifest, setup: EvalSetup, device: torch.device,
-            shards: list[int] | None = None, *, steps: int | None = None) -> Predictions:
+            shards: list[int] | None = None, *, steps: int | None = None,
+            progress: Callable[[int], None] | None = None) -> Predictions:
     """softmax(main head) for every image of the set (or of the given shards, possibly none), with labels, keys
     and (shard, index) references.
 
@@ -80,6 +81,8 @@ def predict(student: torch.nn.Module, manifest: Manifest, setup: EvalSetup, devi
     one-image dummy batch whose output is dropped. Each forward gathers the partitioned weights layer by layer
     from every rank, so a rank that stopped early would leave the others waiting in the gather; the count comes
     from the manifest (``planned_batches``), so no collective is needed per batch to agree on it.
+
+    ``progress(n)`` is told the images of each batch (a command's progress line; validation passes none).
     """
     was_training = student.training
     student.eval()
@@ -102,6 +105,8 @@ def predict(student: torch.nn.Module, manifest: Manifest, setup: EvalSetup, devi
             keys.extend(batch["key"])
             refs.extend((url, int(i)) for url, i in batch["ref"])  # the DataLoader makes tuples lists
             done += 1
+            if progress is not None:
+                progress(len(batch["key"]))
     if steps is not None and done < steps:
         dummy = torch.zeros((1, 3, setup.image_size, setup.image_size), dtype=torch.uint8, device=device)
         for _ in range(steps - done):
@@ -171,7 +176,14 @@ class EvalPass(WholeSetPass):
             counts = self.shard_counts()
             steps = max(planned_batches(counts, split_shards(counts, r, self.lockstep_world), self.setup.batch_size)
                         for r in range(self.lockstep_world))
-        return predict(student, self.manifest, self.setup, device, shards, steps=steps)
+        from data.progress import progress
+
+        bar = progress(sum(self.manifest.shards[s].count for s in shards), unit="img", desc="eval",
+                       enabled=bool(self.report_dir))  # a command's evaluation, not training's validation
+        try:
+            return predict(student, self.manifest, self.setup, device, shards, steps=steps, progress=bar.update)
+        finally:
+            bar.close()
 
     def publish(self, parts: list[tuple[list[int], Predictions]]) -> dict[str, Any]:
         ranks = [len(p[1]) for _, p in parts]

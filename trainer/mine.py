@@ -218,10 +218,13 @@ def score_shares(job: MineJob, fingerprint: str, shards: list[int], chunk: int =
     excluded = cached_model(token, lambda: Excluded(job.exclude, exclusion_kind(manifest, job.exclude)), "exclude")
     setup = EvalSetup(job.image_size, job.batch_size, job.num_workers, precision=job.precision)
     scored = 0
+    from data.progress import progress
+
+    bar = progress(sum(manifest.shards[s].count for s in todo), unit="img", desc="mine")
     for start in range(0, len(todo), chunk):
         group = todo[start:start + chunk]
         with torch.inference_mode():
-            probs, _, keys, refs = predict(student, manifest, setup, device, shards=group)
+            probs, _, keys, refs = predict(student, manifest, setup, device, shards=group, progress=bar.update)
         scored += len(keys)
         urls = np.array([u for u, _ in refs]) if refs else np.array([], dtype=str)
         for s in group:
@@ -237,6 +240,7 @@ def score_shares(job: MineJob, fingerprint: str, shards: list[int], chunk: int =
                            indices, s, ~excluded.contains(share_keys, contents))
             doc = {"shard": url, "scored": len(rows), "count": manifest.shards[s].count, "top": top.to_json()}
             storage.write_bytes(part_url(job.out, fingerprint, url), json.dumps(doc).encode())
+    bar.close()
     return {"scored": scored, "shares": len(todo), "reused": len(shards) - len(todo)}
 
 

@@ -23,6 +23,7 @@ from data import storage
 from data.loader import ShardStream, make_loader
 from data.config import LoaderConfig
 from data.shards import Manifest, read_manifest
+from data.progress import progress as progress_bar
 from data.teacher_labels import META, LabelSpec, finish_label_set, labelled_shards, set_url, write_shard_labels
 from trainer.engine import autocast_dtype
 from trainer.models import Teacher, build_teacher
@@ -46,9 +47,10 @@ def unpublish(manifest: Manifest, spec: LabelSpec) -> None:
 
 
 def label_shards(teacher: Teacher, manifest: Manifest, shards: list[int], spec: LabelSpec, *, batch_size: int = 128,
-                 device: torch.device | None = None, num_workers: int = 0, dtype: torch.dtype | None = None) -> int:
+                 device: torch.device | None = None, num_workers: int = 0, dtype: torch.dtype | None = None,
+                 progress: bool = True) -> int:
     """Label the given shards, writing each one's file as soon as its last sample is scored; returns how many
-    samples were labelled."""
+    samples were labelled. ``progress``: a bar on a terminal, a line every ~10 s elsewhere (data.progress)."""
     if not shards:
         return 0
     device = device or torch.device("cpu")
@@ -58,9 +60,12 @@ def label_shards(teacher: Teacher, manifest: Manifest, shards: list[int], spec: 
     open_: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # shard -> (indices, probs, filled)
     expected = {s.url: s.count for s in manifest.shards}
     done = 0
+    bar = progress_bar(sum(manifest.shards[s].count for s in shards), unit="img", desc="teacher-label",
+                       enabled=progress)
     for batch in make_loader(stream, num_workers):
         if "image" not in batch:
             continue
+        bar.update(len(batch["ref"]))
         with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             logits = teacher(batch["image"].to(device, non_blocking=True))
         idx, prob = (t.cpu().numpy() for t in teacher_topk(logits.float(), spec.topk))
@@ -75,6 +80,7 @@ def label_shards(teacher: Teacher, manifest: Manifest, shards: list[int], spec: 
                 write_shard_labels(manifest.root, spec, shard, indices, probs)
                 del open_[shard]
                 done += len(filled)
+    bar.close()
     for shard, (_, _, filled) in open_.items():
         # a sample that could not be decoded has no label: the shard stays unlabelled and the set incomplete
         raise ValueError(f"shard {shard} of {manifest.root}: {int((~filled).sum())} of {len(filled)} samples could "

@@ -497,11 +497,12 @@ class _NoBar:
 
 
 def _progress(total: int, initial: int, enabled: bool):
+    """A bar on a terminal; in a log file or under `ray job submit`, a line every ~10 s (data.progress)."""
     if not enabled:
         return _NoBar()
-    from tqdm import tqdm
+    from data.progress import progress
 
-    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=False)
+    return progress(total, initial=initial, unit="step", desc="train")
 
 
 def train(cfg: JobConfig) -> dict[str, Any]:
