@@ -82,6 +82,26 @@ def test_every_file_of_this_repository_the_pages_name_exists():
     assert missing == []
 
 
+def _anchors(path: Path) -> set[str]:
+    """GitHub's anchors of a page's headings."""
+    heads = re.findall(r"^#+ (.*)$", path.read_text(), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in heads}
+
+
+def test_every_link_between_the_pages_lands_on_a_file_and_a_heading():
+    broken = []
+    for page in docs.doc_files(ROOT):
+        text = re.sub(r"```.*?```", "", (ROOT / page).read_text(), flags=re.S)
+        for link in re.findall(r"\]\(([^)\s]+)\)", text):
+            if "://" in link:
+                continue
+            path, _, anchor = link.partition("#")
+            target = (ROOT / page).parent / path if path else ROOT / page
+            if not target.exists() or (anchor and target.suffix == ".md" and anchor not in _anchors(target)):
+                broken.append((page, link))
+    assert broken == []
+
+
 def test_the_own_data_block_is_the_one_the_bench_runs():
     import importlib.util
 
