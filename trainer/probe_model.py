@@ -129,6 +129,8 @@ class FeaturePass(WholeSetPass):
     name: str = "embedded"
     unlabelled: bool = False
     """Every image is background to the fit (``sample_shards``): the cold start's pool."""
+    embeddings: str = ""
+    """The set's stored rows (trainer.embeddings), read instead of the images where a shard has them."""
 
     def __post_init__(self) -> None:
         self.manifest = read_manifest(self.location)
@@ -160,8 +162,26 @@ class FeaturePass(WholeSetPass):
         shard_index = {s.url: i for i, s in enumerate(self.manifest.shards)}
         feats, labels, order = [], [], []
         sampler = BackgroundSample(self.rate, self.unlabelled)
-        if shards:
-            stream = ShardStream(self.manifest, cfg, train=False, shards=shards, keep=sampler)
+        streamed = shards
+        if self.embeddings and shards:
+            from trainer.embeddings import EmbeddingCache, Space, trunk_digest
+
+            cache = EmbeddingCache(self.embeddings, Space(self.arch, trunk_digest(teacher.trunk), self.image_size,
+                                                          self.resize_ratio))
+            streamed = []
+            for s in shards:
+                got = cache.load(self.manifest.shards[s])
+                if got is None:
+                    streamed.append(s)
+                    continue
+                rows, doc = got
+                keep = np.array([sampler(k, c) for k, c in zip(doc["keys"], doc["labels"])], dtype=bool)
+                if keep.any():
+                    feats.append(torch.from_numpy(rows[keep].astype(np.float32)))
+                    labels.append(np.asarray(doc["labels"], dtype=np.int64)[keep])
+                    order.extend((s, int(i)) for i, k in zip(doc["indices"], keep) if k)
+        if streamed:
+            stream = ShardStream(self.manifest, cfg, train=False, shards=streamed, keep=sampler)
             for batch in make_loader(stream, self.num_workers):
                 if "image" not in batch:
                     continue
@@ -344,12 +364,13 @@ def positives_set(positives: str, rare: list[str], out: str, workers: int = 0) -
 
 def cold_start(positives: str, pool: str, out: str, *, image_size: int = 224, kind: str = "logistic",
                background: int = 5000, teacher: str = "efficientnet_lite0", weights: str = "",
-               batch_size: int = 128, num_workers: int = 0) -> tuple[str, dict[str, Any]]:
+               batch_size: int = 128, num_workers: int = 0, embeddings: str = "") -> tuple[str, dict[str, Any]]:
     """Mining before any training: the probe ``kind`` fit on the teacher's features of the ``positives`` set (all
     its images, its background too: hard negatives a labelling round added) against a key-hash sample of
     ``background`` pool images, taken as background because a pool of a rare-class problem is ~99% background
     (its few positives in the sample cost the fit little). Written as ``out/model`` (a checkpoint mine ranks
-    the pool with; eval takes it too). Returns the checkpoint URL and what the fit did."""
+    the pool with; eval takes it too). ``embeddings``: the pool's stored rows (trainer.embeddings), read instead
+    of its images. Returns the checkpoint URL and what the fit did."""
     from data import storage
     from trainer.config import JobConfig
     from trainer.models import teacher_weights
@@ -370,7 +391,7 @@ def cold_start(positives: str, pool: str, out: str, *, image_size: int = 224, ki
     device = torch.device("cpu") if not torch.cuda.is_available() else torch.device("cuda")
     passes = [FeaturePass(positives, image_size, teacher, weights, 0, batch_size, num_workers),
               FeaturePass(pool, image_size, teacher, weights, background, batch_size, num_workers,
-                          unlabelled=True)]
+                          unlabelled=True, embeddings=embeddings)]
     shown, sampled = [run_pass(p, device=device, rank=0, world=1) for p in passes]
     x = np.concatenate([shown["features"], sampled["features"]])
     y = np.concatenate([shown["labels"], np.zeros(len(sampled["labels"]), np.int64)])
