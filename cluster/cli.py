@@ -44,9 +44,9 @@ def _train(args: argparse.Namespace) -> None:
     print(run_folder_line(cfg.run.out_dir), file=sys.stderr)
 
 
-def _pass(p, args: argparse.Namespace):
+def _pass(p, args: argparse.Namespace, more: bool = False):
     """Every shard pass's one fork: Ray tasks with --ray, else this process or, under torchrun, every rank (rank 0
-    alone gets the output; the others None)."""
+    alone gets the output; the others None). ``more``: another pass follows, so torchrun's group stays up."""
     import torch.distributed as dist
 
     if args.ray:
@@ -59,7 +59,7 @@ def _pass(p, args: argparse.Namespace):
     try:
         return run_pass(p)
     finally:
-        if dist.is_initialized():
+        if dist.is_initialized() and not more:
             dist.destroy_process_group()
 
 
@@ -164,6 +164,7 @@ def _mine(args: argparse.Namespace) -> None:
         rank, _ = init_distributed(_device_for_ranks())
     pool = broadcast(pool_set(args.pool, args.out, args.workers) if rank == 0 else None)
     checkpoint, exclude = args.checkpoint, tuple(args.exclude)
+    embeddings = _embeddings(args, pool, image_size)
     if args.positives:  # mining before any training (trainer/probe_model.py): rank 0 fits, the others wait
         from trainer.probe_model import cold_start, positives_set
 
@@ -171,16 +172,41 @@ def _mine(args: argparse.Namespace) -> None:
             examples = positives_set(args.positives, [c for c in args.rare.split(",") if c], args.out, args.workers)
             url, _ = cold_start(examples, pool, args.out, image_size=image_size, kind=args.probe,
                                 background=args.background, batch_size=args.batch_size,
-                                num_workers=args.num_workers)
+                                num_workers=args.num_workers, embeddings=embeddings)
             return url, examples
 
         checkpoint, examples = broadcast(start() if rank == 0 else None)
         exclude += (examples,)  # the examples are never candidates
     job = MineJob(checkpoint, pool, args.out, args.top, image_size, args.batch_size, args.precision, exclude,
-                  args.num_workers)
+                  args.num_workers, embeddings)
     summary = _pass(MinePass(job), args)
     if summary is not None:
         print(json.dumps(summary, indent=1))
+
+
+def _embeddings(args: argparse.Namespace, pool: str, image_size: int) -> str:
+    """Where a probe's pool rows are kept ("" for a trained student), after embedding every shard not kept
+    yet: one pass (this process, torchrun ranks or Ray tasks) that a killed or later round resumes."""
+    from trainer.mine import is_probe
+
+    if args.embeddings == "none" or not (args.positives or is_probe(args.checkpoint)):
+        return ""
+    from trainer.embeddings import EmbedPass, default_location
+
+    root = args.embeddings or default_location(pool)
+    if args.positives:
+        arch, weights = "efficientnet_lite0", "DEFAULT"
+    else:
+        from trainer.checkpoint import read_meta
+        from trainer.models import teacher_weights
+
+        teacher = read_meta(args.checkpoint)["config"]["teacher"]
+        arch, weights = teacher["name"], teacher_weights(teacher["name"], teacher["weights"])
+    done = _pass(EmbedPass(pool, root, arch, weights, image_size, batch_size=args.batch_size,
+                           num_workers=args.num_workers), args, more=True)
+    if done is not None:
+        print(f"pool embeddings: {done['embeddings']} ({done['images']} image(s) embedded now)")
+    return root
 
 
 def _shards_add_labels(args: argparse.Namespace) -> None:
@@ -341,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --positives: logistic (C 1e-5, balanced) or kNN to the examples")
     m.add_argument("--background", type=int, default=5000,
                    help="with --positives: pool images (a key-hash sample) the probe fits as background")
+    m.add_argument("--embeddings", default="",
+                   help="with --positives or a probe checkpoint: where the pool's teacher features are kept for "
+                   "every later round (default POOL/embeddings; 'none': embed afresh, keep nothing)")
     m.add_argument("--pool", required=True, help="a shard set, or any source `shards build` reads (folder:, "
                    "manifest:, wds:, fmnist:...), local or on S3; a source is built into OUT/pool first")
     m.add_argument("--top", type=int, default=100, help="candidates kept per rare class")

@@ -19,7 +19,7 @@ import logging
 import weakref
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -81,7 +81,8 @@ class ShardStream(IterableDataset):
     """One rank's share of a shard set, as batches (dicts of tensors)."""
 
     def __init__(self, manifest: Manifest, cfg: LoaderConfig, *, train: bool, seed: int = 0, rank: int = 0,
-                 world: int = 1, teacher_labels: TeacherLabels | None = None, shards: list[int] | None = None):
+                 world: int = 1, teacher_labels: TeacherLabels | None = None, shards: list[int] | None = None,
+                 keep: Callable[[str, int], bool] | None = None):
         super().__init__()
         self.manifest, self.cfg, self.train = manifest, cfg, train
         """``cfg``: how to read and transform (data.* of the job); the rest is who reads which part, and with
@@ -89,6 +90,9 @@ class ShardStream(IterableDataset):
         self.seed, self.rank, self.world = seed, rank, world
         self.teacher_labels = teacher_labels
         self.eval_shards = shards
+        self.keep = keep
+        """Evaluation only: (key, label) -> whether to decode the sample at all (a probe's background sample
+        reads whole shards and decodes a fraction of them); picklable, it runs in the loader's workers."""
         self.start = LoaderState()
         """Where a training stream starts (a resumed run sets it from its checkpoint)."""
         self.epochs: int | None = None
@@ -219,6 +223,8 @@ class ShardStream(IterableDataset):
                 yield self._collate(pending)
                 pending = []
             shard = ref.shard
+            if self.keep is not None and sample is not None and not self._wanted(sample):
+                continue
             decoded = self._decode(ref, sample)
             if decoded is None:
                 continue
@@ -231,6 +237,13 @@ class ShardStream(IterableDataset):
             yield self._collate(pending)
         elif any(self._stats.values()):  # report skips that came after the last batch
             yield self._skips()
+
+    def _wanted(self, sample: Sample) -> bool:
+        try:
+            label = int(sample.fields["cls"])
+        except (KeyError, ValueError):
+            return True  # _decode counts it as undecodable
+        return self.keep(sample.key, label)
 
     # -- decoding and batching -------------------------------------------------------------------------------
     def _decode(self, ref: Ref, sample: Sample | None, epoch: int = 0) -> dict[str, Any] | None:

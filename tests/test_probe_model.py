@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from cluster.cli import main
-from data.shards import read_manifest
+from data.shards import Manifest, ShardInfo, read_manifest
 from trainer.probe import Features, ProbeParams, extract_features, probe_scores
-from trainer.probe_model import FeaturePass, background_rate, keep_background
+from trainer import probe_model
+from trainer.probe_model import FeaturePass, background_rate, keep_background, sample_shards
 
 SIZE = 48
 
@@ -65,7 +66,8 @@ def test_background_sample_is_a_pure_function_of_keys_bounded_and_keeps_every_po
     assert keep_background(keys, 1.0).all() and background_rate(288, 100) == 100 / 288
     assert background_rate(288, 0) == background_rate(50, 100) == 1.0
     # on a real set: every positive kept, the background cut to about the cap, the same rows for any split
-    p = FeaturePass(tiny_sets["train"], SIZE, "efficientnet_lite0", "DEFAULT", rate=background_rate(288, 100))
+    p = FeaturePass(tiny_sets["train"], SIZE, "efficientnet_lite0", "DEFAULT", max_background=100)
+    assert p.chosen == list(range(len(p.manifest.shards))) and p.rate == background_rate(288, 100)  # few shards
     n = len(p.manifest.shards)
     whole = p.publish([(list(range(n)), p.run(list(range(n)), torch.device("cpu")))])
     split = p.publish([([i], p.run([i], torch.device("cpu"))) for i in reversed(range(n))])
@@ -184,3 +186,66 @@ def test_bad_cold_start_inputs_are_one_line_errors(tiny_sets, tmp_path, capsys):
     assert "give --rare" in capsys.readouterr().err
     assert main(["mine", "--positives", str(tmp_path / "nothing"), "--pool", tiny_sets["test"], "--out", out]) == 2
     assert "neither a shard set" in capsys.readouterr().err
+
+
+def _manifest(background_shards: int, per_shard: int, positive_shards: int = 2) -> Manifest:
+    shards = [ShardInfo(f"pos-{i:05d}.tar", "positive", 10, 1) for i in range(positive_shards)]
+    shards += [ShardInfo(f"bg-{i:06d}.tar", "background", per_shard, 1) for i in range(background_shards)]
+    return Manifest("memory://set", ["a"], ["background", "a"], shards,
+                    [background_shards * per_shard, 10 * positive_shards])
+
+
+def test_a_probe_of_a_huge_set_reads_a_hash_chosen_fraction_of_its_background_shards():
+    # 10M background images in 10,000 shards, a 100k sample: every positive shard, background shards holding
+    # OVERREAD x the sample (at least MIN_SHARDS of them), and a rate that keeps ~100k of what is read
+    m = _manifest(10_000, 1_000)
+    chosen, rate = sample_shards(m, 100_000)
+    bg = [i for i in chosen if m.shards[i].kind == "background"]
+    assert chosen[:2] == [0, 1] and chosen == sorted(chosen)
+    read = sum(m.shards[i].count for i in bg)
+    assert read == probe_model.OVERREAD * 100_000 and rate == pytest.approx(0.25)
+    assert bg != list(range(2, 2 + len(bg)))  # a hash order, not the first shards (the source's first folders)
+    # a pure function of names: the same choice from a reordered manifest, and a grown set keeps most of it
+    reordered = Manifest(m.root, m.rare_classes, m.class_names, m.shards[::-1], m.counts)
+    again, _ = sample_shards(reordered, 100_000)
+    assert {reordered.shards[i].url for i in again} == {m.shards[i].url for i in chosen}
+    grown, _ = sample_shards(_manifest(11_000, 1_000), 100_000)
+    assert len({m.shards[i].url for i in bg} & {f"bg-{i - 2:06d}.tar" for i in grown}) > 0.8 * len(bg)
+    # a small sample still spreads over MIN_SHARDS shards; a cap the set fits reads everything
+    few, rate = sample_shards(m, 1_000)
+    assert len(few) - 2 == probe_model.MIN_SHARDS and rate == pytest.approx(1_000 / (probe_model.MIN_SHARDS * 1_000))
+    assert sample_shards(m, 0) == (list(range(len(m.shards))), 1.0)
+    assert sample_shards(m, 20_000_000) == (list(range(len(m.shards))), 1.0)
+    # a pool: every shard is background, whatever the labels say
+    pool, _ = sample_shards(m, 100_000, unlabelled=True)
+    assert 400 <= len(pool) <= 402 and sum(m.shards[i].count for i in pool) >= 400_000
+
+
+def test_a_probe_pass_reads_only_the_chosen_shards_and_decodes_only_the_kept_images(tiny_sets, monkeypatch):
+    monkeypatch.setattr(probe_model, "MIN_SHARDS", 1)
+    monkeypatch.setattr(probe_model, "OVERREAD", 1)
+    m = read_manifest(tiny_sets["train"])
+    background = [i for i, s in enumerate(m.shards) if s.kind == "background"]
+    assert len(background) >= 2, "the fixture set needs several background shards"
+    cap = m.shards[background[0]].count // 2
+    p = FeaturePass(tiny_sets["train"], SIZE, "efficientnet_lite0", "DEFAULT", max_background=cap)
+    read = [i for i in p.chosen if m.shards[i].kind == "background"]
+    assert 1 <= len(read) < len(background)
+    counts = p.shard_counts()
+    assert all((counts[i] > 0) == (i in p.chosen) for i in range(len(m.shards)))
+    decoded = []
+    original = probe_model.ShardStream._decode
+
+    def spy(self, ref, sample, epoch=0):
+        decoded.append(sample.key)
+        return original(self, ref, sample, epoch)
+
+    monkeypatch.setattr(probe_model.ShardStream, "_decode", spy)
+    shards = p.todo(list(range(len(m.shards))))
+    assert shards == p.chosen
+    out = p.publish([(shards, p.run(shards, torch.device("cpu")))])
+    labels = out["labels"]
+    assert np.bincount(labels, minlength=3)[1:].tolist() == m.counts[1:]  # every positive
+    assert len(decoded) == len(labels)  # nothing decoded that the fit drops
+    held = sum(m.shards[i].count for i in p.chosen) - sum(m.counts[1:])
+    assert out["background_seen"] == held and 0 < (labels == 0).sum() < held

@@ -50,13 +50,18 @@ class MineJob:
     exclude: tuple[str, ...] = ()
     """Shard sets whose keys are never candidates (the training and validation sets)."""
     num_workers: int = 0
+    embeddings: str = ""
+    """Where a probe checkpoint's pool rows are kept (trainer.embeddings; "" for a trained student, whose trunk
+    changes every round, or to embed afresh)."""
 
     def fingerprint(self, checkpoint_id: str, pool_identity: str, exclude_by: str = "key") -> str:
         """``exclude_by`` "content" enters the digest (parts excluded by key are not those); "key" leaves the
-        digest of a pass before content hashes as it was, so its parts are still reused."""
+        digest of a pass before content hashes as it was, so its parts are still reused. Scores from stored fp16
+        rows are not a forward pass's to the last digit, so they are other parts."""
         doc = {"checkpoint": self.checkpoint, "checkpoint_id": checkpoint_id, "pool": pool_identity, "top": self.top,
                "image_size": self.image_size, "exclude": sorted(self.exclude),
-               **({"exclude_by": exclude_by} if exclude_by != "key" else {})}
+               **({"exclude_by": exclude_by} if exclude_by != "key" else {}),
+               **({"from_embeddings": True} if self.embeddings else {})}
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -217,6 +222,7 @@ def score_shares(job: MineJob, fingerprint: str, shards: list[int], chunk: int =
     classes = student.num_classes - 1
     excluded = cached_model(token, lambda: Excluded(job.exclude, exclusion_kind(manifest, job.exclude)), "exclude")
     setup = EvalSetup(job.image_size, job.batch_size, job.num_workers, precision=job.precision)
+    cache = cached_model(token, lambda: probe_rows(job, student), "embeddings") if job.embeddings else None
     scored = 0
     from data.progress import progress
 
@@ -224,7 +230,11 @@ def score_shares(job: MineJob, fingerprint: str, shards: list[int], chunk: int =
     for start in range(0, len(todo), chunk):
         group = todo[start:start + chunk]
         with torch.inference_mode():
-            probs, _, keys, refs = predict(student, manifest, setup, device, shards=group, progress=bar.update)
+            if cache is None:
+                probs, _, keys, refs = predict(student, manifest, setup, device, shards=group, progress=bar.update)
+            else:
+                probs, keys, refs = score_rows(student, cache, manifest, group, device, job)
+                bar.update(len(keys))
         scored += len(keys)
         urls = np.array([u for u, _ in refs]) if refs else np.array([], dtype=str)
         for s in group:
@@ -242,6 +252,45 @@ def score_shares(job: MineJob, fingerprint: str, shards: list[int], chunk: int =
             storage.write_bytes(part_url(job.out, fingerprint, url), json.dumps(doc).encode())
     bar.close()
     return {"scored": scored, "shares": len(todo), "reused": len(shards) - len(todo)}
+
+
+def probe_rows(job: MineJob, student: Any) -> Any:
+    """The pool's stored rows for this probe's trunk (trainer.embeddings)."""
+    from trainer.embeddings import EmbeddingCache, Space, trunk_digest
+
+    return EmbeddingCache(job.embeddings, Space(student.spec.trunk, trunk_digest(student.trunk), job.image_size))
+
+
+def score_rows(student: Any, cache: Any, manifest: Manifest, shards: list[int], device: Any, job: MineJob
+               ) -> tuple[Any, list[str], list[tuple[str, int]]]:
+    """A probe's scores of these shares from the pool's stored rows (embedding first the shares without): the
+    head alone runs, so a round of mining over a pool embedded once costs a matrix product."""
+    import torch
+
+    from trainer.embeddings import embed_shards
+
+    missing = [s for s in shards if cache.stored(manifest.shards[s]) is None]
+    if missing:
+        embed_shards(cache, manifest, missing, lambda x: student.trunk(student.normalize(x.to(device))),
+                     batch_size=job.batch_size, num_workers=job.num_workers)
+    probs, keys, refs = [], [], []
+    for s in shards:
+        rows, doc = cache.load(manifest.shards[s])
+        if not len(doc["keys"]):
+            continue
+        features = torch.from_numpy(rows.astype(np.float32)).to(device)
+        probs.append(student.main_logits(features).float().softmax(dim=1))
+        keys.extend(doc["keys"])
+        refs.extend((manifest.shards[s].url, int(i)) for i in doc["indices"])
+    width = student.num_classes
+    return (torch.cat(probs).cpu().numpy() if probs else np.zeros((0, width), np.float32)), keys, refs
+
+
+def is_probe(checkpoint: str) -> bool:
+    """A `probe.kind` fit (trainer.probe_model): its trunk is the frozen teacher's, so its pool rows can be kept."""
+    from trainer.checkpoint import read_meta
+
+    return read_meta(checkpoint).get("engine_name") == "probe"
 
 
 def merge_parts(job: MineJob, fingerprint: str, manifest: Manifest, classes: int) -> tuple[TopN, int]:

@@ -7,12 +7,17 @@ as buffers), which eval, mine and ``teacher.name=checkpoint`` take like a traine
 nothing pickled.
 
 Scale. The features come from a shard pass (this process, every torchrun rank, or Ray tasks: the same split as
-eval), and each part returns only the rows the fit keeps: every positive, and the background whose key hash falls
-under ``probe.max_background / background count``. The sample is a pure function of the keys, so it is the same
-whatever the split, and the fit's memory is bounded: at 10M images with the default 100k background rows the fit
-peaks at ~3.4 GB on one process (bench/probe_fit.py: ~35 KB a row of 1,280 features, the solver's float64
-copies; 0.9 GB at 25k rows, 1.7 GB at 50k), and the sampler hashes ~680k keys/s. The checkpoint records how many
-background images were seen and how many kept.
+eval), and each part returns only the rows the fit keeps: every positive, and a sample of the background. At 10M
+images a sample of 100k must not cost a read of 10M: the pass reads every positive shard, and of the background
+shards only those that come first in a salted hash order of their names until they hold ``OVERREAD`` times the
+sample and number at least ``MIN_SHARDS`` (``sample_shards``); within them a background image is kept when its
+key hash falls under the sample over their background, and the others are dropped before their image is decoded.
+Shards are written in the source's order, so their images can be alike (one folder, one camera): many shards,
+not the fewest that would do, keep the sample close to a uniform one. Both choices are pure functions of names,
+so the sample is the same whatever the split. The fit's memory is bounded: at the default 100k background rows
+it peaks at ~3.4 GB on one process (bench/probe_fit.py: ~35 KB a row of 1,280 features, the solver's float64
+copies; 0.9 GB at 25k rows, 1.7 GB at 50k). The checkpoint records how many background images were read and
+how many kept.
 """
 from __future__ import annotations
 
@@ -36,12 +41,47 @@ log = logging.getLogger("bgsplit.probe")
 SAMPLE_SALT = b"bgsplit-probe-background\0"
 
 
+OVERREAD = 4
+"""Background shards read hold this many times the sample (their images kept at 1 / OVERREAD): a sample spread
+over more shards is closer to a uniform one."""
+MIN_SHARDS = 64
+"""... and they are at least this many (or all): a sample from a few shards would be a few folders' images."""
+SHARD_SALT = b"bgsplit-probe-shards\0"
+
+
 def background_rate(background: int, max_background: int) -> float:
     """The share of background images a fit keeps: all of them (1.0) when they fit ``max_background`` (0: no
     cap)."""
     if max_background <= 0 or background <= max_background:
         return 1.0
     return max_background / background
+
+
+def sample_shards(manifest: Any, max_background: int, unlabelled: bool = False) -> tuple[list[int], float]:
+    """Which shards a probe's feature pass reads (manifest indices, in order) and the rate at which it keeps
+    the background images of those shards, for a sample of about ``max_background`` (0: all of them).
+
+    Every positive shard is read (background a labelling round put there, hard negatives, is sampled like any).
+    Background shards are taken in the order of a salted hash of their names until they hold ``OVERREAD`` times
+    what the sample still needs and number ``MIN_SHARDS``. Names, not indices: a grown set keeps its choice.
+    ``unlabelled``: every image counts as background (a mining pool, whatever labels its build gave it)."""
+    shards = manifest.shards
+    background = manifest.count if unlabelled else int(manifest.counts[0])
+    if background_rate(background, max_background) >= 1.0:
+        return list(range(len(shards))), 1.0
+    positive = [] if unlabelled else [i for i, s in enumerate(shards) if s.kind != "background"]
+    in_positive = sum(shards[i].count for i in positive) - int(sum(manifest.counts[1:]))
+    pure = sorted((i for i, s in enumerate(shards) if unlabelled or s.kind == "background"),
+                  key=lambda i: hashlib.sha256(SHARD_SALT + shards[i].record.encode()).digest())
+    want = OVERREAD * max_background - max(in_positive, 0)
+    taken, held = [], 0
+    for i in pure:
+        if held >= want and len(taken) >= MIN_SHARDS:
+            break
+        taken.append(i)
+        held += shards[i].count
+    read = max(in_positive, 0) + held
+    return sorted(positive + taken), background_rate(read, max_background)
 
 
 def keep_background(keys: list[str], rate: float) -> np.ndarray:
@@ -55,6 +95,22 @@ def keep_background(keys: list[str], rate: float) -> np.ndarray:
                      for k in keys], dtype=bool)
 
 
+@dataclass(frozen=True)
+class BackgroundSample:
+    """The loader's filter for a probe's pass (data.loader.ShardStream ``keep``): every positive, and the
+    background ``keep_background`` keeps at ``rate``, decided before the image is decoded. A small value
+    object, because it travels to the loader's worker processes."""
+
+    rate: float
+    unlabelled: bool = False
+    """Sample every image, whatever its label (a mining pool)."""
+
+    def __call__(self, key: str, label: int) -> bool:
+        if label != 0 and not self.unlabelled:
+            return True
+        return self.rate >= 1.0 or bool(keep_background([key], self.rate)[0])
+
+
 @dataclass
 class FeaturePass(WholeSetPass):
     """The teacher trunk's pooled features of a set's positives and sampled background (trainer.shard_pass), in
@@ -64,16 +120,33 @@ class FeaturePass(WholeSetPass):
     image_size: int
     arch: str
     weights: str
-    rate: float
+    max_background: int
+    """About how many background images the fit keeps (0: every one): ``sample_shards``."""
     batch_size: int = 128
     num_workers: int = 0
     resize_ratio: float = 1.15
     teacher: Any = field(default=None, repr=False)
     name: str = "embedded"
+    unlabelled: bool = False
+    """Every image is background to the fit (``sample_shards``): the cold start's pool."""
+    embeddings: str = ""
+    """The set's stored rows (trainer.embeddings), read instead of the images where a shard has them."""
 
     def __post_init__(self) -> None:
         self.manifest = read_manifest(self.location)
         self.token = uuid.uuid4().hex
+        self.chosen, self.rate = sample_shards(self.manifest, self.max_background, self.unlabelled)
+        if len(self.chosen) < len(self.manifest.shards):
+            log.info("%s: reading %d of %d shards (every positive one) for a sample of ~%d background images",
+                     self.location, len(self.chosen), len(self.manifest.shards), self.max_background)
+
+    def shard_counts(self) -> list[int]:
+        chosen = set(self.chosen)  # the split balances what is read
+        return [s.count if i in chosen else 0 for i, s in enumerate(self.manifest.shards)]
+
+    def todo(self, shards: list[int]) -> list[int]:
+        chosen = set(self.chosen)
+        return [s for s in shards if s in chosen]
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "teacher": None}  # each Ray worker builds its own, once (cached_model)
@@ -87,27 +160,43 @@ class FeaturePass(WholeSetPass):
         cfg = LoaderConfig(image_size=self.image_size, batch_size=self.batch_size, num_workers=self.num_workers,
                            eval_resize_ratio=self.resize_ratio)
         shard_index = {s.url: i for i, s in enumerate(self.manifest.shards)}
-        feats, labels, order, seen = [], [], [], 0
-        if shards:
-            for batch in make_loader(ShardStream(self.manifest, cfg, train=False, shards=shards), self.num_workers):
+        feats, labels, order = [], [], []
+        sampler = BackgroundSample(self.rate, self.unlabelled)
+        streamed = shards
+        if self.embeddings and shards:
+            from trainer.embeddings import EmbeddingCache, Space, trunk_digest
+
+            cache = EmbeddingCache(self.embeddings, Space(self.arch, trunk_digest(teacher.trunk), self.image_size,
+                                                          self.resize_ratio))
+            streamed = []
+            for s in shards:
+                got = cache.load(self.manifest.shards[s])
+                if got is None:
+                    streamed.append(s)
+                    continue
+                rows, doc = got
+                keep = np.array([sampler(k, c) for k, c in zip(doc["keys"], doc["labels"])], dtype=bool)
+                if keep.any():
+                    feats.append(torch.from_numpy(rows[keep].astype(np.float32)))
+                    labels.append(np.asarray(doc["labels"], dtype=np.int64)[keep])
+                    order.extend((s, int(i)) for i, k in zip(doc["indices"], keep) if k)
+        if streamed:
+            stream = ShardStream(self.manifest, cfg, train=False, shards=streamed, keep=sampler)
+            for batch in make_loader(stream, self.num_workers):
                 if "image" not in batch:
                     continue
-                label = batch["label"].numpy()
-                background = label == 0
-                seen += int(background.sum())
-                keep = ~background
-                keep[background] = keep_background([k for k, b in zip(batch["key"], background) if b], self.rate)
-                if not keep.any():
-                    continue
-                rows = torch.from_numpy(np.flatnonzero(keep))
-                x = teacher.normalize(batch["image"][rows].to(device))
+                x = teacher.normalize(batch["image"].to(device))
                 feats.append(teacher.trunk(x).float().cpu())
-                labels.append(label[keep])
-                order.extend((shard_index[url], int(i)) for (url, i), k in zip(batch["ref"], keep) if k)
+                labels.append(batch["label"].numpy())
+                order.extend((shard_index[url], int(i)) for url, i in batch["ref"])
         dim = feats[0].shape[1] if feats else 0
+        labels = np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, np.int64)
+        # background read: these shards' images less their positives (every positive is kept)
+        seen = sum(self.manifest.shards[s].count for s in shards)
+        if not self.unlabelled:
+            seen -= int((labels != 0).sum())
         return {"features": torch.cat(feats).numpy() if feats else np.zeros((0, dim), np.float32),
-                "labels": np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, np.int64),
-                "order": np.array(order, dtype=np.int64).reshape(-1, 2), "background_seen": seen}
+                "labels": labels, "order": np.array(order, dtype=np.int64).reshape(-1, 2), "background_seen": seen}
 
     def publish(self, parts: list[tuple[list[int], dict[str, Any]]]) -> dict[str, Any]:
         got = [p for _, p in parts if len(p["labels"])]
@@ -151,7 +240,7 @@ def feature_pass(cfg: JobConfig) -> FeaturePass:
 
     return FeaturePass(cfg.data.train, cfg.data.image_size, cfg.teacher.name,
                        teacher_weights(cfg.teacher.name, cfg.teacher.weights),
-                       background_rate(counts[0], cfg.probe.max_background), batch_size=cfg.data.batch_size,
+                       cfg.probe.max_background, batch_size=cfg.data.batch_size,
                        num_workers=cfg.data.num_workers, resize_ratio=cfg.data.eval_resize_ratio)
 
 
@@ -225,7 +314,7 @@ def save_probe(cfg: JobConfig, fp: FeaturePass, features: dict[str, Any]) -> dic
     from trainer.evaluate import EvalSetup, evaluate_student
 
     student, fit = probe_student(cfg, fp, features)
-    log.info("probe %s fit on %d rows (%d background of %d seen, rate %.4g; positives %s)", cfg.probe.kind,
+    log.info("probe %s fit on %d rows (%d background of %d read, rate %.4g; positives %s)", cfg.probe.kind,
              fit["rows"], fit["background_kept"], fit["background_seen"], fp.rate, fit["positives"])
     val = None
     if cfg.data.val:
@@ -275,12 +364,13 @@ def positives_set(positives: str, rare: list[str], out: str, workers: int = 0) -
 
 def cold_start(positives: str, pool: str, out: str, *, image_size: int = 224, kind: str = "logistic",
                background: int = 5000, teacher: str = "efficientnet_lite0", weights: str = "",
-               batch_size: int = 128, num_workers: int = 0) -> tuple[str, dict[str, Any]]:
+               batch_size: int = 128, num_workers: int = 0, embeddings: str = "") -> tuple[str, dict[str, Any]]:
     """Mining before any training: the probe ``kind`` fit on the teacher's features of the ``positives`` set (all
     its images, its background too: hard negatives a labelling round added) against a key-hash sample of
     ``background`` pool images, taken as background because a pool of a rare-class problem is ~99% background
     (its few positives in the sample cost the fit little). Written as ``out/model`` (a checkpoint mine ranks
-    the pool with; eval takes it too). Returns the checkpoint URL and what the fit did."""
+    the pool with; eval takes it too). ``embeddings``: the pool's stored rows (trainer.embeddings), read instead
+    of its images. Returns the checkpoint URL and what the fit did."""
     from data import storage
     from trainer.config import JobConfig
     from trainer.models import teacher_weights
@@ -297,11 +387,11 @@ def cold_start(positives: str, pool: str, out: str, *, image_size: int = 224, ki
         raise ValueError(f"--positives {positives} holds no images of {', '.join(empty)}: give at least one "
                          "example of each class to mine for")
     weights = teacher_weights(teacher, weights)
-    pool_manifest = read_set(pool, "--pool")
+    read_set(pool, "--pool")  # its one-line error before any work
     device = torch.device("cpu") if not torch.cuda.is_available() else torch.device("cuda")
-    passes = [FeaturePass(positives, image_size, teacher, weights, 1.0, batch_size, num_workers),
-              FeaturePass(pool, image_size, teacher, weights, background_rate(pool_manifest.count, background),
-                          batch_size, num_workers)]
+    passes = [FeaturePass(positives, image_size, teacher, weights, 0, batch_size, num_workers),
+              FeaturePass(pool, image_size, teacher, weights, background, batch_size, num_workers,
+                          unlabelled=True, embeddings=embeddings)]
     shown, sampled = [run_pass(p, device=device, rank=0, world=1) for p in passes]
     x = np.concatenate([shown["features"], sampled["features"]])
     y = np.concatenate([shown["labels"], np.zeros(len(sampled["labels"]), np.int64)])
