@@ -209,6 +209,22 @@ def _embeddings(args: argparse.Namespace, pool: str, image_size: int) -> str:
     return root
 
 
+def _teacher_report(args: argparse.Namespace) -> None:
+    from data import storage
+    from trainer.teacher_report import markdown, teacher_report
+
+    try:
+        sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--sizes {args.sizes}: give input sizes in pixels, comma-separated (e.g. 64,160,224)")
+    doc = teacher_report(args.data, sizes, teacher=args.teacher, weights=args.weights, images=args.images,
+                         batch_size=args.batch_size)
+    text = markdown(doc)
+    storage.write_bytes(storage.join(args.out, "report.json"), json.dumps(doc, indent=1).encode())
+    storage.write_bytes(storage.join(args.out, "report.md"), text.encode())
+    print(text)
+
+
 def _shards_add_labels(args: argparse.Namespace) -> None:
     from data import storage
     from data.add_labels import add_labels
@@ -402,6 +418,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the teacher's compute dtype (auto: bf16 on GPU, fp32 on CPU); labels are fp32 softmax")
     _ray_flags(tl)
     tl.set_defaults(func=_teacher_label)
+
+    tr = sub.add_parser("teacher-report", help="what the teacher makes of a set's background, per input size: "
+                        "does it split it into stable groups BG splitting can learn from? (report.md, report.json)")
+    tr.add_argument("--data", required=True, help="a shard set (its background images are sampled)")
+    tr.add_argument("--sizes", default="64,160,224", help="input sizes to try, comma-separated")
+    tr.add_argument("--images", type=int, default=1000, help="background images in the sample")
+    tr.add_argument("--teacher", default="efficientnet_lite0")
+    tr.add_argument("--weights", default="")
+    tr.add_argument("--batch-size", type=int, default=64)
+    tr.add_argument("--out", required=True, help="folder (or URL) for report.md and report.json")
+    tr.set_defaults(func=_teacher_report)
 
     d = sub.add_parser("demo", help="Fashion-MNIST-BG: fine-tuning vs BG splitting vs imbalance baselines")
     d.add_argument("--out", default="artifacts/demo")

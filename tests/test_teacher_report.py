@@ -1,0 +1,45 @@
+"""`bgsplit teacher-report`: per input size, does the teacher split the set's background into stable groups?"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from cluster.cli import main
+from trainer.teacher_report import classes_covering, reading
+
+
+def test_the_report_measures_the_teacher_on_the_background_at_each_size(tiny_sets, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["teacher-report", "--data", tiny_sets["train"], "--sizes", "32,96", "--images", "40", "--out",
+                 str(out)]) == 0
+    doc = json.loads((out / "report.json").read_text())
+    assert [r["image_size"] for r in doc["rows"]] == [32, 96]
+    for r in doc["rows"]:
+        assert r["images"] == 40 and 1 <= r["classes_90"] <= 40
+        assert 0 < r["top1"] <= 1 and 0 < r["entropy"] < r["uniform_entropy"]
+        assert 0 <= r["agreement"] <= 1
+        assert r["source_labels"] >= 2 and 0 <= r["nmi"] <= 1  # Fashion-MNIST's own classes of the background
+    small, large = doc["rows"]
+    assert large["top1"] > small["top1"]  # the teacher is surer at a size nearer its training resolution
+    assert "| 96 px |" in (out / "report.md").read_text() and "| 96 px |" in capsys.readouterr().out
+
+
+def test_coverage_and_readings_follow_their_definitions():
+    assert classes_covering(np.array([0, 0, 0, 1, 2])) == 3  # 90% of 5 answers needs all three classes
+    assert classes_covering(np.array([4] * 95 + [1] * 5)) == 1  # one class already holds 95%
+    assert classes_covering(np.array([4] * 85 + [1] * 15)) == 2 and classes_covering(np.array([4] * 90 + [1] * 10)) == 1
+    assert classes_covering(np.array([7] * 100)) == 1
+    row = {"top1": 0.004, "agreement": 0.5, "nmi": 0.6}
+    assert reading(row).startswith("barely")
+    assert reading({**row, "top1": 0.3}).startswith("splits it into")
+    assert reading({**row, "top1": 0.3, "nmi": 0.05}).startswith("splits it, but not")
+
+
+def test_bad_report_inputs_are_one_line_errors(tiny_sets, tmp_path, capsys):
+    assert main(["teacher-report", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "nothing" in err
+    assert main(["teacher-report", "--data", tiny_sets["train"], "--sizes", "64,big", "--out", str(tmp_path)]) == 2
+    assert "--sizes" in capsys.readouterr().err
+    assert not (tmp_path / "report.json").exists()
