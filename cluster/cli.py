@@ -220,8 +220,8 @@ def _teacher_report(args: argparse.Namespace) -> None:
     doc = teacher_report(args.data, sizes, teacher=args.teacher, weights=args.weights, images=args.images,
                          batch_size=args.batch_size)
     text = markdown(doc)
-    storage.write_bytes(storage.join(args.out, "report.json"), json.dumps(doc, indent=1).encode())
-    storage.write_bytes(storage.join(args.out, "report.md"), text.encode())
+    storage.write_bytes(storage.join(args.out, "results.json"), json.dumps(doc, indent=1).encode())
+    storage.write_bytes(storage.join(args.out, "results.md"), text.encode())
     print(text)
 
 
@@ -420,14 +420,14 @@ def build_parser() -> argparse.ArgumentParser:
     tl.set_defaults(func=_teacher_label)
 
     tr = sub.add_parser("teacher-report", help="what the teacher makes of a set's background, per input size: "
-                        "does it split it into stable groups BG splitting can learn from? (report.md, report.json)")
+                        "does it split it into stable groups BG splitting can learn from? (results.md, results.json)")
     tr.add_argument("--data", required=True, help="a shard set (its background images are sampled)")
     tr.add_argument("--sizes", default="64,160,224", help="input sizes to try, comma-separated")
     tr.add_argument("--images", type=int, default=1000, help="background images in the sample")
     tr.add_argument("--teacher", default="efficientnet_lite0")
     tr.add_argument("--weights", default="")
     tr.add_argument("--batch-size", type=int, default=64)
-    tr.add_argument("--out", required=True, help="folder (or URL) for report.md and report.json")
+    tr.add_argument("--out", required=True, help="folder (or URL) for results.md and results.json")
     tr.set_defaults(func=_teacher_report)
 
     d = sub.add_parser("demo", help="Fashion-MNIST-BG: fine-tuning vs BG splitting vs imbalance baselines")

@@ -13,7 +13,7 @@ def test_the_report_measures_the_teacher_on_the_background_at_each_size(tiny_set
     out = tmp_path / "report"
     assert main(["teacher-report", "--data", tiny_sets["train"], "--sizes", "32,96", "--images", "40", "--out",
                  str(out)]) == 0
-    doc = json.loads((out / "report.json").read_text())
+    doc = json.loads((out / "results.json").read_text())
     assert [r["image_size"] for r in doc["rows"]] == [32, 96]
     for r in doc["rows"]:
         assert r["images"] == 40 and 1 <= r["classes_90"] <= 40
@@ -22,7 +22,7 @@ def test_the_report_measures_the_teacher_on_the_background_at_each_size(tiny_set
         assert r["source_labels"] >= 2 and 0 <= r["nmi"] <= 1  # Fashion-MNIST's own classes of the background
     small, large = doc["rows"]
     assert large["top1"] > small["top1"]  # the teacher is surer at a size nearer its training resolution
-    assert "| 96 px |" in (out / "report.md").read_text() and "| 96 px |" in capsys.readouterr().out
+    assert "| 96 px |" in (out / "results.md").read_text() and "| 96 px |" in capsys.readouterr().out
 
 
 def test_coverage_and_readings_follow_their_definitions():
@@ -42,4 +42,4 @@ def test_bad_report_inputs_are_one_line_errors(tiny_sets, tmp_path, capsys):
     assert "\n" not in err and "nothing" in err
     assert main(["teacher-report", "--data", tiny_sets["train"], "--sizes", "64,big", "--out", str(tmp_path)]) == 2
     assert "--sizes" in capsys.readouterr().err
-    assert not (tmp_path / "report.json").exists()
+    assert not (tmp_path / "results.json").exists()
