@@ -27,7 +27,7 @@ import yaml
 
 from cluster.experiment_data import DataSpec, check_sets, expand_draws, locate_sets, parse_sets
 from cluster.experiment_data import slug as _slug
-from data.shards import manifest_identity
+from data.shards import manifest_identity, read_manifest
 from trainer.config import ConfigError, JobConfig, load_config
 
 Score = Callable[[JobConfig, str], dict[str, Any]]
@@ -885,8 +885,13 @@ def _maps_by_seed(finals: list[dict[str, Any]], setting: str, method: str, seeds
     return {r["seed"]: r["map"] for r in rows}
 
 
-def summarize_runs(spec: ExperimentSpec, runs: list[dict[str, Any]], chosen: dict[str, Any] | None = None
-                   ) -> dict[str, Any]:
+FEW_VAL_POSITIVES = 10
+"""Below this many validation positives of a class, a choice between methods is read from noise: on a clip-art set
+with 2 validation positives a class the experiment's 36 probe points scored between 3 and 19 val mAP."""
+
+
+def summarize_runs(spec: ExperimentSpec, runs: list[dict[str, Any]], chosen: dict[str, Any] | None = None,
+                   val_positives: dict[str, int] | None = None) -> dict[str, Any]:
     """Test mAP mean/std per setting x method, the paired differences (each BG-split variant against its base,
     the configured pairs, and the best trained method against the best probe, both picked on validation), the
     validation curves, and which method validation recommends; from the final runs only."""
@@ -931,9 +936,24 @@ def summarize_runs(spec: ExperimentSpec, runs: list[dict[str, Any]], chosen: dic
         if ranked:
             pick = {"setting": setting, "method": ranked[0], "val_map": chosen[setting][ranked[0]]["val_map"]}
             if len(ranked) > 1:
-                pick.update(runner_up=ranked[1], vs=_paired(spec, setting, finals, ranked[0], ranked[1], by_method))
+                pick.update(runner_up=ranked[1], vs=_paired(spec, setting, finals, ranked[0], ranked[1], by_method),
+                            val_margin=pick["val_map"] - chosen[setting][ranked[1]]["val_map"])
+            if val_positives:
+                few = {c: n for c, n in val_positives.items() if n < FEW_VAL_POSITIVES}
+                pick.update(val_positives=dict(val_positives), reliable=not few)
             advice.append(pick)
     return {"table": table, "pairs": pairs, "curves": curves, "advice": advice}
+
+
+def validation_positives(sets: dict[str, str]) -> dict[str, int] | None:
+    """Positives of each rare class in the validation set (its manifest), None without one."""
+    if not sets.get("val"):
+        return None
+    try:
+        manifest = read_manifest(sets["val"])
+    except (FileNotFoundError, ValueError):  # a study handed stand-in sets (its scorer never reads them)
+        return None
+    return {name: int(n) for name, n in zip(manifest.class_names[1:], manifest.counts[1:])}
 
 
 def _paired(spec: ExperimentSpec, setting: str, finals: list[dict[str, Any]], variant: str, base: str,
@@ -1010,9 +1030,18 @@ def results_markdown(spec: ExperimentSpec, summary: dict[str, Any], chosen: dict
         for a in summary["advice"]:
             text = f"- {a['setting']}: **{a['method']}** (val mAP {_pct(a['val_map'])})"
             if "vs" in a:
-                text += (f"; against the runner-up on validation, {a['runner_up']}, its test mAP differs by "
+                margin = (f" (validation margin {_pct(a['val_margin'])} points)" if a.get("val_margin") is not None
+                          else "")
+                text += (f"; against the runner-up on validation, {a['runner_up']}{margin}, its test mAP differs by "
                          f"{_pct(a['vs']['mean'])} points, 95% CI {_ci(a['vs'])}")
             lines.append(text + ".")
+            if a.get("reliable") is False:
+                few = ", ".join(f"{n} of {c}" for c, n in a["val_positives"].items() if n < FEW_VAL_POSITIVES)
+                lines.append(f"  **Not a reliable choice**: validation holds {few} (fewer than {FEW_VAL_POSITIVES} "
+                             "positives of a class), and a margin read from so few images is within their noise. "
+                             "Treat the pick as a hint: label more positives for validation (`shards build "
+                             "--holdout-positives-per-class`, or `shards add-labels` into the validation set) and "
+                             "run the experiment again; its finished runs are reused.")
     if summary["curves"]:
         lines += ["", "## Validation mAP along the final runs (mean over seeds; looked at, never used to choose)",
                   "", "| setting | method | seeds | peak (epoch) | at the end | end minus peak |",
@@ -1176,7 +1205,7 @@ def run_experiment(spec: ExperimentSpec, out: str, *, score: Score | None = None
     for setting in settings:
         setting_runs, chosen[setting] = run_setting(spec, setting, sets, out, runner, full)
         runs += setting_runs
-    summary = summarize_runs(spec, runs, chosen)
+    summary = summarize_runs(spec, runs, chosen, validation_positives(sets))
     seconds = time.time() - started
     doc = {"spec": dataclasses.asdict(spec), "code": code, "sets": sets, "data": data, "runs": runs,
            "chosen": chosen, **summary, "seconds": seconds}

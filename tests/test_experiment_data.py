@@ -131,6 +131,23 @@ def test_own_sets_with_probes_curves_best_configs_and_advice(own_sets, tmp_path)
     assert vs_probe["why"].startswith("best trained") and vs_probe["n"] == 3
     assert vs_probe["mean"] == pytest.approx(0.5 - 0.40 + 0.01)  # seeds 0, 1, 2 add 0, .01, .02
     assert [a["method"] for a in doc["advice"]] == ["re-sample", "re-sample"]
+    # how sure the choice is: the validation margin over the runner-up, and whether validation has enough positives
+    from data.shards import read_manifest
+
+    val = read_manifest(own_sets["val"])
+    counts = dict(zip(val.class_names[1:], val.counts[1:]))
+    advice = doc["advice"][0]
+    assert advice["val_positives"] == counts and advice["val_margin"] > 0
+    assert advice["reliable"] == (min(counts.values()) >= 10)
+    md_text = (tmp_path / "out" / "results.md").read_text()
+    assert ("Not a reliable choice" in md_text) == (not advice["reliable"])
+    assert "validation margin" in md_text
+    from cluster.experiment import results_markdown, summarize_runs
+
+    few = summarize_runs(spec, doc["runs"], doc["chosen"], {"Trouser": 2, "Bag": 12})
+    assert [a["reliable"] for a in few["advice"]] == [False, False]
+    text = results_markdown(spec, few, doc["chosen"], doc["runs"], 1.0, doc["data"])
+    assert "**Not a reliable choice**: validation holds 2 of Trouser (fewer than 10" in text
     # curves from the final runs only: validation scored along them, the tuning runs never see it
     curves = {(c["setting"], c["method"]): c for c in doc["curves"]}
     assert curves[("A", "bg-split")]["peak_epoch"] == 2.0 and curves[("A", "bg-split")]["n"] == 3
