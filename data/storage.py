@@ -55,6 +55,45 @@ class StorageOutage(OSError):
         return type(self), (str(self),)
 
 
+class DiskFull(OSError):
+    """A local write ran out of room (ENOSPC, or EDQUOT: over quota). One line: the file, the bytes it needed and
+    the room there was, and the fix; the partial file is already gone. Waiting does not cure a full disk, so it is
+    never retried: the caller stops (a training run with its previous checkpoint intact)."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.ENOSPC, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self):
+        return type(self), (self.message,)
+
+
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(path: str, needed: int | None, written: int, what: str = "") -> DiskFull:
+    """The one-line DiskFull for a write of ``path`` that failed for room (``needed``: its size when known,
+    ``written``: the bytes it got down)."""
+    try:
+        st = os.statvfs(os.path.dirname(path) or ".")
+        free = f"{st.f_bavail * st.f_frsize:,} bytes were free there"
+    except OSError:
+        free = "the free space there is unknown"
+    size = f"it needed {needed:,} bytes" if needed is not None else f"it had {written:,} bytes down and needed more"
+    return DiskFull(f"no space left on device writing {path}{what}: {size} and {free}; free space on that disk "
+                    "or write to a larger one (run.out_dir; TMPDIR for upload staging)")
+
+
+def _sync(f: IO[bytes], path: str) -> None:
+    """Flush and fsync a file being written (``path``: where it is being written): where a full disk (or a network filesystem's quota) usually shows
+    itself, since writes only fill the page cache. Its own function so a test can fail it as a full disk would."""
+    f.flush()
+    os.fsync(f.fileno())
+
+
 def configure(*, outage_timeout_s: float | None = None) -> None:
     """Process-wide settings. Written to the environment because loader workers (forked or spawned), ingest's
     forkserver pool and Ray workers all read it from there: a module global would not reach the spawned ones."""
@@ -630,13 +669,25 @@ os.umask(_UMASK)  # read once at import (os.umask can only be read by setting it
 
 
 @contextlib.contextmanager
-def atomic_write(url: str) -> Iterator[IO[bytes]]:
-    """Write a file that appears under ``url`` only once the block finished without an exception."""
+def atomic_write(url: str, size: int | None = None) -> Iterator[IO[bytes]]:
+    """Write a file that appears under ``url`` only once the block finished without an exception. A full local
+    disk (the file itself, or an upload's staging copy) is one DiskFull line and leaves no partial file;
+    ``size``, when the caller knows it, is what that line says the write needed."""
     if is_remote(url):
         fs, remote_path = _fs(url)
         with tempfile.NamedTemporaryFile(prefix="bgsplit-upload-") as tmp:
-            yield tmp
-            tmp.flush()
+            try:
+                yield tmp
+                tmp.flush()
+            except OSError as e:
+                if e.errno not in FULL_ERRNOS or isinstance(e, DiskFull):
+                    raise
+                written = 0
+                with contextlib.suppress(OSError):
+                    written = tmp.tell()
+                with contextlib.suppress(OSError):
+                    tmp.close()  # drops what did not fit, and removes the staging file
+                raise disk_full(tmp.name, size, written, f" (the staging copy of {url})") from None
             size = os.fstat(tmp.fileno()).st_size
             # one PUT, or a multipart upload that becomes visible only once complete and that s3fs aborts when a
             # part fails (never a truncated object), retried whole
@@ -649,11 +700,21 @@ def atomic_write(url: str) -> Iterator[IO[bytes]]:
     os.makedirs(folder, exist_ok=True)
     fd, tmp_path = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".partial", dir=folder)
     os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide reports and review pages from other users
+    written = 0
     try:
         with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+            try:
+                yield f
+                written = f.tell()
+                _sync(f, tmp_path)
+            except OSError as e:
+                if e.errno not in FULL_ERRNOS or isinstance(e, DiskFull):
+                    raise
+                with contextlib.suppress(OSError):
+                    written = written or f.tell()
+                with contextlib.suppress(OSError):
+                    f.close()  # drops what did not fit (closing flushes it, and would fail the same way again)
+                raise disk_full(path, size, written) from None
         os.replace(tmp_path, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -666,7 +727,7 @@ def write_bytes(url: str, data: bytes) -> None:
     whose parts go up in parallel (several times one stream's speed) and which is visible only once completed;
     a failed multipart upload is aborted, so nothing half-written ever appears."""
     if not is_remote(url):
-        with atomic_write(url) as f:
+        with atomic_write(url, size=len(data)) as f:
             f.write(data)
         return
     fs, path = _fs(url)
