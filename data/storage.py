@@ -35,9 +35,12 @@ OUTAGE_ENV = "BGSPLIT_OUTAGE_TIMEOUT_S"
 DEFAULT_OUTAGE_TIMEOUT_S = 600.0
 BACKOFF_START_S = 0.2
 BACKOFF_CAP_S = 10.0
-STATS: dict[str, float] = {"retries": 0, "failures": 0, "bytes_read": 0, "outage_seconds": 0.0}
+STATS: dict[str, float] = {"retries": 0, "failures": 0, "bytes_read": 0, "outage_seconds": 0.0, "throttled": 0}
 """Per-process counts reported in the run summary: re-attempted calls, calls that gave up (StorageOutage), bytes
-fetched by ``open_range`` (so a resumed read can be told from a re-read), seconds spent waiting out outages."""
+fetched by ``open_range`` (so a resumed read can be told from a re-read), seconds spent waiting out outages, and
+throttling answers from the store (503 SlowDown, 429), each one, those s3fs retried by itself included."""
+RETRY_AFTER_CAP_S = 60.0
+"""The longest wait a store's Retry-After header is taken at (still within the outage timeout)."""
 _stats_lock = threading.Lock()
 
 
@@ -223,6 +226,53 @@ class _Outage:
 _outage = _Outage()
 
 
+def _client_error(exc: BaseException):
+    """The botocore ClientError behind ``exc`` (s3fs keeps it as the cause of its OSError), or None."""
+    for e in (exc, exc.__cause__):
+        if e is not None and hasattr(e, "response") and isinstance(getattr(e, "response"), dict):
+            return e
+    return None
+
+
+def retry_after(exc: BaseException) -> float | None:
+    """Seconds a store's answer asked the client to wait (its Retry-After header: seconds or an HTTP date), or
+    None when it named none."""
+    value = None
+    error = _client_error(exc)
+    if error is not None:
+        headers = (error.response.get("ResponseMetadata") or {}).get("HTTPHeaders") or {}
+        value = {str(k).lower(): v for k, v in headers.items()}.get("retry-after")
+    elif getattr(exc, "headers", None) is not None:  # aiohttp's ClientResponseError
+        value = exc.headers.get("Retry-After")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        import email.utils
+
+        try:
+            return max(0.0, email.utils.parsedate_to_datetime(str(value)).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+def _on_s3_attempt(response=None, **_) -> None:
+    """botocore's per-attempt hook: counts each throttling answer, also those s3fs retries on its own before
+    with_retries sees anything. Returns None, so retrying is decided as before."""
+    if response is not None and getattr(response[0], "status_code", 0) in (429, 503):
+        _count("throttled")
+
+
+def _watch(fs) -> None:
+    """Count this s3fs filesystem's throttling answers (once per client it makes: a fork or a refresh makes a new
+    one)."""
+    client = fs.s3
+    if getattr(fs, "_bgsplit_watched", None) is not client:
+        client.meta.events.register("needs-retry.s3", _on_s3_attempt)
+        fs._bgsplit_watched = client
+
+
 def _describe(exc: BaseException, limit: int = 300) -> str:
     text = " ".join(str(exc).split())  # one line whatever the library put in its message
     return f"{type(exc).__name__}: {text[:limit]}" if text else type(exc).__name__
@@ -260,7 +310,10 @@ def with_retries(fn: Callable[[], T], what: str, outage_timeout_s: float | None 
                         f"{what}: the object store failed for {waited:.1f}s ({attempt + 1} attempts), last error "
                         f"{_describe(e)}; check the object store, or raise storage.outage_timeout_s "
                         f"(now {timeout:g}s, {OUTAGE_ENV})", last_error=e) from None
-                time.sleep(max(0.0, min(_backoff(attempt), timeout - waited)))
+                # a store that says when to come back (Retry-After, as a throttling store may) is taken at its word
+                asked = retry_after(e)
+                wait = _backoff(attempt) if asked is None else min(max(asked, BACKOFF_START_S), RETRY_AFTER_CAP_S)
+                time.sleep(max(0.0, min(wait, timeout - waited)))
                 attempt += 1
                 _count("retries")
                 continue
@@ -362,7 +415,11 @@ def _fs(url: str):
     import fsspec
 
     protocol = url.split("://", 1)[0]
-    return fsspec.core.url_to_fs(url, **(_s3_options() if protocol in ("s3", "s3a") else {}))
+    if protocol not in ("s3", "s3a"):
+        return fsspec.core.url_to_fs(url)
+    fs, path = fsspec.core.url_to_fs(url, **_s3_options())
+    _watch(fs)
+    return fs, path
 
 
 def _s3_options() -> dict:
