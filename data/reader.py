@@ -73,6 +73,11 @@ class ShardReader:
             raise ValueError(f"data.read_ahead_mb is {read_ahead_mb!r}: give 0 (off) or a size in MB")
         self.manifest, self.shards, self.labels = manifest, shards, labels
         self.on_bad_shard = on_bad_shard
+        self._pins: dict[int, storage.Pin] = {}
+        """Per shard, its recorded size and the version this run (epoch) first read: every range is checked
+        against it, so an epoch never mixes two versions of a shard rewritten while it runs."""
+        self._changed: set[int] = set()
+        """Shards found rewritten in this run: their remaining samples are skipped without reading."""
         self._lost: set[tuple[int, int]] = set()
         """(shard, first sample) of each loss counted in this run: an exact epoch's padding cycle reads a worker's
         pieces again, and a damaged sample read twice is still one sample lost (warned and counted once)."""
@@ -108,11 +113,26 @@ class ShardReader:
         except (ValueError, KeyError, FileNotFoundError):
             return None
 
+    def _pin(self, shard: int) -> storage.Pin:
+        if shard not in self._pins:
+            self._pins[shard] = storage.Pin(self.url(shard), self.shards[shard].bytes)
+        return self._pins[shard]
+
     def _open(self, shard: int, lo: int, hi: int) -> io.BufferedReader:
         stream = self._warm.pop((shard, lo, hi), None)
         if stream is not None:
             return stream
-        return storage.open_range(self.url(shard), lo, hi, read_ahead=self.read_ahead)
+        return storage.open_range(self.url(shard), lo, hi, read_ahead=self.read_ahead, pin=self._pin(shard))
+
+    def _skip_changed(self, shard: int, index: int, stop: int, why: str) -> Iterator[None]:
+        """The rest of a piece of a shard found rewritten: warned and counted once per shard and run."""
+        self._changed.add(shard)
+        if self._first_loss(shard, -1):
+            log.warning("skipping shard %s for the rest of this epoch (%d sample(s) of this piece, and any later "
+                        "piece of it): %s", self.shards[shard].url, stop - index, why)
+            self.on_bad_shard(self.shards[shard].url)
+        for _ in range(stop - index):
+            yield None
 
     def _stored_key(self, shard: int, offset: int) -> str:
         """The key a damaged sample's first header names, for the warning (the damaged byte may be in it)."""
@@ -144,6 +164,9 @@ class ShardReader:
         was, with one warning and one count."""
         info = self.shards[shard]
         index, last = start, None
+        if shard in self._changed:
+            yield from self._skip_changed(shard, index, stop, "it changed while this epoch read it")
+            return
         lo, hi = self._bounds(shard, start, stop)
         try:
             with self._open(shard, lo, hi) as stream:
@@ -156,8 +179,8 @@ class ShardReader:
                             index, last = index + 1, key
                             if index == stop:
                                 break
-                    except FileNotFoundError:
-                        raise  # the object is gone, not damaged: nothing to resync to
+                    except (FileNotFoundError, storage.ObjectChanged):
+                        raise  # the object is gone or another one: nothing to resync to
                     except CORRUPT as e:
                         reason = f"{type(e).__name__}: {e}"
                     if index == stop:
@@ -204,6 +227,8 @@ class ShardReader:
                     if index < stop:
                         at = int(offsets[index])
                         stream.seek(at - lo)
+        except storage.ObjectChanged as e:  # what was read before came from the version this epoch pinned
+            yield from self._skip_changed(shard, index, stop, str(e))
         except CORRUPT as e:  # the object itself is not there
             if self._first_loss(shard, index):
                 log.warning("shard %s is unreadable from sample %d on (after key %s; %s); skipping %d sample(s)",
@@ -245,7 +270,7 @@ class ShardReader:
             return  # its record is unusable: opening it says so, in order
         if (piece.shard, lo, hi) in self._warm:
             return
-        stream = storage.open_range(url, lo, hi, read_ahead=self.read_ahead)
+        stream = storage.open_range(url, lo, hi, read_ahead=self.read_ahead, pin=self._pin(piece.shard))
         stream.raw.prefetch(1)
         self._warm[piece.shard, lo, hi] = stream
         if carry:
@@ -320,7 +345,8 @@ class ShardReader:
         ``emits``, the emits the consumer expects to take, only keeps read-ahead from fetching past them;
         ``then`` (the next run's events and emits) is only looked at, to warm the next run's first pieces."""
         held: dict[Ref, Sample | None] = {}
-        self._lost = set()
+        self._lost, self._changed = set(), set()
+        self._pins = {k: self._pins[k] for k in {key[0] for key in self._warm}}  # a new epoch pins afresh
         self._carry = set()  # what the previous run warmed for this one is used now or closed at its end
         streams: dict[tuple[int, int], tuple[Iterator[Sample | None], int]] = {}
         try:

@@ -488,6 +488,52 @@ READ_AHEAD_MAX_RANGES = 16
 tests' 64 KiB) the MB bound alone would mean hundreds of threads."""
 
 
+class ObjectChanged(ValueError):
+    """An object is not the one a reader started on: its size is not the one recorded for it, or its version (S3's
+    ETag; a local file's inode, size and mtime) changed between two reads. A ValueError: bad data for this read,
+    never waited out or retried."""
+
+
+class Pin:
+    """What a reader expects of one object for a while (a shard for an epoch): the size its record gives, and the
+    version it was first read at. Every range read through a RangeReader holding this pin is checked against it,
+    so bytes of two versions are never put together, however many readers, ranges or pieces share the pin."""
+
+    def __init__(self, url: str, size: int | None):
+        self.url, self.size = url, size
+        self.version: str | None = None
+
+    def check(self, version: str | None, size: int | None) -> None:
+        if size is not None and self.size is not None and size != self.size:
+            raise ObjectChanged(f"{self.url} is {size:,} bytes where its record says {self.size:,}: it was "
+                                "rewritten after the set was built; rebuild the set (or restore the object)")
+        if version is not None and self.version is not None and version != self.version:
+            raise ObjectChanged(f"{self.url} changed while it was being read (version {self.version} then "
+                                f"{version}): it is being rewritten in place; rebuild the set under a new name")
+        self.version = self.version or version
+
+
+class Fetched(bytes):
+    """A range's bytes, with what the store said of the object they came from: its version (ETag) and its
+    whole size (from Content-Range), for a Pin to check."""
+
+    version: str | None = None
+    size: int | None = None
+
+
+def _content_range_total(value: str | None) -> int | None:
+    """The object's size from a Content-Range answer (``bytes a-b/TOTAL``), None when not given."""
+    try:
+        return int(value.rsplit("/", 1)[1]) if value and "/" in value else None
+    except ValueError:
+        return None
+
+
+def _local_version(f: IO[bytes]) -> tuple[str, int]:
+    st = os.fstat(f.fileno())
+    return f"{st.st_ino}-{st.st_size}-{st.st_mtime_ns}", st.st_size
+
+
 class _Range:
     """One prefetched range: bytes [a, b) and the request fetching them."""
 
@@ -515,8 +561,10 @@ class RangeReader(io.RawIOBase):
     Positions (``tell``/``seek``) count from ``start``."""
 
     def __init__(self, url: str, start: int = 0, end: int | None = None, chunk: int = 8 << 20,
-                 read_ahead: int = 0):
+                 read_ahead: int = 0, pin: Pin | None = None):
         super().__init__()
+        self.pin = pin
+        """Checked against every range read (see Pin); None: no check."""
         if start < 0 or (end is not None and end < start) or chunk <= 0:
             raise ValueError(f"bad range for {url}: start={start}, end={end}, chunk={chunk}")
         if read_ahead < 0:
@@ -535,6 +583,8 @@ class RangeReader(io.RawIOBase):
                 raise FileNotFoundError(f"file not found: {url}; check the path") from None
             if end is None:
                 end = os.fstat(self._file.fileno()).st_size
+            if pin is not None:
+                pin.check(*_local_version(self._file))
             read_ahead = 0  # the page cache and the kernel's own read-ahead do it locally
         self.start, self.end = start, max(start, end)
         self._pos = start
@@ -582,8 +632,11 @@ class RangeReader(io.RawIOBase):
         if self._file is not None:
             self._file.seek(a)
             data = self._file.read(b - a)
+            if self.pin is not None:  # rewritten in place under the open file (a rename leaves ours intact)
+                self.pin.check(*_local_version(self._file))
         else:
             data = with_retries(lambda: _fetch_range(self._fs, self._path, a, b), self._what(a, b))
+            self._check(data)
         if len(data) < b - a:
             self.end = a + len(data)  # the object is shorter than the range asked for: its end is the end
         self._pos = a + len(data)
@@ -637,12 +690,17 @@ class RangeReader(io.RawIOBase):
         self._top_up(self.depth)
         r = self._pending.popleft()
         data = self._result(r)
+        self._check(data)
         self._current = (r.a, data)
         if len(data) < r.b - r.a:
             self.end = r.a + len(data)  # the object is shorter than the range asked for: its end is the end
             self._drop_pending()
         self._top_up(self.depth)  # keep `depth` ranges in flight while this one is consumed
         return memoryview(data)[a - r.a:]
+
+    def _check(self, data: bytes) -> None:
+        if self.pin is not None:
+            self.pin.check(getattr(data, "version", None), getattr(data, "size", None))
 
     def _result(self, r: _Range) -> bytes:
         try:
@@ -682,16 +740,34 @@ class RangeReader(io.RawIOBase):
 
 
 def _fetch_range(fs, path: str, start: int, end: int) -> bytes:
-    """The one request a range read makes, named so that a test can make it fail inside a forked loader worker."""
-    return _call(fs, "cat_file", path, start=start, end=end, nbytes=end - start)
+    """The one request a range read makes, named so that a test can make it fail inside a forked loader worker.
+    On S3 the answer's ETag and Content-Range come back with the bytes (a Fetched), so a Pin can tell when the
+    object changed between two ranges."""
+    if not hasattr(fs, "_call_s3"):
+        return _call(fs, "cat_file", path, start=start, end=end, nbytes=end - start)
+    from fsspec.asyn import sync
+
+    bucket, key, version = fs.split_path(path)
+
+    async def get() -> Fetched:
+        extra = {"VersionId": version} if version else {}
+        resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}", **extra)
+        try:
+            data = Fetched(await resp["Body"].read())
+        finally:
+            resp["Body"].close()
+        data.version, data.size = resp.get("ETag"), _content_range_total(resp.get("ContentRange"))
+        return data
+
+    return sync(fs.loop, get, timeout=CALL_TIMEOUT_S + (end - start) / SLOWEST_BYTES_PER_S)
 
 
 def open_range(url: str, start: int = 0, end: int | None = None, chunk: int = 8 << 20,
-               read_ahead: int = 0) -> io.BufferedReader:
+               read_ahead: int = 0, pin: Pin | None = None) -> io.BufferedReader:
     """A read-only stream over bytes [start, end) of ``url`` (``end`` None: to the end of the object, one size
     request). The buffer is one chunk, so sequential reads of any size turn into whole-chunk requests;
     ``read_ahead`` bytes of them are fetched ahead of the reader (see RangeReader; 0: none, as for a local file)."""
-    return io.BufferedReader(RangeReader(url, start, end, chunk, read_ahead), buffer_size=chunk)
+    return io.BufferedReader(RangeReader(url, start, end, chunk, read_ahead, pin), buffer_size=chunk)
 
 
 def listdir(url: str) -> list[str]:
