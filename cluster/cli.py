@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from data.storage import StorageOutage
+from data.storage import DiskFull, StorageOutage
 from trainer.config import ConfigError
 
 
@@ -475,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
 
             args.out = output_location(args.out, "--out", fan_out=getattr(args, "ray", False))
         args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError, StorageOutage) as e:
+    except (ConfigError, ValueError, FileNotFoundError, StorageOutage, DiskFull) as e:
         print(f"bgsplit: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -73,6 +73,14 @@ class ShardReader:
             raise ValueError(f"data.read_ahead_mb is {read_ahead_mb!r}: give 0 (off) or a size in MB")
         self.manifest, self.shards, self.labels = manifest, shards, labels
         self.on_bad_shard = on_bad_shard
+        self._pins: dict[int, storage.Pin] = {}
+        """Per shard, its recorded size and the version this run (epoch) first read: every range is checked
+        against it, so an epoch never mixes two versions of a shard rewritten while it runs."""
+        self._changed: set[int] = set()
+        """Shards found rewritten in this run: their remaining samples are skipped without reading."""
+        self._lost: set[tuple[int, int]] = set()
+        """(shard, first sample) of each loss counted in this run: an exact epoch's padding cycle reads a worker's
+        pieces again, and a damaged sample read twice is still one sample lost (warned and counted once)."""
         self.read_ahead = int(read_ahead_mb * (1 << 20))
         self._warm: dict[tuple[int, int, int], io.BufferedReader] = {}
         """Streams opened ahead of their piece (first range in flight), by (shard, first byte, end byte)."""
@@ -105,11 +113,26 @@ class ShardReader:
         except (ValueError, KeyError, FileNotFoundError):
             return None
 
+    def _pin(self, shard: int) -> storage.Pin:
+        if shard not in self._pins:
+            self._pins[shard] = storage.Pin(self.url(shard), self.shards[shard].bytes)
+        return self._pins[shard]
+
     def _open(self, shard: int, lo: int, hi: int) -> io.BufferedReader:
         stream = self._warm.pop((shard, lo, hi), None)
         if stream is not None:
             return stream
-        return storage.open_range(self.url(shard), lo, hi, read_ahead=self.read_ahead)
+        return storage.open_range(self.url(shard), lo, hi, read_ahead=self.read_ahead, pin=self._pin(shard))
+
+    def _skip_changed(self, shard: int, index: int, stop: int, why: str) -> Iterator[None]:
+        """The rest of a piece of a shard found rewritten: warned and counted once per shard and run."""
+        self._changed.add(shard)
+        if self._first_loss(shard, -1):
+            log.warning("skipping shard %s for the rest of this epoch (%d sample(s) of this piece, and any later "
+                        "piece of it): %s", self.shards[shard].url, stop - index, why)
+            self.on_bad_shard(self.shards[shard].url)
+        for _ in range(stop - index):
+            yield None
 
     def _stored_key(self, shard: int, offset: int) -> str:
         """The key a damaged sample's first header names, for the warning (the damaged byte may be in it)."""
@@ -123,6 +146,13 @@ class ShardReader:
         text = ((prefix + b"/" if prefix else b"") + name).decode("utf-8", "replace")
         return _key_of(text) or text or "?"
 
+    def _first_loss(self, shard: int, index: int) -> bool:
+        """Whether a loss from sample ``index`` of ``shard`` on is new in this run (so it is warned and counted)."""
+        if (shard, index) in self._lost:
+            return False
+        self._lost.add((shard, index))
+        return True
+
     def samples(self, shard: int, start: int, stop: int) -> Iterator[Sample | None]:
         """Samples ``start``..``stop``-1 of a shard, one range request; exactly ``stop - start`` items, None for
         those lost to corrupt data.
@@ -134,6 +164,9 @@ class ShardReader:
         was, with one warning and one count."""
         info = self.shards[shard]
         index, last = start, None
+        if shard in self._changed:
+            yield from self._skip_changed(shard, index, stop, "it changed while this epoch read it")
+            return
         lo, hi = self._bounds(shard, start, stop)
         try:
             with self._open(shard, lo, hi) as stream:
@@ -146,19 +179,26 @@ class ShardReader:
                             index, last = index + 1, key
                             if index == stop:
                                 break
-                    except FileNotFoundError:
-                        raise  # the object is gone, not damaged: nothing to resync to
+                    except (FileNotFoundError, storage.ObjectChanged):
+                        raise  # the object is gone or another one: nothing to resync to
                     except CORRUPT as e:
                         reason = f"{type(e).__name__}: {e}"
                     if index == stop:
                         break
                     pending = parse.pending
-                    # the range's last sample at the range's end is how a range ends: no record is needed
-                    normal_end = not reason and pending is not None and index + 1 == stop
+                    # the range's last sample followed by the range's end or the archive's end marker is how a
+                    # range ends: no record is needed. Any other header there did not parse, and it may be the
+                    # sample's own next member: only the record can tell a whole sample from a cut one.
+                    normal_end = (not reason and pending is not None and index + 1 == stop
+                                  and parse.ends_cleanly(hi - at))
                     offsets = None if normal_end else self._recorded_offsets(shard)
                     if pending is not None:  # the sample being put together when the tar reader stopped
-                        whole = (at + parse.pending_end == offsets[index + 1] if offsets is not None
-                                 else not reason)  # without offsets: passed on as webdataset does
+                        if normal_end:
+                            whole = True
+                        elif offsets is not None:
+                            whole = at + parse.pending_end == int(offsets[index + 1])
+                        else:
+                            whole = not reason  # without offsets: passed on as webdataset does
                         if whole:
                             yield self._sample(shard, index, *pending)
                             index, last, pending = index + 1, pending[0], None
@@ -167,28 +207,33 @@ class ShardReader:
                     end = min(hi, stream.raw.end)  # the object may be shorter than its record says
                     resume = None if offsets is None else int(offsets[index + 1])
                     if resume is None or resume > end or (index + 1 < stop and resume >= end):
-                        log.warning("shard %s is unreadable from sample %d on (after key %s; %s); skipping %d "
-                                    "sample(s)", info.url, index, last,
-                                    reason or f"it ends after {index - start} of the {stop - start} samples asked",
-                                    stop - index)
-                        self.on_bad_shard(info.url)
+                        if self._first_loss(shard, index):
+                            log.warning("shard %s is unreadable from sample %d on (after key %s; %s); skipping %d "
+                                        "sample(s)", info.url, index, last,
+                                        reason or f"it ends after {index - start} of the {stop - start} samples "
+                                        "asked", stop - index)
+                            self.on_bad_shard(info.url)
                         for _ in range(stop - index):
                             yield None
                         return
-                    damaged = pending[0] if pending is not None else self._stored_key(shard, int(offsets[index]))
-                    log.warning("skipping sample %s (number %d) of shard %s: its tar data is damaged (%s); reading "
-                                "on at the next sample's recorded offset", damaged, index, info.url,
-                                reason or "a header does not parse")
-                    self.on_bad_shard(info.url)
+                    if self._first_loss(shard, index):
+                        damaged = pending[0] if pending is not None else self._stored_key(shard, int(offsets[index]))
+                        log.warning("skipping sample %s (number %d) of shard %s: its tar data is damaged (%s); "
+                                    "reading on at the next sample's recorded offset", damaged, index, info.url,
+                                    reason or "a header does not parse")
+                        self.on_bad_shard(info.url)
                     yield None
                     index += 1
                     if index < stop:
                         at = int(offsets[index])
                         stream.seek(at - lo)
+        except storage.ObjectChanged as e:  # what was read before came from the version this epoch pinned
+            yield from self._skip_changed(shard, index, stop, str(e))
         except CORRUPT as e:  # the object itself is not there
-            log.warning("shard %s is unreadable from sample %d on (after key %s; %s); skipping %d sample(s)",
-                        info.url, index, last, f"{type(e).__name__}: {e}", stop - index)
-            self.on_bad_shard(info.url)
+            if self._first_loss(shard, index):
+                log.warning("shard %s is unreadable from sample %d on (after key %s; %s); skipping %d sample(s)",
+                            info.url, index, last, f"{type(e).__name__}: {e}", stop - index)
+                self.on_bad_shard(info.url)
             for _ in range(stop - index):
                 yield None
 
@@ -225,7 +270,7 @@ class ShardReader:
             return  # its record is unusable: opening it says so, in order
         if (piece.shard, lo, hi) in self._warm:
             return
-        stream = storage.open_range(url, lo, hi, read_ahead=self.read_ahead)
+        stream = storage.open_range(url, lo, hi, read_ahead=self.read_ahead, pin=self._pin(piece.shard))
         stream.raw.prefetch(1)
         self._warm[piece.shard, lo, hi] = stream
         if carry:
@@ -300,6 +345,8 @@ class ShardReader:
         ``emits``, the emits the consumer expects to take, only keeps read-ahead from fetching past them;
         ``then`` (the next run's events and emits) is only looked at, to warm the next run's first pieces."""
         held: dict[Ref, Sample | None] = {}
+        self._lost, self._changed = set(), set()
+        self._pins = {k: self._pins[k] for k in {key[0] for key in self._warm}}  # a new epoch pins afresh
         self._carry = set()  # what the previous run warmed for this one is used now or closed at its end
         streams: dict[tuple[int, int], tuple[Iterator[Sample | None], int]] = {}
         try:
@@ -348,9 +395,18 @@ class _TarParse:
     from the parse's start), which with the recorded offsets tells a whole sample from one cut by damage."""
 
     def __init__(self, stream: IO[bytes]):
-        self.stream = stream
+        self.stream = _Recent(stream)
         self.pending: tuple[str, dict[str, bytes]] | None = None
         self.pending_end = 0
+
+    def ends_cleanly(self, size: int) -> bool:
+        """Whether the tar data stopped after the pending sample for the reason a range stops: ``size`` (the
+        range's length from the parse's start) was reached, or the archive's end marker (a zero block) follows.
+        The tar reader stops silently at those, and just as silently at a header that does not parse."""
+        if self.pending_end == size:
+            return True
+        block = self.stream.block(self.pending_end)
+        return len(block) == tarfile.BLOCKSIZE and not any(block)
 
     def __iter__(self) -> Iterator[tuple[str, dict[str, bytes]]]:
         tar = tarfile.open(fileobj=self.stream, mode="r|*")
@@ -376,6 +432,31 @@ class _TarParse:
                 raise ValueError(f"{name}: duplicate file name in tar file {ext} {list(self.pending[1])}")
             self.pending[1][ext] = data
             self.pending_end = end
+
+
+class _Recent:
+    """A stream as the tar reader reads it (``read`` only, in its 10 KB records), keeping the last few records:
+    the block it stopped at is among them, so telling the archive's end from a damaged header re-reads nothing."""
+
+    KEEP = 4
+
+    def __init__(self, stream: IO[bytes]):
+        self.stream, self.pos = stream, 0
+        self.records: deque[tuple[int, bytes]] = deque(maxlen=self.KEEP)
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        if data:
+            self.records.append((self.pos, data))
+            self.pos += len(data)
+        return data
+
+    def block(self, at: int) -> bytes:
+        """Bytes ``at``..``at`` + 512 from the parse's start, short if they were not read (or not all kept)."""
+        if not self.records or at < self.records[0][0]:
+            return b""
+        first = self.records[0][0]
+        return b"".join(data for _, data in self.records)[at - first:at - first + tarfile.BLOCKSIZE]
 
 
 def cache_dir() -> str:

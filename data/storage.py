@@ -35,9 +35,12 @@ OUTAGE_ENV = "BGSPLIT_OUTAGE_TIMEOUT_S"
 DEFAULT_OUTAGE_TIMEOUT_S = 600.0
 BACKOFF_START_S = 0.2
 BACKOFF_CAP_S = 10.0
-STATS: dict[str, float] = {"retries": 0, "failures": 0, "bytes_read": 0, "outage_seconds": 0.0}
+STATS: dict[str, float] = {"retries": 0, "failures": 0, "bytes_read": 0, "outage_seconds": 0.0, "throttled": 0}
 """Per-process counts reported in the run summary: re-attempted calls, calls that gave up (StorageOutage), bytes
-fetched by ``open_range`` (so a resumed read can be told from a re-read), seconds spent waiting out outages."""
+fetched by ``open_range`` (so a resumed read can be told from a re-read), seconds spent waiting out outages, and
+throttling answers from the store (503 SlowDown, 429), each one, those s3fs retried by itself included."""
+RETRY_AFTER_CAP_S = 60.0
+"""The longest wait a store's Retry-After header is taken at (still within the outage timeout)."""
 _stats_lock = threading.Lock()
 
 
@@ -53,6 +56,45 @@ class StorageOutage(OSError):
     def __reduce__(self):
         # the message only: it crosses process boundaries (loader workers, ingest pool), the library error may not
         return type(self), (str(self),)
+
+
+class DiskFull(OSError):
+    """A local write ran out of room (ENOSPC, or EDQUOT: over quota). One line: the file, the bytes it needed and
+    the room there was, and the fix; the partial file is already gone. Waiting does not cure a full disk, so it is
+    never retried: the caller stops (a training run with its previous checkpoint intact)."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.ENOSPC, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self):
+        return type(self), (self.message,)
+
+
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(path: str, needed: int | None, written: int, what: str = "") -> DiskFull:
+    """The one-line DiskFull for a write of ``path`` that failed for room (``needed``: its size when known,
+    ``written``: the bytes it got down)."""
+    try:
+        st = os.statvfs(os.path.dirname(path) or ".")
+        free = f"{st.f_bavail * st.f_frsize:,} bytes were free there"
+    except OSError:
+        free = "the free space there is unknown"
+    size = f"it needed {needed:,} bytes" if needed is not None else f"it had {written:,} bytes down and needed more"
+    return DiskFull(f"no space left on device writing {path}{what}: {size} and {free}; free space on that disk "
+                    "or write to a larger one (run.out_dir; TMPDIR for upload staging)")
+
+
+def _sync(f: IO[bytes], path: str) -> None:
+    """Flush and fsync a file being written (``path``: where it is being written): where a full disk (or a network filesystem's quota) usually shows
+    itself, since writes only fill the page cache. Its own function so a test can fail it as a full disk would."""
+    f.flush()
+    os.fsync(f.fileno())
 
 
 def configure(*, outage_timeout_s: float | None = None) -> None:
@@ -184,6 +226,53 @@ class _Outage:
 _outage = _Outage()
 
 
+def _client_error(exc: BaseException):
+    """The botocore ClientError behind ``exc`` (s3fs keeps it as the cause of its OSError), or None."""
+    for e in (exc, exc.__cause__):
+        if e is not None and hasattr(e, "response") and isinstance(getattr(e, "response"), dict):
+            return e
+    return None
+
+
+def retry_after(exc: BaseException) -> float | None:
+    """Seconds a store's answer asked the client to wait (its Retry-After header: seconds or an HTTP date), or
+    None when it named none."""
+    value = None
+    error = _client_error(exc)
+    if error is not None:
+        headers = (error.response.get("ResponseMetadata") or {}).get("HTTPHeaders") or {}
+        value = {str(k).lower(): v for k, v in headers.items()}.get("retry-after")
+    elif getattr(exc, "headers", None) is not None:  # aiohttp's ClientResponseError
+        value = exc.headers.get("Retry-After")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        import email.utils
+
+        try:
+            return max(0.0, email.utils.parsedate_to_datetime(str(value)).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+def _on_s3_attempt(response=None, **_) -> None:
+    """botocore's per-attempt hook: counts each throttling answer, also those s3fs retries on its own before
+    with_retries sees anything. Returns None, so retrying is decided as before."""
+    if response is not None and getattr(response[0], "status_code", 0) in (429, 503):
+        _count("throttled")
+
+
+def _watch(fs) -> None:
+    """Count this s3fs filesystem's throttling answers (once per client it makes: a fork or a refresh makes a new
+    one)."""
+    client = fs.s3
+    if getattr(fs, "_bgsplit_watched", None) is not client:
+        client.meta.events.register("needs-retry.s3", _on_s3_attempt)
+        fs._bgsplit_watched = client
+
+
 def _describe(exc: BaseException, limit: int = 300) -> str:
     text = " ".join(str(exc).split())  # one line whatever the library put in its message
     return f"{type(exc).__name__}: {text[:limit]}" if text else type(exc).__name__
@@ -221,7 +310,10 @@ def with_retries(fn: Callable[[], T], what: str, outage_timeout_s: float | None 
                         f"{what}: the object store failed for {waited:.1f}s ({attempt + 1} attempts), last error "
                         f"{_describe(e)}; check the object store, or raise storage.outage_timeout_s "
                         f"(now {timeout:g}s, {OUTAGE_ENV})", last_error=e) from None
-                time.sleep(max(0.0, min(_backoff(attempt), timeout - waited)))
+                # a store that says when to come back (Retry-After, as a throttling store may) is taken at its word
+                asked = retry_after(e)
+                wait = _backoff(attempt) if asked is None else min(max(asked, BACKOFF_START_S), RETRY_AFTER_CAP_S)
+                time.sleep(max(0.0, min(wait, timeout - waited)))
                 attempt += 1
                 _count("retries")
                 continue
@@ -323,7 +415,11 @@ def _fs(url: str):
     import fsspec
 
     protocol = url.split("://", 1)[0]
-    return fsspec.core.url_to_fs(url, **(_s3_options() if protocol in ("s3", "s3a") else {}))
+    if protocol not in ("s3", "s3a"):
+        return fsspec.core.url_to_fs(url)
+    fs, path = fsspec.core.url_to_fs(url, **_s3_options())
+    _watch(fs)
+    return fs, path
 
 
 def _s3_options() -> dict:
@@ -392,6 +488,52 @@ READ_AHEAD_MAX_RANGES = 16
 tests' 64 KiB) the MB bound alone would mean hundreds of threads."""
 
 
+class ObjectChanged(ValueError):
+    """An object is not the one a reader started on: its size is not the one recorded for it, or its version (S3's
+    ETag; a local file's inode, size and mtime) changed between two reads. A ValueError: bad data for this read,
+    never waited out or retried."""
+
+
+class Pin:
+    """What a reader expects of one object for a while (a shard for an epoch): the size its record gives, and the
+    version it was first read at. Every range read through a RangeReader holding this pin is checked against it,
+    so bytes of two versions are never put together, however many readers, ranges or pieces share the pin."""
+
+    def __init__(self, url: str, size: int | None):
+        self.url, self.size = url, size
+        self.version: str | None = None
+
+    def check(self, version: str | None, size: int | None) -> None:
+        if size is not None and self.size is not None and size != self.size:
+            raise ObjectChanged(f"{self.url} is {size:,} bytes where its record says {self.size:,}: it was "
+                                "rewritten after the set was built; rebuild the set (or restore the object)")
+        if version is not None and self.version is not None and version != self.version:
+            raise ObjectChanged(f"{self.url} changed while it was being read (version {self.version} then "
+                                f"{version}): it is being rewritten in place; rebuild the set under a new name")
+        self.version = self.version or version
+
+
+class Fetched(bytes):
+    """A range's bytes, with what the store said of the object they came from: its version (ETag) and its
+    whole size (from Content-Range), for a Pin to check."""
+
+    version: str | None = None
+    size: int | None = None
+
+
+def _content_range_total(value: str | None) -> int | None:
+    """The object's size from a Content-Range answer (``bytes a-b/TOTAL``), None when not given."""
+    try:
+        return int(value.rsplit("/", 1)[1]) if value and "/" in value else None
+    except ValueError:
+        return None
+
+
+def _local_version(f: IO[bytes]) -> tuple[str, int]:
+    st = os.fstat(f.fileno())
+    return f"{st.st_ino}-{st.st_size}-{st.st_mtime_ns}", st.st_size
+
+
 class _Range:
     """One prefetched range: bytes [a, b) and the request fetching them."""
 
@@ -419,8 +561,10 @@ class RangeReader(io.RawIOBase):
     Positions (``tell``/``seek``) count from ``start``."""
 
     def __init__(self, url: str, start: int = 0, end: int | None = None, chunk: int = 8 << 20,
-                 read_ahead: int = 0):
+                 read_ahead: int = 0, pin: Pin | None = None):
         super().__init__()
+        self.pin = pin
+        """Checked against every range read (see Pin); None: no check."""
         if start < 0 or (end is not None and end < start) or chunk <= 0:
             raise ValueError(f"bad range for {url}: start={start}, end={end}, chunk={chunk}")
         if read_ahead < 0:
@@ -439,6 +583,8 @@ class RangeReader(io.RawIOBase):
                 raise FileNotFoundError(f"file not found: {url}; check the path") from None
             if end is None:
                 end = os.fstat(self._file.fileno()).st_size
+            if pin is not None:
+                pin.check(*_local_version(self._file))
             read_ahead = 0  # the page cache and the kernel's own read-ahead do it locally
         self.start, self.end = start, max(start, end)
         self._pos = start
@@ -486,8 +632,11 @@ class RangeReader(io.RawIOBase):
         if self._file is not None:
             self._file.seek(a)
             data = self._file.read(b - a)
+            if self.pin is not None:  # rewritten in place under the open file (a rename leaves ours intact)
+                self.pin.check(*_local_version(self._file))
         else:
             data = with_retries(lambda: _fetch_range(self._fs, self._path, a, b), self._what(a, b))
+            self._check(data)
         if len(data) < b - a:
             self.end = a + len(data)  # the object is shorter than the range asked for: its end is the end
         self._pos = a + len(data)
@@ -541,12 +690,17 @@ class RangeReader(io.RawIOBase):
         self._top_up(self.depth)
         r = self._pending.popleft()
         data = self._result(r)
+        self._check(data)
         self._current = (r.a, data)
         if len(data) < r.b - r.a:
             self.end = r.a + len(data)  # the object is shorter than the range asked for: its end is the end
             self._drop_pending()
         self._top_up(self.depth)  # keep `depth` ranges in flight while this one is consumed
         return memoryview(data)[a - r.a:]
+
+    def _check(self, data: bytes) -> None:
+        if self.pin is not None:
+            self.pin.check(getattr(data, "version", None), getattr(data, "size", None))
 
     def _result(self, r: _Range) -> bytes:
         try:
@@ -586,16 +740,34 @@ class RangeReader(io.RawIOBase):
 
 
 def _fetch_range(fs, path: str, start: int, end: int) -> bytes:
-    """The one request a range read makes, named so that a test can make it fail inside a forked loader worker."""
-    return _call(fs, "cat_file", path, start=start, end=end, nbytes=end - start)
+    """The one request a range read makes, named so that a test can make it fail inside a forked loader worker.
+    On S3 the answer's ETag and Content-Range come back with the bytes (a Fetched), so a Pin can tell when the
+    object changed between two ranges."""
+    if not hasattr(fs, "_call_s3"):
+        return _call(fs, "cat_file", path, start=start, end=end, nbytes=end - start)
+    from fsspec.asyn import sync
+
+    bucket, key, version = fs.split_path(path)
+
+    async def get() -> Fetched:
+        extra = {"VersionId": version} if version else {}
+        resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}", **extra)
+        try:
+            data = Fetched(await resp["Body"].read())
+        finally:
+            resp["Body"].close()
+        data.version, data.size = resp.get("ETag"), _content_range_total(resp.get("ContentRange"))
+        return data
+
+    return sync(fs.loop, get, timeout=CALL_TIMEOUT_S + (end - start) / SLOWEST_BYTES_PER_S)
 
 
 def open_range(url: str, start: int = 0, end: int | None = None, chunk: int = 8 << 20,
-               read_ahead: int = 0) -> io.BufferedReader:
+               read_ahead: int = 0, pin: Pin | None = None) -> io.BufferedReader:
     """A read-only stream over bytes [start, end) of ``url`` (``end`` None: to the end of the object, one size
     request). The buffer is one chunk, so sequential reads of any size turn into whole-chunk requests;
     ``read_ahead`` bytes of them are fetched ahead of the reader (see RangeReader; 0: none, as for a local file)."""
-    return io.BufferedReader(RangeReader(url, start, end, chunk, read_ahead), buffer_size=chunk)
+    return io.BufferedReader(RangeReader(url, start, end, chunk, read_ahead, pin), buffer_size=chunk)
 
 
 def listdir(url: str) -> list[str]:
@@ -630,13 +802,25 @@ os.umask(_UMASK)  # read once at import (os.umask can only be read by setting it
 
 
 @contextlib.contextmanager
-def atomic_write(url: str) -> Iterator[IO[bytes]]:
-    """Write a file that appears under ``url`` only once the block finished without an exception."""
+def atomic_write(url: str, size: int | None = None) -> Iterator[IO[bytes]]:
+    """Write a file that appears under ``url`` only once the block finished without an exception. A full local
+    disk (the file itself, or an upload's staging copy) is one DiskFull line and leaves no partial file;
+    ``size``, when the caller knows it, is what that line says the write needed."""
     if is_remote(url):
         fs, remote_path = _fs(url)
         with tempfile.NamedTemporaryFile(prefix="bgsplit-upload-") as tmp:
-            yield tmp
-            tmp.flush()
+            try:
+                yield tmp
+                tmp.flush()
+            except OSError as e:
+                if e.errno not in FULL_ERRNOS or isinstance(e, DiskFull):
+                    raise
+                written = 0
+                with contextlib.suppress(OSError):
+                    written = tmp.tell()
+                with contextlib.suppress(OSError):
+                    tmp.close()  # drops what did not fit, and removes the staging file
+                raise disk_full(tmp.name, size, written, f" (the staging copy of {url})") from None
             size = os.fstat(tmp.fileno()).st_size
             # one PUT, or a multipart upload that becomes visible only once complete and that s3fs aborts when a
             # part fails (never a truncated object), retried whole
@@ -649,11 +833,21 @@ def atomic_write(url: str) -> Iterator[IO[bytes]]:
     os.makedirs(folder, exist_ok=True)
     fd, tmp_path = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".partial", dir=folder)
     os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide reports and review pages from other users
+    written = 0
     try:
         with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+            try:
+                yield f
+                written = f.tell()
+                _sync(f, tmp_path)
+            except OSError as e:
+                if e.errno not in FULL_ERRNOS or isinstance(e, DiskFull):
+                    raise
+                with contextlib.suppress(OSError):
+                    written = written or f.tell()
+                with contextlib.suppress(OSError):
+                    f.close()  # drops what did not fit (closing flushes it, and would fail the same way again)
+                raise disk_full(path, size, written) from None
         os.replace(tmp_path, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -666,7 +860,7 @@ def write_bytes(url: str, data: bytes) -> None:
     whose parts go up in parallel (several times one stream's speed) and which is visible only once completed;
     a failed multipart upload is aborted, so nothing half-written ever appears."""
     if not is_remote(url):
-        with atomic_write(url) as f:
+        with atomic_write(url, size=len(data)) as f:
             f.write(data)
         return
     fs, path = _fs(url)

@@ -29,6 +29,7 @@ or ``trust=True`` here; it is then loaded as before, with ``weights_only=False``
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -439,6 +440,8 @@ class CheckpointWriter:
         self.out_dir, self.keep, self.rank, self.world, self.background = out_dir, keep, rank, world, background
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._url = ""
+        """The checkpoint being written (the one a failure is about)."""
         self.failures = 0
         self.uploads = 0
         self.upload_seconds = 0.0
@@ -456,7 +459,7 @@ class CheckpointWriter:
             self.wait()
         except RuntimeError as e:
             log.error("%s", e)
-        url = step_url(self.out_dir, step)
+        url = self._url = step_url(self.out_dir, step)
         payload = None
         if state is not None:
             check_plain(state)
@@ -467,7 +470,15 @@ class CheckpointWriter:
         staging = None
         if sharded is not None:
             staging = tempfile.mkdtemp(prefix=f"bgsplit-ckpt-{step}-r{self.rank}-")
-            sharded(staging)
+            try:
+                sharded(staging)
+            except OSError as e:  # the engine's own files: a full staging disk is reported like ours
+                if e.errno not in storage.FULL_ERRNOS:
+                    raise
+                written = sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(staging) for n in names)
+                shutil.rmtree(staging, ignore_errors=True)
+                self.failures += 1
+                raise self._not_written(storage.disk_full(staging, None, written, " (DeepSpeed's staging folder)"))
         job = lambda: self._upload(url, step, payload, staging, nonce)  # noqa: E731
         if self.background:
             self._thread = threading.Thread(target=self._run, args=(job,), name=f"checkpoint-{step}", daemon=True)
@@ -483,10 +494,23 @@ class CheckpointWriter:
             self._thread = None
         self._raise()
 
+    def check(self) -> None:
+        """Raise now if the upload in flight already failed for a full disk (a cheap look, every step): waiting
+        for the next save would train on for steps no checkpoint can keep."""
+        if isinstance(self._error, storage.DiskFull):
+            self.wait()
+
+    def _not_written(self, error: storage.DiskFull) -> storage.DiskFull:
+        previous = latest_checkpoint(self.out_dir)
+        kept = f"the previous checkpoint {previous} is complete and loadable" if previous else "no earlier checkpoint"
+        return storage.DiskFull(f"checkpoint {self._url} was not written, the run stops: {error}; {kept}")
+
     def _raise(self) -> None:
         if self._error is not None:
             error, self._error = self._error, None
             self.failures += 1
+            if isinstance(error, storage.DiskFull):  # waiting does not cure it: the run stops, in one line
+                raise self._not_written(error) from None
             raise RuntimeError(f"checkpoint upload under {checkpoint_dir(self.out_dir)} failed: {error}; the "
                                "previous complete checkpoint is untouched") from error
 
@@ -503,10 +527,20 @@ class CheckpointWriter:
         try:
             if payload is not None:
                 storage.write_bytes(storage.join(url, STATE), payload[0])
+                files.append(STATE)
                 storage.write_bytes(storage.join(url, META), payload[1])
-                files += [STATE, META]
+                files.append(META)
             if staging is not None:
                 files += [f"{DEEPSPEED}/{n}" for n in _upload_folder(staging, storage.join(url, DEEPSPEED))]
+        except storage.DiskFull:
+            # what this rank wrote of it goes (it has no index, so it never counted), giving back the room; the
+            # folder too when no other rank writes into it
+            with contextlib.suppress(OSError):
+                for name in files:
+                    storage.remove(storage.join(url, name))
+                if staging is None:
+                    storage.remove(url, recursive=True)
+            raise
         finally:
             if staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -628,6 +662,10 @@ class CheckpointManager:
     def wait(self) -> None:
         """Until the last save is complete (its error, if any, raised here)."""
         self.writer.wait()
+
+    def check(self) -> None:
+        """Raise a full disk met by the upload in flight now rather than at the next save (every step: cheap)."""
+        self.writer.check()
 
     def uploads(self) -> dict[str, Any]:
         w = self.writer

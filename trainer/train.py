@@ -349,6 +349,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{scalars['loss']:.3f}", img_s=f"{rate:.0f}")
                 window, window_steps, window_images, window_positives, t0 = {}, 0, 0, 0, time.time()
             bar.update(1)
+            self.checkpoints.check()  # a checkpoint that found the disk full stops the run now, in one line
             if eval_every and self.step % eval_every == 0 and self.step < self.total_steps:
                 self._record_eval(logger)
             if cfg.run.checkpoint_every and self.step % cfg.run.checkpoint_every == 0:
