@@ -259,8 +259,47 @@ def own_data_loop(doc: list[dict[str, Any]], readme_commands: list[str] | None) 
             f"{same} The whole block took {minutes:.1f} min; test mAP is on the set built from `photos-test/`.")
 
 
+def faults(doc: dict[str, Any]) -> str:
+    rows = [[r["fault"], "yes" if r["survived"] else "no", r["steps_lost"], r["samples_skipped"],
+             f"{r['throttled']} / {r['retries']}", f"{r['wall_s']:.1f} (+{r['wall_added_s']:.1f})", r.get("note", "")]
+            for r in doc["rows"]]
+    return (_table(["fault", "survived", "steps lost", "samples skipped", "throttled / retries", "wall s (added)",
+                    "what was done"], rows, {2, 3, 4, 5}) + "\n\n"
+            f"_One training run of {doc['steps']} steps over {doc['images']} images, a checkpoint every "
+            f"{doc['checkpoint_every']} steps, per fault; one run each, so wall times are rough (about ±30%)._")
+
+
+def teacher_report(doc: dict[str, Any]) -> str:
+    from trainer.teacher_report import markdown
+
+    return markdown(doc).strip() + f"\n\n_Command: `bgsplit teacher-report --data {doc['data']} --sizes " + \
+        ",".join(str(r["image_size"]) for r in doc["rows"]) + f" --images {doc['rows'][0]['images']}`; one sample._"
+
+
+def cold_start_loop(doc: dict[str, Any]) -> str:
+    def found(t: dict[str, Any]) -> str:
+        return f"{t['mean']:.1f} [{t['lo']:.1f}, {t['hi']:.1f}]" if t["n"] > 1 else f"{t['mean']:.1f} (one draw)"
+
+    total = sum(doc["rare_in_pool"].values())
+    rows = [[r["arm"], r["round"], found(r["found_total"]), f"{100 * r['recall']['mean']:.1f}%",
+             ", ".join(f"{c} {sum(v) / len(v):.1f}" for c, v in r["found_per_class"].items())] for r in doc["rows"]]
+    e = doc["embedding"]
+    ratio = doc.get("round1_cold_over_random")
+    ratio_text = (f" In round 1 the cold start found {min(ratio):.1f}× to {max(ratio):.1f}× what random review found "
+                  "(per draw)." if ratio else "")
+    rate = f"{e['images_per_s']:.1f} images/s" if e.get("images_per_s") else "not re-measured (rows reused)"
+    return (_table(["arm", "after round", "positives found, mean [95% CI]", "recall", "per class (mean)"], rows,
+                   {1, 2, 3}) + "\n\n"
+            f"_A pool of {doc['pool_images']:,} Fashion-MNIST images holding {total} rare images "
+            f"({', '.join(f'{n}' for n in doc['rare_in_pool'].values())} a class), {doc['top']} candidates reviewed a "
+            f"class a round, {doc['draws']} draws of the 2 starting examples a class (intervals: t over draws)."
+            f"{ratio_text} The pool's embedding pass at 224 px: {rate} on {e['threads']} CPU thread(s); "
+            f"{e['bytes_per_image']:,.0f} bytes a stored image._")
+
+
 BENCHES: dict[str, Callable[[Any], str]] = {
     "prefix_step": prefix_step, "views_run": views_run, "probe_fit": probe_fit, "probe_solver": probe_solver,
-    "damaged_headers": damaged_headers, "loader_latency": loader_latency,
+    "damaged_headers": damaged_headers, "loader_latency": loader_latency, "faults": faults,
+    "teacher_report": teacher_report, "cold_start_loop": cold_start_loop,
 }
 """bench/results/<name>/results.json -> its table (own_data_loop also reads the README; cluster/docs.py)."""
