@@ -399,7 +399,8 @@ def _is_tracked(path: str, tracked: set[str]) -> bool:
 
 def cited_results(page: str, text: str) -> list[tuple[int, str]]:
     """(line, repo-relative path) of every bench/results path the page cites, markers aside; a directory named as
-    a command's --out is where the command writes, not a claim, and is not counted."""
+    a command's --out is where the command writes, not a claim, and is not counted; nor is a study's built set
+    (bench/results/STUDY/data/...: ignored by design, the study rebuilds it byte-identical)."""
     found = []
     for n, line in enumerate(text.splitlines(), 1):
         if BEGIN.match(line):
@@ -409,6 +410,8 @@ def cited_results(page: str, text: str) -> list[tuple[int, str]]:
             if re.search(r"--out[ =]$", line[:m.start()]) and not os.path.splitext(cited)[1]:
                 continue
             path = os.path.normpath(os.path.join(os.path.dirname(page), cited)) if cited.startswith("../") else cited
+            if re.match(r"bench/results/[^/]+/data(/|$)", path):  # a study's built sets: inputs it rebuilds
+                continue
             found.append((n, path))
     return found
 

@@ -32,6 +32,7 @@ def test_coverage_and_readings_follow_their_definitions():
     assert classes_covering(np.array([7] * 100)) == 1
     row = {"top1": 0.004, "agreement": 0.5, "nmi": 0.6}
     assert reading(row).startswith("barely")
+    assert reading({**row, "top1": 0.8, "agreement": 0.27}).startswith("unstable")
     assert reading({**row, "top1": 0.3}).startswith("splits it into")
     assert reading({**row, "top1": 0.3, "nmi": 0.05}).startswith("splits it, but not")
 

@@ -104,8 +104,10 @@ def report_size(teacher: Any, encoded: list[bytes], orig: list[str], size: int, 
 
 def reading(row: dict[str, Any]) -> str:
     """One line a user can act on; thresholds are rules of thumb, said as such in the page."""
-    if row["top1"] < 0.05 or row["agreement"] < 0.2:
-        return "barely splits it: BG splitting has little to learn from at this size"
+    if row["top1"] < 0.05:
+        return "barely splits it (near-uniform answers): BG splitting has little to learn from at this size"
+    if row["agreement"] < 0.3:
+        return "unstable: two crops of one image mostly get different answers"
     if row["nmi"] is not None and row["nmi"] < 0.1:
         return "splits it, but not along the source's own groups"
     return "splits it into stable groups"
@@ -141,7 +143,8 @@ def markdown(doc: dict[str, Any]) -> str:
         nmi_text = "—" if r["nmi"] is None else f"{r['nmi']:.2f} ({r['source_labels']} labels)"
         lines.append(f"| {r['image_size']} px | {r['classes_90']} of {r['teacher_classes']} | {r['top1']:.3f} | "
                      f"{r['entropy']:.2f} of {r['uniform_entropy']:.2f} | {r['agreement']:.2f} | {nmi_text} | "
-                     f"{r['reading']} |")
-    lines += ["", "_Readings are rules of thumb: a mean top-1 under 0.05 or a two-view agreement under 0.2 says the "
-              "teacher barely splits the background; an NMI under 0.1 says its groups are not the source's._"]
+                     f"{reading(r)} |")
+    lines += ["", "_Readings are rules of thumb: a mean top-1 under 0.05 says the teacher barely splits the "
+              "background, a two-view agreement under 0.3 that its groups are unstable, an NMI under 0.1 that they "
+              "are not the source's._"]
     return "\n".join(lines) + "\n"
