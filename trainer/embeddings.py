@@ -17,7 +17,6 @@ differ by ~1e-3), at half the bytes; nothing is pickled (raw .npy and JSON).
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -37,13 +36,11 @@ VERSION = 1
 
 
 def trunk_digest(trunk: torch.nn.Module) -> str:
-    """The trunk's weights (parameters and buffers, in state-dict order) as a digest: the rows' real identity,
-    whatever the network was called or loaded from."""
-    h = hashlib.sha256()
-    for name, value in trunk.state_dict().items():
-        h.update(name.encode())
-        h.update(value.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+    """The trunk's weights as a digest (the teacher labels' rule): the rows' real identity, whatever the network
+    was called or loaded from."""
+    from data.teacher_labels import weights_digest
+
+    return weights_digest(trunk.state_dict())
 
 
 @dataclass(frozen=True)
