@@ -129,9 +129,12 @@ def embed_shards(cache: EmbeddingCache, manifest: Manifest, shards: list[int], e
     from data.config import LoaderConfig
     from data.loader import ShardStream, make_loader
 
+    from data.progress import progress
+
     cfg = LoaderConfig(image_size=cache.space.image_size, batch_size=batch_size, num_workers=num_workers,
                        eval_resize_ratio=cache.space.resize_ratio)
     done = 0
+    bar = progress(sum(manifest.shards[s].count for s in shards), unit="img", desc="embed")
     for start in range(0, len(shards), chunk):
         group = shards[start:start + chunk]
         per: dict[str, dict[str, list]] = {manifest.shards[s].url: {"rows": [], "keys": [], "labels": [], "at": []}
@@ -141,6 +144,7 @@ def embed_shards(cache: EmbeddingCache, manifest: Manifest, shards: list[int], e
                 if "image" not in batch:
                     continue
                 feats = encode(batch["image"]).float().cpu().numpy()
+                bar.update(len(batch["key"]))
                 for j, (url, i) in enumerate(batch["ref"]):
                     part = per[url]
                     part["rows"].append(feats[j])
@@ -152,6 +156,7 @@ def embed_shards(cache: EmbeddingCache, manifest: Manifest, shards: list[int], e
             rows = np.stack(part["rows"]) if part["rows"] else np.zeros((0, 0), np.float16)
             cache.store(manifest.shards[s], rows, part["keys"], part["labels"], part["at"])
             done += len(part["keys"])
+    bar.close()
     return done
 
 
