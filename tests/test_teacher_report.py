@@ -6,7 +6,7 @@ import json
 import numpy as np
 
 from cluster.cli import main
-from trainer.teacher_report import classes_covering, reading
+from trainer.teacher_report import classes_covering, reading, report_size
 
 
 def test_the_report_measures_the_teacher_on_the_background_at_each_size(tiny_sets, tmp_path, capsys):
@@ -18,7 +18,6 @@ def test_the_report_measures_the_teacher_on_the_background_at_each_size(tiny_set
     for r in doc["rows"]:
         assert r["images"] == 40 and 1 <= r["classes_90"] <= 40
         assert 0 < r["top1"] <= 1 and 0 < r["entropy"] < r["uniform_entropy"]
-        assert 0 <= r["agreement"] <= 1
         assert r["source_labels"] >= 2 and 0 <= r["nmi"] <= 1  # Fashion-MNIST's own classes of the background
     small, large = doc["rows"]
     assert large["top1"] > small["top1"]  # the teacher is surer at a size nearer its training resolution
@@ -44,3 +43,29 @@ def test_bad_report_inputs_are_one_line_errors(tiny_sets, tmp_path, capsys):
     assert main(["teacher-report", "--data", tiny_sets["train"], "--sizes", "64,big", "--out", str(tmp_path)]) == 2
     assert "--sizes" in capsys.readouterr().err
     assert not (tmp_path / "results.json").exists()
+
+
+def _png(value: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40), (value, value, value)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_a_teacher_that_answers_by_brightness_is_fully_stable_and_follows_the_source_labels():
+    """A stand-in teacher whose answer is the image's mean brightness bucket: every crop of a flat image gets the
+    same answer (agreement 1), two buckets hold every answer, and the answers are the source labels (NMI 1)."""
+    import torch
+
+    def teacher(x: torch.Tensor) -> torch.Tensor:
+        bucket = (x.float().mean(dim=(1, 2, 3)) > 127).long()
+        return torch.nn.functional.one_hot(bucket, 10).float() * 20.0
+
+    encoded = [_png(30)] * 6 + [_png(220)] * 4
+    row = report_size(teacher, encoded, ["dark"] * 6 + ["light"] * 4, 32, batch_size=3)
+    assert row["agreement"] == 1.0 and row["classes_90"] == 2 and row["teacher_classes"] == 10
+    assert row["top1"] > 0.99 and row["entropy"] < 0.01 and abs(row["nmi"] - 1.0) < 1e-9
+    assert row["source_labels"] == 2
