@@ -27,6 +27,7 @@ import yaml
 
 from cluster.experiment_data import DataSpec, check_sets, expand_draws, locate_sets, parse_sets
 from cluster.experiment_data import slug as _slug
+from cluster.study_cost import Progress, RunShape, calibrate
 from data.shards import manifest_identity, read_manifest
 from trainer.config import ConfigError, JobConfig, load_config
 
@@ -469,78 +470,90 @@ def plan_runs(spec: ExperimentSpec) -> dict[str, dict[str, int]]:
     "probe": {...}}. A trained run costs minutes and a probe fit seconds, so a count that mixes them says nothing of
     the time."""
     counts = {kind: {"tune": 0, "final": 0} for kind in ("train", "probe")}
-    for setting in spec.data.settings:
-        for method, mspec in spec.methods.items():
-            if mspec.settings and setting not in mspec.settings:
-                continue
-            if mspec.kind == "probe":
-                points = len(method_grid({}, mspec.grid))
-                counts["probe"]["tune"] += points if points > 1 else 0
-                counts["probe"]["final"] += 1  # deterministic: one fit for every seed
-            else:
-                counts["train"]["tune"] += len(_tuning_points(spec, method, mspec))
-                counts["train"]["final"] += len(spec.seeds)
+    for shape in run_shapes(spec):
+        counts[shape.kind][shape.phase] += 1
     return counts
 
 
-def estimate_seconds(todo: dict[str, int], seconds: dict[str, list[float]]) -> float | None:
-    """Seconds left: each kind's runs to do times its measured mean; None while trained runs are to do and none has
-    been timed (a probe fit's seconds say nothing of a training run's). Probe fits not yet timed count 0: seconds
-    each beside trained runs' minutes."""
-    if todo.get("train") and not seconds.get("train"):
+def run_shapes(spec: ExperimentSpec, sets: dict[str, str] | None = None, out: str = "") -> list[RunShape]:
+    """Every run the study makes, as run_setting makes them, with what its time depends on: steps, images scored,
+    caches it builds first, whether a result is stored where it writes (sizes only when ``sets`` are given)."""
+    sizes: dict[str, int] = {}
+
+    def count(name: str) -> int:
+        if sets is None:
+            return 0
+        if name not in sizes:
+            sizes[name] = read_manifest(sets[name]).count
+        return sizes[name]
+
+    def stored(folder: str) -> bool:
+        return bool(out) and bool(list(Path(out).glob(os.path.join(folder, "experiment_result.json"))))
+
+    shapes: list[RunShape] = []
+    featured: set[tuple[str, int]] = set()  # (set, size) whose features are cached by then
+    for setting in spec.data.settings:
+        active = {m: ms for m, ms in spec.methods.items() if not ms.settings or setting in ms.settings}
+        mdirs = {m: os.path.join("runs", _slug(setting), _slug(m)) for m in active}
+        for method, mspec in active.items():  # probes first, as run_setting
+            if mspec.kind != "probe":
+                continue
+            from trainer.probe import probe_params
+
+            grid = method_grid({}, mspec.grid)
+            fits = [(p, [*mspec.overrides, *point_overrides(p)]) for p in (grid if len(grid) > 1 else [])]
+            for phase, (point, overrides) in [*(("tune", f) for f in fits),
+                                               ("final", (grid[0], [*mspec.overrides, *point_overrides(grid[0])]))]:
+                params = probe_params(overrides)
+                evaluated = "val" if phase == "tune" else "test"
+                new = [n for n in (setting, evaluated) if (n, params.image_size) not in featured]
+                featured.update((n, params.image_size) for n in new)
+                folder = os.path.join(mdirs[method], f"tune-{_hash(overrides)}" if phase == "tune" else "final-*")
+                shapes.append(RunShape(setting, method, phase, "probe", image_size=params.image_size,
+                                       scored=sum(count(n) for n in new), logistic=params.kind == "logistic",
+                                       stored=stored(folder)))
+        built = False
+        for method, mspec in active.items():
+            if mspec.kind == "probe":
+                continue
+            points = _tuning_points(spec, method, mspec)
+            final = points[0][1] if points else [*mspec.overrides,
+                                                 *point_overrides(method_grid(spec.grid, mspec.grid)[0])]
+            for phase, seed, overrides in [*(("tune", spec.tune_seed, o) for _, o in points),
+                                           *(("final", seed, final) for seed in spec.seeds)]:
+                folder = (os.path.join(mdirs[method], f"tune-{_hash(overrides)}") if phase == "tune" else
+                          os.path.join(mdirs[method], "final-*", f"seed{seed}"))
+                if sets is None:
+                    shapes.append(RunShape(setting, method, phase, "train"))
+                    continue
+                cfg = job_config(spec, sets[setting], os.path.join(out, folder), seed, overrides, val=sets["val"],
+                                 curve_every=spec.curve_every if phase == "final" else 0.0, study_dir=out)
+                per_epoch = max(count(setting) // cfg.data.batch_size // cfg.optim.grad_accum, 1)
+                scored = count("val" if phase == "tune" else "test")
+                if phase == "final" and spec.curve_every:
+                    scored += count("val") * (int(cfg.optim.epochs / spec.curve_every) + 1)
+                if cfg.model.head_init == "probe":  # the trunk's features (cached per set), WiSE-FT's sweep
+                    new = [n for n in (setting, "val") if (n, -cfg.data.image_size) not in featured]
+                    featured.update((n, -cfg.data.image_size) for n in new)
+                    scored += sum(count(n) for n in new) + (5 * count("val") if phase == "final" else 0)
+                shapes.append(RunShape(setting, method, phase, "train",
+                                       steps=math.ceil(cfg.optim.epochs * per_epoch),
+                                       batch=cfg.data.batch_size * cfg.optim.grad_accum,
+                                       image_size=cfg.data.image_size, scored=scored,
+                                       builds_views=bool(cfg.views.count) and not built, stored=stored(folder),
+                                       overrides=tuple(overrides), aux=cfg.loss.aux_weight > 0))
+                built = built or bool(cfg.views.count)
+    return shapes
+
+
+def calibration_overrides(shapes: list[RunShape]) -> tuple[str, list[str]] | None:
+    """The setting and overrides the calibration trains: a BG-split tuning run where the study has one (the teacher's
+    forward makes it the dearest step), else its first trained run; None when every trained run is stored."""
+    trained = [s for s in shapes if s.kind == "train"]
+    if not trained or all(s.stored for s in trained):
         return None
-    return sum(n * sum(seconds[kind]) / len(seconds[kind]) for kind, n in todo.items() if n and seconds.get(kind))
-
-
-def duration_text(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.0f} min"
-    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
-
-
-@dataclass
-class Progress:
-    """The study's cost as it goes: the runs planned before the first starts, then a line per finished run with the
-    runs done, the runs to do (a stored run found reused leaves the count) and the time left at the measured
-    seconds per run of each kind (issue 36: 28 trainings, ~3 h, and nothing printed for 5 minutes)."""
-
-    kinds: dict[str, str]
-    """Method -> its kind (train or probe)."""
-    planned: dict[str, dict[str, int]]
-    log: Callable[[str], None] = print
-    done: int = 0
-    reused: int = 0
-    seconds: dict[str, list[float]] = field(default_factory=lambda: {"train": [], "probe": []})
-
-    def __post_init__(self) -> None:
-        self.todo = {kind: sum(phases.values()) for kind, phases in self.planned.items()}
-
-    @classmethod
-    def of(cls, spec: ExperimentSpec, log: Callable[[str], None] = print) -> Progress:
-        return cls({m: ms.kind for m, ms in spec.methods.items()}, plan_runs(spec), log)
-
-    def start(self) -> None:
-        t, p = self.planned["train"], self.planned["probe"]
-        self.log(f"plan: {sum(self.todo.values())} runs: {t['tune']} tuning and {t['final']} final training runs, "
-                 f"{p['tune'] + p['final']} probe fits (seconds each); runs stored by an earlier invocation are "
-                 "reused and leave the count as they are found; the time left is printed from the first trained "
-                 "run on")
-
-    def record(self, rec: dict[str, Any]) -> None:
-        kind = self.kinds.get(rec["method"], "train")
-        self.todo[kind] = max(0, self.todo[kind] - 1)
-        if rec.get("reused"):
-            self.reused += 1
-        else:
-            self.done += 1
-            self.seconds[kind].append(float(rec["seconds"]))
-        left = estimate_seconds(self.todo, self.seconds)
-        when = (f"about {duration_text(left)} left" if left is not None else
-                "time left known after the first trained run")
-        reused = f", {self.reused} reused" if self.reused else ""
-        self.log(f"  [{self.done} run(s) done{reused}, {sum(self.todo.values())} to do: {when}]")
+    pick = next((s for s in trained if s.aux), trained[0])
+    return pick.setting, list(pick.overrides)
 
 
 @dataclass
@@ -1197,7 +1210,13 @@ def run_experiment(spec: ExperimentSpec, out: str, *, score: Score | None = None
         base = load_config(spec.base, spec.overrides)
         probe = FeatureProbe(base.teacher.name, base.teacher.weights, os.path.join(out, "features"),
                              base.data.eval_resize_ratio)
-    progress = Progress.of(spec, log)
+    shapes = run_shapes(spec, sets if score is None else None, out)  # a stand-in scorer's sets hold no images
+    rates, calibrated = None, calibration_overrides(shapes)
+    if score is None and execute is None and calibrated is not None:  # trials on a cluster: not this machine's rates
+        setting, overrides = calibrated
+        rates = calibrate(lambda extra: job_config(spec, sets[setting], out, spec.tune_seed, [*overrides, *extra],
+                                                   val=sets["val"], study_dir=out), out, log)
+    progress = Progress(shapes, rates, log)
     progress.start()
     runner = Runner(score or default_score, code, log, probe, keep_results, execute, progress)
     runs: list[dict[str, Any]] = []

@@ -15,8 +15,6 @@ from cluster.experiment import (
     ExperimentSpec,
     MethodSpec,
     base_method,
-    duration_text,
-    estimate_seconds,
     load_spec,
     method_grid,
     paired_difference,
@@ -291,14 +289,6 @@ def test_the_plan_counts_the_runs_the_study_makes(tmp_path):
     assert plan_runs(probes)["probe"] == {"tune": 4, "final": 1}  # one deterministic final fit
 
 
-def test_the_estimate_is_each_kinds_measured_mean_times_its_runs_to_do():
-    assert estimate_seconds({"train": 3, "probe": 2}, {"train": [10.0, 20.0], "probe": [1.0]}) == 3 * 15 + 2 * 1
-    assert estimate_seconds({"train": 3, "probe": 2}, {"train": [], "probe": [1.0]}) is None  # no trained run yet
-    assert estimate_seconds({"train": 2, "probe": 5}, {"train": [30.0], "probe": []}) == 60  # probes: seconds
-    assert estimate_seconds({"train": 0, "probe": 0}, {"train": [], "probe": []}) == 0
-    assert [duration_text(x) for x in (42, 600, 11_000)] == ["42 s", "10 min", "3 h 03 min"]
-
-
 def test_progress_lines_count_down_and_the_first_estimate_is_within_2x_of_the_time_left(tmp_path):
     """A study of 26 runs whose every run takes 0.15 s: the estimate printed after the first run against the time
     the rest really took; then a rerun reuses every run and says so."""
@@ -330,12 +320,20 @@ def test_progress_lines_count_down_and_the_first_estimate_is_within_2x_of_the_ti
 
 
 @pytest.mark.slow
-def test_quick_experiment_end_to_end_through_the_cli(tmp_path):
+def test_quick_experiment_end_to_end_through_the_cli(tmp_path, capsys):
     out = tmp_path / "exp"
     start = time.time()
     assert main(["experiment", str(SHIPPED), "--quick", "--out", str(out)]) == 0
     seconds = time.time() - start
     doc = json.loads((out / "results.json").read_text())
+    # the estimate printed before the first run, from the calibration's measured steps, against what the runs took
+    printed = capsys.readouterr().out
+    estimate = printed.split("  estimate: about ")[1].split(" on this machine")[0]
+    number, unit = estimate.split()
+    estimated = float(number) * {"s": 1, "min": 60}[unit]
+    took = sum(r["seconds"] for r in doc["runs"])
+    assert took / 2 <= estimated <= 2 * took, (estimate, took)
+    assert printed.index("  estimate: about ") < printed.index("tune {")  # before the first run, not after it
     assert len(doc["runs"]) == 2 * (2 + 1)  # 2 methods x (2 tuning points + 1 final seed)
     assert all((r["split"] == "val") == (r["phase"] == "tune") for r in doc["runs"])
     assert all(0.0 <= r["map"] <= 1.0 for r in doc["runs"])
@@ -346,6 +344,8 @@ def test_quick_experiment_end_to_end_through_the_cli(tmp_path):
     # a rerun reuses every run
     assert main(["experiment", str(SHIPPED), "--quick", "--out", str(out)]) == 0
     assert all(r["reused"] for r in json.loads((out / "results.json").read_text())["runs"])
+    again = capsys.readouterr().out
+    assert "6 found stored" in again and "measuring this machine" not in again  # nothing to calibrate for
     print(f"quick experiment: {seconds:.0f}s")
 
 
