@@ -6,10 +6,12 @@ line for line, and runs it with `bash -e` in a fresh working directory, timing e
 adds is the person in the middle: the block's comment line (open review.html, mark, export labels.csv) is
 played by a simulated annotator who marks a candidate yes when its hidden true class is the mined one.
 
-The folders are Fashion-MNIST exported as a user's images would be: `photos/<class name>/<key>.png` (300 images
-of each background class, 100 of each rare one, from the training split), `photos-test/` (100 of each class of
-the test split) and a flat `unlabeled/` pool (3,000 other training images, no labels; their classes go to a file
-outside the working directory, for the annotator only).
+The folders are Fashion-MNIST exported as a newcomer's images would be (issue 36): `photos/<class name>/` with
+300 images of each background class and 8 of each rare one from the training split, `photos-test/` (100 of each
+class of the test split) and a flat `unlabeled/` pool (3,000 other training images, no labels; their classes go to
+a file outside the working directory, for the annotator only). Files are named as a camera names them,
+`IMG_0001.png` in every folder, so the training and test folders share file names (not images). The row keeps
+each command's seconds and the experiment's printed estimate beside the time it took.
 
     python bench/own_data_loop.py --work artifacts/own_data_loop --json artifacts/bench/own_data_loop.json
 """
@@ -54,7 +56,11 @@ def folder_name(name: str) -> str:
     return name.replace("/", "_")
 
 
-def export_folders(work: Path, answers: Path, per_background: int = 300, per_rare: int = 100,
+def photo_name(number: int) -> str:
+    return f"IMG_{number:04d}.png"
+
+
+def export_folders(work: Path, answers: Path, per_background: int = 300, per_rare: int = 8,
                    per_test: int = 100, pool: int = 3000) -> None:
     train, test = FashionMNISTSource("train"), FashionMNISTSource("test")
     names = train.class_names()
@@ -65,24 +71,24 @@ def export_folders(work: Path, answers: Path, per_background: int = 300, per_rar
         want = per_rare if name in RARE else per_background
         if taken.get(name, 0) < want:
             taken[name] = taken.get(name, 0) + 1
-            path = work / "photos" / folder_name(name) / f"{item.key}.png"
+            path = work / "photos" / folder_name(name) / photo_name(taken[name])
         else:
             rest.append(item)
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(train.read(item))
     truth = {}
-    for item in rest[:pool]:
+    for number, item in enumerate(rest[:pool], 1):
         (work / "unlabeled").mkdir(parents=True, exist_ok=True)
-        (work / "unlabeled" / f"{item.key}.png").write_bytes(train.read(item))
-        truth[item.key] = names[item.label]
+        (work / "unlabeled" / photo_name(number)).write_bytes(train.read(item))
+        truth[Path(photo_name(number)).stem] = names[item.label]
     answers.write_text(json.dumps(truth))
     counts: dict[str, int] = {}
     for item in test.items():
         name = names[item.label]
         if counts.get(name, 0) < per_test:
             counts[name] = counts.get(name, 0) + 1
-            path = work / "photos-test" / folder_name(name) / f"{item.key}.png"
+            path = work / "photos-test" / folder_name(name) / photo_name(counts[name])
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(test.read(item))
 
@@ -97,7 +103,7 @@ def annotate(work: Path, answers: Path) -> dict[str, float]:
         w.writeheader()
         seen_yes: set[str] = set()
         for r in rows:
-            # the pool key is the file name's key plus its extension; the file name is the Fashion-MNIST key
+            # the pool key is the file name's stem plus its extension
             original = next(k for k in (r["key"].rsplit("_png", 1)[0], r["key"]) if k in truth)
             yes = truth[original] == r["class_name"] and original not in seen_yes
             seen_yes |= {original} if yes else set()
@@ -107,13 +113,29 @@ def annotate(work: Path, answers: Path) -> dict[str, float]:
     return {name: sum(v) / len(v) for name, v in hits.items()}
 
 
-def run(command: str, work: Path, env: dict[str, str]) -> float:
+def run(command: str, work: Path, env: dict[str, str]) -> tuple[float, str]:
+    """Seconds and what the command printed (shown as it runs)."""
     print(f"$ {command}", flush=True)
     start = time.time()
-    done = subprocess.run(["bash", "-e", "-c", command], cwd=work, env=env)
-    if done.returncode != 0:
+    done = subprocess.Popen(["bash", "-e", "-c", command], cwd=work, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    printed = []
+    for line in done.stdout:  # type: ignore[union-attr]
+        print(line, end="", flush=True)
+        printed.append(line)
+    if done.wait() != 0:
         raise SystemExit(f"the README command failed with {done.returncode}: {command}")
-    return time.time() - start
+    return time.time() - start, "".join(printed)
+
+
+def printed_estimate(text: str) -> float | None:
+    """The experiment's "estimate: about N s|min|h MM min" line, in seconds."""
+    if "  estimate: about " not in text:
+        return None
+    words = text.split("  estimate: about ", 1)[1].split(" on this machine", 1)[0].split()
+    if words[1] == "h":
+        return 3600 * float(words[0]) + 60 * float(words[2])
+    return float(words[0]) * {"s": 1, "min": 60}[words[1]]
 
 
 def main() -> None:
@@ -131,21 +153,27 @@ def main() -> None:
     commands = readme_block()
     review = next(i for i, c in enumerate(commands) if c.startswith(REVIEW_LINE))
     times: list[dict[str, object]] = []
-    for command in commands[:review]:
-        times.append({"command": command, "seconds": round(run(command, work, env), 1)})
-    precision = annotate(work, answers)
-    for command in commands[review + 1:]:
-        times.append({"command": command, "seconds": round(run(command, work, env), 1)})
+    for i, command in enumerate(commands):
+        if i == review:
+            precision = annotate(work, answers)
+            continue
+        seconds, printed = run(command, work, env)
+        times.append({"command": command, "seconds": round(seconds, 1),
+                      **({"estimate_printed_s": printed_estimate(printed)} if " experiment " in command else {}),
+                      **({"warnings": [ln for ln in printed.splitlines() if "warning" in ln.lower()]}
+                         if "shards build" in command else {})})
     reports = {v: json.loads((work / "report" / v / "report.json").read_text()) for v in ("v1", "v2")}
     row = {"bench": "own_data_loop", "commands": times, "total_seconds": round(sum(t["seconds"] for t in times), 1),
            "test_map_v1": reports["v1"]["map"], "test_map_v2": reports["v2"]["map"],
            "mined_precision_at_100": precision,
            "winner": [a["method"] for a in json.loads((work / "compare" / "results.json").read_text())["advice"]],
+           "advice": json.loads((work / "compare" / "results.json").read_text())["advice"],
            "compare": {r["method"]: r for r in json.loads((work / "compare" / "results.json").read_text())["table"]}}
     print(json.dumps(row, indent=1))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps([row], indent=1))
+        shutil.copyfile(work / "compare" / "results.md", Path(args.json).with_name("results.md"))  # its tables
 
 
 if __name__ == "__main__":

@@ -790,6 +790,20 @@ def _write_best(out: str, setting: str, method: str, doc: dict[str, Any], how: s
     return os.path.relpath(path, out)
 
 
+def _write_recommended(out: str, pick: dict[str, Any], best: str) -> None:
+    """best/<setting>/recommended.yaml: the chosen method's file under one name, so the README's commands (and a
+    script) train whatever validation picked on the user's data without reading results.md first."""
+    path = Path(out, "best", _slug(pick["setting"]), "recommended.yaml")
+    doubt = ("# NOT A RELIABLE CHOICE: validation holds fewer than "
+             f"{FEW_VAL_POSITIVES} positives of a class (results.md says which); treat it as a hint.\n"
+             if pick.get("reliable") is False else "")
+    header = (f"# bgsplit experiment recommends {pick['method']} for setting '{pick['setting']}' (best validation "
+              f"mAP, {100 * pick['val_map']:.1f}); a copy of {best}.\n{doubt}")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(header + Path(out, best).read_text())
+    os.replace(tmp, path)
+
+
 def run_setting(spec: ExperimentSpec, setting: str, sets: dict[str, str], out: str, runner: Runner,
                 full: ExperimentSpec | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Tune every method on the validation split, then train the seeds with the chosen points, score test once.
@@ -1225,6 +1239,8 @@ def run_experiment(spec: ExperimentSpec, out: str, *, score: Score | None = None
         setting_runs, chosen[setting] = run_setting(spec, setting, sets, out, runner, full)
         runs += setting_runs
     summary = summarize_runs(spec, runs, chosen, validation_positives(sets))
+    for pick in summary["advice"]:
+        _write_recommended(out, pick, chosen[pick["setting"]][pick["method"]]["best_config"])
     seconds = time.time() - started
     doc = {"spec": dataclasses.asdict(spec), "code": code, "sets": sets, "data": data, "runs": runs,
            "chosen": chosen, **summary, "seconds": seconds}

@@ -26,6 +26,7 @@ from cluster.experiment import (
     sample_grid,
     t_quantile_975,
 )
+from cluster.experiment_data import slug
 from trainer.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,6 +147,12 @@ def test_selection_uses_validation_only_and_scores_test_once_per_final_run(tmp_p
     assert (tmp_path / "out" / "plot.png").stat().st_size > 0
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert {r["phase"] for r in saved["runs"]} == {"tune", "final"} and not any(r["reused"] for r in saved["runs"])
+    # best/<setting>/recommended.yaml is validation's pick under one name: the README's commands train it as is
+    for pick in saved["advice"]:
+        recommended = (tmp_path / "out" / "best" / slug(pick["setting"]) / "recommended.yaml").read_text()
+        chosen = (tmp_path / "out" / saved["chosen"][pick["setting"]][pick["method"]]["best_config"]).read_text()
+        assert recommended.startswith(f"# bgsplit experiment recommends {pick['method']} for setting")
+        assert recommended.endswith(chosen) and "NOT A RELIABLE" not in recommended
 
 
 def test_an_ablation_reuses_the_chosen_point_and_runs_only_its_settings(tmp_path):
@@ -265,8 +272,9 @@ def test_quick_says_what_it_leaves_out_and_its_best_configs_say_they_are_smoke_l
     run_experiment(quick_spec(spec), str(tmp_path / "quick"), score=FakeScorer(sets), code="c", sets=sets,
                    log=lambda _: None, full=spec)
     best = sorted((tmp_path / "quick" / "best").rglob("*.yaml"))
-    assert [p.name for p in best] == ["bg-split.yaml", "fine-tune.yaml"]
-    for path in best:
+    assert [p.name for p in best] == ["bg-split.yaml", "fine-tune.yaml", "recommended.yaml"]
+    assert "SMOKE-LENGTH CONFIG" in best[2].read_text()  # the recommended copy carries the warning too
+    for path in best[:2]:
         text = path.read_text()
         assert text.startswith("# SMOKE-LENGTH CONFIG, made by `bgsplit experiment --quick`: optim.epochs: 0.5 "
                                "here, 1.75 in the full study.\n")
