@@ -249,9 +249,10 @@ def _demo(args: argparse.Namespace) -> None:
 def _docs(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from cluster.docs import docs_command
+    from cluster import docs
 
-    code = docs_command(Path(args.root), args.check)
+    docs.PROVIDED["cli-reference"] = lambda: docs.cli_reference(build_parser())
+    code = docs.docs_command(Path(args.root), args.check)
     if code:
         sys.exit(code)
 

@@ -40,6 +40,7 @@ import sys
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from cluster import tables
@@ -49,7 +50,7 @@ BEGIN = re.compile(r"^<!-- begin generated: (.+?) -->[ \t]*$", re.M)
 END = "<!-- end generated -->"
 RESULTS = "bench/results/"
 CITED = re.compile(r"(?:\.\./)*bench/results/[^\s`'\")\]<>|,;*]*")
-FIX = "run `bgsplit docs` (python -m cluster.docs) to rewrite it"
+FIX = "run `bgsplit docs` (python -m cluster.cli docs) to rewrite it"
 
 
 class DocsError(ValueError):
@@ -186,7 +187,10 @@ def render(root: Path, page: str, line: int, directive: str) -> Render:
     if kind == "config-reference":
         return Render(config_reference())
     if kind == "cli-reference":
-        return Render(cli_reference())
+        if kind not in PROVIDED:
+            raise DocsError(f"{page}:{line}: `cli-reference` is rendered by `bgsplit docs`, which provides the "
+                            "CLI's parser: run it, not this module")
+        return Render(PROVIDED[kind]())
     raise DocsError(f"{page}:{line}: unknown generated block kind {kind!r}: use verdicts, section, bench, "
                     "own-data-loop, plan, modules, config-reference or cli-reference")
 
@@ -330,10 +334,13 @@ def _flag_row(a: argparse.Action) -> str:
     return f"| {name} | {default} | {_cell(help_text)} |"
 
 
-def cli_reference() -> str:
-    """Every `bgsplit` command and its flags, from cluster/cli.py's parsers."""
-    from cluster.cli import build_parser
+PROVIDED: dict[str, Callable[[], str]] = {}
+"""Blocks whose render a caller provides: `bgsplit docs` (cluster/cli.py) gives its own reference, so this module,
+which the CLI runs, never imports the CLI back."""
 
+
+def cli_reference(root: argparse.ArgumentParser) -> str:
+    """Every `bgsplit` command and its flags, from the CLI's parser (``root``)."""
     out: list[str] = []
 
     def walk(parser: argparse.ArgumentParser, prog: str, help_text: str) -> None:
@@ -345,7 +352,6 @@ def cli_reference() -> str:
         for name, sub_help, sub in subs:
             walk(sub, f"{prog} {name}", sub_help)
 
-    root = build_parser()
     for name, sub_help, sub in _subcommands(root):
         walk(sub, f"bgsplit {name}", sub_help)
     return "\n".join(out).rstrip()
@@ -457,15 +463,6 @@ def check(root: Path = ROOT, tracked: set[str] | None = None) -> tuple[list[str]
     return problems, pending
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="bgsplit docs", description=__doc__.split("\n")[0])
-    p.add_argument("--check", action="store_true", help="rewrite nothing; exit 1 on a block that differs from its "
-                   "render, a source or cited results path that is not committed")
-    p.add_argument("--root", default=str(ROOT), help="the checkout (default: this one)")
-    args = p.parse_args(argv)
-    return docs_command(Path(args.root), args.check)
-
-
 def docs_command(root: Path, check_only: bool) -> int:
     if not check_only:
         for page in rewrite(root):
@@ -479,6 +476,3 @@ def docs_command(root: Path, check_only: bool) -> int:
         print(f"bgsplit docs: {len(doc_files(root))} pages, every generated block matches its committed source")
     return 1 if problems else 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

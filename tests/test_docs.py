@@ -18,6 +18,8 @@ from cluster.cli import build_parser, main
 from trainer.config import JobConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+# as `bgsplit docs` does: the CLI hands the docs its parser (cluster/docs.py never imports the CLI)
+docs.PROVIDED["cli-reference"] = lambda: docs.cli_reference(build_parser())
 
 
 # ------------------------------------------------------------------------------------------------ this checkout
@@ -273,8 +275,8 @@ def test_the_config_reference_has_every_key_with_its_default_and_doc():
 
 
 def test_the_cli_reference_has_every_command_and_flag():
-    text = docs.cli_reference()
     parser = build_parser()
+    text = docs.cli_reference(parser)
     commands = [name for a in parser._actions if hasattr(a, "choices") and isinstance(a.choices, dict)
                 for name in a.choices]
     for name in commands:
