@@ -37,19 +37,14 @@ REVIEW_LINE = "# open mined/review.html"
 RARE = ("Dress", "Sandal", "Shirt")
 
 
-def readme_block(readme: Path = ROOT / "README.md") -> list[str]:
+def readme_block() -> list[str]:
     """The section's first bash block as its lines, continuations joined (one command a line)."""
-    text = readme.read_text()
-    if SECTION not in text:
-        raise SystemExit(f"README.md has no section {SECTION!r}")
-    body = text.split(SECTION, 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
-    commands, pending = [], ""
-    for line in body.splitlines():
-        pending += line[:-1] if line.endswith("\\") else line
-        if not line.endswith("\\"):
-            commands.append(pending)
-            pending = ""
-    return [c for c in commands if c.strip()]
+    from cluster.docs import readme_block as block
+
+    commands = block(ROOT)
+    if commands is None:
+        raise SystemExit(f"README.md has no section {SECTION!r} with a bash block")
+    return commands
 
 
 def folder_name(name: str) -> str:

@@ -198,9 +198,9 @@ def render(root: Path, page: str, line: int, directive: str) -> Render:
 OWN_DATA = "## Your own images, start to finish"
 
 
-def readme_own_data(root: Path) -> list[str] | None:
-    """The README's own-data commands as bench/own_data_loop.py runs them: the section's first bash block, lines
-    continued with a backslash joined, the review step (a person, not a command) left out."""
+def readme_block(root: Path) -> list[str] | None:
+    """The README's own-data section's first bash block as bench/own_data_loop.py runs it: a line a command (lines
+    continued with a backslash joined), comment lines kept (one of them is the person reviewing)."""
     readme = root / "README.md"
     text = readme.read_text() if readme.is_file() else ""
     if OWN_DATA not in text or "```bash\n" not in text.split(OWN_DATA, 1)[1]:
@@ -212,7 +212,13 @@ def readme_own_data(root: Path) -> list[str] | None:
         if not line.endswith("\\"):
             commands.append(pending)
             pending = ""
-    return [c for c in commands if c.strip() and not c.lstrip().startswith("#")]
+    return [c for c in commands if c.strip()]
+
+
+def readme_own_data(root: Path) -> list[str] | None:
+    """The block's commands, the review step (a person, not a command) left out."""
+    block = readme_block(root)
+    return None if block is None else [c for c in block if not c.lstrip().startswith("#")]
 
 
 # ------------------------------------------------------------------------------------------------ references
