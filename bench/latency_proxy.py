@@ -62,11 +62,12 @@ async def _serve(upstream: tuple[str, int], port: int, delay: float) -> None:
         await server.serve_forever()
 
 
-class LatencyProxy:
-    """The proxy as a child process: ``start()`` returns once it listens; ``stop()`` ends it by its PID."""
+class ProxyProcess:
+    """A proxy script of bench/ as a child process: ``start()`` returns once it listens (it prints its port);
+    ``stop()`` ends it by its PID. Every proxy here (latency, throttling) is driven this way."""
 
-    def __init__(self, upstream: str, delay_ms: float):
-        self.upstream, self.delay_ms = upstream, delay_ms
+    def __init__(self, script: str, args: list[str]):
+        self.script, self.args = script, args
         self.proc: subprocess.Popen | None = None
         self.port = 0
 
@@ -74,14 +75,15 @@ class LatencyProxy:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "LatencyProxy":
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--upstream", self.upstream,
-                                      "--delay-ms", str(self.delay_ms)], stdout=subprocess.PIPE, text=True,
-                                     env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    def start(self):
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(self.script), *self.args],
+                                     stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                     start_new_session=True)
         line = self.proc.stdout.readline()  # its port, once it listens ("" if it died)
         if not line.strip().isdigit():
             self.stop()
-            raise RuntimeError(f"latency proxy did not start (said {line!r}); run bench/latency_proxy.py by hand")
+            name = os.path.basename(self.script)
+            raise RuntimeError(f"{name} did not start (said {line!r}); run bench/{name} by hand")
         self.port = int(line)
         return self
 
@@ -94,11 +96,19 @@ class LatencyProxy:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
 
-    def __enter__(self) -> "LatencyProxy":
+    def __enter__(self):
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class LatencyProxy(ProxyProcess):
+    """Every answer's first byte held back ``delay_ms``."""
+
+    def __init__(self, upstream: str, delay_ms: float):
+        super().__init__(__file__, ["--upstream", upstream, "--delay-ms", str(delay_ms)])
+        self.upstream, self.delay_ms = upstream, delay_ms
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,8 +17,9 @@ import argparse
 import asyncio
 import os
 import signal
-import subprocess
 import sys
+
+from latency_proxy import ProxyProcess  # bench/ is on the path: as a script, or as the tests import it
 
 BUFFER = 1 << 20
 BODIES = {503: (b"SlowDown", b"Please reduce your request rate."),
@@ -112,52 +113,21 @@ async def _serve(upstream: tuple[str, int], port: int, throttle: _Throttle) -> N
         await server.serve_forever()
 
 
-class ThrottleProxy:
-    """The proxy as a child process: ``start()`` returns once it listens; ``stop()`` ends it by its PID;
-    ``throttled()`` counts the requests it answered with a throttle so far."""
+class ThrottleProxy(ProxyProcess):
+    """``throttled()`` counts the requests it answered with a throttle so far."""
 
     def __init__(self, upstream: str, throttle: int, status: int = 503, retry_after: float = 1.0, after: int = 0,
                  log: str = "", match: str = ""):
-        self.args = ["--upstream", upstream, "--throttle", str(throttle), "--status", str(status),
-                     "--retry-after", str(retry_after), "--after", str(after), "--log", log, "--match", match]
+        super().__init__(__file__, ["--upstream", upstream, "--throttle", str(throttle), "--status", str(status),
+                                    "--retry-after", str(retry_after), "--after", str(after), "--log", log,
+                                    "--match", match])
         self.log = log
-        self.proc: subprocess.Popen | None = None
-        self.port = 0
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def throttled(self) -> int:
         if not self.log or not os.path.exists(self.log):
             return 0
         with open(self.log) as f:
             return sum(1 for _ in f)
-
-    def start(self) -> "ThrottleProxy":
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *self.args], stdout=subprocess.PIPE,
-                                     text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
-        line = self.proc.stdout.readline()  # its port, once it listens ("" if it died)
-        if not line.strip().isdigit():
-            self.stop()
-            raise RuntimeError(f"throttle proxy did not start (said {line!r}); run bench/throttle_proxy.py by hand")
-        self.port = int(line)
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # by PID
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-
-    def __enter__(self) -> "ThrottleProxy":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
