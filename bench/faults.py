@@ -20,7 +20,6 @@ answers counted, and wall time added over the clean run (one run each: +-30% on 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import io
 import json
@@ -35,6 +34,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
+
+from loader import endpoint  # noqa: E402  (bench/loader.py: s3fs pointed at a proxy for a block)
 
 
 def _config(train: str, out: str, steps: int, every: int, *extra: str):
@@ -75,20 +76,6 @@ def _row(fault: str, summary, error: str, seconds: float, base: float, steps: in
         "steps"), "steps_lost": lost, "samples_skipped": sum(skipped.values()), "skipped": skipped,
         "throttled": io_counts.get("throttled", 0), "retries": io_counts.get("retries", 0),
         "wall_s": round(seconds, 1), "wall_added_s": round(seconds - base, 1), "error": error, "note": note}
-
-
-@contextlib.contextmanager
-def _endpoint(url: str):
-    import s3fs
-
-    before = os.environ["AWS_ENDPOINT_URL"]
-    os.environ["AWS_ENDPOINT_URL"] = url
-    s3fs.S3FileSystem.clear_instance_cache()
-    try:
-        yield
-    finally:
-        os.environ["AWS_ENDPOINT_URL"] = before
-        s3fs.S3FileSystem.clear_instance_cache()
 
 
 def _copy_set(src: str, dst: str) -> str:
@@ -179,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                               f"({a.steps * 16 / (a.images):.2f} epochs)"))
 
         with ThrottleProxy(server.endpoint.split("://", 1)[1], 30, 503, 0.2, match=".tar",
-                           log=str(scratch / "throttled.log")) as proxy, _endpoint(proxy.endpoint):
+                           log=str(scratch / "throttled.log")) as proxy, endpoint(proxy.endpoint):
             out, cfg = run("throttled", clean)
             summary, error, took = _run(cfg)
             rows.append(_row("throttling", summary, error, took, base, a.steps,
