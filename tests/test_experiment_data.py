@@ -12,8 +12,9 @@ from data.build import BuildSpec, build_set
 from data.shards import write_shard_set
 from data.sources import FashionMNISTSource
 from cluster.cli import main
-from cluster.experiment import load_spec, parse_spec, run_experiment
+from cluster.experiment import run_experiment
 from cluster.experiment_data import DataSpec, check_sets, resolve_rare
+from cluster.experiment_spec import load_spec, parse_spec
 from trainer.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
