@@ -24,7 +24,8 @@ def _trial(config: dict[str, Any]) -> None:
     import torch
     from ray import tune
 
-    from cluster.experiment import Trial, default_score, run_trial
+    from cluster.experiment import Trial, run_trial
+    from cluster.experiment_scorers import default_score
     from trainer.config import config_from_dict
     from trainer.runtime import resolve_device
 

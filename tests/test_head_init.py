@@ -114,7 +114,7 @@ def test_wise_ft_alpha_zero_is_the_probe_and_one_the_fine_tuned_student(tiny_set
 
 
 def test_a_study_run_from_a_probe_reports_wise_ft_beside_the_plain_run(tiny_sets, tmp_path):
-    from cluster.experiment import train_and_score
+    from cluster.experiment_scorers import train_and_score
 
     cfg = tiny_config(tiny_sets, tmp_path / "final-x" / "seed0", *GRID, "loss.aux_weight=0", "optim.epochs=1",
                       "run.max_steps=3", "data.val=", f"model.probe_val={tiny_sets['test']}")
@@ -130,7 +130,8 @@ def test_a_study_run_from_a_probe_reports_wise_ft_beside_the_plain_run(tiny_sets
 def test_a_study_stores_wise_ft_and_fills_it_in_from_the_checkpoint_of_a_run_stored_without(tiny_sets, tmp_path):
     import json
 
-    from cluster.experiment import Runner, default_score
+    from cluster.experiment import Runner
+    from cluster.experiment_scorers import default_score
 
     cfg = tiny_config(tiny_sets, tmp_path / "m" / "final-x" / "seed0", *GRID, "loss.aux_weight=0", "optim.epochs=1",
                       "run.max_steps=3", "data.val=", f"model.probe_val={tiny_sets['test']}")
