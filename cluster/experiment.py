@@ -10,14 +10,11 @@ selection, pairing and resume logic is tested with a synthetic scorer and no tra
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +22,14 @@ import yaml
 
 from cluster.experiment_data import check_sets, locate_sets
 from cluster.experiment_data import slug as _slug
-from cluster.experiment_scorers import FeatureProbe, default_score, wise_ft_from_checkpoint
+from cluster.experiment_scorers import FeatureProbe, default_score
 from cluster.experiment_spec import (ExperimentSpec, MethodSpec, base_method, in_method, load_spec, quick_left_out,
                                      quick_spec)
 from cluster.experiment_stats import mean_std, method_grid, paired_difference, point_overrides, sample_grid
+from cluster.experiment_store import Execute, ProbeScore, Runner, Score, code_fingerprint, run_hash
 from cluster.study_cost import Progress, RunShape, calibrate
-from data.shards import manifest_identity, read_manifest
+from data.shards import read_manifest
 from trainer.config import ConfigError, JobConfig, load_config
-
-Score = Callable[[JobConfig, str], dict[str, Any]]
-"""(config to train, evaluation set location) -> {"map": float, "ap": {...}}; trains once, scores once."""
 
 
 def smoke_header(quick: ExperimentSpec, full: ExperimentSpec, train: str, overrides: list[str]) -> str:
@@ -54,94 +49,6 @@ def smoke_header(quick: ExperimentSpec, full: ExperimentSpec, train: str, overri
             + ("; ".join(changed) or "its training length is the full study's") + ".\n"
             f"# Its point was chosen from at most {quick.budget} tuning runs: run the experiment without --quick for "
             "the study's choice" + (f", or train this one at full length by adding: {fix}" if fix else "") + "\n")
-
-
-# ------------------------------------------------------------------------------------------------ runs and cache
-
-
-def _hash(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:10]
-
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def code_fingerprint() -> str:
-    """Hash of bgsplit's own source under data/ and trainer/ (sub-folders included: a change to a source reader
-    changes what a run trains on) and of this study's own modules (cluster/experiment*.py: how a run is trained
-    and scored): a stored result is reused only if neither its config nor the code changed."""
-    digest = hashlib.sha256()
-    for path in sorted([*ROOT.glob("data/**/*.py"), *ROOT.glob("trainer/**/*.py"),
-                        *ROOT.glob("cluster/experiment*.py")]):
-        digest.update(str(path.relative_to(ROOT)).encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def config_key(cfg: JobConfig) -> dict[str, Any]:
-    """The config as what it sets away from JobConfig's defaults (dotted key -> value), without where the run and
-    its sets are (the sets enter a result's key by their manifests' identity): a field added to the config later,
-    at its default, and a study moved to another folder or machine, leave every stored result reusable."""
-    def flat(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in doc.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-
-    defaults = flat(JobConfig().to_dict())
-    where = {"data.train", "data.val", "data.test", "run.out_dir", "model.probe_val", "model.probe_cache_dir",
-             "views.cache_dir"}
-    return {k: v for k, v in flat(cfg.to_dict()).items()
-            if k not in where and (k not in defaults or defaults[k] != v)}
-
-
-ProbeScore = Callable[[Any, str, str], dict[str, Any]]
-"""(trainer.probe.ProbeParams, training set, evaluation set) -> {"map", "ap", "fit"}: fit once, score once."""
-
-
-@dataclass
-class Trial:
-    """One train-and-score run, as an executor gets it: everything needed to run it anywhere and store its result
-    where the experiment looks for it (``cfg.run.out_dir``), so a driver that dies loses only runs in flight."""
-
-    cfg: JobConfig
-    eval_set: str
-    key: dict[str, Any]
-    code: str
-
-
-Execute = Callable[[list[Trial], Callable[[int, dict[str, Any]], None]], None]
-"""Runs trials (in this process, or as Ray Tune trials), calling ``on_done(i, result)`` as trial i finishes."""
-
-
-def store_result(out_dir: str, key: dict[str, Any], code: str, result: dict[str, Any]) -> None:
-    path = Path(out_dir) / "experiment_result.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"key": key, "code": code, "result": result}, indent=1, default=str))
-    os.replace(tmp, path)  # a killed experiment never leaves a half-written result to be reused
-
-
-def _result(scored: dict[str, Any], start: float) -> dict[str, Any]:
-    return {"map": float(scored["map"]), "ap": scored.get("ap", {}), "seconds": time.time() - start,
-            "started": start, "curve": scored.get("curve", []), "fit": scored.get("fit", {}),
-            **({"wise_ft": scored["wise_ft"]} if scored.get("wise_ft") else {})}
-
-
-def run_trial(trial: Trial, score: Score) -> dict[str, Any]:
-    """Train and score one trial and store its result beside its run: what every executor runs."""
-    start = time.time()
-    result = _result(score(trial.cfg, trial.eval_set), start)
-    store_result(trial.cfg.run.out_dir, trial.key, trial.code, result)
-    return result
-
-
-def sequential(score: Score) -> Execute:
-    """The executor without a cluster: one trial after another in this process."""
-    def execute(trials: list[Trial], on_done: Callable[[int, dict[str, Any]], None]) -> None:
-        for i, trial in enumerate(trials):
-            on_done(i, run_trial(trial, score))
-    return execute
 
 
 def plan_runs(spec: ExperimentSpec) -> dict[str, dict[str, int]]:
@@ -187,7 +94,7 @@ def run_shapes(spec: ExperimentSpec, sets: dict[str, str] | None = None, out: st
                 evaluated = "val" if phase == "tune" else "test"
                 new = [n for n in (setting, evaluated) if (n, params.image_size) not in featured]
                 featured.update((n, params.image_size) for n in new)
-                folder = os.path.join(mdirs[method], f"tune-{_hash(overrides)}" if phase == "tune" else "final-*")
+                folder = os.path.join(mdirs[method], f"tune-{run_hash(overrides)}" if phase == "tune" else "final-*")
                 shapes.append(RunShape(setting, method, phase, "probe", image_size=params.image_size,
                                        scored=sum(count(n) for n in new), logistic=params.kind == "logistic",
                                        stored=stored(folder)))
@@ -200,7 +107,7 @@ def run_shapes(spec: ExperimentSpec, sets: dict[str, str] | None = None, out: st
                                                  *point_overrides(method_grid(spec.grid, mspec.grid)[0])]
             for phase, seed, overrides in [*(("tune", spec.tune_seed, o) for _, o in points),
                                            *(("final", seed, final) for seed in spec.seeds)]:
-                folder = (os.path.join(mdirs[method], f"tune-{_hash(overrides)}") if phase == "tune" else
+                folder = (os.path.join(mdirs[method], f"tune-{run_hash(overrides)}") if phase == "tune" else
                           os.path.join(mdirs[method], "final-*", f"seed{seed}"))
                 if sets is None:
                     shapes.append(RunShape(setting, method, phase, "train"))
@@ -233,99 +140,6 @@ def calibration_overrides(shapes: list[RunShape]) -> tuple[str, list[str]] | Non
         return None
     pick = next((s for s in trained if s.aux), trained[0])
     return pick.setting, list(pick.overrides)
-
-
-@dataclass
-class Runner:
-    """Runs (config, evaluation set) pairs, reusing each stored result when nothing that affects it changed."""
-
-    score: Score
-    code: str
-    log: Callable[[str], None] = print
-    probe: ProbeScore | None = None
-    keep_results: bool = False
-    """Reuse a stored result made by another version of the code (a study that spans sessions while the code
-    moves on); results.md counts the runs per code version, so the mix is never hidden."""
-    execute: Execute | None = None
-    """How the runs that are not stored are run (default: ``sequential(score)``)."""
-    progress: Progress | None = None
-    """Told of every run as it finishes or is found stored."""
-
-    def run(self, cfg: JobConfig, eval_set: str, record: dict[str, Any]) -> dict[str, Any]:
-        return self.run_many([(cfg, eval_set, record)])[0]
-
-    def run_many(self, items: list[tuple[JobConfig, str, dict[str, Any]]]) -> list[dict[str, Any]]:
-        """Every (config, evaluation set, record): stored results at once, the rest handed to the executor in one
-        batch (independent runs: parallel trials on a cluster); records in the order given."""
-        records: list[dict[str, Any] | None] = [None] * len(items)
-        pending: list[tuple[int, Trial, dict[str, Any]]] = []
-        for i, (cfg, eval_set, record) in enumerate(items):
-            key = {"config": config_key(cfg),
-                   "data": {"train": manifest_identity(cfg.data.train), "val": manifest_identity(cfg.data.val),
-                            "eval": manifest_identity(eval_set),
-                            **({"probe_val": manifest_identity(cfg.model.probe_val)}
-                               if cfg.model.head_init == "probe" else {})}}
-            record = {**record, "image_size": cfg.data.image_size, "run_dir": cfg.run.out_dir}
-            stored = self._stored(cfg.run.out_dir, key)
-            if (stored is not None and record.get("phase") == "final" and cfg.model.head_init == "probe"
-                    and cfg.model.probe_val and not stored.get("wise_ft") and self.score is default_score):
-                wise = wise_ft_from_checkpoint(cfg, eval_set, stored["map"])
-                if wise is not None:  # scored before WiSE-FT was reported: added from its checkpoint, kept
-                    stored["wise_ft"] = wise
-                    store_result(cfg.run.out_dir, key, stored["code"],
-                                 {k: v for k, v in stored.items() if k not in ("code", "reused")})
-            if stored is not None:
-                records[i] = {**record, **stored}
-                self._log(records[i])
-            else:
-                # a checkpoint left by an earlier config or a killed attempt must not outlive its result
-                shutil.rmtree(Path(cfg.run.out_dir) / "checkpoints", ignore_errors=True)
-                pending.append((i, Trial(cfg, eval_set, key, self.code), record))
-
-        def on_done(j: int, result: dict[str, Any]) -> None:
-            i, _, record = pending[j]
-            records[i] = {**record, **result, "code": self.code, "reused": False}
-            self._log(records[i])
-
-        if pending:
-            (self.execute or sequential(self.score))([t for _, t, _ in pending], on_done)
-        missing = [items[i][0].run.out_dir for i, r in enumerate(records) if r is None]
-        if missing:
-            raise RuntimeError(f"{len(missing)} run(s) gave no result (first: {missing[0]}): rerun the experiment "
-                               "(finished runs are reused)")
-        return records  # type: ignore[return-value]
-
-    def run_probe(self, params: Any, train: str, eval_set: str, out_dir: str, record: dict[str, Any]
-                  ) -> dict[str, Any]:
-        if self.probe is None:
-            raise ValueError("a probe method needs a probe scorer")
-        key = {"probe": dataclasses.asdict(params),
-               "data": {"train": manifest_identity(train), "eval": manifest_identity(eval_set)}}
-        record = {**record, "run_dir": out_dir}
-        stored = self._stored(out_dir, key)
-        if stored is None:
-            start = time.time()
-            result = _result(self.probe(params, train, eval_set), start)
-            store_result(out_dir, key, self.code, result)
-            stored = {**result, "code": self.code, "reused": False}
-        rec = {**record, **stored}
-        self._log(rec)
-        return rec
-
-    def _stored(self, out_dir: str, key: dict[str, Any]) -> dict[str, Any] | None:
-        path = Path(out_dir) / "experiment_result.json"
-        if path.exists():
-            stored = json.loads(path.read_text())
-            if stored.get("key") == key and (stored.get("code") == self.code or self.keep_results):
-                return {**stored["result"], "code": stored.get("code"), "reused": True}
-        return None
-
-    def _log(self, rec: dict[str, Any]) -> None:
-        what = f"tune {rec['point']}: val" if rec["phase"] == "tune" else f"seed {rec['seed']}: test"
-        self.log(f"  {rec['setting']:9s} {rec['method']:24s} {what} mAP {100 * rec['map']:5.1f} "
-                 f"({rec['seconds']:.0f}s{', reused' if rec['reused'] else ''})")
-        if self.progress is not None:
-            self.progress.record(rec)
 
 
 # ------------------------------------------------------------------------------------------------ the experiment
@@ -407,7 +221,7 @@ def run_setting(spec: ExperimentSpec, setting: str, sets: dict[str, str], out: s
     active = {m: ms for m, ms in spec.methods.items() if not ms.settings or setting in ms.settings}
     mdirs = {m: os.path.join(out, "runs", _slug(setting), _slug(m)) for m in active}
     points = {m: _tuning_points(spec, m, ms) for m, ms in active.items() if ms.kind == "train"}
-    batch = [(job_config(spec, sets[setting], os.path.join(mdirs[m], f"tune-{_hash(overrides)}"), spec.tune_seed,
+    batch = [(job_config(spec, sets[setting], os.path.join(mdirs[m], f"tune-{run_hash(overrides)}"), spec.tune_seed,
                          overrides, val=sets["val"], study_dir=out),
               sets["val"], {"setting": setting, "method": m, "phase": "tune", "split": "val", "seed": spec.tune_seed,
                             "point": point, "overrides": overrides})
@@ -434,7 +248,7 @@ def run_setting(spec: ExperimentSpec, setting: str, sets: dict[str, str], out: s
     finals = []
     for seed in spec.seeds:
         for method, c in chosen.items():
-            fdir = os.path.join(mdirs[method], f"final-{_hash(c['overrides'])}")
+            fdir = os.path.join(mdirs[method], f"final-{run_hash(c['overrides'])}")
             base = {"setting": setting, "method": method, "phase": "final", "split": "test", "seed": seed,
                     "point": c["point"], "overrides": c["overrides"]}
             if spec.methods[method].kind == "probe":
@@ -485,7 +299,7 @@ def _tune_probe(spec: ExperimentSpec, setting: str, method: str, mspec: MethodSp
 
     grid = method_grid({}, mspec.grid)
     tuned = [runner.run_probe(probe_params(overrides), sets[setting], sets["val"],
-                              os.path.join(mdir, f"tune-{_hash(overrides)}"),
+                              os.path.join(mdir, f"tune-{run_hash(overrides)}"),
                               {"setting": setting, "method": method, "phase": "tune", "split": "val",
                                "seed": spec.tune_seed, "point": point, "overrides": overrides})
              for point in (grid if len(grid) > 1 else [])

@@ -130,8 +130,8 @@ def test_a_study_run_from_a_probe_reports_wise_ft_beside_the_plain_run(tiny_sets
 def test_a_study_stores_wise_ft_and_fills_it_in_from_the_checkpoint_of_a_run_stored_without(tiny_sets, tmp_path):
     import json
 
-    from cluster.experiment import Runner
     from cluster.experiment_scorers import default_score
+    from cluster.experiment_store import Runner
 
     cfg = tiny_config(tiny_sets, tmp_path / "m" / "final-x" / "seed0", *GRID, "loss.aux_weight=0", "optim.epochs=1",
                       "run.max_steps=3", "data.val=", f"model.probe_val={tiny_sets['test']}")
