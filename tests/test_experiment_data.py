@@ -143,7 +143,7 @@ def test_own_sets_with_probes_curves_best_configs_and_advice(own_sets, tmp_path)
     md_text = (tmp_path / "out" / "results.md").read_text()
     assert ("Not a reliable choice" in md_text) == (not advice["reliable"])
     assert "validation margin" in md_text
-    from cluster.experiment import results_markdown
+    from cluster.experiment_report import results_markdown
     from cluster.experiment_summary import summarize_runs
 
     few = summarize_runs(spec, doc["runs"], doc["chosen"], {"Trouser": 2, "Bag": 12})
