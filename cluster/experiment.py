@@ -18,37 +18,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cluster.experiment_configs import best_config, check_configs, job_config, probe_training, smoke_header
 from cluster.experiment_data import check_sets, locate_sets
 from cluster.experiment_data import slug as _slug
 from cluster.experiment_report import (plot_curves, plot_results, results_markdown, write_best, write_recommended,
                                       write_reports)
 from cluster.experiment_scorers import FeatureProbe, default_score
-from cluster.experiment_spec import ExperimentSpec, MethodSpec, in_method, load_spec, quick_left_out, quick_spec
+from cluster.experiment_spec import ExperimentSpec, MethodSpec, load_spec, quick_left_out, quick_spec
 from cluster.experiment_stats import method_grid, point_overrides, sample_grid
 from cluster.experiment_store import Execute, ProbeScore, Runner, Score, code_fingerprint, run_hash
 from cluster.experiment_summary import summarize_runs, validation_positives
 from cluster.study_cost import Progress, RunShape, calibrate
 from data.shards import read_manifest
-from trainer.config import ConfigError, JobConfig, load_config
-
-
-def smoke_header(quick: ExperimentSpec, full: ExperimentSpec, train: str, overrides: list[str]) -> str:
-    """The YAML comment a --quick best/ config opens with: what in it differs from the full study's config of the
-    same point (the training length, chiefly), so it is not trained as it stands and taken for the recipe."""
-    def flat(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in doc.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-
-    short = flat(job_config(quick, train, "runs/x", 0, overrides).to_dict())
-    long = flat(job_config(full, train, "runs/x", 0, overrides).to_dict())
-    changed = [f"{k}: {short[k]} here, {long[k]} in the full study" for k in short if short[k] != long.get(k)]
-    fix = " ".join(f"{k}={long[k]}" for k in short if short[k] != long.get(k))
-    return ("# SMOKE-LENGTH CONFIG, made by `bgsplit experiment --quick`: "
-            + ("; ".join(changed) or "its training length is the full study's") + ".\n"
-            f"# Its point was chosen from at most {quick.budget} tuning runs: run the experiment without --quick for "
-            "the study's choice" + (f", or train this one at full length by adding: {fix}" if fix else "") + "\n")
+from trainer.config import load_config
 
 
 def plan_runs(spec: ExperimentSpec) -> dict[str, dict[str, int]]:
@@ -142,43 +124,6 @@ def calibration_overrides(shapes: list[RunShape]) -> tuple[str, list[str]] | Non
     return pick.setting, list(pick.overrides)
 
 
-# ------------------------------------------------------------------------------------------------ the experiment
-
-
-def job_config(spec: ExperimentSpec, train: str, out_dir: str, seed: int, overrides: list[str], *,
-               val: str = "", curve_every: float = 0.0, study_dir: str = "") -> JobConfig:
-    # data.val stays empty unless curves are recorded: the one scored evaluation of a run is done by the scorer,
-    # on the split the phase allows; a curve on validation is only looked at, never used to choose. A probe that
-    # starts the head (model.head_init=probe) is chosen on validation in every phase: never on test
-    curve = [f"data.val={val}", f"run.eval_every={curve_every}"] if curve_every else []
-    # the study's caches (the trunk's features for a probe-initialised head, cached prefix views) are shared
-    # by all its runs: each is keyed by what it depends on
-    probe = [*([f"model.probe_val={val}"] if val else []),
-             *([f"model.probe_cache_dir={os.path.join(study_dir, 'features')}",
-                f"views.cache_dir={os.path.join(study_dir, 'views')}"] if study_dir else [])]
-    return load_config(spec.base, [f"data.train={train}", "data.val=", "data.test=", f"run.out_dir={out_dir}",
-                                   f"run.seed={seed}", "run.progress=false", "run.resume=", *probe, *spec.overrides,
-                                   *overrides, *curve])
-
-
-def best_config(spec: ExperimentSpec, sets: dict[str, str], setting: str, method: str, overrides: list[str]
-                ) -> dict[str, Any]:
-    """The full training config of a method's chosen point, ready for `bgsplit train --config` (swap data.train
-    for the full-size set)."""
-    cfg = job_config(spec, sets[setting], f"runs/{_slug(method)}", 0, overrides, val=sets["val"])
-    doc = cfg.to_dict()
-    doc["data"].update(val=sets["val"], test=sets["test"])
-    doc["run"].update(progress=True)
-    return doc
-
-
-def _probe_training(chosen: dict[str, Any]) -> list[str]:
-    from trainer.probe import probe_params
-    from trainer.probe_model import training_overrides
-
-    return training_overrides(probe_params(chosen["overrides"]))
-
-
 def run_setting(spec: ExperimentSpec, setting: str, sets: dict[str, str], out: str, runner: Runner,
                 full: ExperimentSpec | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Tune every method on the validation split, then train the seeds with the chosen points, score test once.
@@ -200,7 +145,7 @@ def run_setting(spec: ExperimentSpec, setting: str, sets: dict[str, str], out: s
         if mspec.kind == "probe":
             probe_runs, chosen[method] = _tune_probe(spec, setting, method, mspec, sets, mdirs[method], runner)
             runs += probe_runs
-            training = _probe_training(chosen[method])
+            training = probe_training(chosen[method]["overrides"])
             chosen[method]["best_config"] = write_best(
                 out, setting, method, best_config(spec, sets, setting, method, training),
                 "best validation mAP" if chosen[method]["tuning_runs"] else "its only point", fits=training[0])
@@ -278,25 +223,6 @@ def _tune_probe(spec: ExperimentSpec, setting: str, method: str, mspec: MethodSp
         "point": grid[0], "overrides": [*mspec.overrides, *point_overrides(grid[0])], "map": None}
     return tuned, {"point": best["point"], "overrides": best["overrides"], "val_map": best["map"],
                    "grid_size": len(grid), "tuning_runs": len(tuned), "budget": spec.budget, "deterministic": True}
-
-
-def check_configs(spec: ExperimentSpec, sets: dict[str, str]) -> None:
-    """Every config the experiment will train, loaded once up front: a typo in a method's override or grid is a
-    one-line error before the first run, not hours in."""
-    for setting in spec.data.settings:
-        try:
-            job_config(spec, sets[setting], "runs/check", 0, [])
-        except ConfigError as e:
-            raise ConfigError(f"experiment key 'overrides' or 'base': {e}") from None
-        for name, mspec in spec.methods.items():
-            def load(overrides: list[str]) -> JobConfig:
-                return job_config(spec, sets[setting], "runs/check", 0, overrides)
-
-            if mspec.kind == "train" and not mspec.ablation_of:
-                for point in method_grid(spec.grid, mspec.grid):
-                    in_method(name, mspec, point, load, [*mspec.overrides, *point_overrides(point)])
-            elif mspec.ablation_of:
-                in_method(name, mspec, {}, load, mspec.overrides)
 
 
 def run_experiment(spec: ExperimentSpec, out: str, *, score: Score | None = None, code: str | None = None,

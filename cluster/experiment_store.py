@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cluster.experiment_configs import dotted
 from cluster.experiment_scorers import default_score, wise_ft_from_checkpoint
 from cluster.study_cost import Progress
 from data.shards import manifest_identity
@@ -49,16 +50,10 @@ def config_key(cfg: JobConfig) -> dict[str, Any]:
     """The config as what it sets away from JobConfig's defaults (dotted key -> value), without where the run and
     its sets are (the sets enter a result's key by their manifests' identity): a field added to the config later,
     at its default, and a study moved to another folder or machine, leave every stored result reusable."""
-    def flat(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in doc.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-
-    defaults = flat(JobConfig().to_dict())
+    defaults = dotted(JobConfig().to_dict())
     where = {"data.train", "data.val", "data.test", "run.out_dir", "model.probe_val", "model.probe_cache_dir",
              "views.cache_dir"}
-    return {k: v for k, v in flat(cfg.to_dict()).items()
+    return {k: v for k, v in dotted(cfg.to_dict()).items()
             if k not in where and (k not in defaults or defaults[k] != v)}
 
 
