@@ -21,6 +21,7 @@ from typing import Any
 from cluster.experiment_configs import best_config, check_configs, job_config, probe_training, smoke_header
 from cluster.experiment_data import check_sets, locate_sets
 from cluster.experiment_data import slug as _slug
+from cluster.experiment_records import Choice, RunRecord
 from cluster.experiment_report import (plot_curves, plot_results, results_markdown, write_best, write_recommended,
                                       write_reports)
 from cluster.experiment_scorers import FeatureProbe, default_score
@@ -125,55 +126,53 @@ def calibration_overrides(shapes: list[RunShape]) -> tuple[str, list[str]] | Non
 
 
 def run_setting(spec: ExperimentSpec, setting: str, sets: dict[str, str], out: str, runner: Runner,
-                full: ExperimentSpec | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                full: ExperimentSpec | None = None) -> tuple[list[RunRecord], dict[str, Choice]]:
     """Tune every method on the validation split, then train the seeds with the chosen points, score test once.
 
     Each phase is one batch of independent runs (parallel trials on a cluster). Final runs go seed by seed across
     the methods, so a long study stopped part-way (and resumed in a later session) already has paired seeds of
     every method, not every seed of the first methods only."""
-    runs: list[dict[str, Any]] = []
-    chosen: dict[str, Any] = {}
+    runs: list[RunRecord] = []
+    chosen: dict[str, Choice] = {}
     active = {m: ms for m, ms in spec.methods.items() if not ms.settings or setting in ms.settings}
     mdirs = {m: os.path.join(out, "runs", _slug(setting), _slug(m)) for m in active}
     points = {m: _tuning_points(spec, m, ms) for m, ms in active.items() if ms.kind == "train"}
     batch = [(job_config(spec, sets[setting], os.path.join(mdirs[m], f"tune-{run_hash(overrides)}"), spec.tune_seed,
                          overrides, val=sets["val"], study_dir=out),
-              sets["val"], {"setting": setting, "method": m, "phase": "tune", "split": "val", "seed": spec.tune_seed,
-                            "point": point, "overrides": overrides})
+              sets["val"], RunRecord(setting, m, "tune", spec.tune_seed, point, overrides))
              for m, pts in points.items() for point, overrides in pts]
     for method, mspec in active.items():  # probes first: seconds each, and a floor to read the rest against
         if mspec.kind == "probe":
             probe_runs, chosen[method] = _tune_probe(spec, setting, method, mspec, sets, mdirs[method], runner)
             runs += probe_runs
-            training = probe_training(chosen[method]["overrides"])
-            chosen[method]["best_config"] = write_best(
+            training = probe_training(chosen[method].overrides)
+            chosen[method].best_config = write_best(
                 out, setting, method, best_config(spec, sets, setting, method, training),
-                "best validation mAP" if chosen[method]["tuning_runs"] else "its only point", fits=training[0])
+                "best validation mAP" if chosen[method].tuning_runs else "its only point", fits=training[0])
     tuned = runner.run_many(batch)
     runs += tuned
     for method, mspec in active.items():
         if mspec.kind == "probe":
             continue
-        chosen[method] = _choose(spec, method, mspec, [r for r in tuned if r["method"] == method], chosen)
-        how = ("best validation mAP" if chosen[method]["tuning_runs"] else
+        chosen[method] = _choose(spec, method, mspec, [r for r in tuned if r.method == method], chosen)
+        how = ("best validation mAP" if chosen[method].tuning_runs else
                f"ablation: the point of {mspec.ablation_of}" if mspec.ablation_of else "its only point")
-        smoke = smoke_header(spec, full, sets[setting], chosen[method]["overrides"]) if full is not None else ""
-        chosen[method]["best_config"] = write_best(
-            out, setting, method, best_config(spec, sets, setting, method, chosen[method]["overrides"]), how, smoke)
+        smoke = smoke_header(spec, full, sets[setting], chosen[method].overrides) if full is not None else ""
+        chosen[method].best_config = write_best(
+            out, setting, method, best_config(spec, sets, setting, method, chosen[method].overrides), how, smoke)
     finals = []
     for seed in spec.seeds:
         for method, c in chosen.items():
-            fdir = os.path.join(mdirs[method], f"final-{run_hash(c['overrides'])}")
-            base = {"setting": setting, "method": method, "phase": "final", "split": "test", "seed": seed,
-                    "point": c["point"], "overrides": c["overrides"]}
+            fdir = os.path.join(mdirs[method], f"final-{run_hash(c.overrides)}")
+            base = RunRecord(setting, method, "final", seed, c.point, c.overrides)
             if spec.methods[method].kind == "probe":
                 if seed == spec.seeds[0]:  # deterministic: one fit stands for every seed
                     from trainer.probe import probe_params
 
-                    runs.append(runner.run_probe(probe_params(c["overrides"]), sets[setting], sets["test"], fdir,
-                                                 {**base, "deterministic": True}))
+                    runs.append(runner.run_probe(probe_params(c.overrides), sets[setting], sets["test"], fdir,
+                                                 dataclasses.replace(base, deterministic=True)))
                 continue
-            finals.append((job_config(spec, sets[setting], os.path.join(fdir, f"seed{seed}"), seed, c["overrides"],
+            finals.append((job_config(spec, sets[setting], os.path.join(fdir, f"seed{seed}"), seed, c.overrides,
                                       val=sets["val"], curve_every=spec.curve_every, study_dir=out),
                            sets["test"], base))
     runs += runner.run_many(finals)
@@ -190,23 +189,21 @@ def _tuning_points(spec: ExperimentSpec, method: str, mspec: MethodSpec) -> list
                                                                                method)]
 
 
-def _choose(spec: ExperimentSpec, method: str, mspec: MethodSpec, tuned: list[dict[str, Any]],
-            chosen: dict[str, Any]) -> dict[str, Any]:
+def _choose(spec: ExperimentSpec, method: str, mspec: MethodSpec, tuned: list[RunRecord],
+            chosen: dict[str, Choice]) -> Choice:
     grid = method_grid(spec.grid, mspec.grid)
     if mspec.ablation_of:
         of = chosen[mspec.ablation_of]
-        return {**of, "overrides": [*of["overrides"], *mspec.overrides], "ablation_of": mspec.ablation_of,
-                "tuning_runs": 0}
+        return dataclasses.replace(of, overrides=[*of.overrides, *mspec.overrides], ablation_of=mspec.ablation_of,
+                                   tuning_runs=0)
     if not tuned:
-        return {"point": grid[0], "overrides": [*mspec.overrides, *point_overrides(grid[0])], "val_map": None,
-                "grid_size": 1, "tuning_runs": 0, "budget": spec.budget}
-    best = max(tuned, key=lambda r: r["map"])  # first best in grid order on a tie
-    return {"point": best["point"], "overrides": best["overrides"], "val_map": best["map"], "grid_size": len(grid),
-            "tuning_runs": len(tuned), "budget": spec.budget}
+        return Choice(grid[0], [*mspec.overrides, *point_overrides(grid[0])], None, 1, 0, spec.budget)
+    best = max(tuned, key=lambda r: r.map)  # first best in grid order on a tie
+    return Choice(best.point, best.overrides, best.map, len(grid), len(tuned), spec.budget)
 
 
 def _tune_probe(spec: ExperimentSpec, setting: str, method: str, mspec: MethodSpec, sets: dict[str, str],
-                mdir: str, runner: Runner) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                mdir: str, runner: Runner) -> tuple[list[RunRecord], Choice]:
     """A probe, tuned over its own axes only on validation (the shared grid is for trained methods). A fit on
     cached features costs seconds, so the whole grid is searched, not a budget's sample of it: a stronger
     baseline, which can only shrink a trained method's margin over it."""
@@ -215,14 +212,15 @@ def _tune_probe(spec: ExperimentSpec, setting: str, method: str, mspec: MethodSp
     grid = method_grid({}, mspec.grid)
     tuned = [runner.run_probe(probe_params(overrides), sets[setting], sets["val"],
                               os.path.join(mdir, f"tune-{run_hash(overrides)}"),
-                              {"setting": setting, "method": method, "phase": "tune", "split": "val",
-                               "seed": spec.tune_seed, "point": point, "overrides": overrides})
+                              RunRecord(setting, method, "tune", spec.tune_seed, point, overrides))
              for point in (grid if len(grid) > 1 else [])
              for overrides in [[*mspec.overrides, *point_overrides(point)]]]
-    best = max(tuned, key=lambda r: r["map"]) if tuned else {
-        "point": grid[0], "overrides": [*mspec.overrides, *point_overrides(grid[0])], "map": None}
-    return tuned, {"point": best["point"], "overrides": best["overrides"], "val_map": best["map"],
-                   "grid_size": len(grid), "tuning_runs": len(tuned), "budget": spec.budget, "deterministic": True}
+    if not tuned:
+        return [], Choice(grid[0], [*mspec.overrides, *point_overrides(grid[0])], None, len(grid), 0, spec.budget,
+                          deterministic=True)
+    best = max(tuned, key=lambda r: r.map)
+    return tuned, Choice(best.point, best.overrides, best.map, len(grid), len(tuned), spec.budget,
+                         deterministic=True)
 
 
 def run_experiment(spec: ExperimentSpec, out: str, *, score: Score | None = None, code: str | None = None,
@@ -258,11 +256,14 @@ def run_experiment(spec: ExperimentSpec, out: str, *, score: Score | None = None
     progress = Progress(shapes, rates, log)
     progress.start()
     runner = Runner(score or default_score, code, log, probe, keep_results, execute, progress)
-    runs: list[dict[str, Any]] = []
-    chosen: dict[str, Any] = {}
+    records: list[RunRecord] = []
+    choices: dict[str, dict[str, Choice]] = {}
     for setting in settings:
-        setting_runs, chosen[setting] = run_setting(spec, setting, sets, out, runner, full)
-        runs += setting_runs
+        setting_runs, choices[setting] = run_setting(spec, setting, sets, out, runner, full)
+        records += setting_runs
+    # results.json's rows, read by key from here on (the summary, the pages, a committed study read back)
+    runs = [r.row() for r in records]
+    chosen = {setting: {m: c.as_dict() for m, c in methods.items()} for setting, methods in choices.items()}
     summary = summarize_runs(spec, runs, chosen, validation_positives(sets))
     for pick in summary["advice"]:
         write_recommended(out, pick, chosen[pick["setting"]][pick["method"]]["best_config"])

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.experiment_configs import dotted
+from cluster.experiment_records import RunRecord
 from cluster.experiment_scorers import default_score, wise_ft_from_checkpoint
 from cluster.study_cost import Progress
 from data.shards import manifest_identity
@@ -122,31 +123,31 @@ class Runner:
     progress: Progress | None = None
     """Told of every run as it finishes or is found stored."""
 
-    def run(self, cfg: JobConfig, eval_set: str, record: dict[str, Any]) -> dict[str, Any]:
+    def run(self, cfg: JobConfig, eval_set: str, record: RunRecord) -> RunRecord:
         return self.run_many([(cfg, eval_set, record)])[0]
 
-    def run_many(self, items: list[tuple[JobConfig, str, dict[str, Any]]]) -> list[dict[str, Any]]:
-        """Every (config, evaluation set, record): stored results at once, the rest handed to the executor in one
-        batch (independent runs: parallel trials on a cluster); records in the order given."""
-        records: list[dict[str, Any] | None] = [None] * len(items)
-        pending: list[tuple[int, Trial, dict[str, Any]]] = []
+    def run_many(self, items: list[tuple[JobConfig, str, RunRecord]]) -> list[RunRecord]:
+        """Every (config, evaluation set, planned record): stored results at once, the rest handed to the executor
+        in one batch (independent runs: parallel trials on a cluster); records in the order given."""
+        records: list[RunRecord | None] = [None] * len(items)
+        pending: list[tuple[int, Trial, RunRecord]] = []
         for i, (cfg, eval_set, record) in enumerate(items):
             key = {"config": config_key(cfg),
                    "data": {"train": manifest_identity(cfg.data.train), "val": manifest_identity(cfg.data.val),
                             "eval": manifest_identity(eval_set),
                             **({"probe_val": manifest_identity(cfg.model.probe_val)}
                                if cfg.model.head_init == "probe" else {})}}
-            record = {**record, "image_size": cfg.data.image_size, "run_dir": cfg.run.out_dir}
+            record = dataclasses.replace(record, image_size=cfg.data.image_size, run_dir=cfg.run.out_dir)
             stored = self._stored(cfg.run.out_dir, key)
-            if (stored is not None and record.get("phase") == "final" and cfg.model.head_init == "probe"
-                    and cfg.model.probe_val and not stored.get("wise_ft") and self.score is default_score):
-                wise = wise_ft_from_checkpoint(cfg, eval_set, stored["map"])
-                if wise is not None:  # scored before WiSE-FT was reported: added from its checkpoint, kept
-                    stored["wise_ft"] = wise
-                    store_result(cfg.run.out_dir, key, stored["code"],
-                                 {k: v for k, v in stored.items() if k not in ("code", "reused")})
             if stored is not None:
-                records[i] = {**record, **stored}
+                result, code = stored
+                if (record.phase == "final" and cfg.model.head_init == "probe" and cfg.model.probe_val
+                        and not result.get("wise_ft") and self.score is default_score):
+                    wise = wise_ft_from_checkpoint(cfg, eval_set, result["map"])
+                    if wise is not None:  # scored before WiSE-FT was reported: added from its checkpoint, kept
+                        result["wise_ft"] = wise
+                        store_result(cfg.run.out_dir, key, code, result)
+                records[i] = dataclasses.replace(record, result=result, code=code, reused=True)
                 self._log(records[i])
             else:
                 # a checkpoint left by an earlier config or a killed attempt must not outlive its result
@@ -155,7 +156,7 @@ class Runner:
 
         def on_done(j: int, result: dict[str, Any]) -> None:
             i, _, record = pending[j]
-            records[i] = {**record, **result, "code": self.code, "reused": False}
+            records[i] = dataclasses.replace(record, result=result, code=self.code, reused=False)
             self._log(records[i])
 
         if pending:
@@ -166,34 +167,36 @@ class Runner:
                                "(finished runs are reused)")
         return records  # type: ignore[return-value]
 
-    def run_probe(self, params: Any, train: str, eval_set: str, out_dir: str, record: dict[str, Any]
-                  ) -> dict[str, Any]:
+    def run_probe(self, params: Any, train: str, eval_set: str, out_dir: str, record: RunRecord) -> RunRecord:
         if self.probe is None:
             raise ValueError("a probe method needs a probe scorer")
         key = {"probe": dataclasses.asdict(params),
                "data": {"train": manifest_identity(train), "eval": manifest_identity(eval_set)}}
-        record = {**record, "run_dir": out_dir}
+        record = dataclasses.replace(record, run_dir=out_dir)
         stored = self._stored(out_dir, key)
         if stored is None:
             start = time.time()
             result = _result(self.probe(params, train, eval_set), start)
             store_result(out_dir, key, self.code, result)
-            stored = {**result, "code": self.code, "reused": False}
-        rec = {**record, **stored}
-        self._log(rec)
-        return rec
+            record = dataclasses.replace(record, result=result, code=self.code, reused=False)
+        else:
+            record = dataclasses.replace(record, result=stored[0], code=stored[1], reused=True)
+        self._log(record)
+        return record
 
-    def _stored(self, out_dir: str, key: dict[str, Any]) -> dict[str, Any] | None:
+    def _stored(self, out_dir: str, key: dict[str, Any]) -> tuple[dict[str, Any], str | None] | None:
+        """The stored result of the run in ``out_dir`` and the code that made it, when its key matches and its code
+        is this code (or ``keep_results``)."""
         path = Path(out_dir) / "experiment_result.json"
         if path.exists():
             stored = json.loads(path.read_text())
             if stored.get("key") == key and (stored.get("code") == self.code or self.keep_results):
-                return {**stored["result"], "code": stored.get("code"), "reused": True}
+                return stored["result"], stored.get("code")
         return None
 
-    def _log(self, rec: dict[str, Any]) -> None:
-        what = f"tune {rec['point']}: val" if rec["phase"] == "tune" else f"seed {rec['seed']}: test"
-        self.log(f"  {rec['setting']:9s} {rec['method']:24s} {what} mAP {100 * rec['map']:5.1f} "
-                 f"({rec['seconds']:.0f}s{', reused' if rec['reused'] else ''})")
+    def _log(self, rec: RunRecord) -> None:
+        what = f"tune {rec.point}: val" if rec.phase == "tune" else f"seed {rec.seed}: test"
+        self.log(f"  {rec.setting:9s} {rec.method:24s} {what} mAP {100 * rec.map:5.1f} "
+                 f"({rec.result['seconds']:.0f}s{', reused' if rec.reused else ''})")
         if self.progress is not None:
-            self.progress.record(rec)
+            self.progress.record(rec.row())
