@@ -30,6 +30,7 @@ from cluster.experiment_stats import method_grid, point_overrides, sample_grid
 from cluster.experiment_store import Execute, ProbeScore, Runner, Score, code_fingerprint, run_hash
 from cluster.experiment_summary import summarize_runs, validation_positives
 from cluster.study_cost import Progress, RunShape, calibrate
+from data import storage
 from data.shards import read_manifest
 from trainer.config import load_config
 
@@ -273,9 +274,9 @@ def run_experiment(spec: ExperimentSpec, out: str, *, score: Score | None = None
     os.makedirs(out, exist_ok=True)
     if spec.reports:
         write_reports(spec, runs, sets, out, log)
-    Path(out, "results.json").write_text(json.dumps(doc, indent=1, default=str))
+    storage.write_bytes(os.path.join(out, "results.json"), json.dumps(doc, indent=1, default=str).encode())
     markdown = results_markdown(spec, summary, chosen, runs, seconds, data)
-    Path(out, "results.md").write_text(markdown)
+    storage.write_bytes(os.path.join(out, "results.md"), markdown.encode())
     plot_results(summary, os.path.join(out, "plot.png"))
     if summary["curves"]:
         plot_curves(summary, os.path.join(out, "curves.png"))

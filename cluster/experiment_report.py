@@ -3,6 +3,7 @@ curves, the chosen points, the wall time), plot.png and curves.png, each chosen 
 best/<setting>/ with the pick as recommended.yaml, and the demo's evaluation reports."""
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -13,20 +14,18 @@ import yaml
 from cluster.experiment_data import slug as _slug
 from cluster.experiment_spec import ExperimentSpec
 from cluster.experiment_summary import FEW_VAL_POSITIVES
+from data import storage
 
 
 def write_best(out: str, setting: str, method: str, doc: dict[str, Any], how: str, smoke: str = "",
                 fits: str = "") -> str:
     path = Path(out, "best", _slug(setting), f"{_slug(method)}.yaml")
-    path.parent.mkdir(parents=True, exist_ok=True)
     shown = os.path.relpath(path) if path.resolve().is_relative_to(Path.cwd()) else str(path)
     what = (f"# It fits the probe ({fits}) on data.train's teacher features and writes it as a checkpoint that "
             "eval and mine take.\n" if fits else "")
     header = (f"{smoke}# bgsplit experiment: {method}'s chosen point in setting '{setting}' ({how}).\n{what}"
               f"# Train it: bgsplit train --config {shown} data.train=<your full training set>\n")
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(header + yaml.safe_dump(doc, sort_keys=False))
-    os.replace(tmp, path)
+    storage.write_bytes(str(path), (header + yaml.safe_dump(doc, sort_keys=False)).encode())
     # relative to the study folder: a committed results page is right on any clone the study moves to
     return os.path.relpath(path, out)
 
@@ -40,9 +39,7 @@ def write_recommended(out: str, pick: dict[str, Any], best: str) -> None:
              if pick.get("reliable") is False else "")
     header = (f"# bgsplit experiment recommends {pick['method']} for setting '{pick['setting']}' (best validation "
               f"mAP, {100 * pick['val_map']:.1f}); a copy of {best}.\n{doubt}")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(header + Path(out, best).read_text())
-    os.replace(tmp, path)
+    storage.write_bytes(str(path), (header + Path(out, best).read_text()).encode())
 
 
 def _pct(x: float | None) -> str:
@@ -129,6 +126,14 @@ def results_markdown(spec: ExperimentSpec, summary: dict[str, Any], chosen: dict
     return "\n".join(lines)
 
 
+def save_figure(fig: Any, path: str) -> None:
+    """A figure as a PNG through the one atomic write (rendered to bytes first): a study killed while plotting
+    leaves the previous plot or none, never half of one."""
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
+    storage.write_bytes(path, png.getvalue())
+
+
 def plot_results(summary: dict[str, Any], path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -148,7 +153,7 @@ def plot_results(summary: dict[str, Any], path: str) -> None:
     ax.set_ylabel("test mAP (mean ± std over seeds)")
     ax.legend(title="training set")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -169,7 +174,7 @@ def plot_curves(summary: dict[str, Any], path: str) -> None:
         ax.set_ylabel("validation mAP (mean over seeds)")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
 
 

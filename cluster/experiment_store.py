@@ -19,6 +19,7 @@ from cluster.experiment_configs import dotted
 from cluster.experiment_records import RunRecord
 from cluster.experiment_scorers import default_score, wise_ft_from_checkpoint
 from cluster.study_cost import Progress
+from data import storage
 from data.shards import manifest_identity
 from trainer.config import JobConfig
 
@@ -78,11 +79,9 @@ Execute = Callable[[list[Trial], Callable[[int, dict[str, Any]], None]], None]
 
 
 def store_result(out_dir: str, key: dict[str, Any], code: str, result: dict[str, Any]) -> None:
-    path = Path(out_dir) / "experiment_result.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"key": key, "code": code, "result": result}, indent=1, default=str))
-    os.replace(tmp, path)  # a killed experiment never leaves a half-written result to be reused
+    # atomic: a killed experiment never leaves a half-written result to be reused
+    storage.write_bytes(os.path.join(out_dir, "experiment_result.json"),
+                        json.dumps({"key": key, "code": code, "result": result}, indent=1, default=str).encode())
 
 
 def _result(scored: dict[str, Any], start: float) -> dict[str, Any]:
