@@ -6,6 +6,12 @@ seed and each final model is scored on the TEST split exactly once. The test spl
 
 The work that costs time (train one config, score it on one split) is a function passed in (``score``), so the
 selection, pairing and resume logic is tested with a synthetic scorer and no training.
+
+This module is the driver: the plan of every run, each setting's two phases, the command. Its parts: the spec
+(experiment_spec), each run's config (experiment_configs), the grid and statistics (experiment_stats), the run store
+and its reuse (experiment_store) with the typed rows of results.json (experiment_records), the real scorers
+(experiment_scorers), the summary (experiment_summary) and the pages, plots and configs written for a reader
+(experiment_report); the sets are experiment_data's, the cost estimate study_cost's.
 """
 from __future__ import annotations
 

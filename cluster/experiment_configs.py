@@ -1,6 +1,8 @@
-"""The training config of every run a study makes, from one function (``job_config``), so the runs, the plan of
-their cost, the check before the first run and the chosen points' configs under best/ agree on it. Every config is
-loaded once up front, so a typo in a method's override or grid is a one-line error before hours of runs."""
+"""The training config of every run a study makes, from one function, loaded before the first run.
+
+One function (``job_config``) makes them, so the runs, the plan of their cost, the check before the first run and
+the chosen points' configs under best/ agree. Every config is loaded once up front, so a typo in a method's override
+or grid is a one-line error before hours of runs."""
 from __future__ import annotations
 
 import os

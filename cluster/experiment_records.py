@@ -1,8 +1,9 @@
-"""The rows a study writes into results.json, typed: a ``RunRecord`` for each run (which run it is, where it ran,
-what it scored) and a ``Choice`` for each method's chosen point in a setting. The driver and the run store build
-and read these; ``row()`` and ``as_dict()`` are the one place they become the file's mappings, whose keys and
-values stay what they were before the rows were typed (committed studies, the docs' tables and the summaries read
-the file by key)."""
+"""The rows of results.json, typed: a run's ``RunRecord`` and a method's chosen point, its ``Choice``.
+
+A run's record says which run it is, where it ran and what it scored; a choice is a method's point in one setting.
+The driver and the run store build and read these; ``row()`` and ``as_dict()`` are the one place they become the
+file's mappings, whose keys and values stay what they were before the rows were typed (committed studies, the docs'
+tables and the summaries read the file by key)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -1,6 +1,9 @@
-"""What a study leaves for a reader: results.md (the data, test mAP, paired differences, the recommendation, the
-curves, the chosen points, the wall time), plot.png and curves.png, each chosen point's training config under
-best/<setting>/ with the pick as recommended.yaml, and the demo's evaluation reports."""
+"""What a study leaves for a reader: results.md, its plots, the chosen points' configs under best/, reports.
+
+results.md holds the data, test mAP, paired differences, the recommendation, the curves, the chosen points and the
+wall time; plot.png and curves.png draw them; best/<setting>/ holds each chosen point's training config, with the
+pick as recommended.yaml; with ``reports`` (the demo's), report/<method>/ holds a trained method's evaluation report.
+The files written here go through storage's atomic write."""
 from __future__ import annotations
 
 import io

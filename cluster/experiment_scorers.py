@@ -1,6 +1,8 @@
-"""The real scorers of a study, the work that costs time: train a config from scratch and score its final student
-once on the split its phase allows (with WiSE-FT beside a run that started from a probe), or fit a probe on the
-frozen teacher's cached features. The driver takes them as parameters, so its logic is tested without them."""
+"""The real scorers of a study: train a config and score it once, or fit a probe on the teacher's features.
+
+The work that costs time: a config trained from scratch, its final student scored once on the split its phase
+allows (with WiSE-FT beside a run that started from a probe); a probe fit on the frozen teacher's cached features.
+The driver takes them as parameters, so its logic is tested without them."""
 from __future__ import annotations
 
 import os

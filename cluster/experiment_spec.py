@@ -1,7 +1,9 @@
-"""What a study compares, as its YAML file says it: the methods (their overrides, their own grid axes, what they
-ablate, the settings they run in), the shared grid and budget, the seeds, and the data. A key the spec does not
-know, or a method's override the training config rejects, is a one-line error naming where in the file it is. The
-``--quick`` smoke run is a spec cut down from it, and says what it leaves out."""
+"""What a study compares, as its YAML file says it, parsed with one-line errors; the --quick smoke spec.
+
+The methods (their overrides, their own grid axes, what they ablate, the settings they run in), the shared grid
+and budget, the seeds, and the data. A key the spec does not know, or a method's override the training config
+rejects, is a one-line error naming where in the file it is. The ``--quick`` smoke run is a spec cut down from it,
+and says what it leaves out."""
 from __future__ import annotations
 
 import dataclasses

@@ -1,6 +1,8 @@
-"""The study's arithmetic, with no training in it: the grid a method is tuned over and its fixed-seed sample under
-the budget, a grid point as config overrides, and the statistics of the final runs (mean and standard deviation,
-paired differences by seed with a 95% t interval)."""
+"""The study's arithmetic: the grid and its fixed-seed sample, and the statistics of the final runs.
+
+No training in it: the grid a method is tuned over and its fixed-seed sample under the budget, a grid point as
+config overrides, the mean and standard deviation of the final runs, and paired differences by seed with a 95% t
+interval."""
 from __future__ import annotations
 
 import hashlib

@@ -1,7 +1,9 @@
-"""Where a study's runs live and when one is reused: each run's result is stored beside it with the key it was made
-under (its config away from the defaults, its sets' identities) and the code's fingerprint, and a rerun of the study
-reuses every stored result whose key and code still match. A trial is everything an executor needs to run one run
-anywhere (this process, a Ray Tune trial) and store its result where the driver looks for it."""
+"""Where a study's runs live and when a stored result is reused; the trials an executor runs.
+
+Each run's result is stored beside it with the key it was made under (its config away from the defaults, its
+sets' identities) and the code's fingerprint, and a rerun of the study reuses every stored result whose key and
+code still match. A trial is everything an executor needs to run one run anywhere (this process, a Ray Tune trial)
+and store its result where the driver looks for it."""
 from __future__ import annotations
 
 import dataclasses

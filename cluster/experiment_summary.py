@@ -1,7 +1,9 @@
-"""What a study's final runs say: test mAP mean and spread per setting x method, the paired differences by seed
-(each BG-split variant against its base, the configured pairs, the best trained method against the best probe),
-the validation curves, and the method validation recommends, with how sure that choice is. It reads runs and chosen
-points as results.json holds them (mappings read by key), so a study's file can be summarized again as it is."""
+"""What a study's final runs say: the table, paired differences, curves and validation's pick.
+
+Test mAP mean and spread per setting x method, the paired differences by seed (each BG-split variant against its
+base, the configured pairs, the best trained method against the best probe), the validation curves, and the method
+validation recommends, with how sure that choice is. It reads runs and chosen points as results.json holds them
+(mappings read by key), so a study's file can be summarized again as it is."""
 from __future__ import annotations
 
 from collections.abc import Sequence
