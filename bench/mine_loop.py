@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data import storage
 from data.add_labels import add_labels
 from data.shards import iter_tar, read_manifest
-from cluster.experiment import train_and_score
 from cluster.experiment_data import DataSpec, build_sets
+from cluster.experiment_scorers import train_and_score
 from trainer.checkpoint import latest_checkpoint
 from trainer.config import load_config
 from trainer.mine import CANDIDATES, MineJob, keys_of, mine, pool_set

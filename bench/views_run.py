@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
 
-    from cluster.experiment import load_spec
+    from cluster.experiment_spec import load_spec
     from cluster.experiment_data import build_sets
     from trainer.config import load_config
 

@@ -7,8 +7,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cluster.experiment import load_spec, quick_spec, run_experiment, set_threads
+from cluster.experiment import run_experiment, set_threads
 from cluster.experiment_data import check_sets, locate_sets
+from cluster.experiment_spec import load_spec, quick_spec
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "experiment_demo.yaml"
 

@@ -6,463 +6,39 @@ seed and each final model is scored on the TEST split exactly once. The test spl
 
 The work that costs time (train one config, score it on one split) is a function passed in (``score``), so the
 selection, pairing and resume logic is tested with a synthetic scorer and no training.
+
+This module is the driver: the plan of every run, each setting's two phases, the command. Its parts: the spec
+(experiment_spec), each run's config (experiment_configs), the grid and statistics (experiment_stats), the run store
+and its reuse (experiment_store) with the typed rows of results.json (experiment_records), the real scorers
+(experiment_scorers), the summary (experiment_summary) and the pages, plots and configs written for a reader
+(experiment_report); the sets are experiment_data's, the cost estimate study_cost's.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import itertools
 import json
 import math
 import os
-import random
-import shutil
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from cluster.experiment_data import DataSpec, check_sets, expand_draws, locate_sets, parse_sets
+from cluster.experiment_configs import best_config, check_configs, job_config, probe_training, smoke_header
+from cluster.experiment_data import check_sets, locate_sets
 from cluster.experiment_data import slug as _slug
+from cluster.experiment_records import Choice, RunRecord
+from cluster.experiment_report import (plot_curves, plot_results, results_markdown, write_best, write_recommended,
+                                      write_reports)
+from cluster.experiment_scorers import FeatureProbe, default_score
+from cluster.experiment_spec import ExperimentSpec, MethodSpec, load_spec, quick_left_out, quick_spec
+from cluster.experiment_stats import method_grid, point_overrides, sample_grid
+from cluster.experiment_store import Execute, ProbeScore, Runner, Score, code_fingerprint, run_hash
+from cluster.experiment_summary import summarize_runs, validation_positives
 from cluster.study_cost import Progress, RunShape, calibrate
-from data.shards import manifest_identity, read_manifest
-from trainer.config import ConfigError, JobConfig, load_config
-
-Score = Callable[[JobConfig, str], dict[str, Any]]
-"""(config to train, evaluation set location) -> {"map": float, "ap": {...}}; trains once, scores once."""
-
-BG_SPLIT = "bg-split"
-BASELINE = "fine-tune"
-
-
-@dataclass
-class MethodSpec:
-    overrides: list[str] = field(default_factory=list)
-    """Dotted config overrides that define the method (e.g. loss.aux_weight=0); probe.* keys for a probe."""
-    grid: dict[str, list[Any]] = field(default_factory=dict)
-    """The method's own hyper-parameter axes, added to the shared grid (same key: the method's values win)."""
-    ablation_of: str = ""
-    """An ablation: no tuning of its own, it trains with the point chosen for this (earlier) method plus its
-    overrides, and is paired with it (e.g. soft aux targets against hard ones at the same LR and lambda)."""
-    settings: list[str] = field(default_factory=list)
-    """The settings it runs in (empty: all)."""
-    kind: str = "train"
-    """train (a bgsplit training run per point and seed) or probe (trainer.probe on the frozen teacher's cached
-    features: its whole grid of probe.* axes searched on validation, the budget and shared grid not applying;
-    deterministic, so one final fit stands for every seed)."""
-
-
-@dataclass
-class ExperimentSpec:
-    base: str = "configs/fmnist_bg.yaml"
-    """Training config every run starts from (relative paths: to the experiment file, then the working dir)."""
-    data: DataSpec = field(default_factory=DataSpec)
-    overrides: list[str] = field(default_factory=list)
-    """Overrides applied to every run before the method's."""
-    methods: dict[str, MethodSpec] = field(default_factory=dict)
-    grid: dict[str, list[Any]] = field(default_factory=dict)
-    """Shared hyper-parameter axes (dotted key -> values) that every trained method is tuned over."""
-    budget: int = 4
-    """Validation runs per method: a larger grid is sampled down to this many points (fixed seed)."""
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    """Final runs per setting x method, one per seed, each scored once on the test split."""
-    tune_seed: int = 1000
-    """run.seed of every tuning run, and the seed of the grid sampling."""
-    curve_every: float = 0.0
-    """Epochs between validation scores recorded along every final run (0: none). The curves are only looked at,
-    never used to choose anything: selection is the tuning runs' final validation mAP."""
-    pairs: list[list[str]] = field(default_factory=list)
-    """Extra [variant, base] pairs to report by seed, besides each BG-split variant against its base."""
-    reports: bool = False
-    """Write an evaluation report (PR curves, top-scoring images) of each trained method's first final run in
-    the first setting, under report/<method>/ (the demo's)."""
-    title: str = "tuned comparison"
-    """The results page's heading."""
-
-
-# ------------------------------------------------------------------------------------------------ spec loading
-
-
-def _check_keys(values: Any, cls: type, where: str) -> dict[str, Any]:
-    if not isinstance(values, dict):
-        raise ConfigError(f"experiment key '{where or 'top level'}' must be a mapping, got {values!r}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in values:
-        if key not in names:
-            raise ConfigError(f"unknown experiment key '{where}{key}': valid keys here are {', '.join(sorted(names))}")
-    return values
-
-
-def _axes(values: Any, where: str) -> dict[str, list[Any]]:
-    if not isinstance(values, dict):
-        raise ConfigError(f"experiment key '{where}' must map dotted config keys to lists of values")
-    for key, options in values.items():
-        if not isinstance(options, list) or not options:
-            raise ConfigError(f"experiment key '{where}.{key}' must be a non-empty list of values, got {options!r}")
-    return {str(k): list(v) for k, v in values.items()}
-
-
-def _strings(values: Any, where: str) -> list[str]:
-    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
-        raise ConfigError(f"experiment key '{where}' must be a list of section.key=value strings, got {values!r}")
-    return list(values)
-
-
-_SET_KEYS = {"sets"}
-_BUILD_KEYS = {f.name for f in dataclasses.fields(DataSpec)} - _SET_KEYS
-
-
-def _parse_data(doc: dict[str, Any]) -> DataSpec:
-    data = _check_keys(doc, DataSpec, "data.")
-    if "sets" in data:
-        mixed = sorted(set(data) & _BUILD_KEYS)
-        if mixed:
-            raise ConfigError(f"experiment data gives both sets and construction keys {mixed}: name built shard "
-                              "sets with data.sets, or a source and its -BG construction, not both")
-        sets = parse_sets(data["sets"])
-        return DataSpec(sets=sets, settings={name: None for name in sets["train"]})
-    spec = DataSpec(**{**dataclasses.asdict(DataSpec()), **data})
-    spec.rare = [str(r) for r in spec.rare]
-    if not isinstance(spec.settings, dict) or not spec.settings:
-        raise ConfigError("experiment key 'data.settings' must map setting names to positives per class")
-    spec.settings = expand_draws(spec.settings, spec.draws)
-    return spec
-
-
-def parse_spec(doc: dict[str, Any]) -> ExperimentSpec:
-    """Build an ExperimentSpec from a YAML mapping; an unknown key is a one-line ConfigError naming it."""
-    doc = _check_keys(doc or {}, ExperimentSpec, "")
-    spec = ExperimentSpec()
-    if "base" in doc:
-        spec.base = str(doc["base"])
-    if "data" in doc:
-        spec.data = _parse_data(doc["data"])
-    if "overrides" in doc:
-        spec.overrides = _strings(doc["overrides"], "overrides")
-    if "grid" in doc:
-        spec.grid = _axes(doc["grid"], "grid")
-    methods = doc.get("methods") or {}
-    if not isinstance(methods, dict) or not methods:
-        raise ConfigError("experiment key 'methods' must map method names to {overrides: [...], grid: {...}}")
-    for name, body in methods.items():
-        spec.methods[str(name)] = _parse_method(spec, str(name), body)
-    for key in ("budget", "tune_seed"):
-        if key in doc:
-            if not isinstance(doc[key], int) or isinstance(doc[key], bool):
-                raise ConfigError(f"experiment key '{key}' must be an integer, got {doc[key]!r}")
-            setattr(spec, key, doc[key])
-    if "seeds" in doc:
-        if not isinstance(doc["seeds"], list) or not all(isinstance(s, int) for s in doc["seeds"]):
-            raise ConfigError(f"experiment key 'seeds' must be a list of integers, got {doc['seeds']!r}")
-        spec.seeds = list(doc["seeds"])
-    if "curve_every" in doc:
-        if not isinstance(doc["curve_every"], (int, float)) or doc["curve_every"] < 0:
-            raise ConfigError(f"experiment key 'curve_every' must be epochs >= 0, got {doc['curve_every']!r}")
-        spec.curve_every = float(doc["curve_every"])
-    for key in ("reports",):
-        if key in doc:
-            if not isinstance(doc[key], bool):
-                raise ConfigError(f"experiment key '{key}' must be true or false, got {doc[key]!r}")
-            setattr(spec, key, doc[key])
-    if "title" in doc:
-        spec.title = str(doc["title"])
-    if "pairs" in doc:
-        pairs = doc["pairs"]
-        if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
-            raise ConfigError(f"experiment key 'pairs' must be a list of [variant, base] method names, got {pairs!r}")
-        for variant, base in pairs:
-            for m in (variant, base):
-                if m not in spec.methods:
-                    raise ConfigError(f"experiment key 'pairs' names '{m}', which is not a method: the methods are "
-                                      f"{list(spec.methods)}")
-        spec.pairs = [[str(v), str(b)] for v, b in pairs]
-    if spec.budget < 1 or not spec.seeds:
-        raise ConfigError("experiment needs budget >= 1 and at least one seed")
-    return spec
-
-
-def _parse_method(spec: ExperimentSpec, name: str, body: Any) -> MethodSpec:
-    body = _check_keys(body or {}, MethodSpec, f"methods.{name}.")
-    method = MethodSpec(overrides=_strings(body.get("overrides", []), f"methods.{name}.overrides"),
-                        grid=_axes(body.get("grid", {}), f"methods.{name}.grid"),
-                        ablation_of=str(body.get("ablation_of", "")),
-                        settings=_strings(body.get("settings", []), f"methods.{name}.settings"),
-                        kind=str(body.get("kind", "train")))
-    if method.kind not in ("train", "probe"):
-        raise ConfigError(f"methods.{name}.kind is {method.kind!r}: choose train or probe")
-    if method.kind == "probe":
-        if method.ablation_of:
-            raise ConfigError(f"methods.{name} is a probe: it cannot be an ablation")
-        from trainer.probe import probe_params
-
-        for point in method_grid({}, method.grid):  # every point must be a valid probe: fail before any run
-            _in_method(name, method, point, lambda o: probe_params(o), [*method.overrides, *point_overrides(point)])
-    if method.ablation_of and method.ablation_of not in spec.methods:
-        raise ConfigError(f"methods.{name}.ablation_of names '{method.ablation_of}', which is not a method "
-                          "listed before it")
-    if method.ablation_of and method.grid:
-        raise ConfigError(f"methods.{name} is an ablation: it reuses {method.ablation_of}'s chosen point and "
-                          "takes no grid")
-    of = spec.methods.get(method.ablation_of)
-    if of is not None and of.settings and not set(method.settings or spec.data.settings) <= set(of.settings):
-        raise ConfigError(f"methods.{name} runs in settings where {method.ablation_of} does not; give it "
-                          f"settings: {of.settings}")
-    unknown = [s for s in method.settings if s not in spec.data.settings]
-    if unknown:
-        raise ConfigError(f"methods.{name}.settings names {unknown}; the settings are "
-                          f"{list(spec.data.settings)}")
-    return method
-
-
-def load_spec(path: str | Path) -> ExperimentSpec:
-    from trainer.config import config_file
-
-    try:
-        p = config_file(path)  # a shipped experiment by name from any working directory
-    except ConfigError:
-        raise ConfigError(f"experiment file {path} does not exist; see configs/experiment_*.yaml") from None
-    spec = parse_spec(yaml.safe_load(p.read_text()) or {})
-    base = Path(spec.base)
-    if not base.is_absolute() and not base.is_file() and (p.parent / base).is_file():
-        spec.base = str(p.parent / base)
-    return spec
-
-
-def quick_spec(spec: ExperimentSpec) -> ExperimentSpec:
-    """The smoke run: first setting, first two methods, two grid points, one seed, half-epoch runs."""
-    first = next(iter(spec.data.settings.items()))
-    methods = dict(list(spec.methods.items())[:2])
-    if spec.data.built:
-        data = dataclasses.replace(spec.data, settings=dict([first]),
-                                   sets={**spec.data.sets, "train": {first[0]: spec.data.sets["train"][first[0]]}})
-    else:
-        data = dataclasses.replace(spec.data, settings=dict([first]), holdout=300, test_images=500)
-    return dataclasses.replace(
-        spec, data=data, methods=methods, budget=2, seeds=spec.seeds[:1], curve_every=0.0,
-        pairs=[p for p in spec.pairs if set(p) <= set(methods)],
-        overrides=[*spec.overrides, f"optim.epochs={QUICK_EPOCHS}"])
-
-
-QUICK_EPOCHS = 0.5
-
-
-def quick_left_out(spec: ExperimentSpec) -> list[str]:
-    """What ``quick_spec`` drops from ``spec``, one line each: a smoke run that silently compared 2 of 5 methods at
-    a quarter of the length was read as the study's answer (issue 36)."""
-    quick = quick_spec(spec)
-    lines = []
-    methods = [m for m in spec.methods if m not in quick.methods]
-    if methods:
-        lines.append(f"methods {', '.join(methods)} (only {', '.join(quick.methods)} run)")
-    settings = [s for s in spec.data.settings if s not in quick.data.settings]
-    if settings:
-        lines.append(f"settings {', '.join(settings)} (only {', '.join(quick.data.settings)} runs)")
-    seeds = [s for s in spec.seeds if s not in quick.seeds]
-    if seeds:
-        lines.append(f"final seeds {', '.join(map(str, seeds))} (seed {quick.seeds[0]} only: no confidence interval)")
-    if spec.budget > quick.budget:
-        lines.append(f"tuning points: {quick.budget} a method instead of up to {spec.budget}")
-    full = load_config(spec.base, spec.overrides).optim.epochs
-    lines.append(f"training length: optim.epochs={QUICK_EPOCHS} instead of {full:g} (the configs under best/ say "
-                 "so in their header)")
-    if spec.curve_every:
-        lines.append(f"validation curves (curve_every={spec.curve_every:g})")
-    if not spec.data.built:
-        lines.append(f"data: a {quick.data.holdout}-image validation set and {quick.data.test_images} test images "
-                     f"instead of {spec.data.holdout} and {spec.data.test_images}")
-    return lines
-
-
-def smoke_header(quick: ExperimentSpec, full: ExperimentSpec, train: str, overrides: list[str]) -> str:
-    """The YAML comment a --quick best/ config opens with: what in it differs from the full study's config of the
-    same point (the training length, chiefly), so it is not trained as it stands and taken for the recipe."""
-    def flat(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in doc.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-
-    short = flat(job_config(quick, train, "runs/x", 0, overrides).to_dict())
-    long = flat(job_config(full, train, "runs/x", 0, overrides).to_dict())
-    changed = [f"{k}: {short[k]} here, {long[k]} in the full study" for k in short if short[k] != long.get(k)]
-    fix = " ".join(f"{k}={long[k]}" for k in short if short[k] != long.get(k))
-    return ("# SMOKE-LENGTH CONFIG, made by `bgsplit experiment --quick`: "
-            + ("; ".join(changed) or "its training length is the full study's") + ".\n"
-            f"# Its point was chosen from at most {quick.budget} tuning runs: run the experiment without --quick for "
-            "the study's choice" + (f", or train this one at full length by adding: {fix}" if fix else "") + "\n")
-
-
-# ------------------------------------------------------------------------------------------------ pure logic
-
-
-def method_grid(shared: dict[str, list[Any]], own: dict[str, list[Any]]) -> list[dict[str, Any]]:
-    """Every point of the shared axes x the method's own axes (own values replace a shared axis of that key)."""
-    axes = {**shared, **own}
-    keys = list(axes)
-    return [dict(zip(keys, values)) for values in itertools.product(*(axes[k] for k in keys))]
-
-
-def _stable_int(*parts: Any) -> int:
-    return int(hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:12], 16)
-
-
-def sample_grid(points: list[dict[str, Any]], budget: int, seed: int, method: str) -> list[dict[str, Any]]:
-    """At most ``budget`` grid points: all of a small grid, else a fixed-seed sample (grid order kept).
-
-    The draw depends only on (seed, method, grid size), so it is the same on every rerun and machine."""
-    if len(points) <= budget:
-        return list(points)
-    chosen = sorted(random.Random(_stable_int(seed, method, len(points))).sample(range(len(points)), budget))
-    return [points[i] for i in chosen]
-
-
-def point_overrides(point: dict[str, Any]) -> list[str]:
-    return [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in point.items()]
-
-
-def base_method(method: str, methods: Sequence[str], spec_methods: dict[str, MethodSpec] | None = None
-                ) -> str | None:
-    """The method a BG-split variant is paired with: 'X + bg-split' -> 'X', 'bg-split' -> 'fine-tune'; an
-    ablation with the method it ablates."""
-    if spec_methods is not None and spec_methods[method].ablation_of:
-        return spec_methods[method].ablation_of
-    if method == BG_SPLIT:
-        base = BASELINE
-    elif method.endswith(f" + {BG_SPLIT}"):
-        base = method[: -len(f" + {BG_SPLIT}")]
-    else:
-        return None
-    return base if base in methods else None
-
-
-# two-sided 95% t quantiles t_{0.975, df}, df = 1..30 (scipy is not a dependency)
-_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
-
-
-def t_quantile_975(df: int) -> float:
-    """t_{0.975} with ``df`` degrees of freedom: a table to 30, then the Cornish-Fisher expansion (error < 1e-3)."""
-    if df < 1:
-        raise ValueError(f"a t quantile needs df >= 1, got {df}")
-    if df <= len(_T975):
-        return _T975[df - 1]
-    z = 1.959964
-    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
-
-
-def paired_difference(variant: dict[int, float], base: dict[int, float]) -> dict[str, Any]:
-    """Mean of variant - base over the seeds both have, with a 95% t confidence interval (None for one seed)."""
-    seeds = sorted(set(variant) & set(base))
-    diffs = [variant[s] - base[s] for s in seeds]
-    n = len(diffs)
-    out: dict[str, Any] = {"seeds": seeds, "diffs": diffs, "n": n, "mean": None, "ci95": None}
-    if n == 0:
-        return out
-    mean = sum(diffs) / n
-    out["mean"] = mean
-    if n > 1:
-        sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
-        half = t_quantile_975(n - 1) * sd / math.sqrt(n)
-        out["ci95"] = [mean - half, mean + half]
-    return out
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value)."""
-    n = len(values)
-    mean = sum(values) / n
-    return mean, (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0)
-
-
-# ------------------------------------------------------------------------------------------------ runs and cache
-
-
-def _hash(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:10]
-
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def code_fingerprint() -> str:
-    """Hash of bgsplit's own source under data/ and trainer/ (sub-folders included: a change to a source reader
-    changes what a run trains on) and of this study's own modules (cluster/experiment*.py: how a run is trained
-    and scored): a stored result is reused only if neither its config nor the code changed."""
-    digest = hashlib.sha256()
-    for path in sorted([*ROOT.glob("data/**/*.py"), *ROOT.glob("trainer/**/*.py"),
-                        *ROOT.glob("cluster/experiment*.py")]):
-        digest.update(str(path.relative_to(ROOT)).encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def config_key(cfg: JobConfig) -> dict[str, Any]:
-    """The config as what it sets away from JobConfig's defaults (dotted key -> value), without where the run and
-    its sets are (the sets enter a result's key by their manifests' identity): a field added to the config later,
-    at its default, and a study moved to another folder or machine, leave every stored result reusable."""
-    def flat(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in doc.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-
-    defaults = flat(JobConfig().to_dict())
-    where = {"data.train", "data.val", "data.test", "run.out_dir", "model.probe_val", "model.probe_cache_dir",
-             "views.cache_dir"}
-    return {k: v for k, v in flat(cfg.to_dict()).items()
-            if k not in where and (k not in defaults or defaults[k] != v)}
-
-
-ProbeScore = Callable[[Any, str, str], dict[str, Any]]
-"""(trainer.probe.ProbeParams, training set, evaluation set) -> {"map", "ap", "fit"}: fit once, score once."""
-
-
-@dataclass
-class Trial:
-    """One train-and-score run, as an executor gets it: everything needed to run it anywhere and store its result
-    where the experiment looks for it (``cfg.run.out_dir``), so a driver that dies loses only runs in flight."""
-
-    cfg: JobConfig
-    eval_set: str
-    key: dict[str, Any]
-    code: str
-
-
-Execute = Callable[[list[Trial], Callable[[int, dict[str, Any]], None]], None]
-"""Runs trials (in this process, or as Ray Tune trials), calling ``on_done(i, result)`` as trial i finishes."""
-
-
-def store_result(out_dir: str, key: dict[str, Any], code: str, result: dict[str, Any]) -> None:
-    path = Path(out_dir) / "experiment_result.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"key": key, "code": code, "result": result}, indent=1, default=str))
-    os.replace(tmp, path)  # a killed experiment never leaves a half-written result to be reused
-
-
-def _result(scored: dict[str, Any], start: float) -> dict[str, Any]:
-    return {"map": float(scored["map"]), "ap": scored.get("ap", {}), "seconds": time.time() - start,
-            "started": start, "curve": scored.get("curve", []), "fit": scored.get("fit", {}),
-            **({"wise_ft": scored["wise_ft"]} if scored.get("wise_ft") else {})}
-
-
-def run_trial(trial: Trial, score: Score) -> dict[str, Any]:
-    """Train and score one trial and store its result beside its run: what every executor runs."""
-    start = time.time()
-    result = _result(score(trial.cfg, trial.eval_set), start)
-    store_result(trial.cfg.run.out_dir, trial.key, trial.code, result)
-    return result
-
-
-def sequential(score: Score) -> Execute:
-    """The executor without a cluster: one trial after another in this process."""
-    def execute(trials: list[Trial], on_done: Callable[[int, dict[str, Any]], None]) -> None:
-        for i, trial in enumerate(trials):
-            on_done(i, run_trial(trial, score))
-    return execute
+from data import storage
+from data.shards import read_manifest
+from trainer.config import load_config
 
 
 def plan_runs(spec: ExperimentSpec) -> dict[str, dict[str, int]]:
@@ -508,7 +84,7 @@ def run_shapes(spec: ExperimentSpec, sets: dict[str, str] | None = None, out: st
                 evaluated = "val" if phase == "tune" else "test"
                 new = [n for n in (setting, evaluated) if (n, params.image_size) not in featured]
                 featured.update((n, params.image_size) for n in new)
-                folder = os.path.join(mdirs[method], f"tune-{_hash(overrides)}" if phase == "tune" else "final-*")
+                folder = os.path.join(mdirs[method], f"tune-{run_hash(overrides)}" if phase == "tune" else "final-*")
                 shapes.append(RunShape(setting, method, phase, "probe", image_size=params.image_size,
                                        scored=sum(count(n) for n in new), logistic=params.kind == "logistic",
                                        stored=stored(folder)))
@@ -521,7 +97,7 @@ def run_shapes(spec: ExperimentSpec, sets: dict[str, str] | None = None, out: st
                                                  *point_overrides(method_grid(spec.grid, mspec.grid)[0])]
             for phase, seed, overrides in [*(("tune", spec.tune_seed, o) for _, o in points),
                                            *(("final", seed, final) for seed in spec.seeds)]:
-                folder = (os.path.join(mdirs[method], f"tune-{_hash(overrides)}") if phase == "tune" else
+                folder = (os.path.join(mdirs[method], f"tune-{run_hash(overrides)}") if phase == "tune" else
                           os.path.join(mdirs[method], "final-*", f"seed{seed}"))
                 if sets is None:
                     shapes.append(RunShape(setting, method, phase, "train"))
@@ -556,304 +132,54 @@ def calibration_overrides(shapes: list[RunShape]) -> tuple[str, list[str]] | Non
     return pick.setting, list(pick.overrides)
 
 
-@dataclass
-class Runner:
-    """Runs (config, evaluation set) pairs, reusing each stored result when nothing that affects it changed."""
-
-    score: Score
-    code: str
-    log: Callable[[str], None] = print
-    probe: ProbeScore | None = None
-    keep_results: bool = False
-    """Reuse a stored result made by another version of the code (a study that spans sessions while the code
-    moves on); results.md counts the runs per code version, so the mix is never hidden."""
-    execute: Execute | None = None
-    """How the runs that are not stored are run (default: ``sequential(score)``)."""
-    progress: Progress | None = None
-    """Told of every run as it finishes or is found stored."""
-
-    def run(self, cfg: JobConfig, eval_set: str, record: dict[str, Any]) -> dict[str, Any]:
-        return self.run_many([(cfg, eval_set, record)])[0]
-
-    def run_many(self, items: list[tuple[JobConfig, str, dict[str, Any]]]) -> list[dict[str, Any]]:
-        """Every (config, evaluation set, record): stored results at once, the rest handed to the executor in one
-        batch (independent runs: parallel trials on a cluster); records in the order given."""
-        records: list[dict[str, Any] | None] = [None] * len(items)
-        pending: list[tuple[int, Trial, dict[str, Any]]] = []
-        for i, (cfg, eval_set, record) in enumerate(items):
-            key = {"config": config_key(cfg),
-                   "data": {"train": manifest_identity(cfg.data.train), "val": manifest_identity(cfg.data.val),
-                            "eval": manifest_identity(eval_set),
-                            **({"probe_val": manifest_identity(cfg.model.probe_val)}
-                               if cfg.model.head_init == "probe" else {})}}
-            record = {**record, "image_size": cfg.data.image_size, "run_dir": cfg.run.out_dir}
-            stored = self._stored(cfg.run.out_dir, key)
-            if (stored is not None and record.get("phase") == "final" and cfg.model.head_init == "probe"
-                    and cfg.model.probe_val and not stored.get("wise_ft") and self.score is default_score):
-                wise = wise_ft_from_checkpoint(cfg, eval_set, stored["map"])
-                if wise is not None:  # scored before WiSE-FT was reported: added from its checkpoint, kept
-                    stored["wise_ft"] = wise
-                    store_result(cfg.run.out_dir, key, stored["code"],
-                                 {k: v for k, v in stored.items() if k not in ("code", "reused")})
-            if stored is not None:
-                records[i] = {**record, **stored}
-                self._log(records[i])
-            else:
-                # a checkpoint left by an earlier config or a killed attempt must not outlive its result
-                shutil.rmtree(Path(cfg.run.out_dir) / "checkpoints", ignore_errors=True)
-                pending.append((i, Trial(cfg, eval_set, key, self.code), record))
-
-        def on_done(j: int, result: dict[str, Any]) -> None:
-            i, _, record = pending[j]
-            records[i] = {**record, **result, "code": self.code, "reused": False}
-            self._log(records[i])
-
-        if pending:
-            (self.execute or sequential(self.score))([t for _, t, _ in pending], on_done)
-        missing = [items[i][0].run.out_dir for i, r in enumerate(records) if r is None]
-        if missing:
-            raise RuntimeError(f"{len(missing)} run(s) gave no result (first: {missing[0]}): rerun the experiment "
-                               "(finished runs are reused)")
-        return records  # type: ignore[return-value]
-
-    def run_probe(self, params: Any, train: str, eval_set: str, out_dir: str, record: dict[str, Any]
-                  ) -> dict[str, Any]:
-        if self.probe is None:
-            raise ValueError("a probe method needs a probe scorer")
-        key = {"probe": dataclasses.asdict(params),
-               "data": {"train": manifest_identity(train), "eval": manifest_identity(eval_set)}}
-        record = {**record, "run_dir": out_dir}
-        stored = self._stored(out_dir, key)
-        if stored is None:
-            start = time.time()
-            result = _result(self.probe(params, train, eval_set), start)
-            store_result(out_dir, key, self.code, result)
-            stored = {**result, "code": self.code, "reused": False}
-        rec = {**record, **stored}
-        self._log(rec)
-        return rec
-
-    def _stored(self, out_dir: str, key: dict[str, Any]) -> dict[str, Any] | None:
-        path = Path(out_dir) / "experiment_result.json"
-        if path.exists():
-            stored = json.loads(path.read_text())
-            if stored.get("key") == key and (stored.get("code") == self.code or self.keep_results):
-                return {**stored["result"], "code": stored.get("code"), "reused": True}
-        return None
-
-    def _log(self, rec: dict[str, Any]) -> None:
-        what = f"tune {rec['point']}: val" if rec["phase"] == "tune" else f"seed {rec['seed']}: test"
-        self.log(f"  {rec['setting']:9s} {rec['method']:24s} {what} mAP {100 * rec['map']:5.1f} "
-                 f"({rec['seconds']:.0f}s{', reused' if rec['reused'] else ''})")
-        if self.progress is not None:
-            self.progress.record(rec)
-
-
-def train_and_score(cfg: JobConfig, eval_set: str, keep_checkpoint: bool = True) -> dict[str, Any]:
-    """The real scorer: train ``cfg`` from scratch, score its final student on ``eval_set`` once. With data.val
-    set (final runs of a study with curves), the validation mAP along the way comes back as ``curve``."""
-    from data.shards import read_manifest
-    from trainer.evaluate import EvalSetup, evaluate_student
-    from trainer.train import Trainer
-
-    trainer = Trainer.build(cfg)
-    trainer.fit()
-    setup = EvalSetup(cfg.data.image_size, 128, 0, cfg.data.eval_resize_ratio)
-
-    def score(location: str) -> dict[str, Any]:
-        return evaluate_student(trainer.student, read_manifest(location), setup, trainer.device)
-
-    result = score(eval_set)
-    out = {"map": result["map"], "ap": result["ap"],
-           "curve": [[h["step"] / trainer.steps_per_epoch, h["val_map"]] for h in trainer.history if "val_map" in h]}
-    if trainer.init_head and cfg.model.probe_val and keep_checkpoint:
-        out["wise_ft"] = wise_ft_scores(trainer.student, cfg, trainer.init_head, eval_set, result["map"],
-                                        trainer.device)
-    if not keep_checkpoint:  # tuning runs are never loaded again: 27 MB each is too much to keep x100
-        shutil.rmtree(Path(cfg.run.out_dir) / "checkpoints", ignore_errors=True)
-    return out
-
-
-def wise_ft_scores(student: Any, cfg: JobConfig, init_head: dict[str, Any], eval_set: str, plain_map: float,
-                   device: Any) -> dict[str, Any]:
-    """A final run that started from a probe: WiSE-FT between that probe and the fine-tuned student, alpha chosen
-    on validation (model.probe_val, the split the probe itself was chosen on), test scored at it once."""
-    from data.shards import read_manifest
-    from trainer.evaluate import EvalSetup, evaluate_student
-    from trainer.wise_ft import starting_state, sweep
-
-    setup = EvalSetup(cfg.data.image_size, 128, 0, cfg.data.eval_resize_ratio)
-
-    def score(location: str) -> float:
-        return evaluate_student(student, read_manifest(location), setup, device)["map"]
-
-    theta0 = starting_state(student, cfg.model.weights, init_head)
-    return sweep(student, theta0, lambda: score(cfg.model.probe_val), lambda: score(eval_set), test_at_one=plain_map)
-
-
-def wise_ft_from_checkpoint(cfg: JobConfig, eval_set: str, plain_map: float) -> dict[str, Any] | None:
-    """WiSE-FT of a stored final run from its kept checkpoint (a run scored before its study asked for it);
-    None when the run kept no checkpoint with the head it started from."""
-    import torch
-
-    from trainer.checkpoint import latest_checkpoint, load_checkpoint
-    from trainer.models import student_from_state
-
-    url = latest_checkpoint(cfg.run.out_dir)
-    state = load_checkpoint(url) if url else None
-    if not state or not state.get("init_head"):
-        return None
-    return wise_ft_scores(student_from_state(state, url), cfg, state["init_head"], eval_set, plain_map,
-                          torch.device("cpu"))
-
-
-def default_score(cfg: JobConfig, eval_set: str) -> dict[str, Any]:
-    """train_and_score, keeping the checkpoints of final runs only (run_setting puts them under final-*/)."""
-    return train_and_score(cfg, eval_set, keep_checkpoint=f"{os.sep}final-" in cfg.run.out_dir)
-
-
-@dataclass
-class FeatureProbe:
-    """The real probe scorer: the base config's teacher, features cached under ``cache_dir``."""
-
-    teacher_name: str
-    teacher_weights: str
-    cache_dir: str
-    resize_ratio: float = 1.15
-    _teacher: Any = None
-
-    def __call__(self, params: Any, train: str, eval_set: str) -> dict[str, Any]:
-        from trainer.metrics import evaluate
-        from trainer.models import build_teacher
-        from trainer.probe import extract_features, probe_scores
-
-        if self._teacher is None:
-            self._teacher = build_teacher(self.teacher_name, self.teacher_weights)
-        feats = [extract_features(self._teacher, loc, params.image_size, cache_dir=self.cache_dir,
-                                  identity=manifest_identity(loc), resize_ratio=self.resize_ratio)
-                 for loc in (train, eval_set)]
-        probs, fit = probe_scores(feats[0], feats[1], params)
-        result = evaluate(probs, feats[1].labels, feats[1].class_names)
-        return {"map": result["map"], "ap": result["ap"], "fit": fit}
-
-
-# ------------------------------------------------------------------------------------------------ the experiment
-
-
-def job_config(spec: ExperimentSpec, train: str, out_dir: str, seed: int, overrides: list[str], *,
-               val: str = "", curve_every: float = 0.0, study_dir: str = "") -> JobConfig:
-    # data.val stays empty unless curves are recorded: the one scored evaluation of a run is done by the scorer,
-    # on the split the phase allows; a curve on validation is only looked at, never used to choose. A probe that
-    # starts the head (model.head_init=probe) is chosen on validation in every phase: never on test
-    curve = [f"data.val={val}", f"run.eval_every={curve_every}"] if curve_every else []
-    # the study's caches (the trunk's features for a probe-initialised head, cached prefix views) are shared
-    # by all its runs: each is keyed by what it depends on
-    probe = [*([f"model.probe_val={val}"] if val else []),
-             *([f"model.probe_cache_dir={os.path.join(study_dir, 'features')}",
-                f"views.cache_dir={os.path.join(study_dir, 'views')}"] if study_dir else [])]
-    return load_config(spec.base, [f"data.train={train}", "data.val=", "data.test=", f"run.out_dir={out_dir}",
-                                   f"run.seed={seed}", "run.progress=false", "run.resume=", *probe, *spec.overrides,
-                                   *overrides, *curve])
-
-
-def best_config(spec: ExperimentSpec, sets: dict[str, str], setting: str, method: str, overrides: list[str]
-                ) -> dict[str, Any]:
-    """The full training config of a method's chosen point, ready for `bgsplit train --config` (swap data.train
-    for the full-size set)."""
-    cfg = job_config(spec, sets[setting], f"runs/{_slug(method)}", 0, overrides, val=sets["val"])
-    doc = cfg.to_dict()
-    doc["data"].update(val=sets["val"], test=sets["test"])
-    doc["run"].update(progress=True)
-    return doc
-
-
-def _probe_training(chosen: dict[str, Any]) -> list[str]:
-    from trainer.probe import probe_params
-    from trainer.probe_model import training_overrides
-
-    return training_overrides(probe_params(chosen["overrides"]))
-
-
-def _write_best(out: str, setting: str, method: str, doc: dict[str, Any], how: str, smoke: str = "",
-                fits: str = "") -> str:
-    path = Path(out, "best", _slug(setting), f"{_slug(method)}.yaml")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    shown = os.path.relpath(path) if path.resolve().is_relative_to(Path.cwd()) else str(path)
-    what = (f"# It fits the probe ({fits}) on data.train's teacher features and writes it as a checkpoint that "
-            "eval and mine take.\n" if fits else "")
-    header = (f"{smoke}# bgsplit experiment: {method}'s chosen point in setting '{setting}' ({how}).\n{what}"
-              f"# Train it: bgsplit train --config {shown} data.train=<your full training set>\n")
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(header + yaml.safe_dump(doc, sort_keys=False))
-    os.replace(tmp, path)
-    # relative to the study folder: a committed results page is right on any clone the study moves to
-    return os.path.relpath(path, out)
-
-
-def _write_recommended(out: str, pick: dict[str, Any], best: str) -> None:
-    """best/<setting>/recommended.yaml: the chosen method's file under one name, so the README's commands (and a
-    script) train whatever validation picked on the user's data without reading results.md first."""
-    path = Path(out, "best", _slug(pick["setting"]), "recommended.yaml")
-    doubt = ("# NOT A RELIABLE CHOICE: validation holds fewer than "
-             f"{FEW_VAL_POSITIVES} positives of a class (results.md says which); treat it as a hint.\n"
-             if pick.get("reliable") is False else "")
-    header = (f"# bgsplit experiment recommends {pick['method']} for setting '{pick['setting']}' (best validation "
-              f"mAP, {100 * pick['val_map']:.1f}); a copy of {best}.\n{doubt}")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(header + Path(out, best).read_text())
-    os.replace(tmp, path)
-
-
 def run_setting(spec: ExperimentSpec, setting: str, sets: dict[str, str], out: str, runner: Runner,
-                full: ExperimentSpec | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                full: ExperimentSpec | None = None) -> tuple[list[RunRecord], dict[str, Choice]]:
     """Tune every method on the validation split, then train the seeds with the chosen points, score test once.
 
     Each phase is one batch of independent runs (parallel trials on a cluster). Final runs go seed by seed across
     the methods, so a long study stopped part-way (and resumed in a later session) already has paired seeds of
     every method, not every seed of the first methods only."""
-    runs: list[dict[str, Any]] = []
-    chosen: dict[str, Any] = {}
+    runs: list[RunRecord] = []
+    chosen: dict[str, Choice] = {}
     active = {m: ms for m, ms in spec.methods.items() if not ms.settings or setting in ms.settings}
     mdirs = {m: os.path.join(out, "runs", _slug(setting), _slug(m)) for m in active}
     points = {m: _tuning_points(spec, m, ms) for m, ms in active.items() if ms.kind == "train"}
-    batch = [(job_config(spec, sets[setting], os.path.join(mdirs[m], f"tune-{_hash(overrides)}"), spec.tune_seed,
+    batch = [(job_config(spec, sets[setting], os.path.join(mdirs[m], f"tune-{run_hash(overrides)}"), spec.tune_seed,
                          overrides, val=sets["val"], study_dir=out),
-              sets["val"], {"setting": setting, "method": m, "phase": "tune", "split": "val", "seed": spec.tune_seed,
-                            "point": point, "overrides": overrides})
+              sets["val"], RunRecord(setting, m, "tune", spec.tune_seed, point, overrides))
              for m, pts in points.items() for point, overrides in pts]
     for method, mspec in active.items():  # probes first: seconds each, and a floor to read the rest against
         if mspec.kind == "probe":
             probe_runs, chosen[method] = _tune_probe(spec, setting, method, mspec, sets, mdirs[method], runner)
             runs += probe_runs
-            training = _probe_training(chosen[method])
-            chosen[method]["best_config"] = _write_best(
+            training = probe_training(chosen[method].overrides)
+            chosen[method].best_config = write_best(
                 out, setting, method, best_config(spec, sets, setting, method, training),
-                "best validation mAP" if chosen[method]["tuning_runs"] else "its only point", fits=training[0])
+                "best validation mAP" if chosen[method].tuning_runs else "its only point", fits=training[0])
     tuned = runner.run_many(batch)
     runs += tuned
     for method, mspec in active.items():
         if mspec.kind == "probe":
             continue
-        chosen[method] = _choose(spec, method, mspec, [r for r in tuned if r["method"] == method], chosen)
-        how = ("best validation mAP" if chosen[method]["tuning_runs"] else
+        chosen[method] = _choose(spec, method, mspec, [r for r in tuned if r.method == method], chosen)
+        how = ("best validation mAP" if chosen[method].tuning_runs else
                f"ablation: the point of {mspec.ablation_of}" if mspec.ablation_of else "its only point")
-        smoke = smoke_header(spec, full, sets[setting], chosen[method]["overrides"]) if full is not None else ""
-        chosen[method]["best_config"] = _write_best(
-            out, setting, method, best_config(spec, sets, setting, method, chosen[method]["overrides"]), how, smoke)
+        smoke = smoke_header(spec, full, sets[setting], chosen[method].overrides) if full is not None else ""
+        chosen[method].best_config = write_best(
+            out, setting, method, best_config(spec, sets, setting, method, chosen[method].overrides), how, smoke)
     finals = []
     for seed in spec.seeds:
         for method, c in chosen.items():
-            fdir = os.path.join(mdirs[method], f"final-{_hash(c['overrides'])}")
-            base = {"setting": setting, "method": method, "phase": "final", "split": "test", "seed": seed,
-                    "point": c["point"], "overrides": c["overrides"]}
+            fdir = os.path.join(mdirs[method], f"final-{run_hash(c.overrides)}")
+            base = RunRecord(setting, method, "final", seed, c.point, c.overrides)
             if spec.methods[method].kind == "probe":
                 if seed == spec.seeds[0]:  # deterministic: one fit stands for every seed
                     from trainer.probe import probe_params
 
-                    runs.append(runner.run_probe(probe_params(c["overrides"]), sets[setting], sets["test"], fdir,
-                                                 {**base, "deterministic": True}))
+                    runs.append(runner.run_probe(probe_params(c.overrides), sets[setting], sets["test"], fdir,
+                                                 dataclasses.replace(base, deterministic=True)))
                 continue
-            finals.append((job_config(spec, sets[setting], os.path.join(fdir, f"seed{seed}"), seed, c["overrides"],
+            finals.append((job_config(spec, sets[setting], os.path.join(fdir, f"seed{seed}"), seed, c.overrides,
                                       val=sets["val"], curve_every=spec.curve_every, study_dir=out),
                            sets["test"], base))
     runs += runner.run_many(finals)
@@ -870,23 +196,21 @@ def _tuning_points(spec: ExperimentSpec, method: str, mspec: MethodSpec) -> list
                                                                                method)]
 
 
-def _choose(spec: ExperimentSpec, method: str, mspec: MethodSpec, tuned: list[dict[str, Any]],
-            chosen: dict[str, Any]) -> dict[str, Any]:
+def _choose(spec: ExperimentSpec, method: str, mspec: MethodSpec, tuned: list[RunRecord],
+            chosen: dict[str, Choice]) -> Choice:
     grid = method_grid(spec.grid, mspec.grid)
     if mspec.ablation_of:
         of = chosen[mspec.ablation_of]
-        return {**of, "overrides": [*of["overrides"], *mspec.overrides], "ablation_of": mspec.ablation_of,
-                "tuning_runs": 0}
+        return dataclasses.replace(of, overrides=[*of.overrides, *mspec.overrides], ablation_of=mspec.ablation_of,
+                                   tuning_runs=0)
     if not tuned:
-        return {"point": grid[0], "overrides": [*mspec.overrides, *point_overrides(grid[0])], "val_map": None,
-                "grid_size": 1, "tuning_runs": 0, "budget": spec.budget}
-    best = max(tuned, key=lambda r: r["map"])  # first best in grid order on a tie
-    return {"point": best["point"], "overrides": best["overrides"], "val_map": best["map"], "grid_size": len(grid),
-            "tuning_runs": len(tuned), "budget": spec.budget}
+        return Choice(grid[0], [*mspec.overrides, *point_overrides(grid[0])], None, 1, 0, spec.budget)
+    best = max(tuned, key=lambda r: r.map)  # first best in grid order on a tie
+    return Choice(best.point, best.overrides, best.map, len(grid), len(tuned), spec.budget)
 
 
 def _tune_probe(spec: ExperimentSpec, setting: str, method: str, mspec: MethodSpec, sets: dict[str, str],
-                mdir: str, runner: Runner) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                mdir: str, runner: Runner) -> tuple[list[RunRecord], Choice]:
     """A probe, tuned over its own axes only on validation (the shared grid is for trained methods). A fit on
     cached features costs seconds, so the whole grid is searched, not a budget's sample of it: a stronger
     baseline, which can only shrink a trained method's margin over it."""
@@ -894,310 +218,16 @@ def _tune_probe(spec: ExperimentSpec, setting: str, method: str, mspec: MethodSp
 
     grid = method_grid({}, mspec.grid)
     tuned = [runner.run_probe(probe_params(overrides), sets[setting], sets["val"],
-                              os.path.join(mdir, f"tune-{_hash(overrides)}"),
-                              {"setting": setting, "method": method, "phase": "tune", "split": "val",
-                               "seed": spec.tune_seed, "point": point, "overrides": overrides})
+                              os.path.join(mdir, f"tune-{run_hash(overrides)}"),
+                              RunRecord(setting, method, "tune", spec.tune_seed, point, overrides))
              for point in (grid if len(grid) > 1 else [])
              for overrides in [[*mspec.overrides, *point_overrides(point)]]]
-    best = max(tuned, key=lambda r: r["map"]) if tuned else {
-        "point": grid[0], "overrides": [*mspec.overrides, *point_overrides(grid[0])], "map": None}
-    return tuned, {"point": best["point"], "overrides": best["overrides"], "val_map": best["map"],
-                   "grid_size": len(grid), "tuning_runs": len(tuned), "budget": spec.budget, "deterministic": True}
-
-
-def _maps_by_seed(finals: list[dict[str, Any]], setting: str, method: str, seeds: Sequence[int]) -> dict[int, float]:
-    rows = [r for r in finals if r["setting"] == setting and r["method"] == method]
-    if rows and rows[0].get("deterministic"):  # one deterministic fit stands for every seed
-        return {s: rows[0]["map"] for s in seeds}
-    return {r["seed"]: r["map"] for r in rows}
-
-
-FEW_VAL_POSITIVES = 10
-"""Below this many validation positives of a class, a choice between methods is read from noise: on a clip-art set
-with 2 validation positives a class the experiment's 36 probe points scored between 3 and 19 val mAP."""
-
-
-def summarize_runs(spec: ExperimentSpec, runs: list[dict[str, Any]], chosen: dict[str, Any] | None = None,
-                   val_positives: dict[str, int] | None = None) -> dict[str, Any]:
-    """Test mAP mean/std per setting x method, the paired differences (each BG-split variant against its base,
-    the configured pairs, and the best trained method against the best probe, both picked on validation), the
-    validation curves, and which method validation recommends; from the final runs only."""
-    table, pairs, curves, advice = [], [], [], []
-    chosen = chosen or {}
-    finals = [r for r in runs if r["phase"] == "final"]
-    for setting in spec.data.settings:
-        by_method = {m: _maps_by_seed(finals, setting, m, spec.seeds) for m in spec.methods}
-        for method in spec.methods:
-            rows = [r for r in finals if r["setting"] == setting and r["method"] == method]
-            if rows:
-                mean, std = mean_std([r["map"] for r in rows])
-                table.append({"setting": setting, "method": method, "mean": mean, "std": std, "n": len(rows),
-                              "maps": [r["map"] for r in sorted(rows, key=lambda r: r["seed"])],
-                              "deterministic": bool(rows[0].get("deterministic")),
-                              "val_map": chosen.get(setting, {}).get(method, {}).get("val_map")})
-            wise = [r for r in rows if r.get("wise_ft")]
-            if wise:  # beside the plain run: the same runs interpolated back to their probe, alpha on validation
-                wise.sort(key=lambda r: r["seed"])
-                mean, std = mean_std([r["wise_ft"]["map"] for r in wise])
-                table.append({"setting": setting, "method": f"{method} + WiSE-FT", "mean": mean, "std": std,
-                              "n": len(wise), "maps": [r["wise_ft"]["map"] for r in wise], "deterministic": False,
-                              "val_map": None, "alphas": [r["wise_ft"]["alpha"] for r in wise]})
-            curve = _mean_curve([r["curve"] for r in rows if r.get("curve")])
-            if curve:
-                curves.append({"setting": setting, "method": method, "n": sum(1 for r in rows if r.get("curve")),
-                               **curve})
-        wanted = [(m, base_method(m, list(spec.methods), spec.methods), "BG split") for m in spec.methods]
-        wanted += [(v, b, "configured") for v, b in spec.pairs]
-        ranked = _ranked_by_validation(spec, chosen.get(setting, {}), by_method)
-        trained = [m for m in ranked if spec.methods[m].kind == "train"]
-        probes = [m for m in ranked if spec.methods[m].kind == "probe"]
-        if trained and probes:
-            wanted.append((trained[0], probes[0], "best trained vs best probe (by validation)"))
-        seen = set()
-        for variant, base, why in wanted:
-            if base is None or (variant, base) in seen or not by_method.get(variant) or not by_method.get(base):
-                continue
-            seen.add((variant, base))
-            pairs.append({"setting": setting, "variant": variant, "base": base, "why": why,
-                          **_paired(spec, setting, finals, variant, base, by_method)})
-        if ranked:
-            pick = {"setting": setting, "method": ranked[0], "val_map": chosen[setting][ranked[0]]["val_map"]}
-            if len(ranked) > 1:
-                pick.update(runner_up=ranked[1], vs=_paired(spec, setting, finals, ranked[0], ranked[1], by_method),
-                            val_margin=pick["val_map"] - chosen[setting][ranked[1]]["val_map"])
-            if val_positives:
-                few = {c: n for c, n in val_positives.items() if n < FEW_VAL_POSITIVES}
-                pick.update(val_positives=dict(val_positives), reliable=not few)
-            advice.append(pick)
-    return {"table": table, "pairs": pairs, "curves": curves, "advice": advice}
-
-
-def validation_positives(sets: dict[str, str]) -> dict[str, int] | None:
-    """Positives of each rare class in the validation set (its manifest), None without one."""
-    if not sets.get("val"):
-        return None
-    try:
-        manifest = read_manifest(sets["val"])
-    except (FileNotFoundError, ValueError):  # a study handed stand-in sets (its scorer never reads them)
-        return None
-    return {name: int(n) for name, n in zip(manifest.class_names[1:], manifest.counts[1:])}
-
-
-def _paired(spec: ExperimentSpec, setting: str, finals: list[dict[str, Any]], variant: str, base: str,
-            by_method: dict[str, dict[int, float]]) -> dict[str, Any]:
-    """paired_difference by seed; two deterministic fits are one difference with no interval (repeating it per
-    seed would claim a zero-width one)."""
-    fixed = [any(r.get("deterministic") for r in finals if r["setting"] == setting and r["method"] == m)
-             for m in (variant, base)]
-    if all(fixed):
-        first = spec.seeds[0]
-        return paired_difference({first: by_method[variant][first]}, {first: by_method[base][first]})
-    return paired_difference(by_method[variant], by_method[base])
-
-
-def _ranked_by_validation(spec: ExperimentSpec, chosen: dict[str, Any], by_method: dict[str, dict[int, float]]
-                          ) -> list[str]:
-    """Methods with a validation score of their own (tuned, not ablations), best first: the test split never
-    decides which method is recommended."""
-    scored = [m for m, c in chosen.items() if c.get("val_map") is not None and not c.get("ablation_of")
-              and by_method.get(m)]
-    return sorted(scored, key=lambda m: -chosen[m]["val_map"])
-
-
-def _mean_curve(curves: list[list[list[float]]]) -> dict[str, Any]:
-    """Validation mAP per recorded epoch averaged over seeds, with its peak and its end (does it fall?)."""
-    if not curves:
-        return {}
-    length = min(len(c) for c in curves)
-    epochs = [curves[0][i][0] for i in range(length)]
-    means = [sum(c[i][1] for c in curves) / len(curves) for i in range(length)]
-    peak = max(range(length), key=lambda i: means[i])
-    return {"epochs": epochs, "val_map": means, "peak_epoch": epochs[peak], "peak": means[peak],
-            "final": means[-1]}
-
-
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}"
-
-
-def _ci(p: dict[str, Any]) -> str:
-    return "n/a (one seed)" if p["ci95"] is None else f"[{_pct(p['ci95'][0])}, {_pct(p['ci95'][1])}]"
-
-
-def results_markdown(spec: ExperimentSpec, summary: dict[str, Any], chosen: dict[str, Any], runs: list[dict],
-                     seconds: float, data: dict[str, Any] | None = None) -> str:
-    tuned = any(c["tuning_runs"] for methods in chosen.values() for c in methods.values())
-    how = (f"Hyper-parameters chosen on the validation split (budget {spec.budget} runs per method, run.seed "
-           f"{spec.tune_seed})" if tuned else "Nothing tuned: every method runs its configured point")
-    lines = [f"# bgsplit experiment: {spec.title}", "",
-             (f"{how}; each final model scored once on the test split; seeds {spec.seeds}. mAP in points. A probe "
-              "is one deterministic fit: its single test score pairs with every seed."), ""]
-    if data:
-        lines += ["## Data", "", "| set | images | background | per class |", "| --- | ---: | ---: | --- |"]
-        for name, d in data.items():
-            lines.append(f"| {name} | {d['count']} | {100 * d['background_fraction']:.2f}% | "
-                         + ", ".join(f"{c} {n}" for c, n in zip(d["class_names"][1:], d["counts"][1:])) + " |")
-        lines.append("")
-    lines += ["## Test mAP (mean ± std over seeds)", "",
-              "| setting | method | test mAP | seeds | val mAP (chosen point) |", "| --- | --- | ---: | ---: | ---: |"]
-    for row in summary["table"]:
-        n = "1 (deterministic)" if row["deterministic"] else row["n"]
-        if row.get("alphas"):
-            n = f"{n} (alpha on val: {', '.join(f'{a:g}' for a in row['alphas'])})"
-        lines.append(f"| {row['setting']} | {row['method']} | {_pct(row['mean'])} ± {_pct(row['std'])} | {n} | "
-                     f"{_pct(row['val_map'])} |")
-    lines += ["", "## Paired differences (variant minus base, paired by seed, 95% t interval)", "",
-              "| setting | variant | base | mean diff | 95% CI | seeds | why |",
-              "| --- | --- | --- | ---: | ---: | ---: | --- |"]
-    for p in summary["pairs"]:
-        lines.append(f"| {p['setting']} | {p['variant']} | {p['base']} | {_pct(p['mean'])} | {_ci(p)} | {p['n']} | "
-                     f"{p['why']} |")
-    if summary["advice"]:
-        lines += ["", "## Which method to use (chosen on validation)", ""]
-        for a in summary["advice"]:
-            text = f"- {a['setting']}: **{a['method']}** (val mAP {_pct(a['val_map'])})"
-            if "vs" in a:
-                margin = (f" (validation margin {_pct(a['val_margin'])} points)" if a.get("val_margin") is not None
-                          else "")
-                text += (f"; against the runner-up on validation, {a['runner_up']}{margin}, its test mAP differs by "
-                         f"{_pct(a['vs']['mean'])} points, 95% CI {_ci(a['vs'])}")
-            lines.append(text + ".")
-            if a.get("reliable") is False:
-                few = ", ".join(f"{n} of {c}" for c, n in a["val_positives"].items() if n < FEW_VAL_POSITIVES)
-                lines.append(f"  **Not a reliable choice**: validation holds {few} (fewer than {FEW_VAL_POSITIVES} "
-                             "positives of a class), and a margin read from so few images is within their noise. "
-                             "Treat the pick as a hint: label more positives for validation (`shards build "
-                             "--holdout-positives-per-class`, or `shards add-labels` into the validation set) and "
-                             "run the experiment again; its finished runs are reused.")
-    if summary["curves"]:
-        lines += ["", "## Validation mAP along the final runs (mean over seeds; looked at, never used to choose)",
-                  "", "| setting | method | seeds | peak (epoch) | at the end | end minus peak |",
-                  "| --- | --- | ---: | ---: | ---: | ---: |"]
-        for c in summary["curves"]:
-            lines.append(f"| {c['setting']} | {c['method']} | {c['n']} | {_pct(c['peak'])} ({c['peak_epoch']:.0f}) |"
-                         f" {_pct(c['final'])} | {_pct(c['final'] - c['peak'])} |")
-        lines += ["", "![validation curves](curves.png)"]
-    lines += ["", "## Chosen hyper-parameters (best validation mAP)", "",
-              "| setting | method | chosen | val mAP | runs used / grid size | training config |",
-              "| --- | --- | --- | ---: | ---: | --- |"]
-    for setting, methods in chosen.items():
-        for method, c in methods.items():
-            point = ", ".join(f"{k}={v}" for k, v in c["point"].items()) or "(no axes)"
-            if c.get("ablation_of"):
-                point = f"{c['ablation_of']}'s: {point}"
-            lines.append(f"| {setting} | {method} | {point} | {_pct(c['val_map'])} | "
-                         f"{c['tuning_runs']} / {c['grid_size']} | {c.get('best_config', '(probe)')} |")
-    trained = [r for r in runs if not r["reused"]]
-    codes: dict[str, int] = {}
-    for r in runs:
-        codes[r.get("code") or "?"] = codes.get(r.get("code") or "?", 0) + 1
-    lines += ["", "## Wall time", "",
-              (f"{seconds:.0f} s in all; {len(runs)} runs ({len(trained)} run now, "
-               f"{len(runs) - len(trained)} reused); {sum(r['seconds'] for r in runs):.0f} s of training + scoring "
-               f"over all runs (mean {sum(r['seconds'] for r in runs) / max(len(runs), 1):.0f} s a run). Runs per "
-               f"code version: {', '.join(f'{c} {n}' for c, n in codes.items())}."), "",
-              "![test mAP per method](plot.png)", ""]
-    return "\n".join(lines)
-
-
-def plot_results(summary: dict[str, Any], path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    settings = list(dict.fromkeys(r["setting"] for r in summary["table"]))
-    methods = list(dict.fromkeys(r["method"] for r in summary["table"]))
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(methods) * max(len(settings), 1)), 4))
-    width = 0.8 / max(len(settings), 1)
-    for i, setting in enumerate(settings):
-        rows = {r["method"]: r for r in summary["table"] if r["setting"] == setting}
-        xs = [j + (i - (len(settings) - 1) / 2) * width for j, m in enumerate(methods) if m in rows]
-        ax.bar(xs, [100 * rows[m]["mean"] for m in methods if m in rows], width,
-               yerr=[100 * rows[m]["std"] for m in methods if m in rows], capsize=3, label=setting)
-    ax.set_xticks(range(len(methods)))
-    ax.set_xticklabels(methods, rotation=20, ha="right")
-    ax.set_ylabel("test mAP (mean ± std over seeds)")
-    ax.legend(title="training set")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_curves(summary: dict[str, Any], path: str) -> None:
-    """Validation mAP against epoch for every method, one panel per setting."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    settings = list(dict.fromkeys(c["setting"] for c in summary["curves"]))
-    fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4), squeeze=False)
-    for ax, setting in zip(axes[0], settings):
-        for c in summary["curves"]:
-            if c["setting"] == setting:
-                ax.plot(c["epochs"], [100 * v for v in c["val_map"]], marker=".", label=f"{c['method']} ({c['n']})")
-        ax.set_title(setting)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("validation mAP (mean over seeds)")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _in_method(name: str, mspec: MethodSpec, point: dict[str, Any], load: Callable[[list[str]], Any],
-               overrides: list[str]) -> Any:
-    """``load(overrides)``, a ConfigError naming the method and the experiment key the bad override came from: a
-    study of five methods whose error only names a config key leaves the user searching the file for it."""
-    try:
-        return load(overrides)
-    except ConfigError as e:
-        where = f"methods.{name}.overrides"
-        for key, value in point.items():
-            try:
-                load(point_overrides({key: value}))
-            except ConfigError:
-                where = f"methods.{name}.grid" if key in mspec.grid else "grid (the shared axes)"
-                break
-        raise ConfigError(f"experiment method '{name}', {where}: {e}") from None
-
-
-def check_configs(spec: ExperimentSpec, sets: dict[str, str]) -> None:
-    """Every config the experiment will train, loaded once up front: a typo in a method's override or grid is a
-    one-line error before the first run, not hours in."""
-    for setting in spec.data.settings:
-        try:
-            job_config(spec, sets[setting], "runs/check", 0, [])
-        except ConfigError as e:
-            raise ConfigError(f"experiment key 'overrides' or 'base': {e}") from None
-        for name, mspec in spec.methods.items():
-            def load(overrides: list[str]) -> JobConfig:
-                return job_config(spec, sets[setting], "runs/check", 0, overrides)
-
-            if mspec.kind == "train" and not mspec.ablation_of:
-                for point in method_grid(spec.grid, mspec.grid):
-                    _in_method(name, mspec, point, load, [*mspec.overrides, *point_overrides(point)])
-            elif mspec.ablation_of:
-                _in_method(name, mspec, {}, load, mspec.overrides)
-
-
-def write_reports(spec: ExperimentSpec, runs: list[dict[str, Any]], sets: dict[str, str], out: str,
-                  log: Callable[[str], None]) -> None:
-    """The first final run of each trained method in the first setting, evaluated into a report (PR curves,
-    top-scoring images): what the demo shows a reader beside its table."""
-    from trainer.checkpoint import latest_checkpoint
-    from trainer.evaluate import EvalSetup, evaluate_to_report
-
-    setting = next(iter(spec.data.settings))
-    for method, mspec in spec.methods.items():
-        first = next((r for r in runs if r["setting"] == setting and r["method"] == method and r["phase"] == "final"
-                      and mspec.kind == "train"), None)
-        checkpoint = latest_checkpoint(first["run_dir"]) if first else None
-        if checkpoint is None:
-            continue
-        evaluate_to_report(None, sets["test"], os.path.join(out, "report", _slug(method)),
-                           EvalSetup(first["image_size"]), checkpoint=checkpoint, rank=0, world=1,
-                           title=f"{setting}, {method}, seed {first['seed']}")
-    log(f"reports and plots: {out}/report/<method>/report.md, pr_curves.png, top_scoring.png")
+    if not tuned:
+        return [], Choice(grid[0], [*mspec.overrides, *point_overrides(grid[0])], None, len(grid), 0, spec.budget,
+                          deterministic=True)
+    best = max(tuned, key=lambda r: r.map)
+    return tuned, Choice(best.point, best.overrides, best.map, len(grid), len(tuned), spec.budget,
+                         deterministic=True)
 
 
 def run_experiment(spec: ExperimentSpec, out: str, *, score: Score | None = None, code: str | None = None,
@@ -1233,23 +263,26 @@ def run_experiment(spec: ExperimentSpec, out: str, *, score: Score | None = None
     progress = Progress(shapes, rates, log)
     progress.start()
     runner = Runner(score or default_score, code, log, probe, keep_results, execute, progress)
-    runs: list[dict[str, Any]] = []
-    chosen: dict[str, Any] = {}
+    records: list[RunRecord] = []
+    choices: dict[str, dict[str, Choice]] = {}
     for setting in settings:
-        setting_runs, chosen[setting] = run_setting(spec, setting, sets, out, runner, full)
-        runs += setting_runs
+        setting_runs, choices[setting] = run_setting(spec, setting, sets, out, runner, full)
+        records += setting_runs
+    # results.json's rows, read by key from here on (the summary, the pages, a committed study read back)
+    runs = [r.row() for r in records]
+    chosen = {setting: {m: c.as_dict() for m, c in methods.items()} for setting, methods in choices.items()}
     summary = summarize_runs(spec, runs, chosen, validation_positives(sets))
     for pick in summary["advice"]:
-        _write_recommended(out, pick, chosen[pick["setting"]][pick["method"]]["best_config"])
+        write_recommended(out, pick, chosen[pick["setting"]][pick["method"]]["best_config"])
     seconds = time.time() - started
     doc = {"spec": dataclasses.asdict(spec), "code": code, "sets": sets, "data": data, "runs": runs,
            "chosen": chosen, **summary, "seconds": seconds}
     os.makedirs(out, exist_ok=True)
     if spec.reports:
         write_reports(spec, runs, sets, out, log)
-    Path(out, "results.json").write_text(json.dumps(doc, indent=1, default=str))
+    storage.write_bytes(os.path.join(out, "results.json"), json.dumps(doc, indent=1, default=str).encode())
     markdown = results_markdown(spec, summary, chosen, runs, seconds, data)
-    Path(out, "results.md").write_text(markdown)
+    storage.write_bytes(os.path.join(out, "results.md"), markdown.encode())
     plot_results(summary, os.path.join(out, "plot.png"))
     if summary["curves"]:
         plot_curves(summary, os.path.join(out, "curves.png"))

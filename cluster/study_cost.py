@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from data import storage
+
 CALIBRATION_STEPS = 8
 """Training steps of the calibration run; the first two (workers starting, first allocations) are not timed."""
 
@@ -256,8 +258,6 @@ def calibrate(make: Callable[[list[str]], Any], folder: str, log: Callable[[str]
     shutil.rmtree(run_dir, ignore_errors=True)
     measured = Rates(cfg.data.image_size, cfg.data.batch_size, setup_s, step_s, forward_s, views_s, fit_s,
                      time.time() - started)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"key": key, "rates": asdict(measured)}, indent=1, default=str))
-    os.replace(tmp, path)
+    storage.write_bytes(str(path), json.dumps({"key": key, "rates": asdict(measured)}, indent=1,
+                                              default=str).encode())
     return measured

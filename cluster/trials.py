@@ -2,7 +2,7 @@
 
 A comparison is tens to hundreds of independent runs; on a cluster they run side by side instead of one after
 another in the driver. Each trial trains and scores one config exactly as the sequential executor does
-(cluster.experiment.run_trial) and stores its result beside its run, so a driver that dies (or a job that is
+(cluster.experiment_store.run_trial) and stores its result beside its run, so a driver that dies (or a job that is
 re-submitted) reruns only the trials that had not finished: the experiment's result cache is the restart record.
 Run folders and sets must be reachable from every node (a shared file system or object storage); relative local
 paths are made absolute on the driver, so no trial writes into Ray's per-trial working directory.
@@ -24,7 +24,8 @@ def _trial(config: dict[str, Any]) -> None:
     import torch
     from ray import tune
 
-    from cluster.experiment import Trial, default_score, run_trial
+    from cluster.experiment_scorers import default_score
+    from cluster.experiment_store import Trial, run_trial
     from trainer.config import config_from_dict
     from trainer.runtime import resolve_device
 
@@ -48,7 +49,7 @@ def _absolute(cfg: Any) -> Any:
 
 def tune_executor(address: str = "", cpus_per_trial: float = 1.0, gpus_per_trial: float = 0.0,
                   storage_path: str = "", max_failures: int = 2) -> Callable:
-    """An executor (cluster.experiment.Execute) that runs a batch of trials on the Ray cluster at ``address``
+    """An executor (cluster.experiment_store.Execute) that runs a batch of trials on the Ray cluster at ``address``
     (RAY_ADDRESS under `ray job submit`; a one-machine cluster when empty), as many at once as the resources
     allow; a trial whose worker dies is retried ``max_failures`` times."""
     if cpus_per_trial <= 0 or gpus_per_trial < 0:

@@ -48,7 +48,7 @@ def test_missing_config_file(tmp_path):
 def test_shipped_configs_load():
     from pathlib import Path
 
-    from cluster.experiment import load_spec
+    from cluster.experiment_spec import load_spec
 
     configs = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
     assert {p.name for p in configs} >= {"debug.yaml", "fmnist_bg.yaml", "inat_bg_100.yaml", "inat_bg_1.yaml",
@@ -70,7 +70,7 @@ def test_scientific_notation_without_a_dot_is_a_float():
 
 
 def test_a_shipped_config_is_found_by_name_from_any_directory(tmp_path, monkeypatch):
-    from cluster.experiment import load_spec
+    from cluster.experiment_spec import load_spec
     from trainer.config import ConfigError, config_file, load_config
 
     monkeypatch.chdir(tmp_path)
@@ -87,7 +87,7 @@ def test_a_shipped_config_is_found_by_name_from_any_directory(tmp_path, monkeypa
 @pytest.mark.parametrize("name", ["debug.yaml", "fmnist_bg.yaml"])
 def test_the_demo_configs_point_at_sets_the_demo_builds(name):
     """`bgsplit train --config configs/debug.yaml --debug` after `./run.sh demo`: its sets are the demo's."""
-    from cluster.experiment import load_spec
+    from cluster.experiment_spec import load_spec
     from cluster.experiment_data import slug
 
     cfg = load_config(f"configs/{name}")

@@ -11,22 +11,18 @@ from pathlib import Path
 import pytest
 
 from cluster.cli import main
-from cluster.experiment import (
+from cluster.experiment import plan_runs, run_experiment
+from cluster.experiment_data import slug
+from cluster.experiment_spec import (
     ExperimentSpec,
     MethodSpec,
     base_method,
     load_spec,
-    method_grid,
-    paired_difference,
     parse_spec,
-    plan_runs,
     quick_left_out,
     quick_spec,
-    run_experiment,
-    sample_grid,
-    t_quantile_975,
 )
-from cluster.experiment_data import slug
+from cluster.experiment_stats import method_grid, paired_difference, sample_grid, t_quantile_975
 from trainer.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,8 +12,9 @@ from data.build import BuildSpec, build_set
 from data.shards import write_shard_set
 from data.sources import FashionMNISTSource
 from cluster.cli import main
-from cluster.experiment import load_spec, parse_spec, run_experiment
+from cluster.experiment import run_experiment
 from cluster.experiment_data import DataSpec, check_sets, resolve_rare
+from cluster.experiment_spec import load_spec, parse_spec
 from trainer.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,7 +143,8 @@ def test_own_sets_with_probes_curves_best_configs_and_advice(own_sets, tmp_path)
     md_text = (tmp_path / "out" / "results.md").read_text()
     assert ("Not a reliable choice" in md_text) == (not advice["reliable"])
     assert "validation margin" in md_text
-    from cluster.experiment import results_markdown, summarize_runs
+    from cluster.experiment_report import results_markdown
+    from cluster.experiment_summary import summarize_runs
 
     few = summarize_runs(spec, doc["runs"], doc["chosen"], {"Trouser": 2, "Bag": 12})
     assert [a["reliable"] for a in few["advice"]] == [False, False]

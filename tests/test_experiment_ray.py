@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import environ
-from cluster.experiment import parse_spec, run_experiment
+from cluster.experiment import run_experiment
+from cluster.experiment_spec import parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

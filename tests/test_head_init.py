@@ -114,7 +114,7 @@ def test_wise_ft_alpha_zero_is_the_probe_and_one_the_fine_tuned_student(tiny_set
 
 
 def test_a_study_run_from_a_probe_reports_wise_ft_beside_the_plain_run(tiny_sets, tmp_path):
-    from cluster.experiment import train_and_score
+    from cluster.experiment_scorers import train_and_score
 
     cfg = tiny_config(tiny_sets, tmp_path / "final-x" / "seed0", *GRID, "loss.aux_weight=0", "optim.epochs=1",
                       "run.max_steps=3", "data.val=", f"model.probe_val={tiny_sets['test']}")
@@ -130,21 +130,22 @@ def test_a_study_run_from_a_probe_reports_wise_ft_beside_the_plain_run(tiny_sets
 def test_a_study_stores_wise_ft_and_fills_it_in_from_the_checkpoint_of_a_run_stored_without(tiny_sets, tmp_path):
     import json
 
-    from cluster.experiment import Runner, default_score
+    from cluster.experiment_records import RunRecord
+    from cluster.experiment_scorers import default_score
+    from cluster.experiment_store import Runner
 
     cfg = tiny_config(tiny_sets, tmp_path / "m" / "final-x" / "seed0", *GRID, "loss.aux_weight=0", "optim.epochs=1",
                       "run.max_steps=3", "data.val=", f"model.probe_val={tiny_sets['test']}")
-    record = {"setting": "s", "method": "lp-ft", "phase": "final", "split": "test", "seed": 0, "point": {},
-              "overrides": []}
+    record = RunRecord(setting="s", method="lp-ft", phase="final", seed=0, point={}, overrides=[])
     runner = Runner(score=default_score, code="c0", log=lambda _: None)
-    first = runner.run(cfg, tiny_sets["test"], record)
+    first = runner.run(cfg, tiny_sets["test"], record).row()
     assert first["wise_ft"]["alphas"] == [0.0, 0.25, 0.5, 0.75, 1.0] and not first["reused"]
     stored_file = tmp_path / "m" / "final-x" / "seed0" / "experiment_result.json"
     stored = json.loads(stored_file.read_text())
     assert stored["result"]["wise_ft"] == first["wise_ft"]  # kept with the run, so a resumed study reports it
     del stored["result"]["wise_ft"]  # as a run scored before the study reported WiSE-FT was stored
     stored_file.write_text(json.dumps(stored))
-    again = runner.run(cfg, tiny_sets["test"], record)
+    again = runner.run(cfg, tiny_sets["test"], record).row()
     assert again["reused"] and again["map"] == first["map"]
     assert again["wise_ft"]["val_map"] == pytest.approx(first["wise_ft"]["val_map"], abs=1e-6)
     assert json.loads(stored_file.read_text())["result"]["wise_ft"]["alpha"] == first["wise_ft"]["alpha"]
