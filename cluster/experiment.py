@@ -33,7 +33,7 @@ from cluster.experiment_report import (plot_curves, plot_results, results_markdo
 from cluster.experiment_scorers import FeatureProbe, default_score
 from cluster.experiment_spec import ExperimentSpec, MethodSpec, load_spec, quick_left_out, quick_spec
 from cluster.experiment_stats import method_grid, point_overrides, sample_grid
-from cluster.experiment_store import Execute, ProbeScore, Runner, Score, code_fingerprint, run_hash
+from cluster.experiment_store import Execute, ProbeScore, Runner, Score, code_fingerprint, load_scores, run_hash
 from cluster.experiment_summary import summarize_runs, validation_positives
 from cluster.study_cost import Progress, RunShape, calibrate
 from data import storage
@@ -271,7 +271,7 @@ def run_experiment(spec: ExperimentSpec, out: str, *, score: Score | None = None
     # results.json's rows, read by key from here on (the summary, the pages, a committed study read back)
     runs = [r.row() for r in records]
     chosen = {setting: {m: c.as_dict() for m, c in methods.items()} for setting, methods in choices.items()}
-    summary = summarize_runs(spec, runs, chosen, validation_positives(sets))
+    summary = summarize_runs(spec, runs, chosen, validation_positives(sets), load_scores)
     for pick in summary["advice"]:
         write_recommended(out, pick, chosen[pick["setting"]][pick["method"]]["best_config"])
     seconds = time.time() - started

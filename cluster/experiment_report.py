@@ -86,7 +86,10 @@ def results_markdown(spec: ExperimentSpec, summary: dict[str, Any], chosen: dict
         for a in summary["advice"]:
             text = f"- {a['setting']}: **{a['method']}** (val mAP {_pct(a['val_map'])})"
             if "vs" in a:
-                margin = (f" (validation margin {_pct(a['val_margin'])} points)" if a.get("val_margin") is not None
+                ci = a.get("val_margin_ci95")
+                sure = ("" if not ci else f", 95% interval [{_pct(ci[0])}, {_pct(ci[1])}] over resampled validation "
+                        "images" + (": within validation's noise" if ci[0] <= 0 else ""))
+                margin = (f" (validation margin {_pct(a['val_margin'])} points{sure})" if a.get("val_margin") is not None
                           else "")
                 text += (f"; against the runner-up on validation, {a['runner_up']}{margin}, its test mAP differs by "
                          f"{_pct(a['vs']['mean'])} points, 95% CI {_ci(a['vs'])}")

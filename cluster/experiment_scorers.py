@@ -26,11 +26,9 @@ def train_and_score(cfg: JobConfig, eval_set: str, keep_checkpoint: bool = True)
     trainer.fit()
     setup = EvalSetup(cfg.data.image_size, 128, 0, cfg.data.eval_resize_ratio)
 
-    def score(location: str) -> dict[str, Any]:
-        return evaluate_student(trainer.student, read_manifest(location), setup, trainer.device)
-
-    result = score(eval_set)
-    out = {"map": result["map"], "ap": result["ap"],
+    result = evaluate_student(trainer.student, read_manifest(eval_set), setup, trainer.device, keep_predictions=True)
+    out = {"map": result["map"], "ap": result["ap"], "scores": result["predictions"][0],
+           "labels": result["predictions"][1],
            "curve": [[h["step"] / trainer.steps_per_epoch, h["val_map"]] for h in trainer.history if "val_map" in h]}
     if trainer.init_head and cfg.model.probe_val and keep_checkpoint:
         out["wise_ft"] = wise_ft_scores(trainer.student, cfg, trainer.init_head, eval_set, result["map"],
@@ -100,4 +98,4 @@ class FeatureProbe:
                  for loc in (train, eval_set)]
         probs, fit = probe_scores(feats[0], feats[1], params)
         result = evaluate(probs, feats[1].labels, feats[1].class_names)
-        return {"map": result["map"], "ap": result["ap"], "fit": fit}
+        return {"map": result["map"], "ap": result["ap"], "fit": fit, "scores": probs, "labels": feats[1].labels}

@@ -86,6 +86,36 @@ def store_result(out_dir: str, key: dict[str, Any], code: str, result: dict[str,
                         json.dumps({"key": key, "code": code, "result": result}, indent=1, default=str).encode())
 
 
+SCORES, SCORE_LABELS = "scores.npy", "scores_labels.npy"
+"""Beside a run's result: the main head's scores of every image it was scored on ([N, K+1], the set's manifest
+order) and their labels, so a later question about the same images (how sure is validation's pick?) needs no
+rerun. Arrays only: read back with allow_pickle=False."""
+
+
+def save_scores(out_dir: str, scored: dict[str, Any]) -> None:
+    import io
+
+    import numpy as np
+
+    if scored.get("scores") is None:
+        return
+    for name, array in ((SCORES, np.asarray(scored["scores"], np.float32)),
+                        (SCORE_LABELS, np.asarray(scored["labels"], np.int64))):
+        buf = io.BytesIO()
+        np.save(buf, array, allow_pickle=False)
+        storage.write_bytes(os.path.join(out_dir, name), buf.getvalue())
+
+
+def load_scores(out_dir: str) -> tuple[Any, Any] | None:
+    """(scores, labels) a run stored, None for a run made before they were kept."""
+    import numpy as np
+
+    paths = [os.path.join(out_dir, name) for name in (SCORES, SCORE_LABELS)]
+    if not all(os.path.exists(p) for p in paths):
+        return None
+    return tuple(np.load(p, allow_pickle=False) for p in paths)  # type: ignore[return-value]
+
+
 def _result(scored: dict[str, Any], start: float) -> dict[str, Any]:
     return {"map": float(scored["map"]), "ap": scored.get("ap", {}), "seconds": time.time() - start,
             "started": start, "curve": scored.get("curve", []), "fit": scored.get("fit", {}),
@@ -95,7 +125,9 @@ def _result(scored: dict[str, Any], start: float) -> dict[str, Any]:
 def run_trial(trial: Trial, score: Score) -> dict[str, Any]:
     """Train and score one trial and store its result beside its run: what every executor runs."""
     start = time.time()
-    result = _result(score(trial.cfg, trial.eval_set), start)
+    scored = score(trial.cfg, trial.eval_set)
+    result = _result(scored, start)
+    save_scores(trial.cfg.run.out_dir, scored)  # before the result: a stored result always has its scores
     store_result(trial.cfg.run.out_dir, trial.key, trial.code, result)
     return result
 
@@ -177,7 +209,9 @@ class Runner:
         stored = self._stored(out_dir, key)
         if stored is None:
             start = time.time()
-            result = _result(self.probe(params, train, eval_set), start)
+            scored = self.probe(params, train, eval_set)
+            result = _result(scored, start)
+            save_scores(out_dir, scored)
             store_result(out_dir, key, self.code, result)
             record = dataclasses.replace(record, result=result, code=self.code, reused=False)
         else:

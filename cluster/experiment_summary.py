@@ -6,7 +6,7 @@ validation recommends, with how sure that choice is. It reads runs and chosen po
 (mappings read by key), so a study's file can be summarized again as it is."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from cluster.experiment_spec import ExperimentSpec, base_method
@@ -26,11 +26,31 @@ FEW_VAL_POSITIVES = 10
 with 2 validation positives a class the experiment's 36 probe points scored between 3 and 19 val mAP."""
 
 
+def margin_interval(runs: list[dict[str, Any]], setting: str, chosen: dict[str, Any], winner: str, runner_up: str,
+                    scores_of: Callable[[str], tuple[Any, Any] | None]) -> list[float] | None:
+    """The 95% interval of validation's margin between the winner and the runner-up, bootstrapped over the
+    validation images from the scores their chosen points' tuning runs stored; None where a run kept none."""
+    from trainer.metrics import map_difference_interval
+
+    stored = []
+    for method in (winner, runner_up):
+        run = next((r for r in runs if r["setting"] == setting and r["method"] == method and r["phase"] == "tune"
+                    and r["overrides"] == chosen[method]["overrides"] and r.get("run_dir")), None)
+        stored.append(scores_of(run["run_dir"]) if run else None)
+    if any(s is None for s in stored) or stored[0][1].shape != stored[1][1].shape or \
+            (stored[0][1] != stored[1][1]).any():
+        return None
+    r = map_difference_interval(stored[0][0], stored[1][0], stored[0][1])
+    return [r["low"], r["high"]]
+
+
 def summarize_runs(spec: ExperimentSpec, runs: list[dict[str, Any]], chosen: dict[str, Any] | None = None,
-                   val_positives: dict[str, int] | None = None) -> dict[str, Any]:
+                   val_positives: dict[str, int] | None = None,
+                   scores_of: Callable[[str], tuple[Any, Any] | None] | None = None) -> dict[str, Any]:
     """Test mAP mean/std per setting x method, the paired differences (each BG-split variant against its base,
     the configured pairs, and the best trained method against the best probe, both picked on validation), the
-    validation curves, and which method validation recommends; from the final runs only."""
+    validation curves, and which method validation recommends; from the final runs only. ``scores_of`` (a run
+    folder -> the scores it stored) adds the interval of validation's margin."""
     table, pairs, curves, advice = [], [], [], []
     chosen = chosen or {}
     finals = [r for r in runs if r["phase"] == "final"]
@@ -74,6 +94,9 @@ def summarize_runs(spec: ExperimentSpec, runs: list[dict[str, Any]], chosen: dic
             if len(ranked) > 1:
                 pick.update(runner_up=ranked[1], vs=_paired(spec, setting, finals, ranked[0], ranked[1], by_method),
                             val_margin=pick["val_map"] - chosen[setting][ranked[1]]["val_map"])
+                if scores_of is not None:
+                    pick["val_margin_ci95"] = margin_interval(runs, setting, chosen[setting], ranked[0], ranked[1],
+                                                              scores_of)
             if val_positives:
                 few = {c: n for c, n in val_positives.items() if n < FEW_VAL_POSITIVES}
                 pick.update(val_positives=dict(val_positives), reliable=not few)

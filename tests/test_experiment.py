@@ -365,3 +365,35 @@ def test_quick_demo_is_the_experiment_with_reports(tmp_path):
         assert (out / "report" / method / "report.md").exists() and (out / "report" / method / "pr_curves.png").exists()
         assert (out / "best" / "99.6-bg" / f"{method}.yaml").exists()
     assert "| 99.6% bg | bg-split |" in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize("gap, excluded", [(2.0, True), (0.0, False)])
+def test_the_pick_states_its_margin_with_an_interval_from_the_stored_validation_scores(tmp_path, gap, excluded):
+    """Issue 32: a pick read from few validation images says how sure it is. Every run stores its per-image scores;
+    the pick's margin over the runner-up gets a bootstrap interval over the validation images: clear of 0 when
+    the winner ranks the positives far better, and said to be within the noise when both rank them alike."""
+    import numpy as np
+
+    sets = _fake_sets(tmp_path)
+    spec = _spec()
+    spec.data = dataclasses.replace(spec.data, settings={"A": 2})
+    labels = np.repeat([0, 1, 2, 3], [200, 20, 20, 20])
+    scorer = FakeScorer(sets)
+
+    def with_scores(cfg, eval_set):
+        out = scorer(cfg, eval_set)
+        rng = np.random.default_rng([int(1000 * cfg.optim.lr), int(100 * cfg.loss.aux_weight),
+                                     cfg.data.sampling == "balanced"])
+        scores = rng.random((len(labels), 4))
+        if (cfg.loss.aux_weight, cfg.optim.lr, cfg.data.sampling) == (0.1, 0.003, "natural"):  # bg-split's best
+            scores[np.arange(len(labels)), labels] += gap
+        return {**out, "scores": scores, "labels": labels}
+
+    doc = run_experiment(spec, str(tmp_path / "out"), score=with_scores, code="c", sets=sets, log=lambda _: None)
+    pick = doc["advice"][0]
+    low, high = pick["val_margin_ci95"]
+    assert (low > 0) == excluded and low <= high
+    run = next(r for r in doc["runs"] if r["phase"] == "tune")
+    assert (Path(run["run_dir"]) / "scores.npy").exists() and (Path(run["run_dir"]) / "scores_labels.npy").exists()
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "95% interval [" in md and ("within validation's noise" in md) != excluded
