@@ -40,7 +40,7 @@ import sys
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from cluster import tables
@@ -298,10 +298,18 @@ def config_reference() -> str:
             meaning = docs.get(f.name, "")
             key = f"{section.name}.{f.name}"
             if key in CHOICES:
-                meaning += f" One of: {', '.join(map(str, CHOICES[key]))}."
+                meaning += " " + _choices(CHOICES[key])
             out.append(f"| `{key}` | {_cell(f.type)} | `{_cell(_value(default))}` | {_cell(meaning)} |")
         out.append("")
     return "\n".join(out).rstrip()
+
+
+def _choices(allowed: Collection[Any]) -> str:
+    """The values a config key accepts; a registry's (a mapping to entries with a ``help``) then say what each is."""
+    text = f"One of: {', '.join(map(str, allowed))}."
+    if isinstance(allowed, Mapping):
+        text += " " + "; ".join(f"{name}: {entry.help}" for name, entry in allowed.items()) + "."
+    return text
 
 
 def _actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import yaml
 
 from data.config import LoaderConfig
+from trainer.losses import AUX_LOSSES, MAIN_LOSSES, LossConfig
 
 
 class ConfigError(ValueError):
@@ -63,7 +65,8 @@ class ModelConfig:
     init_aux_from_teacher: bool = True
     """Copy the teacher's classifier into the aux head when the trunk matches the teacher."""
     normalized_main_head: bool = False
-    """Cosine (normalised) main classifier; LDAM turns it on by itself."""
+    """Cosine (normalised) main classifier; a loss.main that reads its logits as scale * cosine turns it on by
+    itself (its entry in trainer.losses.MAIN_LOSSES says cosine_head)."""
     freeze_bn_stats: bool = False
     """Keep the trunk's BatchNorm running statistics fixed (affine weights still train): for small batches or
     data far from ImageNet, where batch statistics would pull the trunk away from the teacher's features."""
@@ -89,30 +92,6 @@ class ModelConfig:
     """Keep the trunk's own dropout and stochastic depth (EfficientNet-Lite0: 0.2 before the heads, drop-connect
     0.2). Off, the aux head sees the features the teacher's classifier was trained on, where train-mode noise
     moves the aux loss well away from the teacher's optimum (bench/aux_study.py measures it)."""
-
-
-@dataclass
-class LossConfig:
-    main: str = "ce"
-    """ce | class_balanced | focal | ldam_drw | logit_adjust."""
-    aux: str = "hard"
-    """hard (CE on the teacher's top-1, the paper) | soft (KL at temperature) | topk (KL on the top-k renormalised)."""
-    aux_weight: float = 0.1
-    """lambda; 0 disables the aux head's loss and gives the fine-tuning baseline."""
-    temperature: float = 1.0
-    """Soft aux-loss temperature tau (the loss is scaled by tau^2)."""
-    cb_beta: float = 0.999
-    """Class-balanced loss: beta of the effective number of samples."""
-    focal_gamma: float = 2.0
-    """Focal loss: gamma."""
-    ldam_max_margin: float = 0.5
-    """LDAM: the largest per-class margin (for the rarest class)."""
-    ldam_scale: float = 30.0
-    """LDAM: logit scale of the normalised classifier."""
-    drw_start_epoch: float = 0.6
-    """Deferred re-weighting starts at this fraction of training when < 1, else at this epoch."""
-    logit_adjust_tau: float = 1.0
-    """Logit adjustment: tau times log class prior added to the logits during training."""
 
 
 @dataclass
@@ -285,7 +264,7 @@ class JobConfig:
         return dataclasses.asdict(self)
 
 
-CHOICES = {
+CHOICES: dict[str, Collection[Any]] = {
     "data.sampling": ("natural", "balanced"),
     "data.mode": ("exact", "resampled"),
     "data.pad_policy": ("pad", "drop"),
@@ -293,8 +272,8 @@ CHOICES = {
     "model.head_init": ("random", "probe"),
     "probe.kind": ("none", "logistic", "knn"),
     "probe.class_weight": ("none", "balanced"),
-    "loss.main": ("ce", "class_balanced", "focal", "ldam_drw", "logit_adjust"),
-    "loss.aux": ("hard", "soft", "topk"),
+    "loss.main": MAIN_LOSSES,
+    "loss.aux": AUX_LOSSES,
     "optim.name": ("sgd", "adamw"),
     "optim.schedule": ("step", "cosine"),
     "run.device": ("auto", "cpu", "cuda"),
@@ -302,6 +281,9 @@ CHOICES = {
     "engine.name": ("ddp", "deepspeed"),
     "engine.zero_stage": (0, 1, 2, 3),
 }
+"""Config key -> the values it accepts. A registry (loss.main, loss.aux: trainer.losses) stands here itself, so its
+keys are the values, and a new entry is accepted, listed in errors and in the config reference without an edit
+here."""
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -396,9 +378,10 @@ def validate(cfg: JobConfig) -> JobConfig:
         weightings = cfg.model.probe_class_weight
         if not weightings or not set(weightings) <= {"none", "balanced"}:
             raise ConfigError(f"model.probe_class_weight is {weightings}: give [none], [balanced] or both")
-        if cfg.model.normalized_main_head or cfg.loss.main == "ldam_drw":
+        if cfg.model.normalized_main_head or MAIN_LOSSES[cfg.loss.main].cosine_head:
+            cosine = " or ".join(f"loss.main={name}" for name, kind in MAIN_LOSSES.items() if kind.cosine_head)
             raise ConfigError("model.head_init=probe folds a logistic regression into a linear main head, and this "
-                              "run's is cosine-normalised (model.normalized_main_head or loss.main=ldam_drw): use "
+                              f"run's is cosine-normalised (model.normalized_main_head or {cosine}): use "
                               "model.head_init=random with it")
     if cfg.probe.C <= 0 or cfg.probe.k < 1 or cfg.probe.temperature <= 0 or cfg.probe.max_iter < 1 \
             or cfg.probe.max_background < 0:
@@ -416,9 +399,10 @@ def validate(cfg: JobConfig) -> JobConfig:
         if cfg.teacher.mode != "online":
             raise ConfigError("views.count stores the teacher's targets of each view beside it: use "
                               "teacher.mode=online with it (cached teacher labels are of other crops)")
-        if cfg.loss.aux == "soft" and cfg.loss.aux_weight > 0:
-            raise ConfigError("loss.aux=soft needs the teacher's whole output, and a view stores its top-k: use "
-                              "loss.aux=hard or topk with views.count, or views.count=0")
+        if AUX_LOSSES[cfg.loss.aux].needs_logits and cfg.loss.aux_weight > 0:
+            topk = " or ".join(name for name, kind in AUX_LOSSES.items() if not kind.needs_logits)
+            raise ConfigError(f"loss.aux={cfg.loss.aux} needs the teacher's whole output, and a view stores its "
+                              f"top-k: use loss.aux={topk} with views.count, or views.count=0")
     if cfg.optim.trunk_lr_mult < 0 or cfg.optim.lp_epochs < 0:
         raise ConfigError(f"optim.trunk_lr_mult and optim.lp_epochs must be >= 0, got {cfg.optim.trunk_lr_mult} "
                           f"and {cfg.optim.lp_epochs}")

@@ -17,6 +17,7 @@ from torch import nn
 
 from trainer.backbones import STAGED_TRUNKS, Backbone, TrunkStages, disable_dropout, load_backbone, trunk_stages
 from trainer.checkpoint import VALID_FIX, CheckpointError, load_checkpoint
+from trainer.losses import MAIN_LOSSES
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class StudentSpec:
     def from_config(cls, cfg: Any, manifest: Any, aux_classes: int) -> "StudentSpec":
         """``cfg`` a JobConfig, ``manifest`` the training set's; ``aux_classes`` the teacher's classes (0 without
         one)."""
-        normalized = bool(cfg.model.normalized_main_head or cfg.loss.main == "ldam_drw")
+        normalized = bool(cfg.model.normalized_main_head or MAIN_LOSSES[cfg.loss.main].cosine_head)
         return cls(trunk=cfg.model.trunk, num_classes=int(manifest.num_classes), aux_classes=int(aux_classes),
                    fixed_background_logit=cfg.model.fixed_background_logit, normalized_main_head=normalized,
                    logit_scale=float(cfg.loss.ldam_scale) if normalized else 30.0,

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from trainer.config import JobConfig
-from trainer.losses import aux_hard, aux_soft, aux_topk, build_main_loss
+from trainer.losses import AUX_LOSSES, build_main_loss
 from trainer.models import Teacher
 
 
@@ -33,9 +33,10 @@ class BGSplitTask:
         self.main_loss = build_main_loss(cfg.loss, class_counts, drw_epoch)
         if self.use_aux and cfg.teacher.mode == "online" and teacher is None:
             raise ValueError("loss.aux_weight > 0 with teacher.mode=online needs a teacher")
-        if self.use_aux and cfg.teacher.mode == "cached" and cfg.loss.aux == "soft":
-            raise ValueError("loss.aux=soft needs the teacher's full output: use teacher.mode=online, or loss.aux=topk"
-                             " with cached labels")
+        self.aux_loss = AUX_LOSSES[cfg.loss.aux].loss
+        if self.use_aux and cfg.teacher.mode == "cached" and AUX_LOSSES[cfg.loss.aux].needs_logits:
+            raise ValueError(f"loss.aux={cfg.loss.aux} needs the teacher's full output: use teacher.mode=online, or "
+                             "loss.aux=topk with cached labels")
 
     def teacher_targets(self, batch: dict[str, Any], prefix: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Cached labels (teacher-label, or cached views) from the batch; else the teacher's logits, from the
@@ -66,14 +67,7 @@ class BGSplitTask:
             result["loss"] = main_loss
             return result
         targets = self.teacher_targets(batch, out.get("prefix"))
-        aux = self.cfg.loss.aux
-        if aux == "hard":
-            aux_loss = aux_hard(out["aux"], targets["teacher_idx"])
-        elif aux == "soft":
-            aux_loss = aux_soft(out["aux"], targets["teacher_logits"], self.cfg.loss.temperature)
-        else:
-            aux_loss = aux_topk(out["aux"], targets["teacher_idx"], targets["teacher_prob"],
-                                self.cfg.loss.temperature)
+        aux_loss = self.aux_loss(out["aux"], targets, self.cfg.loss)
         result.update(aux_logits=out["aux"], aux_loss=aux_loss, teacher_top1=targets["teacher_idx"][:, 0],
                       loss=main_loss + self.cfg.loss.aux_weight * aux_loss)
         return result
