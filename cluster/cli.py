@@ -342,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("shards", help="shard-set tools").add_subparsers(dest="shards_command", required=True)
     b = s.add_parser("build", help="write a -BG WebDataset shard set from a source")
     from data.build import BuildRequest
+    from data.sources import SOURCES
 
     _flags_of(b, BuildRequest)
     _ray_flags(b, gpus=False)
@@ -387,8 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--embeddings", default="",
                    help="with --positives or a probe checkpoint: where the pool's teacher features are kept for "
                    "every later round (default POOL/embeddings; 'none': embed afresh, keep nothing)")
-    m.add_argument("--pool", required=True, help="a shard set, or any source `shards build` reads (folder:, "
-                   "manifest:, wds:, fmnist:...), local or on S3; a source is built into OUT/pool first")
+    m.add_argument("--pool", required=True, help="a shard set, or any source `shards build` reads ("
+                   + ", ".join(f"{scheme}:" for scheme in SOURCES) + "), local or on S3; a source is built into "
+                   "OUT/pool first")
     m.add_argument("--top", type=int, default=100, help="candidates kept per rare class")
     m.add_argument("--out", required=True)
     m.add_argument("--exclude", nargs="*", default=[], help="shard sets whose keys are never candidates (the "

@@ -22,7 +22,7 @@ class DataSpec:
     """Built shard sets: {train: {setting: location}, val: location, test: location}; local paths or URLs.
     When given, the construction keys below are not used (and the settings are the keys of ``train``)."""
     source: str = "fmnist:train"
-    """Any source `bgsplit shards build` reads (folder:, manifest:, inat:, wds:, fmnist:): training sets and the
+    """Any source spec `bgsplit shards build` reads (its schemes: data.sources.open.SOURCES): training sets and the
     validation carve-out come from it."""
     test_source: str = "fmnist:test"
     """The source the test set is drawn from (another split of the data: never the training source)."""

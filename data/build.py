@@ -26,7 +26,7 @@ from data.ingest import (Resize, ShardItems, ShardResult, ShardTask, estimate_sa
 from data.progress import progress as progress_bar
 from data.shards import (FORMAT, RECORD_READS_IN_FLIGHT, Manifest, ShardInfo, invalidate, manifest_url, read_manifest,
                          record_name, write_manifest)
-from data.sources import Listing, Source, index_dtype, open_source, read_split_file, resolve_rare_classes
+from data.sources import SOURCES, Listing, Source, index_dtype, open_source, read_split_file, resolve_rare_classes
 
 log = logging.getLogger("bgsplit.data")
 
@@ -251,8 +251,8 @@ class BuildRequest:
     reaches the build by name. ``specs`` turns it into the BuildSpec of each set it writes."""
 
     source: str = field(metadata=_flag(
-        "fmnist:train | fmnist:test | folder:ROOT | manifest:FILE.csv|jsonl | inat:ANN.json:ROOT:SPLIT"
-        " | wds:URL_OR_BRACE_PATTERN (existing WebDataset shards, local or s3://)", required=True))
+        " | ".join(s.form for s in SOURCES.values()) + " (wds: existing WebDataset shards); paths local or s3://",
+        required=True))
     out: str = field(metadata=_flag("output folder or fsspec URL", required=True))
     label_field: str | None = field(default=None, metadata=_flag(
         "wds: sources: the member holding the label: cls (default), txt, json:KEY (dotted path allowed) or another "

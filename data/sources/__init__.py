@@ -11,7 +11,7 @@ from data.sources.folder import ImageFolderSource
 from data.sources.inat import INatSource
 from data.sources.listing import LabelCodes, Listing, ListingBuilder, index_dtype, positions
 from data.sources.manifest import ManifestSource
-from data.sources.open import open_source
+from data.sources.open import SOURCES, open_source
 from data.sources.splits import read_split_file, resolve_rare_classes
 from data.sources.wds import WebDatasetSource
 
@@ -34,4 +34,5 @@ __all__ = [
     "read_split_file",
     "resolve_rare_classes",
     "open_source",
+    "SOURCES",
 ]

@@ -16,8 +16,8 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
@@ -55,6 +55,23 @@ class Source(Protocol):
     def read(self, item: SourceItem) -> bytes: ...
 
     def class_names(self) -> dict[str, str]: ...
+
+
+@dataclass(frozen=True)
+class SourceScheme:
+    """How the specs of one scheme (the text before the first ``:``) open their source: an entry of
+    data.sources.open.SOURCES, defined in the module of the source it opens."""
+
+    form: str
+    """The spec's form, as errors and ``--source``'s help show it (``folder:<root>``)."""
+    open: Callable[..., Source]
+    """``open(spec, rest, **kw)``: ``rest`` is the spec after ``scheme:``, ``spec`` the whole spec (for errors);
+    keyword arguments go to the source's constructor."""
+    bare: bool = False
+    """The scheme alone is a spec (``fmnist:``, with an empty ``rest``); otherwise an empty ``rest`` is a bad spec."""
+    unlabelled_pool: bool = False
+    """A spec ending in ``#unlabelled`` opens the source with ``labelled=False`` (no label needed, flat folders
+    allowed, no folder names in keys); where false, the suffix is accepted and the pool ignores the labels."""
 
 
 def pool_key(rel: str) -> str:

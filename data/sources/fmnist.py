@@ -6,11 +6,12 @@ import gzip
 import io
 import os
 import struct
+from typing import Any
 
 import numpy as np
 
 from data import storage
-from data.sources.base import SourceItem
+from data.sources.base import SourceItem, SourceScheme
 from data.sources.listing import Listing, ListingBuilder
 
 FASHION_MNIST_CLASSES = (
@@ -195,3 +196,11 @@ class FashionMNISTSource:
         from torchvision.datasets import FashionMNIST
 
         FashionMNIST(root=self.root, train=self.split == "train", download=True)
+
+
+def _open_fmnist(spec: str, rest: str, **kw: Any) -> FashionMNISTSource:
+    """``fmnist:train``, ``fmnist:test``; the scheme alone is the training split."""
+    return FashionMNISTSource(split=rest or "train", **kw)
+
+
+FMNIST_SCHEME = SourceScheme("fmnist:<train|test>", _open_fmnist, bare=True)

@@ -6,7 +6,7 @@ import os
 import posixpath
 
 from data import storage
-from data.sources.base import IMAGE_EXTENSIONS, SourceItem, _is_image_name, make_key, pool_key
+from data.sources.base import IMAGE_EXTENSIONS, SourceItem, SourceScheme, _is_image_name, make_key, pool_key
 from data.sources.listing import Listing
 
 
@@ -85,3 +85,7 @@ class ImageFolderSource:
             for path in fs.find(base)
             if _is_image_name(posixpath.basename(path))
         )
+
+
+FOLDER_SCHEME = SourceScheme("folder:<root>", lambda spec, rest, **kw: ImageFolderSource(rest, **kw),
+                             unlabelled_pool=True)

@@ -8,7 +8,7 @@ import posixpath
 from typing import Any, Iterable
 
 from data import storage
-from data.sources.base import SourceItem, make_key
+from data.sources.base import SourceItem, SourceScheme, make_key
 from data.sources.listing import Listing
 
 
@@ -97,3 +97,15 @@ class INatSource:
             split=self.split,
             ref=ref,
         )
+
+
+def _open_inat(spec: str, rest: str, **kw: Any) -> INatSource:
+    """The annotation path must end in ``.json``: that is where the spec is cut, so URLs with ``://`` still work."""
+    annotations, sep, tail = rest.partition(".json:")
+    image_root, _, split = tail.rpartition(":")
+    if not sep or not image_root or not split:
+        raise ValueError(f"bad inat spec '{spec}'; use {INAT_SCHEME.form}")
+    return INatSource(annotations + ".json", image_root, split, **kw)
+
+
+INAT_SCHEME = SourceScheme("inat:<ann.json>:<image_root>:<split>", _open_inat)

@@ -10,7 +10,7 @@ import posixpath
 from typing import Any
 
 from data import storage
-from data.sources.base import SourceItem, make_key, pool_key
+from data.sources.base import SourceItem, SourceScheme, make_key, pool_key
 from data.sources.listing import Listing
 
 
@@ -127,3 +127,7 @@ class ManifestSource:
         if storage.is_remote(self.root):
             return posixpath.join(self.root, rel)
         return os.path.join(self.root, rel)
+
+
+MANIFEST_SCHEME = SourceScheme("manifest:<file.csv|file.jsonl>", lambda spec, rest, **kw: ManifestSource(rest, **kw),
+                               unlabelled_pool=True)

@@ -1,31 +1,32 @@
-"""The ``--source`` spec string → a :class:`Source`.
+"""The ``--source`` spec string → a :class:`Source`, through ``SOURCES``: scheme → how its specs open.
 
-Kept apart from the sources themselves so that none of them imports the
-dispatcher that imports them.
+Each entry is defined in the module of the source it opens, and listed here, so that none of them imports the
+dispatcher that imports them. A new source is its module, with its entry, and one line in ``SOURCES``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from data.sources.base import Source
-from data.sources.fmnist import FashionMNISTSource
-from data.sources.folder import ImageFolderSource
-from data.sources.inat import INatSource
-from data.sources.manifest import ManifestSource
-from data.sources.wds import WebDatasetSource
+from data.sources.base import Source, SourceScheme
+from data.sources.fmnist import FMNIST_SCHEME
+from data.sources.folder import FOLDER_SCHEME
+from data.sources.inat import INAT_SCHEME
+from data.sources.manifest import MANIFEST_SCHEME
+from data.sources.wds import WDS_SCHEME
 
 
 UNLABELLED = "#unlabelled"
 """Spec suffix for a pool to mine: no label needed, flat folders allowed, no folder names in keys."""
 
-_SCHEMES = (
-    "fmnist:<train|test>",
-    "folder:<root>",
-    "manifest:<file.csv|file.jsonl>",
-    "inat:<ann.json>:<image_root>:<split>",
-    "wds:<path|url|brace-pattern>[#label=cls|txt|json:KEY|<member>]",
-)
+SOURCES: dict[str, SourceScheme] = {
+    "fmnist": FMNIST_SCHEME,
+    "folder": FOLDER_SCHEME,
+    "manifest": MANIFEST_SCHEME,
+    "inat": INAT_SCHEME,
+    "wds": WDS_SCHEME,
+}
+"""Spec scheme (the text before the first ``:``) -> how its specs open; ``open_source`` reads nothing else."""
 
 
 def open_source(spec: str, **kw: Any) -> Source:
@@ -43,41 +44,13 @@ def open_source(spec: str, **kw: Any) -> Source:
     Extra keyword arguments go to the source's constructor (e.g. ``root=`` for
     fmnist, ``split=`` for folder, ``label_field=`` for wds).
     """
-    if spec.endswith(UNLABELLED):
+    unlabelled = spec.endswith(UNLABELLED)
+    if unlabelled:
         spec = spec[:-len(UNLABELLED)]
-        if spec.partition(":")[0] in ("folder", "manifest", "wds"):
-            kw["labelled"] = False  # fmnist and inat keys hold no class names: their labels are ignored by the pool
-    scheme, sep, rest = spec.partition(":")
-    if scheme == "fmnist":
-        return FashionMNISTSource(split=rest or "train", **kw)
-    if scheme == "folder" and rest:
-        return ImageFolderSource(rest, **kw)
-    if scheme == "manifest" and rest:
-        return ManifestSource(rest, **kw)
-    if scheme == "inat" and rest:
-        return _open_inat(spec, rest, **kw)
-    if scheme == "wds" and rest:
-        return _open_wds(spec, rest, **kw)
-    raise ValueError(f"bad source spec '{spec}'; valid forms: {', '.join(_SCHEMES)}")
-
-
-def _open_inat(spec: str, rest: str, **kw: Any) -> INatSource:
-    annotations, sep, tail = rest.partition(".json:")
-    image_root, _, split = tail.rpartition(":")
-    if not sep or not image_root or not split:
-        raise ValueError(f"bad inat spec '{spec}'; use inat:<ann.json>:<image_root>:<split>")
-    return INatSource(annotations + ".json", image_root, split, **kw)
-
-
-def _open_wds(spec: str, rest: str, **kw: Any) -> WebDatasetSource:
-    pattern, sep, field = rest.rpartition("#label=")
-    if not sep:
-        return WebDatasetSource(rest, **kw)
-    if not pattern:
-        raise ValueError(f"bad wds spec '{spec}'; use wds:<pattern>[#label=FIELD]")
-    if kw.get("label_field", field) != field:
-        raise ValueError(
-            f"wds spec '{spec}' says label {field} but label_field={kw['label_field']} was passed; give it once"
-        )
-    kw.pop("label_field", None)
-    return WebDatasetSource(pattern, label_field=field, **kw)
+    scheme, _, rest = spec.partition(":")
+    entry = SOURCES.get(scheme)
+    if entry is None or not (rest or entry.bare):
+        raise ValueError(f"bad source spec '{spec}'; valid forms: {', '.join(s.form for s in SOURCES.values())}")
+    if unlabelled and entry.unlabelled_pool:
+        kw["labelled"] = False  # fmnist and inat keys hold no class names: their labels are ignored by the pool
+    return entry.open(spec, rest, **kw)

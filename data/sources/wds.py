@@ -36,7 +36,7 @@ from typing import Any
 from braceexpand import braceexpand
 
 from data import storage
-from data.sources.base import IMAGE_EXTENSIONS, SourceItem, make_key
+from data.sources.base import IMAGE_EXTENSIONS, SourceItem, SourceScheme, make_key
 from data.sources.listing import Listing, ListingBuilder
 
 __all__ = ["WebDatasetSource", "expand_pattern", "parse_label_field"]
@@ -349,3 +349,23 @@ class WebDatasetSource:
                 f"ref '{ref}' was not listed by a WebDataset source; read it with the source that listed it"
             )
         return url, int(offset), int(size)
+
+
+def _open_wds(spec: str, rest: str, **kw: Any) -> WebDatasetSource:
+    """A ``#label=FIELD`` suffix picks the label member, so the whole source fits in the one string a worker process
+    reopens it from; ``label_field=`` may be passed instead, not both ways at once."""
+    pattern, sep, field = rest.rpartition("#label=")
+    if not sep:
+        return WebDatasetSource(rest, **kw)
+    if not pattern:
+        raise ValueError(f"bad wds spec '{spec}'; use wds:<pattern>[#label=FIELD]")
+    if kw.get("label_field", field) != field:
+        raise ValueError(
+            f"wds spec '{spec}' says label {field} but label_field={kw['label_field']} was passed; give it once"
+        )
+    kw.pop("label_field", None)
+    return WebDatasetSource(pattern, label_field=field, **kw)
+
+
+WDS_SCHEME = SourceScheme("wds:<path|url|brace-pattern>[#label=cls|txt|json:KEY|<member>]", _open_wds,
+                          unlabelled_pool=True)
