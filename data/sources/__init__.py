@@ -5,11 +5,11 @@ share); this package re-exports the names the rest of the project imports, so
 callers keep writing ``from data.sources import ...``.
 """
 
-from data.sources.base import IMAGE_EXTENSIONS, Source, SourceItem, make_key
+from data.sources.base import IMAGE_EXTENSIONS, Source, make_key
 from data.sources.fmnist import FASHION_MNIST_CLASSES, FashionMNISTSource
 from data.sources.folder import ImageFolderSource
 from data.sources.inat import INatSource
-from data.sources.listing import LabelCodes, Listing, ListingBuilder, index_dtype, positions
+from data.sources.listing import LabelCodes, Listing, ListingBuilder, SourceItem, index_dtype, positions
 from data.sources.manifest import ManifestSource
 from data.sources.open import SOURCES, open_source
 from data.sources.splits import read_split_file, resolve_rare_classes

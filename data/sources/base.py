@@ -16,28 +16,15 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
+
+from data.sources.listing import Listing, SourceItem
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 
 _BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
-
-
-@dataclass(frozen=True, slots=True)
-class SourceItem:
-    """One labelled image, as a source hands it out (a listing keeps its items as columns and makes these on
-    demand: data.sources.listing).
-
-    ``ref`` is opaque to callers: only the source that produced the item knows
-    how to turn it into bytes, which is why :meth:`Source.read` takes the item.
-    """
-
-    key: str
-    label: str
-    split: str
-    ref: str
 
 
 @runtime_checkable
@@ -50,7 +37,10 @@ class Source(Protocol):
 
     name: str
 
-    def items(self) -> Sequence[SourceItem]: ...  # a data.sources.listing.Listing: the items as columns
+    def items(self) -> Listing:
+        """Every item, as columns (data.sources.listing): the build selects on ``labels`` by index and writes
+        ``take``-n slices, never a list of ``SourceItem`` objects."""
+        ...
 
     def read(self, item: SourceItem) -> bytes: ...
 

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 
 from data import storage
-from data.sources.base import SourceItem, SourceScheme
-from data.sources.listing import Listing, ListingBuilder
+from data.sources.base import SourceScheme
+from data.sources.listing import Listing, ListingBuilder, SourceItem
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top",

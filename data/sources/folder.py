@@ -6,8 +6,8 @@ import os
 import posixpath
 
 from data import storage
-from data.sources.base import IMAGE_EXTENSIONS, SourceItem, SourceScheme, _is_image_name, make_key, pool_key
-from data.sources.listing import Listing
+from data.sources.base import IMAGE_EXTENSIONS, SourceScheme, _is_image_name, make_key, pool_key
+from data.sources.listing import Listing, SourceItem
 
 
 class ImageFolderSource:

@@ -8,8 +8,8 @@ import posixpath
 from typing import Any, Iterable
 
 from data import storage
-from data.sources.base import SourceItem, SourceScheme, make_key
-from data.sources.listing import Listing
+from data.sources.base import SourceScheme, make_key
+from data.sources.listing import Listing, SourceItem
 
 
 class INatSource:

@@ -14,11 +14,25 @@ import hashlib
 import os
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple, overload
 
 import numpy as np
 
-from data.sources.base import SourceItem
+
+@dataclass(frozen=True, slots=True)
+class SourceItem:
+    """One labelled image, as a source hands it out (a listing keeps its items as columns and makes these on
+    demand).
+
+    ``ref`` is opaque to callers: only the source that produced the item knows
+    how to turn it into bytes, which is why :meth:`Source.read` takes the item.
+    """
+
+    key: str
+    label: str
+    split: str
+    ref: str
 
 
 class LabelCodes(NamedTuple):

@@ -10,8 +10,8 @@ import posixpath
 from typing import Any
 
 from data import storage
-from data.sources.base import SourceItem, SourceScheme, make_key, pool_key
-from data.sources.listing import Listing
+from data.sources.base import SourceScheme, make_key, pool_key
+from data.sources.listing import Listing, SourceItem
 
 
 class ManifestSource:

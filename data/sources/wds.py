@@ -36,8 +36,8 @@ from typing import Any
 from braceexpand import braceexpand
 
 from data import storage
-from data.sources.base import IMAGE_EXTENSIONS, SourceItem, SourceScheme, make_key
-from data.sources.listing import Listing, ListingBuilder
+from data.sources.base import IMAGE_EXTENSIONS, SourceScheme, make_key
+from data.sources.listing import Listing, ListingBuilder, SourceItem
 
 __all__ = ["WebDatasetSource", "expand_pattern", "parse_label_field"]
 
