@@ -31,7 +31,7 @@ from cluster.experiment_records import Choice, RunRecord
 from cluster.experiment_report import (plot_curves, plot_results, results_markdown, write_best, write_recommended,
                                       write_reports)
 from cluster.experiment_scorers import FeatureProbe, default_score
-from cluster.experiment_spec import ExperimentSpec, MethodSpec, load_spec, quick_left_out, quick_spec
+from cluster.experiment_spec import METHOD_KINDS, ExperimentSpec, MethodSpec, load_spec, quick_left_out, quick_spec
 from cluster.experiment_stats import method_grid, point_overrides, sample_grid
 from cluster.experiment_store import Execute, ProbeScore, Runner, Score, code_fingerprint, load_scores, run_hash
 from cluster.experiment_summary import summarize_runs, validation_positives
@@ -45,7 +45,7 @@ def plan_runs(spec: ExperimentSpec) -> dict[str, dict[str, int]]:
     """Runs the study asks for, by method kind and phase, reused ones included: {"train": {"tune": n, "final": n},
     "probe": {...}}. A trained run costs minutes and a probe fit seconds, so a count that mixes them says nothing of
     the time."""
-    counts = {kind: {"tune": 0, "final": 0} for kind in ("train", "probe")}
+    counts = {kind: {"tune": 0, "final": 0} for kind in METHOD_KINDS}
     for shape in run_shapes(spec):
         counts[shape.kind][shape.phase] += 1
     return counts

@@ -31,9 +31,7 @@ class MethodSpec:
     settings: list[str] = field(default_factory=list)
     """The settings it runs in (empty: all)."""
     kind: str = "train"
-    """train (a bgsplit training run per point and seed) or probe (trainer.probe on the frozen teacher's cached
-    features: its whole grid of probe.* axes searched on validation, the budget and shared grid not applying;
-    deterministic, so one final fit stands for every seed)."""
+    """What the study runs for the method: a key of METHOD_KINDS (train or probe, each said there)."""
 
 
 @dataclass
@@ -62,6 +60,34 @@ class ExperimentSpec:
     the first setting, under report/<method>/ (the demo's)."""
     title: str = "tuned comparison"
     """The results page's heading."""
+
+
+@dataclass(frozen=True)
+class MethodKind:
+    """One ``methods.<name>.kind``: what the study runs for such a method, and how its spec is checked when the
+    file is read."""
+
+    help: str
+    check: Callable[[ExperimentSpec, str, MethodSpec], None] = lambda spec, name, method: None
+    """(the spec so far, the method's name, its spec) -> None, or a one-line ConfigError naming the experiment key."""
+
+
+def _check_probe(spec: ExperimentSpec, name: str, method: MethodSpec) -> None:
+    if method.ablation_of:
+        raise ConfigError(f"methods.{name} is a probe: it cannot be an ablation")
+    from trainer.probe import probe_params
+
+    for point in method_grid({}, method.grid):  # every point must be a valid probe: fail before any run
+        in_method(name, method, point, lambda o: probe_params(o), [*method.overrides, *point_overrides(point)])
+
+
+METHOD_KINDS: dict[str, MethodKind] = {
+    "train": MethodKind("a bgsplit training run per point and seed"),
+    "probe": MethodKind("trainer.probe on the frozen teacher's cached features: its whole grid of probe.* axes "
+                        "searched on validation, the budget and shared grid not applying; deterministic, so one final "
+                        "fit stands for every seed", _check_probe),
+}
+"""``methods.<name>.kind`` -> what it is; a spec accepts exactly these keys (the study's phases read the kind)."""
 
 
 def _check_keys(values: Any, cls: type, where: str) -> dict[str, Any]:
@@ -169,15 +195,10 @@ def _parse_method(spec: ExperimentSpec, name: str, body: Any) -> MethodSpec:
                         ablation_of=str(body.get("ablation_of", "")),
                         settings=_strings(body.get("settings", []), f"methods.{name}.settings"),
                         kind=str(body.get("kind", "train")))
-    if method.kind not in ("train", "probe"):
-        raise ConfigError(f"methods.{name}.kind is {method.kind!r}: choose train or probe")
-    if method.kind == "probe":
-        if method.ablation_of:
-            raise ConfigError(f"methods.{name} is a probe: it cannot be an ablation")
-        from trainer.probe import probe_params
-
-        for point in method_grid({}, method.grid):  # every point must be a valid probe: fail before any run
-            in_method(name, method, point, lambda o: probe_params(o), [*method.overrides, *point_overrides(point)])
+    kind = METHOD_KINDS.get(method.kind)
+    if kind is None:
+        raise ConfigError(f"methods.{name}.kind is {method.kind!r}: choose {' or '.join(METHOD_KINDS)}")
+    kind.check(spec, name, method)
     if method.ablation_of and method.ablation_of not in spec.methods:
         raise ConfigError(f"methods.{name}.ablation_of names '{method.ablation_of}', which is not a method "
                           "listed before it")
