@@ -92,8 +92,9 @@ def test_the_config_reads_the_registries_themselves(monkeypatch):
     """A loss registered at run time is accepted and listed: catches a copy of the keys taken at import."""
     monkeypatch.setitem(MAIN_LOSSES, "toy", MainLossKind(MAIN_LOSSES["ce"].build, "a test's loss"))
     assert load_config(None, ["loss.main=toy"]).loss.main == "toy"
-    with pytest.raises(ConfigError, match="choose one of ce, .*, logit_adjust, toy$"):
+    with pytest.raises(ConfigError) as e:
         load_config(None, ["loss.main=toyy"])
+    assert str(e.value).endswith(f"choose one of {', '.join(MAIN_LOSSES)}") and str(e.value).endswith(", toy")
     assert all(CHOICES[key] is registry for key, registry in REGISTRIES.items())
 
 
