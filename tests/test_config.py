@@ -26,6 +26,7 @@ def test_yaml_then_overrides(tmp_path):
     (["loss.main=ldam"], "config key 'loss.main' is 'ldam'; choose one of"),
     (["optim.lr"], "not of the form"),
     (["loss=3"], "'loss' is a section"),
+    (["engine.zero_stage=5"], "config key 'engine.zero_stage' is 5; choose one of 0, 1, 2, 3"),  # was a TypeError
 ])
 def test_bad_keys_and_types_are_one_line_errors(override, fragment):
     with pytest.raises(ConfigError) as e:

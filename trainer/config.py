@@ -357,7 +357,7 @@ def validate(cfg: JobConfig) -> JobConfig:
         section, key = where.split(".")
         value = getattr(getattr(cfg, section), key)
         if value not in allowed:
-            raise ConfigError(f"config key '{where}' is {value!r}; choose one of {', '.join(allowed)}")
+            raise ConfigError(f"config key '{where}' is {value!r}; choose one of {', '.join(map(str, allowed))}")
     if cfg.data.shuffle_buffer_mb < 0 or cfg.data.interleave < 1:
         raise ConfigError("data.shuffle_buffer_mb must be >= 0 and data.interleave >= 1")
     if cfg.data.read_ahead_mb < 0:
