@@ -19,15 +19,12 @@ def main(out: str, overrides: list[str]) -> None:
     trainer = Trainer.build(load_config(None, overrides))
     before = {k: v.detach().clone() for k, v in trainer.student.named_parameters()}
     losses: list[float] = []
-    task = trainer.task
 
-    def recording_task(batch, epoch):
-        result = task(batch, epoch)
-        losses.append(float(result["loss"].detach()))  # this rank's own batch, before any all-reduce
-        return result
+    class Record:
+        def after_step(self, trainer, step_losses):
+            losses.append(float(step_losses["loss"]))  # this rank's own batch, before any all-reduce
 
-    trainer.task = recording_task
-    trainer.fit()
+    trainer.fit(callbacks=[Record()])
     after = {k: v.detach().clone() for k, v in trainer.student.named_parameters()}
     torch.save({"before": before, "after": after, "losses": losses, "world": trainer.world},
                os.path.join(out, f"rank{trainer.rank}.pt"))

@@ -410,8 +410,7 @@ def test_a_store_down_longer_than_the_timeout_raises_storage_outage(store, stats
 
 
 @pytest.mark.slow
-def test_a_training_run_waits_out_a_30_s_outage_of_its_shards_labels_and_checkpoints(store, teacher, tmp_path,
-                                                                                     monkeypatch):
+def test_a_training_run_waits_out_a_30_s_outage_of_its_shards_labels_and_checkpoints(store, teacher, tmp_path):
     """Shards, teacher labels and checkpoints on the store; the store stops for 30 s mid-run (a loader worker
     process reading, checkpoints uploading). The run finishes with its planned steps, nothing skipped, every
     sample of each epoch seen once, and its checkpoints complete."""
@@ -437,23 +436,24 @@ def test_a_training_run_waits_out_a_30_s_outage_of_its_shards_labels_and_checkpo
     trainer = Trainer.build(cfg)
     keys: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
     outage: dict[str, float] = {}
-    real_step = trainer.train_step
 
-    def recording_step(micro):
-        for batch in micro:
-            keys[int(batch["position"][0])].update(batch["key"])
-        if trainer.step == 6 and "thread" not in outage:  # just after the step-4 checkpoint started uploading
-            def take_the_store_away():
-                outage["down"] = time.monotonic()
-                outage["seconds"] = store.outage(30)
+    class Watch:
+        """Records every batch's keys by epoch; just after the step-4 checkpoint started uploading, takes the
+        store away for 30 s."""
 
-            outage["thread"] = threading.Thread(target=take_the_store_away)
-            outage["thread"].start()
-        return real_step(micro)
+        def before_step(self, trainer, micro):
+            for batch in micro:
+                keys[int(batch["position"][0])].update(batch["key"])
+            if trainer.step == 6 and "thread" not in outage:
+                def take_the_store_away():
+                    outage["down"] = time.monotonic()
+                    outage["seconds"] = store.outage(30)
 
-    monkeypatch.setattr(trainer, "train_step", recording_step)
+                outage["thread"] = threading.Thread(target=take_the_store_away)
+                outage["thread"].start()
+
     start = time.monotonic()
-    summary = trainer.fit()
+    summary = trainer.fit(callbacks=[Watch()])
     outage["thread"].join(60)
     assert time.monotonic() - start > 30 and outage["seconds"] >= 30  # the run really waited
     assert summary["steps"] == trainer.total_steps == 2 * trainer.steps_per_epoch

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -301,7 +302,12 @@ class Trainer:
         return evaluate_student(self.student, read_manifest(self.cfg.data.val), setup, self.device, rank=self.rank,
                                 world=self.world, lockstep=zero3)
 
-    def fit(self) -> dict[str, Any]:
+    def fit(self, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+        """Train to the planned step. ``callbacks``: objects with any of ``before_step(trainer, micro_batches)``
+        and ``after_step(trainer, losses)`` (the step's detached loss tensors): how tests and benches watch or
+        perturb a run (record the batches, take the store away mid-run) without replacing the Trainer's methods."""
+        before = [c.before_step for c in callbacks if hasattr(c, "before_step")]
+        after = [c.after_step for c in callbacks if hasattr(c, "after_step")]
         cfg = self.cfg
         if not storage.is_remote(cfg.run.out_dir):
             os.makedirs(cfg.run.out_dir, exist_ok=True)
@@ -334,7 +340,11 @@ class Trainer:
                 continue
             window_positives += sum(int((b["label"] > 0).sum()) for b in micro)  # CPU labels: no sync
             window_images += sum(len(b["label"]) for b in micro)
+            for hook in before:
+                hook(self, micro)
             sums = self.train_step(micro)
+            for hook in after:
+                hook(self, sums)
             micro = []
             window_steps += 1
             for k, v in sums.items():
