@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from data import storage
-from trainer.checkpoint import (INDEX, CheckpointWriter, latest_checkpoint, list_checkpoints, load_checkpoint,
-                                step_url)
+from trainer.checkpoint import (INDEX, latest_checkpoint, list_checkpoints, load_checkpoint, step_url)
+from trainer.checkpoint_manager import CheckpointWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,7 +91,7 @@ def test_a_failed_upload_leaves_no_checkpoint_and_is_counted(tmp_path, monkeypat
 
 def test_markers_of_an_earlier_attempt_do_not_publish_a_checkpoint(tmp_path, monkeypatch):
     """Rank 0 publishes only when every rank's marker carries this save's nonce."""
-    monkeypatch.setattr("trainer.checkpoint.MARKER_TIMEOUT_S", 1.0)
+    monkeypatch.setattr("trainer.checkpoint_manager.MARKER_TIMEOUT_S", 1.0)
     url = step_url(str(tmp_path), 7)
     storage.write_bytes(storage.join(url, "rank-00001.done"), json.dumps({"nonce": "old"}).encode())
     writer = CheckpointWriter(str(tmp_path), keep=2, rank=0, world=2)
@@ -111,7 +111,7 @@ def test_markers_of_an_earlier_attempt_do_not_publish_a_checkpoint(tmp_path, mon
 KILLED_UPLOAD = """
 import sys, torch
 sys.path.insert(0, {root!r})
-from trainer.checkpoint import CheckpointWriter
+from trainer.checkpoint_manager import CheckpointWriter
 w = CheckpointWriter({out!r}, keep=3)
 w.save(1, {{"step": 1, "student": {{"w": torch.ones(10)}}}}, nonce="a"); w.wait()
 print("first", flush=True)

@@ -8,7 +8,8 @@ import shutil
 import pytest
 
 from conftest import tiny_config
-from trainer.checkpoint import INDEX, CheckpointError, CheckpointManager, latest_checkpoint, list_checkpoints, load_checkpoint, resolve
+from trainer.checkpoint import (INDEX, CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, resolve)
+from trainer.checkpoint_manager import CheckpointManager
 from trainer.models import StudentSpec
 from cluster.cli import main
 from trainer.train import train

@@ -23,8 +23,8 @@ import torch
 
 from conftest import tiny_config
 from trainer import checkpoint as ckpt
-from trainer.checkpoint import (FORMAT, INDEX, META, STATE, TRUST_ENV, CheckpointError, CheckpointWriter,
-                                latest_checkpoint, load_checkpoint, read_meta, rng_state, set_rng_state)
+from trainer.checkpoint import (FORMAT, INDEX, META, STATE, TRUST_ENV, CheckpointError, latest_checkpoint, load_checkpoint, read_meta, rng_state, set_rng_state)
+from trainer.checkpoint_manager import CheckpointWriter
 from cluster.cli import main
 from trainer.models import StudentSpec, build_teacher, load_student_from_checkpoint
 from trainer.train import Trainer, train

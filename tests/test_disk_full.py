@@ -15,8 +15,8 @@ import torch
 
 from cluster.cli import main
 from data import storage
-from trainer.checkpoint import STATE, CheckpointWriter, latest_checkpoint, list_checkpoints, load_checkpoint, \
-    step_url
+from trainer.checkpoint import (STATE, latest_checkpoint, list_checkpoints, load_checkpoint, step_url)
+from trainer.checkpoint_manager import CheckpointWriter
 
 
 def _fill_disk_at(monkeypatch, match: str) -> list[str]:

@@ -296,7 +296,7 @@ def probe_student(cfg: JobConfig, fp: FeaturePass, features: dict[str, Any]) -> 
 def write_probe(out_dir: str, student: Any, cfg: JobConfig, fit: dict[str, Any], val: dict[str, Any] | None,
                 keep: int = 2) -> str:
     """The probe as checkpoint step 0 under ``out_dir`` (complete or absent, like any checkpoint)."""
-    from trainer.checkpoint import CheckpointWriter
+    from trainer.checkpoint_manager import CheckpointWriter
 
     meta = {"student_spec": student.spec.to_dict(), "engine_name": "probe", "world": 1, "steps_per_epoch": 0,
             "config": cfg.to_dict(), "history": [], "probe_fit": fit, "val": val}

@@ -23,7 +23,8 @@ from data import storage
 from data.loader import SKIP_KINDS, LoaderState, ShardStream, make_loader, one_line
 from data.shards import Manifest, check_objects, read_manifest
 from data.teacher_labels import LabelSpec, TeacherLabels
-from trainer.checkpoint import CheckpointManager, rng_state, set_rng_state
+from trainer.checkpoint import rng_state, set_rng_state
+from trainer.checkpoint_manager import CheckpointManager
 from trainer.config import JobConfig
 from trainer.engine import Engine, autocast_dtype, build_engine, build_optimizer
 from trainer.evaluate import EvalSetup, evaluate_student
