@@ -15,7 +15,8 @@ from trainer.config import ConfigError
 def _train(args: argparse.Namespace) -> None:
     from trainer.config import load_config
     from trainer.runtime import output_location
-    from trainer.train import result_line, run_folder_line, train
+    from trainer.run_log import result_line, run_folder_line
+    from trainer.train import train
 
     overrides = list(args.overrides)
     if args.debug:

@@ -137,7 +137,7 @@ def test_the_old_cluster_launch_door_is_bgsplit_train_ray(capsys, monkeypatch, t
 def test_a_local_run_prints_the_result_keys_a_ray_run_prints(capsys, tiny_sets, tmp_path):
     import json
 
-    from trainer.train import result_line
+    from trainer.run_log import result_line
 
     argv = ["train", "--debug", "--config", "configs/debug.yaml", f"data.train={tiny_sets['train']}", "data.val=",
             f"run.out_dir={tmp_path / 'run'}", "run.max_steps=1", "run.progress=false", "loss.aux_weight=0"]

@@ -31,6 +31,7 @@ from trainer.evaluate import EvalSetup, evaluate_student
 from trainer.head_init import broadcast_head, fit_probe_head
 from trainer.models import Student, StudentSpec, Teacher, build_student, build_teacher
 from trainer.schedule import build_scheduler, in_probe_phase
+from trainer.run_log import MetricsLogger, NoLogger, progress_bar
 from trainer.runtime import gather, init_distributed, resolve_device, seed_everything
 from trainer.task import BGSplitTask
 
@@ -313,8 +314,8 @@ class Trainer:
         if not storage.is_remote(cfg.run.out_dir):
             os.makedirs(cfg.run.out_dir, exist_ok=True)
         logger = MetricsLogger(cfg.run.out_dir, append=self.resumed_from is not None) if self.rank == 0 \
-            else _NoLogger()
-        bar = _progress(self.total_steps, self.step, cfg.run.progress and self.rank == 0)
+            else NoLogger()
+        bar = progress_bar(self.total_steps, self.step, cfg.run.progress and self.rank == 0)
         eval_every = int(round(cfg.run.eval_every * self.steps_per_epoch)) if cfg.run.eval_every else 0
         window: dict[str, torch.Tensor] = {}
         window_steps, window_images, window_positives, t0 = 0, 0, 0, time.time()
@@ -400,7 +401,7 @@ class Trainer:
             for kind, n in counts.items():
                 mine[kind] += int(n)
 
-    def _record_eval(self, logger: "MetricsLogger") -> dict[str, Any] | None:
+    def _record_eval(self, logger: MetricsLogger) -> dict[str, Any] | None:
         result = self.validate()
         if result is not None:
             logger.log(self.step, {"val_map": result["map"]})
@@ -429,92 +430,6 @@ def read_set(location: str, key: str):
         raise FileNotFoundError(f"{key}={location} holds no shard set ({manifest_url(location)} does not exist): "
                                 f"give {key}= a folder or URL built by `bgsplit shards build`")
     return read_manifest(location)
-
-
-def result_line(summary: dict[str, Any]) -> str:
-    """A run's result as one JSON line, the same keys in one process, under torchrun and on Ray (`bgsplit
-    train [--ray]`), so a script reads one format whichever way the run went."""
-    val = summary.get("val") or {}
-    return json.dumps({"checkpoint": summary["checkpoint"], "steps": summary["steps"], "world": summary.get("world"),
-                       "engine": summary.get("engine"), "val_map": val.get("map"),
-                       "resumed_from": summary.get("resumed_from"), "skipped": summary.get("skipped")})
-
-
-def run_folder_line(out_dir: str, probe: bool = False) -> str:
-    """The last line of a run: where its outputs went, so that nobody has to guess a folder (under Ray the
-    working directory is a temporary copy), with the forms eval and mine take for its checkpoint. A probe fit
-    logs no metrics: summary.json and its one checkpoint."""
-    where = out_dir if storage.is_remote(out_dir) else os.path.abspath(out_dir)
-    board = "" if storage.is_remote(out_dir) else f", tensorboard/ (tensorboard --logdir {where}/tensorboard)"
-    logs = "" if probe else f", metrics.jsonl{board}"
-    return (f"run folder {where}: summary.json{logs}, checkpoints/; give eval and mine "
-            f"--checkpoint {where} (its newest checkpoint)")
-
-
-class MetricsLogger:
-    """metrics.jsonl (one JSON object a log interval) plus TensorBoard scalars when tensorboard is installed.
-
-    A fresh run starts the file anew (a rerun into the same run.out_dir must not read as one long run); a resumed
-    run appends to what its earlier attempts wrote. On object storage, where nothing can be appended, the file
-    is written whole at the end, the earlier attempts' lines first."""
-
-    def __init__(self, out_dir: str, append: bool = False):
-        self.remote = storage.is_remote(out_dir)
-        self.path = storage.join(out_dir, "metrics.jsonl")
-        self.lines: list[str] = []
-        if self.remote and append and storage.exists(self.path):
-            self.lines = storage.read_bytes(self.path).decode().splitlines()
-        self.file = None if self.remote else open(self.path, "a" if append else "w")
-        self.tb = None
-        if not self.remote:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
-            except ImportError:
-                self.tb = None
-
-    def log(self, step: int, scalars: dict[str, float]) -> None:
-        line = json.dumps({"step": step, "time": time.time(), **scalars})
-        if self.file:
-            self.file.write(line + "\n")
-            self.file.flush()
-        else:
-            self.lines.append(line)
-        if self.tb:
-            for k, v in scalars.items():
-                if v is not None and not (isinstance(v, float) and math.isnan(v)):
-                    self.tb.add_scalar(k, v, step)
-
-    def close(self) -> None:
-        if self.file:
-            self.file.close()
-        else:
-            storage.write_bytes(self.path, ("\n".join(self.lines) + "\n").encode())
-        if self.tb:
-            self.tb.close()
-
-
-class _NoLogger:
-    """Ranks other than 0 log nothing: one metrics file per run."""
-
-    def log(self, step: int, scalars: dict[str, float]) -> None: ...
-    def close(self) -> None: ...
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None: ...
-    def set_postfix(self, **kw: Any) -> None: ...
-    def close(self) -> None: ...
-
-
-def _progress(total: int, initial: int, enabled: bool):
-    """A bar on a terminal; in a log file or under `ray job submit`, a line every ~10 s (data.progress)."""
-    if not enabled:
-        return _NoBar()
-    from data.progress import progress
-
-    return progress(total, initial=initial, unit="step", desc="train")
 
 
 def train(cfg: JobConfig) -> dict[str, Any]:
