@@ -11,26 +11,20 @@ travel in the checkpoint (``init_head``) so WiSE-FT can interpolate back to them
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from data import storage
 from data.shards import manifest_identity
 from trainer.probe import Features, extract_features, fold_linear, tune_logistic
+from trainer.runtime import run_cache
 
 log = logging.getLogger(__name__)
 
 
 def features_cache_dir(cfg: Any) -> str:
-    if cfg.model.probe_cache_dir:
-        return cfg.model.probe_cache_dir
-    if storage.is_remote(cfg.run.out_dir):
-        return str(Path.home() / ".cache" / "bgsplit" / "features")
-    return os.path.join(cfg.run.out_dir, "features")
+    return run_cache(cfg.model.probe_cache_dir, cfg.run.out_dir, "features")
 
 
 class _TrunkView(torch.nn.Module):

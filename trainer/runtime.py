@@ -131,3 +131,14 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def run_cache(given: str, out_dir: str, name: str) -> str:
+    """A run's cache folder (its trunk's features, its cached prefix views): the one the config gives, else
+    ``out_dir/name`` beside the run, else, for a run writing to object storage, this machine's
+    ``~/.cache/bgsplit/name``: caches are read back here, memory-mapped, never from the store."""
+    if given:
+        return given
+    if storage.is_remote(out_dir):
+        return os.path.join(os.path.expanduser("~"), ".cache", "bgsplit", name)
+    return os.path.join(out_dir, name)

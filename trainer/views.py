@@ -33,11 +33,11 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from data import storage
 from data.loader import SKIP_KINDS, LoaderState, set_samples
 from data.plan import split_shards
 from data.shards import Manifest, manifest_identity
 from data.transforms import BadImage, sample_rng, train_transform
+from trainer.runtime import run_cache
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +50,7 @@ def positive_views(cfg: Any) -> int:
 
 
 def cache_folder(cfg: Any) -> str:
-    if cfg.views.cache_dir:
-        return cfg.views.cache_dir
-    if storage.is_remote(cfg.run.out_dir):
-        return str(Path.home() / ".cache" / "bgsplit" / "views")
-    return os.path.join(cfg.run.out_dir, "views")
+    return run_cache(cfg.views.cache_dir, cfg.run.out_dir, "views")
 
 
 def cache_key(cfg: Any, student: torch.nn.Module, teacher: torch.nn.Module | None) -> dict[str, Any]:
