@@ -6,10 +6,17 @@ import, so the config layer stays cheap to load.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 READ_AHEAD_MB = 32.0
 """Default MB fetched ahead of the decoder per open remote shard (four 8 MB ranges; see data.storage)."""
+
+
+def cache_root() -> str:
+    """This machine's cache for what a run on object storage keeps locally (positive shards, a remote run's
+    features and views): BGSPLIT_CACHE_DIR, default ~/.cache/bgsplit."""
+    return os.environ.get("BGSPLIT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "bgsplit")
 
 
 @dataclass

@@ -29,7 +29,8 @@ from data import storage
 from data.order import OrderSpec, Ref, advance, in_order, interleaved, worker_events
 from data.plan import Piece, describe_plan, for_worker, plan_summary, steps_per_epoch, worker_batches
 from data.config import LoaderConfig
-from data.reader import PositiveStore, Sample, ShardReader
+from data.positives import PositiveStore
+from data.reader import Sample, ShardReader
 from data.shards import Manifest
 from data.teacher_labels import TeacherLabels
 from data.transforms import BadImage, eval_transform, sample_rng, train_transform

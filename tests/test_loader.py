@@ -15,7 +15,7 @@ from data import storage
 from data.build import BuildSpec, build_set
 from data.loader import LoaderState, ShardStream, make_loader
 from data.config import LoaderConfig
-from data.reader import PositiveStore
+from data.positives import PositiveStore
 from data.shards import read_manifest, write_shard_set
 from data.sources import ImageFolderSource
 

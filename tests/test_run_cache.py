@@ -10,11 +10,14 @@ from trainer.runtime import run_cache
 from trainer.views import cache_folder
 
 
-def test_the_given_folder_then_beside_the_run_then_the_home_cache_for_a_remote_run(tmp_path):
+def test_the_given_folder_then_beside_the_run_then_the_machine_cache_for_a_remote_run(tmp_path, monkeypatch):
     assert run_cache("/given", "runs/a", "views") == "/given"
     assert run_cache("", "runs/a", "views") == os.path.join("runs/a", "views")
+    monkeypatch.delenv("BGSPLIT_CACHE_DIR", raising=False)
     assert run_cache("", "s3://bucket/runs/a", "features") == os.path.join(
         os.path.expanduser("~"), ".cache", "bgsplit", "features")
+    monkeypatch.setenv("BGSPLIT_CACHE_DIR", str(tmp_path))  # the one cache the positives' copies use too
+    assert run_cache("", "s3://bucket/runs/a", "features") == str(tmp_path / "features")
 
 
 def test_the_features_and_the_views_of_a_run_follow_the_same_rule(tmp_path):

@@ -135,10 +135,12 @@ def seed_everything(seed: int) -> None:
 
 def run_cache(given: str, out_dir: str, name: str) -> str:
     """A run's cache folder (its trunk's features, its cached prefix views): the one the config gives, else
-    ``out_dir/name`` beside the run, else, for a run writing to object storage, this machine's
-    ``~/.cache/bgsplit/name``: caches are read back here, memory-mapped, never from the store."""
+    ``out_dir/name`` beside the run, else, for a run writing to object storage, this machine's cache
+    (data.config.cache_root()/name): caches are read back here, memory-mapped, never from the store."""
+    from data.config import cache_root
+
     if given:
         return given
     if storage.is_remote(out_dir):
-        return os.path.join(os.path.expanduser("~"), ".cache", "bgsplit", name)
+        return os.path.join(cache_root(), name)
     return os.path.join(out_dir, name)
