@@ -172,13 +172,24 @@ def add_flags(parser: argparse.ArgumentParser, *classes: type) -> None:
             values = allowed(f, tp)
             if values is not None:
                 options.setdefault("choices", tuple(values))
-            if positional:
+            if positional:  # a positional list's default is argparse's own (None); one without a default is required
+                options.pop("default", None)
                 parser.add_argument(f.name, **options)
                 continue
             if not has_default:
                 options.setdefault("required", True)
             parser.add_argument(*options.pop("flags", ("--" + f.name.replace("_", "-"),)), dest=f.name, **options)
     parser.settings = getattr(parser, "settings", ()) + classes  # type: ignore[attr-defined]
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose out-of-choice flag value is the same one-line ConfigError as a YAML or override
+    value (``config key '--precision' is 'fp33'; choose one of ...``), not argparse's own wording."""
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        if action.choices is not None and value not in action.choices:
+            raise ConfigError(f"config key '{action.option_strings[0] if action.option_strings else action.dest}' "
+                              f"is {value!r}; choose one of {', '.join(map(str, action.choices))}")
 
 
 def from_args(cls: type, args: argparse.Namespace) -> Any:

@@ -3,14 +3,21 @@ validation, errors and the config reference alike; an unknown key or a value out
 dotted key."""
 from __future__ import annotations
 
+import argparse
+import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import pytest
 
+from cluster.cli import build_parser, main
+from cluster.experiment_configs import check_configs
+from cluster.experiment_spec import ExperimentSpec, MethodSpec
 from data.settings import ConfigError, check_all, choices, merge, parse_override
 from trainer.config import JobConfig, RunConfig, load_config, validate
 
+ROOT = Path(__file__).resolve().parents[1]
 REGISTRY = {"a": 1, "b": 2}
 
 
@@ -70,3 +77,56 @@ def test_the_job_config_declares_its_choices_once():
     cfg.run.device = "gpu"
     assert _error(lambda: validate(cfg)) == "config key 'run.device' is 'gpu'; choose one of auto, cpu, cuda"
     assert load_config(None, ["engine.zero_stage=3"]).engine.zero_stage == 3
+
+
+# -- every flag of every command comes from a dataclass field ----------------------------------------------------
+
+def _commands(parser: argparse.ArgumentParser, prog: str = "bgsplit"):
+    """(the command's name, its parser) for every leaf command of the `bgsplit` parser."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield prog, parser
+    for action in subs:
+        for name, sub in action.choices.items():
+            yield from _commands(sub, f"{prog} {name}")
+
+
+def test_every_flag_of_every_command_is_a_field_of_the_command_s_dataclasses():
+    """Catches a flag added by hand (parser.add_argument) beside the dataclasses, and a dataclass field that is not
+    a flag."""
+    seen = 0
+    for prog, parser in _commands(build_parser()):
+        fields = {f.name: f for cls in parser.settings for f in dataclasses.fields(cls)}
+        actions = [a for a in parser._actions if not isinstance(a, argparse._HelpAction)]
+        assert sorted(a.dest for a in actions) == sorted(fields), prog
+        for a in actions:
+            f = fields[a.dest]
+            want = f.metadata.get("flags", ("--" + f.name.replace("_", "-"),))
+            assert a.option_strings == ([] if f.metadata.get("positional") else list(want)), (prog, a.dest)
+            assert a.help == f.metadata.get("help"), (prog, a.dest)
+            seen += 1
+    assert seen > 100  # train, eval, shards build/plan/add-labels, mine, teacher-*, demo, experiment, docs, ...
+
+
+def test_a_misspelt_choice_is_the_same_one_line_error_from_yaml_override_flag_and_experiment(tmp_path, capsys):
+    tail = "is 'fp33'; choose one of auto, fp32, bf16, fp16"
+    path = tmp_path / "c.yaml"
+    path.write_text("run: {precision: fp33}\n")
+    assert _error(lambda: load_config(path)) == f"config key 'run.precision' {tail}"
+    assert _error(lambda: load_config(None, ["run.precision=fp33"])) == f"config key 'run.precision' {tail}"
+    assert main(["train", "run.precision=fp33"]) == 2
+    assert capsys.readouterr().err.strip() == f"bgsplit: error: config key 'run.precision' {tail}"
+    for argv in (["eval", "--checkpoint", "c", "--data", "d", "--out", str(tmp_path / "o")],
+                 ["mine", "--checkpoint", "c", "--pool", "p", "--out", str(tmp_path / "o")],
+                 ["teacher-label", "--data", "d"]):
+        assert main(argv + ["--precision", "fp33"]) == 2
+        assert capsys.readouterr().err.strip() == f"bgsplit: error: config key '--precision' {tail}"
+    assert main(["shards", "plan", "--data", "d", "--world", "1", "--workers", "0", "--batch-size", "2",
+                 "--mode", "exakt"]) == 2
+    assert capsys.readouterr().err.strip() == \
+        "bgsplit: error: config key '--mode' is 'exakt'; choose one of exact, resampled"
+    spec = ExperimentSpec(base=str(ROOT / "configs" / "fmnist_bg.yaml"),
+                          methods={"m": MethodSpec(["run.precision=fp33"])})
+    spec.data = dataclasses.replace(spec.data, settings={"A": 2})
+    assert _error(lambda: check_configs(spec, {"A": "t", "val": "v", "test": "s"})) == \
+        f"experiment method 'm', methods.m.overrides: config key 'run.precision' {tail}"
