@@ -39,17 +39,19 @@ def choices(cls: type, name: str) -> Collection[Any] | None:
     return allowed(next(f for f in dataclasses.fields(cls) if f.name == name), hints(cls)[name])
 
 
-def check_choice(value: Any, options: Collection[Any] | None, where: str) -> Any:
+def check_choice(value: Any, options: Collection[Any] | None, where: str, what: str = "config") -> Any:
     if options is not None and value not in options:
-        raise ConfigError(f"config key '{where}' is {value!r}; choose one of {', '.join(map(str, options))}")
+        raise ConfigError(f"{what} key '{where}' is {value!r}; choose one of {', '.join(map(str, options))}")
     return value
 
 
-def coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; YAML gives ints where floats are meant, which is fine."""
+def coerce(value: Any, tp: Any, where: str, what: str = "config") -> Any:
+    """Check ``value`` against the annotation ``tp``; YAML gives ints where floats are meant, which is fine. A
+    dataclass type is loaded from a mapping (None: its defaults); a mapping's keys are read as strings."""
     origin = typing.get_origin(tp)
     if origin is Literal:
-        return check_choice(coerce(value, type(typing.get_args(tp)[0]), where), typing.get_args(tp), where)
+        options = typing.get_args(tp)
+        return check_choice(coerce(value, type(options[0]), where, what), options, where, what)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -58,15 +60,22 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return coerce(value, arg, where)
+                return coerce(value, arg, where, what)
             except ConfigError:
                 pass
-        raise ConfigError(f"config key '{where}' must be {tp}, got {value!r}")
+        raise ConfigError(f"{what} key '{where}' must be {tp}, got {value!r}")
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{where}' must be a list, got {value!r}")
-        return [coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+            raise ConfigError(f"{what} key '{where}' must be a list, got {value!r}")
+        return [coerce(v, item_tp, f"{where}[{i}]", what) for i, v in enumerate(value)]
+    if origin is dict:
+        _, item_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{what} key '{where}' must be a mapping, got {value!r}")
+        return {str(k): coerce(v, item_tp, f"{where}.{k}", what) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return load(tp, value or {}, where + ".", what)
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):
@@ -82,25 +91,51 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
         return value
     if tp is Any:
         return value
-    raise ConfigError(f"config key '{where}' must be {getattr(tp, '__name__', tp)}, got {value!r}")
+    raise ConfigError(f"{what} key '{where}' must be {getattr(tp, '__name__', tp)}, got {value!r}")
 
 
-def merge(obj: Any, values: dict[str, Any], prefix: str = "") -> Any:
+def _value(f: dataclasses.Field, tp: Any, value: Any, where: str, what: str) -> Any:
+    """One field's value from its YAML value: its ``parse`` metadata (a rule its type cannot say, with its own
+    one-line errors), else its type, then its allowed set."""
+    if "parse" in f.metadata:
+        return f.metadata["parse"](value, where)
+    return check_choice(coerce(value, tp, where, what), allowed(f, tp), where, what)
+
+
+def _fields(cls: type, values: Any, prefix: str, what: str) -> dict[str, dataclasses.Field]:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{what} key '{prefix.rstrip('.') or 'top level'}' must be a mapping, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in fields:
+            raise ConfigError(f"unknown {what} key '{prefix}{key}': valid keys here are {', '.join(sorted(fields))}")
+    return fields
+
+
+def load(cls: type, values: Any, prefix: str = "", what: str = "config") -> Any:
+    """A new ``cls`` from a mapping: each key a field (a missing one takes its default; one without a default must
+    be given), each value checked as ``merge`` does. For frozen dataclasses and ones with required fields."""
+    fields, types_ = _fields(cls, values, prefix, what), hints(cls)
+    missing = [name for name, f in fields.items() if name not in values and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{what} key '{prefix.rstrip('.') or 'top level'}' needs {', '.join(missing)} (its keys: "
+                          f"{', '.join(fields)})")
+    return cls(**{key: _value(fields[key], types_[key], value, prefix + key, what) for key, value in values.items()})
+
+
+def merge(obj: Any, values: dict[str, Any], prefix: str = "", what: str = "config") -> Any:
     """Set ``obj``'s fields from a mapping, recursing into dataclass fields; returns ``obj``."""
-    types_ = hints(type(obj))
-    fields = {f.name: f for f in dataclasses.fields(obj)}
+    fields, types_ = _fields(type(obj), values, prefix, what), hints(type(obj))
     for key, value in values.items():
         where = f"{prefix}{key}"
-        if key not in fields:
-            raise ConfigError(f"unknown config key '{where}': valid keys here are {', '.join(sorted(fields))}")
         current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
+        if dataclasses.is_dataclass(current) and "parse" not in fields[key].metadata:
             if not isinstance(value, dict):
-                raise ConfigError(f"config key '{where}' is a section; give it a mapping, not {value!r}")
-            merge(current, value, where + ".")
+                raise ConfigError(f"{what} key '{where}' is a section; give it a mapping, not {value!r}")
+            merge(current, value, where + ".", what)
         else:
-            setattr(obj, key, check_choice(coerce(value, types_[key], where), allowed(fields[key], types_[key]),
-                                           where))
+            setattr(obj, key, _value(fields[key], types_[key], value, where, what))
     return obj
 
 

@@ -191,7 +191,7 @@ def test_every_method_kind_is_accepted(kind):
 def test_a_method_kind_not_in_the_registry_is_one_line_naming_the_allowed_kinds(bad):
     with pytest.raises(ConfigError) as e:
         parse_spec({"methods": {"a": {"kind": bad}}})
-    assert str(e.value) == f"methods.a.kind is {bad!r}: choose {' or '.join(METHOD_KINDS)}"
+    assert str(e.value) == f"experiment key 'methods.a.kind' is {bad!r}; choose one of {', '.join(METHOD_KINDS)}"
 
 
 def test_the_config_and_the_cli_still_load_without_torch():

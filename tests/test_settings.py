@@ -130,3 +130,23 @@ def test_a_misspelt_choice_is_the_same_one_line_error_from_yaml_override_flag_an
     spec.data = dataclasses.replace(spec.data, settings={"A": 2})
     assert _error(lambda: check_configs(spec, {"A": "t", "val": "v", "test": "s"})) == \
         f"experiment method 'm', methods.m.overrides: config key 'run.precision' {tail}"
+
+
+def test_the_experiment_spec_probe_params_and_data_sets_are_loaded_by_the_same_loader():
+    """Catches a part of the study spec parsed by hand again, with a wording of its own."""
+    from cluster.experiment_spec import parse_spec
+    from trainer.probe import probe_params
+
+    assert _error(lambda: parse_spec({"methods": {"a": {"kind": "prob"}}})) == \
+        "experiment key 'methods.a.kind' is 'prob'; choose one of train, probe"
+    assert _error(lambda: probe_params(["probe.kind=lgistic"])) == \
+        "config key 'probe.kind' is 'lgistic'; choose one of logistic, knn"
+    assert _error(lambda: parse_spec({"methods": {"a": {"setings": []}}})).startswith(
+        "unknown experiment key 'methods.a.setings': valid keys here are ablation_of, grid, kind, overrides, settings")
+    assert _error(lambda: parse_spec({"data": {"sets": {"train": "x", "val": "v", "test": "t"}},
+                                      "methods": {"a": {}}})) == \
+        "experiment key 'data.sets.train' must be a mapping, got 'x'"
+    assert _error(lambda: parse_spec({"seeds": [0, "1"], "methods": {"a": {}}})) == \
+        "experiment key 'seeds[1]' must be int, got '1'"
+    spec = parse_spec({"data": {"rare": [3, "Dress"]}, "methods": {"a": None}, "curve_every": 1})
+    assert spec.data.rare == ["3", "Dress"] and spec.methods["a"].kind == "train" and spec.curve_every == 1.0
