@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
 import sys
 
+from data.settings import ConfigError, Parser, add_flags, from_args
 from data.storage import DiskFull, StorageOutage
-from trainer.config import ConfigError
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -108,18 +107,7 @@ def _shards_build(args: argparse.Namespace) -> None:
 
         connect(args.ray_address)
         runner = ray_runner
-    build_command(BuildRequest(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BuildRequest)}),
-                  runner=runner)
-
-
-def _flags_of(parser: argparse.ArgumentParser, request: type) -> None:
-    """One argument per field of a request dataclass, from the field's metadata (data.build.BuildRequest)."""
-    for f in dataclasses.fields(request):
-        options = dict(f.metadata)
-        flags = options.pop("flags", ("--" + f.name.replace("_", "-"),))
-        if f.default is not dataclasses.MISSING:
-            options.setdefault("default", f.default)
-        parser.add_argument(*flags, dest=f.name, **options)
+    build_command(from_args(BuildRequest, args), runner=runner)
 
 
 def _shards_plan(args: argparse.Namespace) -> None:
@@ -276,19 +264,6 @@ def _experiment(args: argparse.Namespace) -> None:
     experiment_cli(args, execute)
 
 
-def _keep_results_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--keep-results", action="store_true",
-                        help="reuse stored run results made by another version of bgsplit's code (a study spanning "
-                             "sessions); results.md counts the runs per code version")
-
-
-def _trust_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--trust-checkpoint", action="store_true", help="load a checkpoint of the previous format "
-                        "(a pickled state.pt, no meta.json) as before: this runs whatever code the file holds, so "
-                        "only for a file from a trusted source (sets BGSPLIT_TRUST_CHECKPOINT=1, which torchrun "
-                        "ranks and Ray tasks inherit)")
-
-
 def _trust(args: argparse.Namespace) -> None:
     """--trust-checkpoint as the variable every loader reads (Ray tasks get BGSPLIT_* from the driver)."""
     if getattr(args, "trust_checkpoint", False):
@@ -297,183 +272,44 @@ def _trust(args: argparse.Namespace) -> None:
         os.environ[TRUST_ENV] = "1"
 
 
-def _ray_flags(parser: argparse.ArgumentParser, gpus: bool = True) -> None:
-    parser.add_argument("--ray", action="store_true", help="run the per-shard work as Ray tasks over the cluster "
-                        "(use under `ray job submit`; paths must be reachable from every node)")
-    parser.add_argument("--ray-address", default="", help="Ray address; default RAY_ADDRESS or a new local cluster")
-    if gpus:
-        parser.add_argument("--gpus-per-task", type=float, default=0.0,
-                            help="with --ray: GPUs a task holds (1 on a GPU cluster; 0 scores on the CPU)")
-
-
-LOADER_HELP = ("DataLoader processes decoding images (data.num_workers in a config; 0: in the process itself); "
-               "--num-workers / --workers are the old names")
-"""One word a meaning across commands: --loader-workers decode, --writers write shards, --world / cluster.num_workers
-count ranks (docs/user-guide.md, "Words")."""
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bgsplit", description="Background Splitting: rare classes in a sea of background")
+    """Every command's flags come from its dataclass (cluster.commands, data.build.BuildRequest) through
+    data.settings.add_flags, which records them on the command's parser (``settings``)."""
+    from cluster import commands as c
+    from data.build import BuildRequest
+
+    p = Parser(prog="bgsplit", description="Background Splitting: rare classes in a sea of background")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train one model from a config (one process; torchrun for several)")
-    t.add_argument("--config", help="YAML file (configs/*.yaml)")
-    t.add_argument("--debug", action="store_true", help="single process on CPU, fp32, no loader workers")
-    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.aux_weight=0 optim.epochs=5")
-    t.add_argument("--ray", action="store_true", help="train on a Ray cluster: cluster.num_workers Ray Train "
-                   "workers (use under `ray job submit`; sets and run.out_dir must be reachable from every node)")
-    t.add_argument("--ray-address", default="", help="Ray address; default RAY_ADDRESS or a new local cluster")
-    t.set_defaults(func=_train)
+    def command(parent, name: str, func, *settings: type, help: str = "") -> None:
+        """A command whose help is its first dataclass's docstring, its flags every field of ``settings``."""
+        parser = parent.add_parser(name, help=help or " ".join((settings[0].__doc__ or "").split()))
+        add_flags(parser, *settings)
+        parser.set_defaults(func=func)
 
-    e = sub.add_parser("eval", help="per-class AP, mAP, P@100, PR curves, top-scoring grid, JSON + Markdown report")
-    e.add_argument("--checkpoint", required=True,
-                   help="a checkpoint folder, or a run folder (its newest; also RUN/latest)")
-    e.add_argument("--data", required=True, help="evaluation shard set (folder with manifest.json)")
-    e.add_argument("--out", required=True, help="report folder")
-    e.add_argument("--image-size", type=int, default=0, help="default: the training image size")
-    e.add_argument("--batch-size", type=int, default=256)
-    e.add_argument("--loader-workers", "--num-workers", dest="num_workers", type=int, default=0, help=LOADER_HELP)
-    e.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                   help="the forward pass's dtype (auto: bf16 on a GPU, fp16 on one without, fp32 on CPU); "
-                   "scores are an fp32 softmax either way")
-    _trust_flag(e)
-    _ray_flags(e)
-    e.set_defaults(func=_eval)
-
+    ray = (c.RayTasks, c.RayAddress, c.RayGpus)
+    command(sub, "train", _train, c.TrainArgs, c.RayAddress)
+    command(sub, "eval", _eval, c.EvalArgs, c.Trust, *ray)
     s = sub.add_parser("shards", help="shard-set tools").add_subparsers(dest="shards_command", required=True)
-    b = s.add_parser("build", help="write a -BG WebDataset shard set from a source")
-    from data.build import BuildRequest
-    from data.sources import SOURCES
-
-    _flags_of(b, BuildRequest)
-    _ray_flags(b, gpus=False)
-    b.set_defaults(func=_shards_build)
-    pl = s.add_parser("plan", help="an epoch's steps, padding and shard reads for a training world")
-    pl.add_argument("--data", required=True, help="training shard set (folder or URL with manifest.json)")
-    pl.add_argument("--world", type=int, required=True, help="data-parallel ranks")
-    pl.add_argument("--loader-workers", "--workers", dest="workers", type=int, required=True,
-                    help=LOADER_HELP + " per rank")
-    pl.add_argument("--batch-size", type=int, required=True, help="per-rank batch (data.batch_size)")
-    pl.add_argument("--mode", choices=("exact", "resampled"), default="exact")
-    pl.add_argument("--policy", choices=("pad", "drop"), default="pad")
-    pl.add_argument("--sampling", choices=("natural", "balanced"), default="natural")
-    pl.add_argument("--positive-fraction", type=float, default=0.125, help="with --sampling balanced")
-    pl.add_argument("--seed", type=int, default=0, help="run.seed (the shard order; epoch 0 is shown)")
-    pl.add_argument("--json", action="store_true", help="the whole summary as JSON")
-    pl.set_defaults(func=_shards_plan)
-
-    al = s.add_parser("add-labels", help="a new version of a training set with reviewed candidates added: "
-                      "confirmed positives to their class, rejected ones as hard-negative background")
-    al.add_argument("--data", required=True, help="the training shard set to extend (left untouched)")
-    al.add_argument("--labels", required=True, help="labels.csv exported from review.html")
-    al.add_argument("--pool", required=True, help="the shard set the candidates were mined from (mine's OUT/pool "
-                    "when the pool was a source)")
-    al.add_argument("--out", required=True, help="where the new version goes (its manifest lists the parent's "
-                    "shards by URL: nothing existing is copied)")
-    al.set_defaults(func=_shards_add_labels)
-
-    m = sub.add_parser("mine", help="score an unlabeled pool, keep the top N per rare class; candidates.jsonl, "
-                       "contact sheets, review.html (one process, torchrun, or --ray)")
-    m.add_argument("--checkpoint", default="",
-                   help="a checkpoint folder, or a run folder (its newest; also RUN/latest); a probe's too")
-    m.add_argument("--positives", default="",
-                   help="instead of --checkpoint, start from a handful of examples: a shard set, or a source with "
-                   "a folder per class (folder:examples, with --rare); a probe on the teacher's features of them "
-                   "against a sample of the pool ranks it (written to OUT/model). A second round: the set "
-                   "`shards add-labels` made from the first round's labels")
-    m.add_argument("--rare", default="", help="with a --positives source: the classes to mine for (comma-separated)")
-    m.add_argument("--probe", choices=("logistic", "knn"), default="logistic",
-                   help="with --positives: logistic (C 1e-5, balanced) or kNN to the examples")
-    m.add_argument("--background", type=int, default=5000,
-                   help="with --positives: pool images (a key-hash sample) the probe fits as background")
-    m.add_argument("--embeddings", default="",
-                   help="with --positives or a probe checkpoint: where the pool's teacher features are kept for "
-                   "every later round (default POOL/embeddings; 'none': embed afresh, keep nothing)")
-    m.add_argument("--pool", required=True, help="a shard set, or any source `shards build` reads ("
-                   + ", ".join(f"{scheme}:" for scheme in SOURCES) + "), local or on S3; a source is built into "
-                   "OUT/pool first")
-    m.add_argument("--top", type=int, default=100, help="candidates kept per rare class")
-    m.add_argument("--out", required=True)
-    m.add_argument("--exclude", nargs="*", default=[], help="shard sets whose keys are never candidates (the "
-                   "training and validation sets; read whole, so meant for sets of up to a few million)")
-    m.add_argument("--image-size", type=int, default=0, help="default: the training image size")
-    m.add_argument("--batch-size", type=int, default=256)
-    m.add_argument("--loader-workers", "--num-workers", dest="num_workers", type=int, default=0, help=LOADER_HELP)
-    m.add_argument("--writers", "--workers", dest="workers", type=int, default=0,
-                   help="shard-writing processes building a source pool into shards (as in shards build)")
-    m.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                   help="the trunk's dtype (auto: bf16 on a GPU, fp32 on CPU); scores are an fp32 softmax either way")
-    _trust_flag(m)
-    _ray_flags(m)
-    m.set_defaults(func=_mine)
-
-    tl = sub.add_parser("teacher-label", help="store the teacher's top-k labels in shard sets (per shard; "
-                        "resumable; under torchrun every rank labels its share)")
-    tl.add_argument("--data", nargs="+", required=True)
-    tl.add_argument("--teacher", default="efficientnet_lite0")
-    tl.add_argument("--weights", default="")
-    tl.add_argument("--image-size", type=int, default=224)
-    tl.add_argument("--topk", type=int, default=5)
-    tl.add_argument("--batch-size", type=int, default=128)
-    tl.add_argument("--loader-workers", "--num-workers", dest="num_workers", type=int, default=0,
-                    help=LOADER_HELP)
-    tl.add_argument("--overwrite", action="store_true")
-    tl.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                    help="the teacher's compute dtype (auto: bf16 on GPU, fp32 on CPU); labels are fp32 softmax")
-    _ray_flags(tl)
-    tl.set_defaults(func=_teacher_label)
-
-    tr = sub.add_parser("teacher-report", help="what the teacher makes of a set's background, per input size: "
-                        "does it split it into stable groups BG splitting can learn from? (results.md, results.json)")
-    tr.add_argument("--data", required=True, help="a shard set (its background images are sampled)")
-    tr.add_argument("--sizes", default="64,160,224", help="input sizes to try, comma-separated")
-    tr.add_argument("--images", type=int, default=1000, help="background images in the sample")
-    tr.add_argument("--teacher", default="efficientnet_lite0")
-    tr.add_argument("--weights", default="")
-    tr.add_argument("--batch-size", type=int, default=64)
-    tr.add_argument("--out", required=True, help="folder (or URL) for results.md and results.json")
-    tr.set_defaults(func=_teacher_report)
-
-    d = sub.add_parser("demo", help="Fashion-MNIST-BG: fine-tuning vs BG splitting vs imbalance baselines")
-    d.add_argument("--out", default="artifacts/demo")
-    d.add_argument("--quick", action="store_true", help="one seed, shorter runs (a smoke test)")
-    d.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (configs/experiment_demo.yaml's otherwise)")
-    d.add_argument("--prepare-only", action="store_true", help="build and check the data, train nothing")
-    _keep_results_flag(d)
-    d.set_defaults(func=_demo)
-
-    x = sub.add_parser("experiment", help="tuned comparison: settings x methods x seeds, hyper-parameters chosen "
-                       "on validation with one shared grid and budget, test scored once per final run")
-    x.add_argument("config", help="experiment YAML (configs/experiment_fmnist.yaml)")
-    x.add_argument("--out", default="artifacts/experiment")
-    x.add_argument("--quick", action="store_true", help="1 setting, 2 methods, 2 grid points, 1 seed (a smoke run)")
-    _keep_results_flag(x)
-    x.add_argument("--ray", action="store_true", help="run each phase's train-and-score runs as Ray Tune trials in "
-                   "parallel (use under `ray job submit`; --out and the sets must be reachable from every node)")
-    x.add_argument("--ray-address", default="", help="Ray address; default RAY_ADDRESS or a new local cluster")
-    x.add_argument("--cpus-per-trial", type=float, default=1.0, help="with --ray: CPUs (and torch threads) a trial")
-    x.add_argument("--gpus-per-trial", type=float, default=0.0, help="with --ray: GPUs a trial (1 on a GPU cluster)")
-    x.set_defaults(func=_experiment)
-
-    dc = sub.add_parser("docs", help="rewrite every generated table of README.md and docs/ from the committed "
-                        "results (bench/results/) and the reference pages from the code; --check changes nothing")
-    dc.add_argument("--check", action="store_true", help="rewrite nothing; exit 1 on a block that differs from its "
-                    "render, or a source or cited results path that is not committed (git ls-files)")
-    dc.add_argument("--root", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), help="the checkout (default: the "
-                    "one bgsplit runs from)")
-    dc.set_defaults(func=_docs)
-
-    f = sub.add_parser("fetch-weights", help="download torchvision weights into torch's cache (needs a network)")
-    f.add_argument("model")
-    f.add_argument("weights", help="e.g. IMAGENET1K_V1")
-    f.set_defaults(func=_fetch_weights)
+    command(s, "build", _shards_build, BuildRequest, c.RayTasks, c.RayAddress,
+            help="write a -BG WebDataset shard set from a source")
+    command(s, "plan", _shards_plan, c.PlanArgs)
+    command(s, "add-labels", _shards_add_labels, c.AddLabelsArgs)
+    command(sub, "mine", _mine, c.MineArgs, c.Trust, *ray)
+    command(sub, "teacher-label", _teacher_label, c.TeacherLabelArgs, *ray)
+    command(sub, "teacher-report", _teacher_report, c.TeacherReportArgs)
+    command(sub, "demo", _demo, c.DemoArgs, c.KeepResults)
+    command(sub, "experiment", _experiment, c.ExperimentArgs, c.KeepResults, c.ExperimentRay, c.RayAddress,
+            c.TrialResources)
+    command(sub, "docs", _docs, c.DocsArgs)
+    command(sub, "fetch-weights", _fetch_weights, c.FetchWeightsArgs)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         if getattr(args, "out", None):
             from trainer.runtime import output_location
 

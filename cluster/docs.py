@@ -38,6 +38,7 @@ import shlex
 import subprocess
 import sys
 import textwrap
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Callable, Collection, Mapping
@@ -281,7 +282,8 @@ def modules_table(root: Path) -> str:
 
 def config_reference() -> str:
     """Every key of a training config, section by section, from trainer/config.py's JobConfig."""
-    from trainer.config import CHOICES, JobConfig
+    from data.settings import allowed, hints
+    from trainer.config import JobConfig
 
     out = []
     for section in dataclasses.fields(JobConfig):
@@ -292,14 +294,16 @@ def config_reference() -> str:
         if about:
             out += [" ".join(about.split()), ""]
         out += ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
-        docs = _field_docs(cls)
+        docs, types = _field_docs(cls), hints(cls)
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
             meaning = docs.get(f.name, "")
             key = f"{section.name}.{f.name}"
-            if key in CHOICES:
-                meaning += " " + _choices(CHOICES[key])
-            out.append(f"| `{key}` | {_cell(f.type)} | `{_cell(_value(default))}` | {_cell(meaning)} |")
+            values = allowed(f, types[f.name])
+            if values is not None:
+                meaning += " " + _choices(values)
+            kind = f.type if typing.get_origin(types[f.name]) is not typing.Literal else type(default).__name__
+            out.append(f"| `{key}` | {_cell(kind)} | `{_cell(_value(default))}` | {_cell(meaning)} |")
         out.append("")
     return "\n".join(out).rstrip()
 

@@ -11,14 +11,15 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from trainer.config import ConfigError
+from data.settings import ConfigError, load
 
 
 @dataclass
 class DataSpec:
     """Either ``sets`` (shard sets already built) or a source plus a -BG construction (data.build.build_set)."""
 
-    sets: dict[str, Any] = field(default_factory=dict)
+    sets: dict[str, Any] = field(default_factory=dict,
+                                 metadata={"parse": lambda value, where: parse_sets(value, where)})
     """Built shard sets: {train: {setting: location}, val: location, test: location}; local paths or URLs.
     When given, the construction keys below are not used (and the settings are the keys of ``train``)."""
     source: str = "fmnist:train"
@@ -26,8 +27,9 @@ class DataSpec:
     validation carve-out come from it."""
     test_source: str = "fmnist:test"
     """The source the test set is drawn from (another split of the data: never the training source)."""
-    rare: list[str] = field(default_factory=lambda: ["3", "5", "6"])
-    """Rare classes by the source's label or by name (Fashion-MNIST: "3" or "Dress"); labels 1..K in order."""
+    rare: list[str | int] = field(default_factory=lambda: ["3", "5", "6"])
+    """Rare classes by the source's label or by name (Fashion-MNIST: "3" or "Dress"); labels 1..K in order (read
+    as strings: YAML's 3 is "3")."""
     background: int | None = 1485
     """Background images in every training set (the same images in every setting); null: all of them."""
     settings: dict[str, int | None] = field(default_factory=lambda: {"99.6% bg": 2, "98.0% bg": 10})
@@ -48,6 +50,33 @@ class DataSpec:
     @property
     def built(self) -> bool:
         return bool(self.sets)
+
+
+@dataclass
+class SetLocations:
+    """``data.sets``: shard sets already built, local paths or URLs."""
+
+    train: dict[str, str]
+    """Setting name -> its training set."""
+    val: str
+    test: str
+
+
+def parse_data(values: Any, where: str = "data") -> DataSpec:
+    """``data`` of an experiment file (data.settings loads it: an unknown key is a one-line ConfigError naming
+    it): built ``sets``, or a source and its -BG construction, never both."""
+    spec = load(DataSpec, values, where + ".", "experiment")
+    if spec.sets:
+        mixed = sorted(set(values) - {"sets"})
+        if mixed:
+            raise ConfigError(f"experiment data gives both sets and construction keys {mixed}: name built shard "
+                              "sets with data.sets, or a source and its -BG construction, not both")
+        return DataSpec(sets=spec.sets, settings={name: None for name in spec.sets["train"]})
+    spec.rare = [str(r) for r in spec.rare]
+    if not spec.settings:
+        raise ConfigError("experiment key 'data.settings' must map setting names to positives per class")
+    spec.settings = expand_draws(spec.settings, spec.draws)
+    return spec
 
 
 DRAW = " (draw "
@@ -74,20 +103,17 @@ def slug(text: str) -> str:
     return "-".join(kept.split())
 
 
-def parse_sets(value: Any) -> dict[str, Any]:
-    """``data.sets`` as {train: {setting: loc}, val: loc, test: loc}, local paths made absolute (a run under Ray or
-    in another folder must read the same sets)."""
-    if not isinstance(value, dict) or set(value) != {"train", "val", "test"}:
-        raise ConfigError("experiment key 'data.sets' must map exactly train (setting -> set), val and test to shard "
-                          f"sets, got keys {sorted(value) if isinstance(value, dict) else value!r}")
-    train = value["train"]
-    if not isinstance(train, dict) or not train or not all(isinstance(v, str) and v for v in train.values()):
-        raise ConfigError("experiment key 'data.sets.train' must map setting names to shard-set locations")
+def parse_sets(value: Any, where: str = "data.sets") -> dict[str, Any]:
+    """``data.sets`` (SetLocations) as {train: {setting: loc}, val: loc, test: loc}, local paths made absolute (a
+    run under Ray or in another folder must read the same sets)."""
+    sets = load(SetLocations, value, where + ".", "experiment")
+    if not sets.train or not all(sets.train.values()):
+        raise ConfigError(f"experiment key '{where}.train' must map setting names to shard-set locations")
     for key in ("val", "test"):
-        if not isinstance(value[key], str) or not value[key]:
-            raise ConfigError(f"experiment key 'data.sets.{key}' must be a shard-set location")
-    return {"train": {str(k): _absolute(v) for k, v in train.items()}, "val": _absolute(value["val"]),
-            "test": _absolute(value["test"])}
+        if not getattr(sets, key):
+            raise ConfigError(f"experiment key '{where}.{key}' must be a shard-set location")
+    return {"train": {k: _absolute(v) for k, v in sets.train.items()}, "val": _absolute(sets.val),
+            "test": _absolute(sets.test)}
 
 
 def _absolute(location: str) -> str:

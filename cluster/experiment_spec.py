@@ -14,52 +14,19 @@ from typing import Any
 
 import yaml
 
-from cluster.experiment_data import DataSpec, expand_draws, parse_sets
+from cluster.experiment_data import DataSpec, parse_data
 from cluster.experiment_stats import method_grid, point_overrides
-from trainer.config import ConfigError, load_config
+from data.settings import ConfigError, load
+from trainer.config import load_config
 
 
-@dataclass
-class MethodSpec:
-    overrides: list[str] = field(default_factory=list)
-    """Dotted config overrides that define the method (e.g. loss.aux_weight=0); probe.* keys for a probe."""
-    grid: dict[str, list[Any]] = field(default_factory=dict)
-    """The method's own hyper-parameter axes, added to the shared grid (same key: the method's values win)."""
-    ablation_of: str = ""
-    """An ablation: no tuning of its own, it trains with the point chosen for this (earlier) method plus its
-    overrides, and is paired with it (e.g. soft aux targets against hard ones at the same LR and lambda)."""
-    settings: list[str] = field(default_factory=list)
-    """The settings it runs in (empty: all)."""
-    kind: str = "train"
-    """What the study runs for the method: a key of METHOD_KINDS (train or probe, each said there)."""
-
-
-@dataclass
-class ExperimentSpec:
-    base: str = "configs/fmnist_bg.yaml"
-    """Training config every run starts from (relative paths: to the experiment file, then the working dir)."""
-    data: DataSpec = field(default_factory=DataSpec)
-    overrides: list[str] = field(default_factory=list)
-    """Overrides applied to every run before the method's."""
-    methods: dict[str, MethodSpec] = field(default_factory=dict)
-    grid: dict[str, list[Any]] = field(default_factory=dict)
-    """Shared hyper-parameter axes (dotted key -> values) that every trained method is tuned over."""
-    budget: int = 4
-    """Validation runs per method: a larger grid is sampled down to this many points (fixed seed)."""
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    """Final runs per setting x method, one per seed, each scored once on the test split."""
-    tune_seed: int = 1000
-    """run.seed of every tuning run, and the seed of the grid sampling."""
-    curve_every: float = 0.0
-    """Epochs between validation scores recorded along every final run (0: none). The curves are only looked at,
-    never used to choose anything: selection is the tuning runs' final validation mAP."""
-    pairs: list[list[str]] = field(default_factory=list)
-    """Extra [variant, base] pairs to report by seed, besides each BG-split variant against its base."""
-    reports: bool = False
-    """Write an evaluation report (PR curves, top-scoring images) of each trained method's first final run in
-    the first setting, under report/<method>/ (the demo's)."""
-    title: str = "tuned comparison"
-    """The results page's heading."""
+def _axes(values: Any, where: str) -> dict[str, list[Any]]:
+    if not isinstance(values, dict):
+        raise ConfigError(f"experiment key '{where}' must map dotted config keys to lists of values")
+    for key, options in values.items():
+        if not isinstance(options, list) or not options:
+            raise ConfigError(f"experiment key '{where}.{key}' must be a non-empty list of values, got {options!r}")
+    return {str(k): list(v) for k, v in values.items()}
 
 
 @dataclass(frozen=True)
@@ -69,7 +36,7 @@ class MethodKind:
 
     help: str
     check: Callable[[ExperimentSpec, str, MethodSpec], None] = lambda spec, name, method: None
-    """(the spec so far, the method's name, its spec) -> None, or a one-line ConfigError naming the experiment key."""
+    """(the spec, the method's name, its spec) -> None, or a one-line ConfigError naming the experiment key."""
 
 
 def _check_probe(spec: ExperimentSpec, name: str, method: MethodSpec) -> None:
@@ -90,116 +57,78 @@ METHOD_KINDS: dict[str, MethodKind] = {
 """``methods.<name>.kind`` -> what it is; a spec accepts exactly these keys (the study's phases read the kind)."""
 
 
-def _check_keys(values: Any, cls: type, where: str) -> dict[str, Any]:
-    if not isinstance(values, dict):
-        raise ConfigError(f"experiment key '{where or 'top level'}' must be a mapping, got {values!r}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in values:
-        if key not in names:
-            raise ConfigError(f"unknown experiment key '{where}{key}': valid keys here are {', '.join(sorted(names))}")
-    return values
+@dataclass
+class MethodSpec:
+    overrides: list[str] = field(default_factory=list)
+    """Dotted config overrides that define the method (e.g. loss.aux_weight=0); probe.* keys for a probe."""
+    grid: dict[str, list[Any]] = field(default_factory=dict, metadata={"parse": _axes})
+    """The method's own hyper-parameter axes, added to the shared grid (same key: the method's values win)."""
+    ablation_of: str = ""
+    """An ablation: no tuning of its own, it trains with the point chosen for this (earlier) method plus its
+    overrides, and is paired with it (e.g. soft aux targets against hard ones at the same LR and lambda)."""
+    settings: list[str] = field(default_factory=list)
+    """The settings it runs in (empty: all)."""
+    kind: str = field(default="train", metadata={"choices": METHOD_KINDS})
+    """What the study runs for the method: a key of METHOD_KINDS (train or probe, each said there)."""
 
 
-def _axes(values: Any, where: str) -> dict[str, list[Any]]:
-    if not isinstance(values, dict):
-        raise ConfigError(f"experiment key '{where}' must map dotted config keys to lists of values")
-    for key, options in values.items():
-        if not isinstance(options, list) or not options:
-            raise ConfigError(f"experiment key '{where}.{key}' must be a non-empty list of values, got {options!r}")
-    return {str(k): list(v) for k, v in values.items()}
-
-
-def _strings(values: Any, where: str) -> list[str]:
-    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
-        raise ConfigError(f"experiment key '{where}' must be a list of section.key=value strings, got {values!r}")
-    return list(values)
-
-
-_SET_KEYS = {"sets"}
-_BUILD_KEYS = {f.name for f in dataclasses.fields(DataSpec)} - _SET_KEYS
-
-
-def _parse_data(doc: dict[str, Any]) -> DataSpec:
-    data = _check_keys(doc, DataSpec, "data.")
-    if "sets" in data:
-        mixed = sorted(set(data) & _BUILD_KEYS)
-        if mixed:
-            raise ConfigError(f"experiment data gives both sets and construction keys {mixed}: name built shard "
-                              "sets with data.sets, or a source and its -BG construction, not both")
-        sets = parse_sets(data["sets"])
-        return DataSpec(sets=sets, settings={name: None for name in sets["train"]})
-    spec = DataSpec(**{**dataclasses.asdict(DataSpec()), **data})
-    spec.rare = [str(r) for r in spec.rare]
-    if not isinstance(spec.settings, dict) or not spec.settings:
-        raise ConfigError("experiment key 'data.settings' must map setting names to positives per class")
-    spec.settings = expand_draws(spec.settings, spec.draws)
-    return spec
+@dataclass
+class ExperimentSpec:
+    base: str = "configs/fmnist_bg.yaml"
+    """Training config every run starts from (relative paths: to the experiment file, then the working dir)."""
+    data: DataSpec = field(default_factory=DataSpec, metadata={"parse": parse_data})
+    overrides: list[str] = field(default_factory=list)
+    """Overrides applied to every run before the method's."""
+    methods: dict[str, MethodSpec] = field(default_factory=dict)
+    grid: dict[str, list[Any]] = field(default_factory=dict, metadata={"parse": _axes})
+    """Shared hyper-parameter axes (dotted key -> values) that every trained method is tuned over."""
+    budget: int = 4
+    """Validation runs per method: a larger grid is sampled down to this many points (fixed seed)."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """Final runs per setting x method, one per seed, each scored once on the test split."""
+    tune_seed: int = 1000
+    """run.seed of every tuning run, and the seed of the grid sampling."""
+    curve_every: float = 0.0
+    """Epochs between validation scores recorded along every final run (0: none). The curves are only looked at,
+    never used to choose anything: selection is the tuning runs' final validation mAP."""
+    pairs: list[list[str]] = field(default_factory=list)
+    """Extra [variant, base] pairs to report by seed, besides each BG-split variant against its base."""
+    reports: bool = False
+    """Write an evaluation report (PR curves, top-scoring images) of each trained method's first final run in
+    the first setting, under report/<method>/ (the demo's)."""
+    title: str = "tuned comparison"
+    """The results page's heading."""
 
 
 def parse_spec(doc: dict[str, Any]) -> ExperimentSpec:
-    """Build an ExperimentSpec from a YAML mapping; an unknown key is a one-line ConfigError naming it."""
-    doc = _check_keys(doc or {}, ExperimentSpec, "")
-    spec = ExperimentSpec()
-    if "base" in doc:
-        spec.base = str(doc["base"])
-    if "data" in doc:
-        spec.data = _parse_data(doc["data"])
-    if "overrides" in doc:
-        spec.overrides = _strings(doc["overrides"], "overrides")
-    if "grid" in doc:
-        spec.grid = _axes(doc["grid"], "grid")
-    methods = doc.get("methods") or {}
-    if not isinstance(methods, dict) or not methods:
+    """Build an ExperimentSpec from a YAML mapping (data.settings: an unknown key, a bad type or a choice outside a
+    registry is a one-line ConfigError naming the experiment key), then check what ties its parts together."""
+    spec = load(ExperimentSpec, doc or {}, "", "experiment")
+    if not spec.methods:
         raise ConfigError("experiment key 'methods' must map method names to {overrides: [...], grid: {...}}")
-    for name, body in methods.items():
-        spec.methods[str(name)] = _parse_method(spec, str(name), body)
-    for key in ("budget", "tune_seed"):
-        if key in doc:
-            if not isinstance(doc[key], int) or isinstance(doc[key], bool):
-                raise ConfigError(f"experiment key '{key}' must be an integer, got {doc[key]!r}")
-            setattr(spec, key, doc[key])
-    if "seeds" in doc:
-        if not isinstance(doc["seeds"], list) or not all(isinstance(s, int) for s in doc["seeds"]):
-            raise ConfigError(f"experiment key 'seeds' must be a list of integers, got {doc['seeds']!r}")
-        spec.seeds = list(doc["seeds"])
-    if "curve_every" in doc:
-        if not isinstance(doc["curve_every"], (int, float)) or doc["curve_every"] < 0:
-            raise ConfigError(f"experiment key 'curve_every' must be epochs >= 0, got {doc['curve_every']!r}")
-        spec.curve_every = float(doc["curve_every"])
-    for key in ("reports",):
-        if key in doc:
-            if not isinstance(doc[key], bool):
-                raise ConfigError(f"experiment key '{key}' must be true or false, got {doc[key]!r}")
-            setattr(spec, key, doc[key])
-    if "title" in doc:
-        spec.title = str(doc["title"])
-    if "pairs" in doc:
-        pairs = doc["pairs"]
-        if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
-            raise ConfigError(f"experiment key 'pairs' must be a list of [variant, base] method names, got {pairs!r}")
-        for variant, base in pairs:
-            for m in (variant, base):
-                if m not in spec.methods:
-                    raise ConfigError(f"experiment key 'pairs' names '{m}', which is not a method: the methods are "
-                                      f"{list(spec.methods)}")
-        spec.pairs = [[str(v), str(b)] for v, b in pairs]
+    for name, method in spec.methods.items():
+        _check_method(spec, name, method)
+    if spec.curve_every < 0:
+        raise ConfigError(f"experiment key 'curve_every' must be epochs >= 0, got {spec.curve_every!r}")
+    for pair in spec.pairs:
+        if len(pair) != 2:
+            raise ConfigError(f"experiment key 'pairs' must be a list of [variant, base] method names, got "
+                              f"{spec.pairs!r}")
+        for m in pair:
+            if m not in spec.methods:
+                raise ConfigError(f"experiment key 'pairs' names '{m}', which is not a method: the methods are "
+                                  f"{list(spec.methods)}")
     if spec.budget < 1 or not spec.seeds:
         raise ConfigError("experiment needs budget >= 1 and at least one seed")
     return spec
 
 
-def _parse_method(spec: ExperimentSpec, name: str, body: Any) -> MethodSpec:
-    body = _check_keys(body or {}, MethodSpec, f"methods.{name}.")
-    method = MethodSpec(overrides=_strings(body.get("overrides", []), f"methods.{name}.overrides"),
-                        grid=_axes(body.get("grid", {}), f"methods.{name}.grid"),
-                        ablation_of=str(body.get("ablation_of", "")),
-                        settings=_strings(body.get("settings", []), f"methods.{name}.settings"),
-                        kind=str(body.get("kind", "train")))
-    kind = METHOD_KINDS.get(method.kind)
-    if kind is None:
-        raise ConfigError(f"methods.{name}.kind is {method.kind!r}: choose {' or '.join(METHOD_KINDS)}")
-    kind.check(spec, name, method)
-    if method.ablation_of and method.ablation_of not in spec.methods:
+def _check_method(spec: ExperimentSpec, name: str, method: MethodSpec) -> None:
+    """A method against the spec: what its kind requires, and the methods and settings it names (an ablation's
+    method listed before it)."""
+    METHOD_KINDS[method.kind].check(spec, name, method)
+    earlier = list(spec.methods)[:list(spec.methods).index(name)]
+    if method.ablation_of and method.ablation_of not in earlier:
         raise ConfigError(f"methods.{name}.ablation_of names '{method.ablation_of}', which is not a method "
                           "listed before it")
     if method.ablation_of and method.grid:
@@ -213,7 +142,6 @@ def _parse_method(spec: ExperimentSpec, name: str, body: Any) -> MethodSpec:
     if unknown:
         raise ConfigError(f"methods.{name}.settings names {unknown}; the settings are "
                           f"{list(spec.data.settings)}")
-    return method
 
 
 def load_spec(path: str | Path) -> ExperimentSpec:

@@ -24,6 +24,7 @@ from data.bg_construction import (BGSelection, few_validation_positives, main_la
 from data.ingest import (Resize, ShardItems, ShardResult, ShardTask, estimate_sample_bytes, finished, plan_shards,
                          run_tasks, samples_per_shard, spec_hash)
 from data.progress import progress as progress_bar
+from data.settings import flag
 from data.shards import (FORMAT, RECORD_READS_IN_FLIGHT, Manifest, ShardInfo, invalidate, manifest_url, read_manifest,
                          record_name, write_manifest)
 from data.sources import SOURCES, Listing, Source, index_dtype, open_source, read_split_file, resolve_rare_classes
@@ -239,55 +240,49 @@ def _manifest(out: str, spec: BuildSpec, class_names: list[str], tasks: list[Sha
                     meta=meta)
 
 
-def _flag(help: str, **argparse_kwargs: Any) -> Any:
-    """A BuildRequest field's flag: its help and argparse options, kept with the field so the flag is written once."""
-    return {"help": help, **argparse_kwargs}
-
-
 @dataclass(frozen=True)
 class BuildRequest:
     """What `bgsplit shards build` is asked for. Each field is one command-line flag (``--`` + the name with dashes;
-    cluster.cli adds the parser's arguments from these fields and their metadata), so a flag is defined once and
-    reaches the build by name. ``specs`` turns it into the BuildSpec of each set it writes."""
+    data.settings.add_flags makes it from the field's type, default and metadata; no default: required), so a flag
+    is defined once and reaches the build by name. ``specs`` turns it into the BuildSpec of each set it writes."""
 
-    source: str = field(metadata=_flag(
-        " | ".join(s.form for s in SOURCES.values()) + " (wds: existing WebDataset shards); paths local or s3://",
-        required=True))
-    out: str = field(metadata=_flag("output folder or fsspec URL", required=True))
-    label_field: str | None = field(default=None, metadata=_flag(
+    source: str = field(metadata=flag(
+        " | ".join(s.form for s in SOURCES.values()) + " (wds: existing WebDataset shards); paths local or s3://"))
+    out: str = field(metadata=flag("output folder or fsspec URL"))
+    label_field: str | None = field(default=None, metadata=flag(
         "wds: sources: the member holding the label: cls (default), txt, json:KEY (dotted path allowed) or another "
         "member name"))
-    split_file: str | None = field(default=None, metadata=_flag(
+    split_file: str | None = field(default=None, metadata=flag(
         "rare class ids, one per line (data/splits/*.txt for iNat-BG)"))
-    rare: str | None = field(default=None, metadata=_flag(
+    rare: str | None = field(default=None, metadata=flag(
         "rare classes, comma separated (instead of --split-file): names for named sources (folder names, manifest "
         "labels, iNat names: Dress,Sandal) or ids for numbered ones (Fashion-MNIST: 3,5,6)"))
-    positives_per_class: int | None = field(default=None, metadata=_flag(
-        "cap positives per rare class (training sets)", type=int))
-    background_fraction: float | None = field(default=None, metadata=_flag(
-        "or: cap positives to reach this background fraction", type=float))
-    max_background: int | None = field(default=None, metadata=_flag(
-        "random subset of the background (debugging sizes)", type=int))
-    seed: int = field(default=0, metadata=_flag("seed of every random choice of the build", type=int))
-    holdout: int = field(default=0, metadata=_flag(
+    positives_per_class: int | None = field(default=None, metadata=flag(
+        "cap positives per rare class (training sets)"))
+    background_fraction: float | None = field(default=None, metadata=flag(
+        "or: cap positives to reach this background fraction"))
+    max_background: int | None = field(default=None, metadata=flag(
+        "random subset of the background (debugging sizes)"))
+    seed: int = field(default=0, metadata=flag("seed of every random choice of the build"))
+    holdout: int = field(default=0, metadata=flag(
         "carve this many source images out as a validation set, stratified: each rare class gives its share of the "
         "source's mix (at least 1; an error, naming the fix, if fewer than --positives-per-class are left to train "
-        "on), the background the rest", type=int))
-    holdout_positives_per_class: int | None = field(default=None, metadata=_flag(
+        "on), the background the rest"))
+    holdout_positives_per_class: int | None = field(default=None, metadata=flag(
         "with --holdout: take exactly this many images of every rare class instead of its share (a steadier "
-        "validation AP where a class's share of a huge source is 1)", type=int))
-    holdout_out: str | None = field(default=None, metadata=_flag("where to write the validation set"))
-    subsample: int | None = field(default=None, metadata=_flag(
-        "uniform random subset of the source (keeps class proportions)", type=int))
-    max_count: int = field(default=10000, metadata=_flag("samples per shard at most", type=int))
-    max_mb: float = field(default=512.0, metadata=_flag(
-        "target shard size in MB (samples per shard estimated from a probe of the images)", type=float))
-    resize_short_side: int | None = field(default=None, metadata=_flag(
-        "re-encode images whose short side is longer to JPEG at this size (never upscales)", type=int))
-    jpeg_quality: int = field(default=90, metadata=_flag("JPEG quality of re-encoded images", type=int))
-    workers: int = field(default=0, metadata=_flag(
+        "validation AP where a class's share of a huge source is 1)"))
+    holdout_out: str | None = field(default=None, metadata=flag("where to write the validation set"))
+    subsample: int | None = field(default=None, metadata=flag(
+        "uniform random subset of the source (keeps class proportions)"))
+    max_count: int = field(default=10000, metadata=flag("samples per shard at most"))
+    max_mb: float = field(default=512.0, metadata=flag(
+        "target shard size in MB (samples per shard estimated from a probe of the images)"))
+    resize_short_side: int | None = field(default=None, metadata=flag(
+        "re-encode images whose short side is longer to JPEG at this size (never upscales)"))
+    jpeg_quality: int = field(default=90, metadata=flag("JPEG quality of re-encoded images"))
+    workers: int = field(default=0, metadata=flag(
         "shard-writing processes (default min(8, CPUs); 0 or 1: in this process); --workers is the old name",
-        type=int, flags=("--writers", "--workers"), default=min(8, os.cpu_count() or 1)))
+        flags=("--writers", "--workers"), default=min(8, os.cpu_count() or 1)))
 
     def source_spec(self) -> str:
         """The source as the shard writers reopen it: a wds: label field is part of it."""

@@ -8,9 +8,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Literal
 
 READ_AHEAD_MB = 32.0
 """Default MB fetched ahead of the decoder per open remote shard (four 8 MB ranges; see data.storage)."""
+
+Sampling = Literal["natural", "balanced"]
+EpochMode = Literal["exact", "resampled"]
+PadPolicy = Literal["pad", "drop"]
+"""The loader's choices, also `bgsplit shards plan`'s --sampling, --mode and --policy (data.plan.PlanRequest)."""
 
 
 def cache_root() -> str:
@@ -41,11 +47,11 @@ class LoaderConfig:
     next shard: an object store takes 20-80 ms to the first byte of every GET, which decoding then hides instead
     of waiting on. Memory per loader worker: up to interleave x (this + 8 MB), plus 8 MB for each of up to 4
     shards about to be opened; 0 turns it off. Local shards never need it."""
-    sampling: str = "natural"
+    sampling: Sampling = "natural"
     """natural: every sample once per epoch; balanced: positives re-sampled, each rare class equally often."""
     positive_fraction: float = 0.125
     """Fraction of each epoch that is positives when sampling is 'balanced'."""
-    mode: str = "exact"
+    mode: EpochMode = "exact"
     """exact: every sample once per epoch; resampled: shards drawn with replacement, fixed epoch length."""
-    pad_policy: str = "pad"
+    pad_policy: PadPolicy = "pad"
     """exact mode: equalise ranks by repeating samples (pad) or by leaving the surplus out (drop)."""

@@ -84,7 +84,7 @@ def test_data_block_is_either_sets_or_a_construction(own_sets, tmp_path):
     with pytest.raises(ConfigError, match="both sets and construction keys"):
         parse_spec({"data": {"sets": {"train": {"A": "a"}, "val": "v", "test": "t"}, "rare": ["1"]},
                     "methods": {"x": {}}})
-    with pytest.raises(ConfigError, match="must map exactly train"):
+    with pytest.raises(ConfigError, match=r"experiment key 'data.sets' needs val, test \(its keys: train, val, test\)"):
         parse_spec({"data": {"sets": {"train": {"A": "a"}}}, "methods": {"x": {}}})
     with pytest.raises(ConfigError, match="at least 1 training positive"):
         from cluster.experiment_data import build_sets

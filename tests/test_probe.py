@@ -175,8 +175,10 @@ def test_balanced_weights_and_knn_votes_by_hand():
 def test_probe_params_are_typed_and_checked():
     p = probe_params(["probe.kind=knn", "probe.k=7", "probe.C=0.5", "probe.class_weight=balanced"])
     assert (p.kind, p.k, p.C, p.class_weight) == ("knn", 7, 0.5, "balanced")
-    for bad, word in ((["probe.kk=3"], "probe.KEY=VALUE"), (["optim.lr=0.1"], "probe.KEY=VALUE"),
-                      (["probe.kind=svm"], "choose one of"), (["probe.k=x"], "must be a int"),
+    for bad, word in ((["probe.kk=3"], "unknown config key 'probe.kk': valid keys here are C, class_weight"),
+                      (["optim.lr=0.1"], "probe.KEY=VALUE"),
+                      (["probe.kind=svm"], "config key 'probe.kind' is 'svm'; choose one of logistic, knn"),
+                      (["probe.k=x"], "config key 'probe.k' must be int, got 'x'"),
                       (["probe.C=0"], "out of range")):
         with pytest.raises(ConfigError, match=word):
             probe_params(bad)

@@ -16,7 +16,8 @@ from cluster.experiment_configs import check_configs
 from cluster.experiment_spec import METHOD_KINDS, ExperimentSpec, MethodSpec, parse_spec
 from data.sources import SOURCES, open_source
 from data.sources.base import SourceScheme
-from trainer.config import CHOICES, ConfigError, load_config
+from data.settings import choices
+from trainer.config import ConfigError, LossConfig, load_config
 from trainer.losses import AUX_LOSSES, MAIN_LOSSES, MainLossKind
 from trainer.models import StudentSpec
 
@@ -51,7 +52,7 @@ def _message(key: str, bad: str) -> str:
 
 @pytest.mark.parametrize("key, name", _cases())
 def test_every_registry_key_is_accepted_from_yaml_and_override(tmp_path, key, name):
-    """Catches a CHOICES tuple (or a Literal) that lost or never had an entry the registry has."""
+    """Catches a copied tuple (or a Literal) that lost or never had an entry the registry has."""
     section, field = key.split(".")
     path = tmp_path / "c.yaml"
     path.write_text(f"{section}: {{{field}: {name}}}\n")
@@ -95,7 +96,7 @@ def test_the_config_reads_the_registries_themselves(monkeypatch):
     with pytest.raises(ConfigError) as e:
         load_config(None, ["loss.main=toyy"])
     assert str(e.value).endswith(f"choose one of {', '.join(MAIN_LOSSES)}") and str(e.value).endswith(", toy")
-    assert all(CHOICES[key] is registry for key, registry in REGISTRIES.items())
+    assert all(choices(LossConfig, key.split('.')[1]) is registry for key, registry in REGISTRIES.items())
 
 
 def test_the_config_reference_lists_each_registry_key_with_its_help():
@@ -190,7 +191,7 @@ def test_every_method_kind_is_accepted(kind):
 def test_a_method_kind_not_in_the_registry_is_one_line_naming_the_allowed_kinds(bad):
     with pytest.raises(ConfigError) as e:
         parse_spec({"methods": {"a": {"kind": bad}}})
-    assert str(e.value) == f"methods.a.kind is {bad!r}: choose {' or '.join(METHOD_KINDS)}"
+    assert str(e.value) == f"experiment key 'methods.a.kind' is {bad!r}; choose one of {', '.join(METHOD_KINDS)}"
 
 
 def test_the_config_and_the_cli_still_load_without_torch():

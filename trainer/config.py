@@ -1,26 +1,24 @@
 """Typed job configuration: dataclasses are the schema, YAML files and dotted CLI overrides only fill them.
 
-An unknown key or a value of the wrong type is a one-line ``ConfigError`` naming the key, because a silently
-ignored typo (``loss.aux_wieght``) would quietly train the fine-tune baseline instead of BG splitting.
+data.settings loads them: an unknown key, a value of the wrong type or one outside a field's ``Literal`` (or its
+registry: ``loss.main``, ``loss.aux``) is a one-line ``ConfigError`` naming the key, because a silently ignored typo
+(``loss.aux_wieght``) would quietly train the fine-tune baseline instead of BG splitting.
 """
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
-from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from data.config import LoaderConfig
+from data.settings import ConfigError, check_all, merge, parse_override
 from trainer.losses import AUX_LOSSES, MAIN_LOSSES, LossConfig
 
-
-class ConfigError(ValueError):
-    """A bad configuration key or value; the message is one line naming it and the fix."""
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+"""A forward pass's dtype: run.precision, and eval's, mine's and teacher-label's --precision."""
 
 
 @dataclass
@@ -42,7 +40,7 @@ class TeacherConfig:
     """Registry name (efficientnet_lite0, a torchvision model such as resnet50, or 'checkpoint')."""
     weights: str = ""
     """torchvision weights enum name (IMAGENET1K_V1), a local weights file, or a bgsplit checkpoint path."""
-    mode: str = "online"
+    mode: Literal["online", "cached"] = "online"
     """online: run the teacher on each training batch; cached: read labels written by `bgsplit teacher-label`."""
     image_size: int = 0
     """Teacher input size; 0 means the student's image size (online mode resizes the student's crop)."""
@@ -74,7 +72,7 @@ class ModelConfig:
     """Freeze the trunk's stem and first N stages (EfficientNet-Lite0: 7, ResNet: 4): eval mode, no gradients, no
     optimiser state, no DDP/DeepSpeed buckets. 0 fine-tunes the whole trunk. What a shared teacher prefix
     (teacher.share_prefix) and cached views (views.count) are computed from."""
-    head_init: str = "random"
+    head_init: Literal["random", "probe"] = "random"
     """random, or probe (LP-FT as Kumar et al. publish it): before step 0 the main head becomes the converged
     logistic probe on the student's own trunk features of the training set (its input size, the eval transform),
     the standardisation folded in, C and class weighting chosen on model.probe_val."""
@@ -96,7 +94,7 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"
+    name: Literal["sgd", "adamw"] = "sgd"
     """sgd (momentum, the paper) or adamw."""
     lr: float = 0.01
     """Peak learning rate (for the global batch)."""
@@ -110,7 +108,7 @@ class OptimConfig:
     """Linear warm-up length in epochs."""
     warmup_start_lr: float = 0.001
     """LR at the start of the warm-up."""
-    schedule: str = "step"
+    schedule: Literal["step", "cosine"] = "step"
     """step (x gamma at the milestones) or cosine."""
     milestones: list[float] = field(default_factory=lambda: [21.0, 41.0, 61.0, 81.0])
     """Epochs at which the step schedule multiplies the LR by gamma."""
@@ -135,9 +133,9 @@ class RunConfig:
     """Where checkpoints, metrics.jsonl, TensorBoard scalars and reports go."""
     seed: int = 0
     """Seeds the model init, the data order and the augmentation."""
-    device: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto (cuda if available), cpu or cuda."""
-    precision: str = "auto"
+    precision: Precision = "auto"
     """auto (bf16 on a GPU with bf16, else fp16 with a loss scaler; fp32 on CPU), fp32, bf16 or fp16 (explicit
     bf16/fp16 are honoured on CPU too). Scores (main head, softmax) are fp32 whatever this says."""
     channels_last: bool = True
@@ -165,9 +163,9 @@ class RunConfig:
 
 @dataclass
 class EngineConfig:
-    name: str = "ddp"
+    name: Literal["ddp", "deepspeed"] = "ddp"
     """ddp (torch DistributedDataParallel; a plain module in a single process) or deepspeed."""
-    zero_stage: int = 0
+    zero_stage: Literal[0, 1, 2, 3] = 0
     """DeepSpeed ZeRO stage 0-3 (optimizer state, gradients, parameters partitioned over ranks)."""
     compile: bool = False
     """torch.compile the student on GPU (ignored on CPU, where it only costs compile time)."""
@@ -225,13 +223,13 @@ class ViewsConfig:
 
 @dataclass
 class ProbeConfig:
-    kind: str = "none"
+    kind: Literal["none", "logistic", "knn"] = "none"
     """none: train the student. logistic or knn: `bgsplit train` fits that baseline on the frozen teacher's pooled
     features of data.train at data.image_size instead (trainer/probe_model.py) and writes it as a checkpoint that
     eval and mine take like a trained one: what `bgsplit experiment` writes to best/ when a probe wins."""
     C: float = 1.0
     """logistic: inverse L2 strength, as scikit-learn's (the experiment tunes it on validation)."""
-    class_weight: str = "none"
+    class_weight: Literal["none", "balanced"] = "none"
     """logistic: none or balanced."""
     k: int = 20
     """knn: neighbours that vote."""
@@ -264,100 +262,8 @@ class JobConfig:
         return dataclasses.asdict(self)
 
 
-CHOICES: dict[str, Collection[Any]] = {
-    "data.sampling": ("natural", "balanced"),
-    "data.mode": ("exact", "resampled"),
-    "data.pad_policy": ("pad", "drop"),
-    "teacher.mode": ("online", "cached"),
-    "model.head_init": ("random", "probe"),
-    "probe.kind": ("none", "logistic", "knn"),
-    "probe.class_weight": ("none", "balanced"),
-    "loss.main": MAIN_LOSSES,
-    "loss.aux": AUX_LOSSES,
-    "optim.name": ("sgd", "adamw"),
-    "optim.schedule": ("step", "cosine"),
-    "run.device": ("auto", "cpu", "cuda"),
-    "run.precision": ("auto", "fp32", "bf16", "fp16"),
-    "engine.name": ("ddp", "deepspeed"),
-    "engine.zero_stage": (0, 1, 2, 3),
-}
-"""Config key -> the values it accepts. A registry (loss.main, loss.aux: trainer.losses) stands here itself, so its
-keys are the values, and a new entry is accepted, listed in errors and in the config reference without an edit
-here."""
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; YAML gives ints where floats are meant, which is fine."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError:
-                pass
-        raise ConfigError(f"config key '{where}' must be {tp}, got {value!r}")
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{where}' must be a list, got {value!r}")
-        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):
-        try:  # YAML 1.1 reads 3e-4 (no dot) as a string; ML configs write learning rates that way
-            return float(value)
-        except ValueError:
-            pass
-    if tp is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if tp is bool and isinstance(value, bool):
-        return value
-    if tp is str and isinstance(value, str):
-        return value
-    raise ConfigError(f"config key '{where}' must be {getattr(tp, '__name__', tp)}, got {value!r}")
-
-
-def _merge(obj: Any, values: dict[str, Any], prefix: str) -> None:
-    hints = typing.get_type_hints(type(obj))
-    names = {f.name for f in dataclasses.fields(obj)}
-    for key, value in values.items():
-        where = f"{prefix}{key}"
-        if key not in names:
-            raise ConfigError(f"unknown config key '{where}': valid keys here are {', '.join(sorted(names))}")
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise ConfigError(f"config key '{where}' is a section; give it a mapping, not {value!r}")
-            _merge(current, value, where + ".")
-        else:
-            setattr(obj, key, _coerce(value, hints[key], where))
-
-
-def _parse_override(text: str) -> tuple[list[str], Any]:
-    if "=" not in text:
-        raise ConfigError(f"override '{text}' is not of the form section.key=value")
-    key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() != "" else ""
-
-
-def _nest(path: list[str], value: Any) -> dict[str, Any]:
-    out: dict[str, Any] = value
-    for part in reversed(path):
-        out = {part: out}
-    return out
-
-
 def validate(cfg: JobConfig) -> JobConfig:
-    for where, allowed in CHOICES.items():
-        section, key = where.split(".")
-        value = getattr(getattr(cfg, section), key)
-        if value not in allowed:
-            raise ConfigError(f"config key '{where}' is {value!r}; choose one of {', '.join(map(str, allowed))}")
+    check_all(cfg)  # a value set in code, not through merge, is held to the same choices
     if cfg.data.shuffle_buffer_mb < 0 or cfg.data.interleave < 1:
         raise ConfigError("data.shuffle_buffer_mb must be >= 0 and data.interleave >= 1")
     if cfg.data.read_ahead_mb < 0:
@@ -438,14 +344,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = yaml.safe_load(p.read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"config file {p} must hold a mapping of sections")
-        _merge(cfg, data, "")
+        merge(cfg, data)
     for text in overrides or []:
-        keys, value = _parse_override(text)
-        _merge(cfg, _nest(keys, value), "")
+        merge(cfg, parse_override(text))
     return validate(cfg)
 
 
 def config_from_dict(values: dict[str, Any]) -> JobConfig:
     cfg = JobConfig()
-    _merge(cfg, values, "")
+    merge(cfg, values)
     return validate(cfg)

@@ -4,43 +4,19 @@ name them.
 Main losses differ in how they treat the huge background class; each is a callable of (logits, labels, epoch) built
 once from the class counts of the training set. The aux loss is the same whichever main loss runs, as in the paper
 ("BG splitting can be combined with other imbalance methods"). ``loss.main`` and ``loss.aux`` accept exactly the keys
-of ``MAIN_LOSSES`` and ``AUX_LOSSES`` (trainer.config reads them), so a new loss is a function and an entry here, its
-settings fields of ``LossConfig`` (the ``loss.*`` keys). trainer.config imports this module and stays cheap to load:
-torch is imported where a loss is built or computed, not when this module is.
+of ``MAIN_LOSSES`` and ``AUX_LOSSES`` (LossConfig gives them as its fields' choices), so a new loss is a function and
+an entry here, its settings fields of ``LossConfig`` (the ``loss.*`` keys). trainer.config imports this module and
+stays cheap to load: torch is imported where a loss is built or computed, not when this module is.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
-
-
-@dataclass
-class LossConfig:
-    main: str = "ce"
-    """The main head's loss: how the background class is weighed against the rare ones."""
-    aux: str = "hard"
-    """The aux head's loss against the teacher's output."""
-    aux_weight: float = 0.1
-    """lambda; 0 disables the aux head's loss and gives the fine-tuning baseline."""
-    temperature: float = 1.0
-    """Soft aux-loss temperature tau (the loss is scaled by tau^2)."""
-    cb_beta: float = 0.999
-    """Class-balanced loss: beta of the effective number of samples."""
-    focal_gamma: float = 2.0
-    """Focal loss: gamma."""
-    ldam_max_margin: float = 0.5
-    """LDAM: the largest per-class margin (for the rarest class)."""
-    ldam_scale: float = 30.0
-    """LDAM: logit scale of the normalised classifier."""
-    drw_start_epoch: float = 0.6
-    """Deferred re-weighting starts at this fraction of training when < 1, else at this epoch."""
-    logit_adjust_tau: float = 1.0
-    """Logit adjustment: tau times log class prior added to the logits during training."""
 
 
 MainLoss = Callable[["torch.Tensor", "torch.Tensor", float], "torch.Tensor"]
@@ -166,7 +142,7 @@ def aux_topk(aux_logits: torch.Tensor, teacher_idx: torch.Tensor, teacher_prob: 
     return -(q * log_p).sum(dim=1).mean() * tau * tau
 
 
-AuxLoss = Callable[["torch.Tensor", dict[str, "torch.Tensor"], LossConfig], "torch.Tensor"]
+AuxLoss = Callable[["torch.Tensor", dict[str, "torch.Tensor"], "LossConfig"], "torch.Tensor"]
 """(the aux head's logits, the teacher's targets: teacher_idx and teacher_prob, its top-k, and teacher_logits when
 the teacher ran online, the loss settings) -> the aux loss."""
 
@@ -203,6 +179,30 @@ AUX_LOSSES: dict[str, AuxLossKind] = {
                         "KL on the top-k renormalised"),
 }
 """``loss.aux`` -> its kind: the config accepts exactly these keys."""
+
+
+@dataclass
+class LossConfig:
+    main: str = field(default="ce", metadata={"choices": MAIN_LOSSES})
+    """The main head's loss: how the background class is weighed against the rare ones."""
+    aux: str = field(default="hard", metadata={"choices": AUX_LOSSES})
+    """The aux head's loss against the teacher's output."""
+    aux_weight: float = 0.1
+    """lambda; 0 disables the aux head's loss and gives the fine-tuning baseline."""
+    temperature: float = 1.0
+    """Soft aux-loss temperature tau (the loss is scaled by tau^2)."""
+    cb_beta: float = 0.999
+    """Class-balanced loss: beta of the effective number of samples."""
+    focal_gamma: float = 2.0
+    """Focal loss: gamma."""
+    ldam_max_margin: float = 0.5
+    """LDAM: the largest per-class margin (for the rarest class)."""
+    ldam_scale: float = 30.0
+    """LDAM: logit scale of the normalised classifier."""
+    drw_start_epoch: float = 0.6
+    """Deferred re-weighting starts at this fraction of training when < 1, else at this epoch."""
+    logit_adjust_tau: float = 1.0
+    """Logit adjustment: tau times log class prior added to the logits during training."""
 
 
 def build_main_loss(cfg: LossConfig, counts: list[int], drw_epoch: float) -> MainLoss:

@@ -14,14 +14,14 @@ import hashlib
 import json
 import os
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
 
-from trainer.config import ConfigError
+from data.settings import ConfigError, load, parse_override
 
 FEATURES_VERSION = 1
 """Bump when extraction changes what a cached feature file holds."""
@@ -31,13 +31,13 @@ FEATURES_VERSION = 1
 class ProbeParams:
     """One probe configuration: what ``probe.*`` overrides and grid axes of an experiment method set."""
 
-    kind: str = "logistic"
+    kind: Literal["logistic", "knn"] = "logistic"
     """logistic (L2-regularised multinomial regression fit by L-BFGS) or knn (cosine, temperature-weighted)."""
     image_size: int = 160
     """Input size of the teacher for feature extraction (EfficientNet-Lite0: 224 native, 160 keeps accuracy)."""
     C: float = 1.0
     """Inverse L2 strength, as scikit-learn's: the penalty is ||W||^2 / (2 C n) on the mean loss."""
-    class_weight: str = "none"
+    class_weight: Literal["none", "balanced"] = "none"
     """none, or balanced (each class weighted n / (classes x n_c), as scikit-learn's 'balanced')."""
     k: int = 20
     """kNN: neighbours that vote."""
@@ -47,28 +47,16 @@ class ProbeParams:
     """L-BFGS iterations at most (a fit that stops on this is reported as not converged)."""
 
 
-PROBE_KINDS = ("logistic", "knn")
-
-
 def probe_params(overrides: list[str]) -> ProbeParams:
-    """``probe.KEY=VALUE`` strings -> ProbeParams; any other key, or a bad value, is a one-line ConfigError."""
-    fields = {f: type(v) for f, v in asdict(ProbeParams()).items()}
+    """``probe.KEY=VALUE`` strings -> ProbeParams (data.settings: an unknown key, a bad type or a choice outside a
+    Literal is its one-line ConfigError); any other section is a one-line ConfigError too."""
     values: dict[str, Any] = {}
     for text in overrides:
-        key, sep, raw = text.partition("=")
-        name = key.removeprefix("probe.")
-        if not sep or not key.startswith("probe.") or name not in fields:
+        if not text.startswith("probe.") or "=" not in text:
             raise ConfigError(f"probe method override '{text}' is not probe.KEY=VALUE with KEY one of "
-                              f"{', '.join(fields)}")
-        try:
-            values[name] = fields[name](raw) if fields[name] is not str else raw
-        except ValueError:
-            raise ConfigError(f"probe override '{text}': {name} must be a {fields[name].__name__}") from None
-    params = ProbeParams(**values)
-    if params.kind not in PROBE_KINDS:
-        raise ConfigError(f"probe.kind={params.kind!r}: choose one of {', '.join(PROBE_KINDS)}")
-    if params.class_weight not in ("none", "balanced"):
-        raise ConfigError(f"probe.class_weight={params.class_weight!r}: choose none or balanced")
+                              f"{', '.join(f.name for f in fields(ProbeParams))}")
+        values.update(parse_override(text)["probe"])
+    params = load(ProbeParams, values, "probe.")
     if params.C <= 0 or params.k < 1 or params.temperature <= 0 or params.image_size < 16:
         raise ConfigError(f"probe values out of range: {params} (C > 0, k >= 1, temperature > 0, image_size >= 16)")
     return params
