@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from data import storage
 from data.config import LoaderConfig
 from data.loader import IMAGE_EXTS, ShardStream, make_loader
 from data.order import Ref
@@ -258,6 +259,6 @@ def report_predictions(manifest: Manifest, probs: np.ndarray, labels: np.ndarray
     plot_top_scoring_grid(probs, labels, lambda i: images[refs[i]], manifest.class_names,
                           os.path.join(out_dir, TOP_SCORING_PNG), per_class=per_class)
     write_report(results, out_dir, title)
-    with open(os.path.join(out_dir, "scores.json"), "w") as f:
-        json.dump({"keys": keys, "labels": labels.tolist()}, f)
+    storage.write_bytes(os.path.join(out_dir, "scores.json"),
+                        json.dumps({"keys": keys, "labels": labels.tolist()}).encode())
     return results
