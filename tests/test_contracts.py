@@ -53,3 +53,52 @@ def test_reports_and_scores_meet_a_full_disk_as_every_write_does(tmp_path, monke
         write_report(evaluate(probs, labels, ["bg", "a", "b"]), tmp_path, "t")
     assert os.listdir(tmp_path) == []
 
+
+# ------------------------------------------------------------------------------------------------ one image member
+
+
+def _tar(members: list[tuple[str, bytes]]) -> bytes:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_one_rule_says_which_member_is_the_image():
+    from data.shards import IMAGE_EXTS, image_member
+
+    assert IMAGE_EXTS[:4] == ("jpg", "jpeg", "png", "webp")
+    assert image_member({"png": b"p", "cls": b"1"}) == b"p"
+    assert image_member({"webp": b"w", "json": b"{}"}) == b"w"
+    assert image_member({"json": b"{}", "png": b"p", "jpg": b"j"}) == b"j"  # the order of IMAGE_EXTS, not the tar's
+    assert image_member({"cls": b"1", "json": b"{}"}) is None
+
+
+@pytest.mark.parametrize("name", ["a.jpg", "a.JPG", "a.jpeg", "a.png", "a.PNG", "a.webp", "a.WebP"])
+def test_every_reader_of_a_shard_finds_the_same_image_member(name):
+    """Upper-case member names too: both tar parsers lower-case them, then the one lookup picks the image."""
+    import io
+
+    from data.reader import _TarParse
+    from data.shards import image_member, iter_tar
+
+    raw = _tar([(name, b"IMAGE"), ("a.cls", b"1"), ("a.json", b"{}")])
+    (key, fields), = list(iter_tar(io.BytesIO(raw)))
+    assert key == "a" and image_member(fields) == b"IMAGE"
+    parse = _TarParse(io.BytesIO(raw))
+    assert list(parse) == [] and parse.pending is not None  # the reader keeps the last sample pending
+    key, fields = parse.pending
+    assert key == "a" and image_member(fields) == b"IMAGE"
+
+
+def test_the_image_member_rule_is_written_once():
+    assert _where(r"\bIMAGE_EXTS\b") == {"data/shards.py"}
+    users = _where(r"^from data\.shards import [^\n]*\bimage_member\b|^ +image_member,$|"
+                   r"^from data\.shards import \([^)]*\bimage_member\b")
+    assert {"data/loader.py", "trainer/evaluate.py", "trainer/mine.py", "data/add_labels.py"} <= users

@@ -25,11 +25,11 @@ import torch
 
 from data import storage
 from data.config import LoaderConfig
-from data.loader import IMAGE_EXTS, ShardStream, make_loader
+from data.loader import ShardStream, make_loader
 from data.order import Ref
 from data.plan import split_shards
 from data.reader import ShardReader
-from data.shards import Manifest, read_manifest
+from data.shards import Manifest, image_member, read_manifest
 from data.transforms import eval_transform
 from trainer.metrics import evaluate
 from trainer.runtime import resolve_device
@@ -218,8 +218,7 @@ def load_images(manifest: Manifest, wanted: list[tuple[str, int]], image_size: i
     found = {}
     for ref, sample in fetched.items():
         if sample is not None:
-            ext = next(e for e in IMAGE_EXTS if e in sample.fields)
-            image = eval_transform(sample.fields[ext], image_size).permute(1, 2, 0).numpy()
+            image = eval_transform(image_member(sample.fields), image_size).permute(1, 2, 0).numpy()
             found[manifest.shards[ref.shard].url, ref.index] = image
     return found
 

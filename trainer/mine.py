@@ -26,7 +26,8 @@ import numpy as np
 from data import storage
 from data import overlap
 from data.overlap import CONTENT, KEY, keys_of  # noqa: F401 - keys_of: its old home, for callers of it here
-from data.shards import Manifest, key_hashes, read_content_index, read_manifest, read_record, record_hashes
+from data.shards import (Manifest, image_member, key_hashes, read_content_index, read_manifest, read_record,
+                         record_hashes)
 
 log = logging.getLogger("bgsplit.mine")
 
@@ -323,12 +324,6 @@ def fetch_images(manifest: Manifest, rows: list[dict[str, Any]]) -> dict[str, di
     wanted = {(index[storage.absolute(r["shard"])], r["index"]): r["key"] for r in rows}
     fetched = ShardReader(manifest, manifest.shards).fetch(Ref(s, i, 0) for s, i in wanted)
     return {sample.key: sample.fields for ref, sample in fetched.items() if sample is not None}
-
-
-def image_member(fields: dict[str, bytes]) -> bytes | None:
-    from data.loader import IMAGE_EXTS
-
-    return next((fields[e] for e in IMAGE_EXTS if e in fields), None)
 
 
 def publish(job: MineJob, fingerprint: str, manifest: Manifest, class_names: list[str]) -> dict[str, Any]:
