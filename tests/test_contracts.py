@@ -2,7 +2,9 @@
 comes back, and the unified behaviour it stands for."""
 from __future__ import annotations
 
+import dataclasses
 import errno
+import json
 import os
 import re
 from pathlib import Path
@@ -102,3 +104,42 @@ def test_the_image_member_rule_is_written_once():
     users = _where(r"^from data\.shards import [^\n]*\bimage_member\b|^ +image_member,$|"
                    r"^from data\.shards import \([^)]*\bimage_member\b")
     assert {"data/loader.py", "trainer/evaluate.py", "trainer/mine.py", "data/add_labels.py"} <= users
+
+
+# ------------------------------------------------------------------------------------------------ one set identity
+
+
+def test_a_byte_identical_rebuild_keeps_the_studys_runs_and_mines_parts(tmp_path, monkeypatch):
+    """A shard set's identity is data.shards.manifest_identity for every cache keyed by a set: the study's stored
+    runs and probe features, the views cache, and mine's parts (whose own hash of the whole manifest changed
+    with every rebuild's timings, so a rebuild re-mined the pool while the study reused its runs)."""
+    import filecmp
+
+    from data.build import BuildSpec, build_set
+    from data.shards import MANIFEST, manifest_identity, read_manifest
+    from data.sources import FashionMNISTSource
+    import trainer.mine as mine
+
+    spec = BuildSpec("fmnist:test", ("1", "8"), positives_per_class=4, max_background=30, seed=0, max_count=20)
+    first = build_set(FashionMNISTSource("test"), spec, str(tmp_path / "first"), progress=False)
+    again = build_set(FashionMNISTSource("test"), spec, str(tmp_path / "again"), progress=False)
+    assert [s.url for s in first.shards] == [s.url for s in again.shards]
+    assert all(filecmp.cmp(f"{first.root}/{s.url}", f"{again.root}/{s.url}", shallow=False) for s in first.shards)
+    manifest = Path(again.root, MANIFEST)  # a rebuild never takes the same time to the millisecond
+    doc = json.loads(manifest.read_text())
+    doc["meta"]["build_seconds"] = read_manifest(first.root).meta["build_seconds"] + 1.0
+    manifest.write_text(json.dumps(doc, indent=1))
+    assert manifest_identity(first.root) == manifest_identity(again.root)  # the study's key
+    monkeypatch.setattr(mine, "checkpoint_facts", lambda checkpoint: ("weights", ["bg", "1", "8"]))
+    prints = [mine.MinePass(mine.MineJob("ckpt", root, str(tmp_path / "out"), 5, 32)).fingerprint
+              for root in (first.root, again.root)]
+    assert prints[0] == prints[1]  # mine's parts are reused too
+    other = build_set(FashionMNISTSource("test"), dataclasses.replace(spec, seed=1), str(tmp_path / "other"),
+                      progress=False)
+    assert manifest_identity(other.root) != manifest_identity(first.root)
+    assert mine.MinePass(mine.MineJob("ckpt", other.root, str(tmp_path / "out"), 5, 32)).fingerprint != prints[0]
+
+
+def test_a_sets_identity_is_one_function():
+    assert _where(r"^def \w*identity\(") == {"data/shards.py"}
+    assert {"trainer/mine.py", "cluster/experiment_store.py", "trainer/views.py"} <= _where(r"\bmanifest_identity\(")

@@ -26,8 +26,8 @@ import numpy as np
 from data import storage
 from data import overlap
 from data.overlap import CONTENT, KEY, keys_of  # noqa: F401 - keys_of: its old home, for callers of it here
-from data.shards import (Manifest, image_member, key_hashes, read_content_index, read_manifest, read_record,
-                         record_hashes)
+from data.shards import (Manifest, image_member, key_hashes, manifest_identity, read_content_index, read_manifest,
+                         read_record, record_hashes)
 
 log = logging.getLogger("bgsplit.mine")
 
@@ -76,10 +76,6 @@ def checkpoint_facts(checkpoint: str) -> tuple[str, list[str]]:
     data = storage.read_bytes(state_url(checkpoint))
     names = list(spec.class_names or [f"class {i}" for i in range(spec.num_classes)])
     return hashlib.sha256(data).hexdigest()[:16], names
-
-
-def pool_identity(manifest: Manifest) -> str:
-    return hashlib.sha256(json.dumps(manifest.to_json(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------------------ top N
@@ -378,7 +374,7 @@ class MinePass:
 
         self.manifest = read_manifest(self.job.pool)
         checkpoint_id, self.class_names = checkpoint_facts(self.job.checkpoint)  # once, on the driver or a rank
-        self.fingerprint = self.job.fingerprint(checkpoint_id, pool_identity(self.manifest),
+        self.fingerprint = self.job.fingerprint(checkpoint_id, manifest_identity(self.manifest.root),
                                                 exclusion_kind(self.manifest, self.job.exclude, warn=False))
         self.token = uuid.uuid4().hex
 
