@@ -25,7 +25,7 @@ import numpy as np
 
 from data import storage
 from data import overlap
-from data.overlap import CONTENT, KEY, keys_of  # noqa: F401 - keys_of: its old home, for callers of it here
+from data.overlap import CONTENT, KEY
 from data.shards import (Manifest, image_member, key_hashes, manifest_identity, read_content_index, read_manifest,
                          read_record, record_hashes)
 
