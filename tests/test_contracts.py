@@ -143,3 +143,48 @@ def test_a_byte_identical_rebuild_keeps_the_studys_runs_and_mines_parts(tmp_path
 def test_a_sets_identity_is_one_function():
     assert _where(r"^def \w*identity\(") == {"data/shards.py"}
     assert {"trainer/mine.py", "cluster/experiment_store.py", "trainer/views.py"} <= _where(r"\bmanifest_identity\(")
+
+
+# ------------------------------------------------------------------------------------------------ one fan-out rule
+
+
+def _in_ray_job_copy(tmp_path, monkeypatch) -> Path:
+    from trainer.runtime import RAY_JOB_ENV
+
+    copy = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_e0d4550517"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv(RAY_JOB_ENV, json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_e0d4550517.zip"}}))
+    return copy
+
+
+def test_work_that_fans_out_refuses_rays_temporary_working_dir_everywhere(tmp_path, monkeypatch):
+    """Ray Train's workers, Tune's trials and an experiment's data.sets make paths absolute by one rule
+    (trainer.runtime.output_location with fan_out): against the driver's directory, refused in Ray's copy."""
+    from cluster.experiment_spec import parse_spec
+    from trainer.config import load_config
+    from trainer.runtime import fanned_out
+
+    cfg = load_config(None, ["data.train=sets/train", "data.val=s3://b/val", "run.out_dir=runs/x"])
+    monkeypatch.chdir(tmp_path)
+    made = fanned_out(cfg)
+    assert (made.data.train, made.data.val, made.run.out_dir) == (f"{tmp_path}/sets/train", "s3://b/val",
+                                                                   f"{tmp_path}/runs/x")
+    assert cfg.data.train == "sets/train"  # a copy: the caller's config stays as given
+    spec = {"data": {"sets": {"train": {"A": "rel/a"}, "val": "s3://b/val", "test": "/abs/t"}}, "methods": {"x": {}}}
+    assert parse_spec(spec).data.sets["train"]["A"] == f"{tmp_path}/rel/a"
+    _in_ray_job_copy(tmp_path, monkeypatch)
+    with pytest.raises(ValueError, match="run.out_dir=runs/x is relative.*temporary copy"):
+        fanned_out(cfg)
+    with pytest.raises(ValueError, match="data.sets=rel/a is relative.*temporary copy"):
+        parse_spec(spec)
+
+
+def test_paths_are_made_absolute_for_fanned_out_work_by_one_rule():
+    """os.path.abspath in trainer/ and cluster/ outside the rule: the CLI's own flags (cluster/cli.py), the run
+    folder line (a display), and Ray Train's storage under a run folder the rule already made absolute."""
+    assert {n for n in _where(r"os\.path\.abspath\(") if not n.startswith("data/")} <= {
+        "trainer/runtime.py", "cluster/cli.py", "trainer/train.py", "cluster/ray_train.py"}
+    assert not _where(r"def absolute_paths\(|def fix\(")
+    assert {"cluster/ray_train.py", "cluster/trials.py"} <= _where(r"\bfanned_out\(")
+    assert {"cluster/experiment_data.py", "cluster/experiment.py"} <= _where(r"\boutput_location\(")
