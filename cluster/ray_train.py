@@ -133,9 +133,14 @@ def local_address(path: str, reachable: Callable[[str], bool] = answers) -> str:
     return recorded if recorded and reachable(recorded) else "local"
 
 
-def connect(address: str) -> None:
+def connect(address: str = "") -> None:
+    """Join the cluster (``address``, RAY_ADDRESS under `ray job submit`, else this machine's `ray start` cluster
+    if it answers) or start a one-machine one; nothing when this process is already connected. Every command
+    with ``--ray`` (training, Tune's trials, the shard passes) connects here."""
     import ray
 
+    if ray.is_initialized():
+        return
     address = address or os.environ.get("RAY_ADDRESS", "")
     env = worker_env()
     if not address:

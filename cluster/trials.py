@@ -47,7 +47,7 @@ def tune_executor(address: str = "", cpus_per_trial: float = 1.0, gpus_per_trial
     def execute(trials: list, on_done: Callable[[int, dict[str, Any]], None]) -> None:
         from ray import tune
 
-        from cluster.passes import connect
+        from cluster.ray_train import connect
         from trainer.runtime import fanned_out, output_location
 
         connect(address)

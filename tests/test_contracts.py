@@ -188,3 +188,30 @@ def test_paths_are_made_absolute_for_fanned_out_work_by_one_rule():
     assert not _where(r"def absolute_paths\(|def fix\(")
     assert {"cluster/ray_train.py", "cluster/trials.py"} <= _where(r"\bfanned_out\(")
     assert {"cluster/experiment_data.py", "cluster/experiment.py"} <= _where(r"\boutput_location\(")
+
+
+# ------------------------------------------------------------------------------------------------ one Ray connect
+
+
+def test_one_connect_joins_once(monkeypatch):
+    """Training, Tune's trials and the shard passes join a cluster through one function, which leaves an existing
+    connection alone (the passes' connect did; Ray Train's called ray.init again)."""
+    import sys
+    import types
+
+    import cluster.passes
+    import cluster.ray_train as ray_train
+
+    assert cluster.passes.connect is ray_train.connect
+    calls = []
+    fake = types.SimpleNamespace(is_initialized=lambda: bool(calls), init=lambda **kw: calls.append(kw))
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setattr(ray_train, "worker_env", lambda: {"A": "1"})
+    ray_train.connect("10.0.0.1:6379")
+    ray_train.connect("10.0.0.1:6379")
+    assert calls == [{"address": "10.0.0.1:6379", "runtime_env": {"env_vars": {"A": "1"}}, "log_to_driver": True}]
+
+
+def test_ray_is_joined_in_one_place():
+    assert _where(r"^def connect\(") == {"cluster/ray_train.py"}
+    assert _where(r"\bray\.init\(") == {"cluster/ray_train.py"}
