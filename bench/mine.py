@@ -31,13 +31,13 @@ sys.path.insert(0, str(ROOT / "tests"))
 def _rank(job, rank: int, world: int, threads: int) -> None:
     import torch
 
-    from data.shards import read_manifest
     from data.plan import split_shards
-    from trainer.mine import checkpoint_facts, pool_identity, score_shares
+    from data.shards import manifest_identity, read_manifest
+    from trainer.mine import checkpoint_facts, score_shares
 
     torch.set_num_threads(threads)
     manifest = read_manifest(job.pool)
-    score_shares(job, job.fingerprint(checkpoint_facts(job.checkpoint)[0], pool_identity(manifest)),
+    score_shares(job, job.fingerprint(checkpoint_facts(job.checkpoint)[0], manifest_identity(manifest.root)),
                  split_shards([s.count for s in manifest.shards], rank, world))
 
 

@@ -36,7 +36,7 @@ from cluster.experiment_data import DataSpec, build_sets
 from cluster.experiment_scorers import train_and_score
 from trainer.checkpoint import latest_checkpoint
 from trainer.config import load_config
-from trainer.mine import CANDIDATES, MineJob, keys_of, mine, pool_set
+from trainer.mine import CANDIDATES, ExcludedKeys, MineJob, mine, pool_set
 
 
 def hidden_labels(pool: str) -> dict[str, str]:
@@ -94,7 +94,8 @@ def main() -> None:
     rare = list(spec.rare)
     pool = pool_set("fmnist:train", os.path.join(args.out, "pool-build"))
     truth = hidden_labels(pool)
-    seen_in_training = keys_of([sets["99.0% bg"], sets["val"]])
+    seen = ExcludedKeys([sets["99.0% bg"], sets["val"]]).contains(list(truth))  # by the sets' key indexes
+    unseen = [k for k, held in zip(truth, seen) if not held]
     rows = []
     base = train_round(sets["99.0% bg"], os.path.join(args.out, "round0"), sets["test"], args.seeds, args.overrides)
     rows.append({"arm": "start", "round": 0, "train_images": read_manifest(sets["99.0% bg"]).count, **base})
@@ -116,7 +117,7 @@ def main() -> None:
                 picks = [(c["key"], c["class"]) for c in cands]
                 mine_seconds = time.time() - t0
             else:
-                free = sorted(k for k in truth if k not in seen_in_training and k not in labelled)
+                free = sorted(k for k in unseen if k not in labelled)
                 drawn = rng.sample(free, args.top * len(rare))
                 picks = [(k, 1 + i // args.top) for i, k in enumerate(drawn)]
                 summary, mine_seconds = {}, 0.0

@@ -313,5 +313,7 @@ def experiment_command(config: str, out: str, quick: bool = False, keep_results:
 def experiment_cli(args: Any, execute: Execute | None = None) -> None:
     """`bgsplit experiment CONFIG [--out DIR] [--quick] [--keep-results]` (cluster.cli's handler; with --ray the
     CLI passes cluster.trials.tune_executor as ``execute``: cluster.trials imports this module, not the other way)."""
-    experiment_command(args.config, os.path.abspath(args.out) if execute else args.out, args.quick,
+    from trainer.runtime import output_location
+
+    experiment_command(args.config, output_location(args.out, "--out", fan_out=execute is not None), args.quick,
                        args.keep_results, execute)

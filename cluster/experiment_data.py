@@ -117,7 +117,9 @@ def parse_sets(value: Any, where: str = "data.sets") -> dict[str, Any]:
 
 
 def _absolute(location: str) -> str:
-    return location if "://" in location else os.path.abspath(location)
+    from trainer.runtime import output_location
+
+    return output_location(location, "data.sets", fan_out=True, output=False)  # the set a Ray trial reads too
 
 
 def resolve_rare(source: Any, wanted: list[str], where: str) -> tuple[str, ...]:

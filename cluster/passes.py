@@ -18,20 +18,12 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from cluster.ray_train import connect  # noqa: F401 - the one way to join a cluster, where the passes' callers look
+
 log = logging.getLogger("bgsplit.cluster")
 
 MAX_RETRIES = 3
 """Ray retries of a task whose worker died; the task's output is only published whole, so a retry is safe."""
-
-
-def connect(address: str = "") -> None:
-    """Join the cluster (``address``, RAY_ADDRESS under `ray job submit`) or start a one-machine one."""
-    import ray
-
-    if not ray.is_initialized():
-        from cluster.ray_train import connect as connect_cluster
-
-        connect_cluster(address)
 
 
 def _in_flight(limit: int, submit: Callable[[Any], Any], items: list, on_result: Callable[[Any], None]) -> None:

@@ -72,17 +72,6 @@ def train_worker(config: dict[str, Any]) -> None:
                       "resumed_from": summary.get("resumed_from") or ""})
 
 
-def absolute_paths(cfg: JobConfig) -> None:
-    """Workers start in their own directories: local paths are made absolute against the driver's, or refused
-    where the driver's is Ray's temporary copy of the working dir (``trainer.runtime``)."""
-    from trainer.runtime import output_location
-
-    for section, key in (("data", "train"), ("data", "val"), ("data", "test"), ("run", "out_dir")):
-        value = getattr(getattr(cfg, section), key)
-        setattr(getattr(cfg, section), key, output_location(value, f"{section}.{key}", fan_out=True,
-                                                            output=key == "out_dir"))
-
-
 def storage_path(cfg: JobConfig) -> str:
     if cfg.cluster.storage_path:
         return cfg.cluster.storage_path
@@ -101,8 +90,9 @@ def make_trainer(cfg: JobConfig, name: str = "bgsplit"):
         resources["GPU"] = c.gpus_per_worker
     if c.memory_per_worker_gb > 0:
         resources["memory"] = c.memory_per_worker_gb * (1 << 30)
-    absolute_paths(cfg)
-    from trainer.runtime import collective_timeout
+    from trainer.runtime import collective_timeout, fanned_out
+
+    cfg = fanned_out(cfg)  # workers start in their own directories (refused in Ray's temporary working dir)
 
     storage.configure(outage_timeout_s=cfg.storage.outage_timeout_s)  # forwarded to the workers (BGSPLIT_*)
     return TorchTrainer(
@@ -143,9 +133,14 @@ def local_address(path: str, reachable: Callable[[str], bool] = answers) -> str:
     return recorded if recorded and reachable(recorded) else "local"
 
 
-def connect(address: str) -> None:
+def connect(address: str = "") -> None:
+    """Join the cluster (``address``, RAY_ADDRESS under `ray job submit`, else this machine's `ray start` cluster
+    if it answers) or start a one-machine one; nothing when this process is already connected. Every command
+    with ``--ray`` (training, Tune's trials, the shard passes) connects here."""
     import ray
 
+    if ray.is_initialized():
+        return
     address = address or os.environ.get("RAY_ADDRESS", "")
     env = worker_env()
     if not address:
@@ -161,9 +156,10 @@ def connect(address: str) -> None:
 def launch(cfg: JobConfig, address: str = "") -> dict[str, Any]:
     """Run the TorchTrainer to the end and return the run's summary.json (written by rank 0)."""
     from data.shards import read_manifest
+    from trainer.runtime import fanned_out
 
     # a bad path fails here, in one line, instead of in every worker and every restart
-    absolute_paths(cfg)
+    cfg = fanned_out(cfg)
     for location in filter(None, (cfg.data.train, cfg.data.val)):
         read_manifest(location)
     connect(address)

@@ -12,9 +12,7 @@ paths are made absolute on the driver, so no trial writes into Ray's per-trial w
 """
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -37,16 +35,6 @@ def _trial(config: dict[str, Any]) -> None:
     tune.report({"map": result["map"], "result": json.dumps(result)})
 
 
-def _absolute(cfg: Any) -> Any:
-    """The run folder and the sets as absolute paths (URLs stay as they are)."""
-    def fix(path: str) -> str:
-        return path if not path or "://" in path else os.path.abspath(path)
-
-    return dataclasses.replace(
-        cfg, run=dataclasses.replace(cfg.run, out_dir=fix(cfg.run.out_dir)),
-        data=dataclasses.replace(cfg.data, train=fix(cfg.data.train), val=fix(cfg.data.val), test=fix(cfg.data.test)))
-
-
 def tune_executor(address: str = "", cpus_per_trial: float = 1.0, gpus_per_trial: float = 0.0,
                   storage_path: str = "", max_failures: int = 2) -> Callable:
     """An executor (cluster.experiment_store.Execute) that runs a batch of trials on the Ray cluster at ``address``
@@ -59,16 +47,17 @@ def tune_executor(address: str = "", cpus_per_trial: float = 1.0, gpus_per_trial
     def execute(trials: list, on_done: Callable[[int, dict[str, Any]], None]) -> None:
         from ray import tune
 
-        from cluster.passes import connect
+        from cluster.ray_train import connect
+        from trainer.runtime import fanned_out, output_location
 
         connect(address)
-        jobs = [{"index": i, "config": _absolute(t.cfg).to_dict(), "eval_set": t.eval_set, "key": t.key,
+        jobs = [{"index": i, "config": fanned_out(t.cfg).to_dict(), "eval_set": t.eval_set, "key": t.key,
                  "code": t.code, "cpus": cpus_per_trial} for i, t in enumerate(trials)]
         trainable = tune.with_resources(_trial, {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
         tuner = tune.Tuner(
             trainable, param_space={"job": tune.grid_search(jobs)},
             tune_config=tune.TuneConfig(reuse_actors=False),
-            run_config=tune.RunConfig(name="bgsplit-experiment", storage_path=os.path.abspath(storage_path) or None,
+            run_config=tune.RunConfig(name="bgsplit-experiment", storage_path=output_location(storage_path, "--out", fan_out=True) or None,
                                       failure_config=tune.FailureConfig(max_failures=max_failures), verbose=0))
         failed = []
         for result in tuner.fit():

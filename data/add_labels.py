@@ -32,6 +32,7 @@ from data.shards import (
     TarShard,
     check_objects,
     content_hash,
+    image_member,
     iter_tar,
     make_record,
     manifest_url,
@@ -156,10 +157,11 @@ def pool_samples(pool: Manifest, labels: list[Label]) -> dict[str, dict[str, byt
     return found
 
 
-def _image(fields: dict[str, bytes]) -> bytes:
-    from data.loader import IMAGE_EXTS
-
-    return next(fields[e] for e in IMAGE_EXTS if e in fields)
+def _image(key: str, fields: dict[str, bytes]) -> bytes:
+    image = image_member(fields)
+    if image is None:
+        raise LabelError(f"pool sample {key} has no image member: rebuild the pool")
+    return image
 
 
 def _write_shards(out: str, tag: str, kind: str, samples: list[tuple[Label, bytes]], class_names: list[str],
@@ -218,7 +220,7 @@ def add_labels(data: str, labels_csv: str, pool: str, out: str) -> Manifest:
                          f"{labels_csv} says {parent.class_names[lb.cls]} ({len(clashes)} such key(s)): fix the CSV")
     new = [lb for lb in labels if lb.key not in known]
     fields = pool_samples(read_manifest(pool), new) if new else {}
-    samples = [(lb, _image(fields[lb.key])) for lb in sorted(new, key=lambda lb: lb.key)]
+    samples = [(lb, _image(lb.key, fields[lb.key])) for lb in sorted(new, key=lambda lb: lb.key)]
     num_classes = len(parent.class_names)
     # absolute here; write_manifest lists them relative to the new manifest's folder (data.shards._stored_url)
     shards = [ShardInfo(url=url, kind=s.kind, count=s.count, bytes=s.bytes)

@@ -31,12 +31,11 @@ from data.plan import Piece, describe_plan, for_worker, plan_summary, steps_per_
 from data.config import LoaderConfig
 from data.positives import PositiveStore
 from data.reader import Sample, ShardReader
-from data.shards import Manifest
+from data.shards import Manifest, image_member
 from data.teacher_labels import TeacherLabels
 from data.transforms import BadImage, eval_transform, sample_rng, train_transform
 
 log = logging.getLogger("bgsplit.data")
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "img")
 SKIP_KINDS = ("bad_images", "bad_shards")
 
 
@@ -251,16 +250,16 @@ class ShardStream(IterableDataset):
         if sample is None:  # lost to a corrupt shard: the reader counted it against the shard
             return None
         fields = sample.fields
-        ext = next((e for e in IMAGE_EXTS if e in fields), None)
+        data = image_member(fields)
         try:
-            if ext is None:
+            if data is None:
                 raise BadImage("no image field")
             if self.train:  # repeats (padding, re-sampled positives) get their own crop
                 key = sample.key if ref.tag == 0 else f"{sample.key}#{ref.tag}"
-                image = train_transform(fields[ext], self.cfg.image_size,
+                image = train_transform(data, self.cfg.image_size,
                                         sample_rng(self.seed, epoch, _stable_hash(key)), self.cfg.min_crop_scale)
             else:
-                image = eval_transform(fields[ext], self.cfg.image_size, self.cfg.eval_resize_ratio)
+                image = eval_transform(data, self.cfg.image_size, self.cfg.eval_resize_ratio)
             label = int(fields["cls"])
         except (BadImage, KeyError, ValueError) as e:
             log.warning("skipping sample %s of shard %s: undecodable (%s)", sample.key, sample.shard, e)
@@ -358,11 +357,11 @@ def set_samples(manifest: Manifest, shards: list[int] | None = None, read_ahead_
         for _, sample in reader.run(events):
             if sample is None:
                 continue
-            ext = next((e for e in IMAGE_EXTS if e in sample.fields), None)
+            data = image_member(sample.fields)
             try:
                 label = int(sample.fields["cls"])
             except (KeyError, ValueError):
-                ext, label = None, -1
-            yield sample.key, label, sample.fields[ext] if ext else None, sample.shard
+                data, label = None, -1
+            yield sample.key, label, data, sample.shard
     finally:
         reader.close()

@@ -10,15 +10,16 @@ with a warning that says to rebuild it.
 """
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from data import storage
-from data.shards import (Manifest, iter_tar, key_hashes, read_content_index, read_key_index, read_manifest,
-                         read_record, record_hashes)
+from data.shards import (Manifest, ShardInfo, iter_tar, key_hashes, read_content_index, read_key_index,
+                         read_manifest, read_record, record_hashes)
 
 log = logging.getLogger("bgsplit.data")
 
@@ -36,15 +37,22 @@ class SetHashes:
     hashes: np.ndarray
 
 
+def _keys_in(manifest: Manifest, shard: ShardInfo) -> Iterator[str]:
+    """A shard's sample keys in order, read from its bytes (as far as they are asked for): the one way this module
+    reads keys where no index or record holds their hashes."""
+    with storage.open_read(storage.join(manifest.root, shard.url)) as stream:
+        for key, _ in iter_tar(stream):
+            yield key
+
+
 def keys_of(locations: Iterable[str]) -> set[str]:
-    """Every sample key of these shard sets (a pass over their shards' bytes; meant for training and validation
-    sets, not for a pool of millions)."""
+    """Every sample key of these shard sets (a pass over their shards' bytes: the fallback of ``key_index_of`` for
+    a set built before key indexes; meant for training and validation sets, not for a pool of millions)."""
     keys: set[str] = set()
     for location in locations:
         manifest = read_manifest(location)
         for shard in manifest.shards:
-            with storage.open_read(storage.join(manifest.root, shard.url)) as stream:
-                keys.update(key for key, _ in iter_tar(stream))
+            keys.update(_keys_in(manifest, shard))
     return keys
 
 
@@ -102,15 +110,12 @@ def first_sample(location: str, hashes: np.ndarray, by: str) -> str | None:
     for shard in manifest.shards:
         found = record_hashes(read_record(manifest, shard), field)
         if found is None and by == KEY:
-            with storage.open_read(storage.join(manifest.root, shard.url)) as stream:
-                keys = [key for key, _ in iter_tar(stream)]
-            found = key_hashes(keys)
+            found = key_hashes(list(_keys_in(manifest, shard)))
         if found is None:
             return None
         hits = np.flatnonzero(contains(hashes, found))
         if hits.size:
-            with storage.open_read(storage.join(manifest.root, shard.url)) as stream:
-                for i, (key, _) in enumerate(iter_tar(stream)):
-                    if i == hits[0]:
-                        return key
+            key = next(itertools.islice(_keys_in(manifest, shard), int(hits[0]), None), None)
+            if key is not None:
+                return key
     return None

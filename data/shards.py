@@ -58,6 +58,15 @@ def image_extension(data: bytes) -> str:
     return "img"
 
 
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "img")  # the members that hold a sample's image, the first one wins
+
+
+def image_member(fields: dict[str, bytes]) -> bytes | None:
+    """The one answer to "which member of a sample is its image": the first of ``IMAGE_EXTS`` it has (member
+    names as the reader gives them, lower-cased), or None when it has none."""
+    return next((fields[e] for e in IMAGE_EXTS if e in fields), None)
+
+
 @dataclass
 class ShardInfo:
     url: str

@@ -9,7 +9,8 @@ import pytest
 from data import storage
 from data.shards import KEY_INDEX, MANIFEST, _sorted_unique, key_hashes, read_key_index, read_manifest, write_shard_set
 from test_shards import _samples
-from trainer.mine import ExcludedKeys, keys_of
+from data.overlap import keys_of
+from trainer.mine import ExcludedKeys
 
 CLASSES = dict(rare_classes=["a", "b"], class_names=["background", "A", "B"])
 

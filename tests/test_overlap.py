@@ -112,3 +112,47 @@ def test_a_built_set_hashes_the_source_bytes_so_resizing_keeps_the_hash(tmp_path
     files = sorted(root.rglob("*.png"))
     want = np.unique(np.array([content_hash(p.read_bytes()) for p in files], dtype=np.uint64))
     assert np.array_equal(read_content_index(big), want) and np.array_equal(read_content_index(small), want)
+
+
+def _oldest(location: str) -> str:
+    """The set as the first bgsplit left it: no key or content index, no hashes in its shards' records, so every
+    key comes from reading its shards."""
+    path = f"{location}/{MANIFEST}"
+    doc = json.loads(open(path).read())
+    doc.pop("content_index", None), doc.pop("key_index", None)
+    open(path, "w").write(json.dumps(doc))
+    manifest = read_manifest(location)
+    for shard in manifest.shards:
+        record = f"{location}/{shard.record}"
+        rec = json.loads(open(record).read())
+        rec.pop("key_hashes", None), rec.pop("content_hashes", None)
+        open(record, "w").write(json.dumps(rec))
+    return location
+
+
+def test_reading_the_shards_finds_the_overlap_the_key_index_finds(sets, caplog):
+    """One key-overlap test (issue 33): the key index, and for a set without one the same hashes of the keys its
+    shards hold; both give the same shared keys and name the same first one."""
+    from data.overlap import SetHashes, key_index_of
+
+    held = [sets["val"], sets["mine"]]
+    common = shared(*(SetHashes(loc, KEY, key_index_of(loc)) for loc in held))  # by their key indexes
+    named = first_sample(sets["val"], common, KEY)
+    for loc in held:
+        _oldest(loc)
+    with caplog.at_level(logging.WARNING, logger="bgsplit.data"):
+        read = comparable(held)
+    assert all(read[loc].by == KEY for loc in held) and "no key index" in caplog.text
+    assert np.array_equal(shared(read[held[0]], read[held[1]]), common) and common.size == 6
+    assert first_sample(sets["val"], common, KEY) == named == "pos-0000"
+
+
+def test_overlap_is_tested_in_one_module():
+    """Keys read from shards to test overlap: data.overlap alone (mine's exclusion and the experiment's leak check
+    call it)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    users = {str(p.relative_to(root)) for d in ("data", "trainer", "cluster") for p in (root / d).rglob("*.py")
+             if "keys_of(" in p.read_text() or "intersect1d(" in p.read_text()}
+    assert users == {"data/overlap.py"}

@@ -49,7 +49,7 @@ def _assert_png(path: Path) -> None:
 
 
 def _no_temp_files(folder: Path) -> bool:
-    return not any(p.name.endswith(".tmp") for p in folder.iterdir())
+    return not any(p.name.startswith(".") or p.name.endswith((".tmp", ".partial")) for p in folder.iterdir())
 
 
 def test_plot_pr_curves_writes_png(tmp_path: Path) -> None:

@@ -23,12 +23,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from data import storage
 from data.config import LoaderConfig
-from data.loader import IMAGE_EXTS, ShardStream, make_loader
+from data.loader import ShardStream, make_loader
 from data.order import Ref
 from data.plan import split_shards
 from data.reader import ShardReader
-from data.shards import Manifest, read_manifest
+from data.shards import Manifest, image_member, read_manifest
 from data.transforms import eval_transform
 from trainer.metrics import evaluate
 from trainer.runtime import resolve_device
@@ -217,8 +218,7 @@ def load_images(manifest: Manifest, wanted: list[tuple[str, int]], image_size: i
     found = {}
     for ref, sample in fetched.items():
         if sample is not None:
-            ext = next(e for e in IMAGE_EXTS if e in sample.fields)
-            image = eval_transform(sample.fields[ext], image_size).permute(1, 2, 0).numpy()
+            image = eval_transform(image_member(sample.fields), image_size).permute(1, 2, 0).numpy()
             found[manifest.shards[ref.shard].url, ref.index] = image
     return found
 
@@ -258,6 +258,6 @@ def report_predictions(manifest: Manifest, probs: np.ndarray, labels: np.ndarray
     plot_top_scoring_grid(probs, labels, lambda i: images[refs[i]], manifest.class_names,
                           os.path.join(out_dir, TOP_SCORING_PNG), per_class=per_class)
     write_report(results, out_dir, title)
-    with open(os.path.join(out_dir, "scores.json"), "w") as f:
-        json.dump({"keys": keys, "labels": labels.tolist()}, f)
+    storage.write_bytes(os.path.join(out_dir, "scores.json"),
+                        json.dumps({"keys": keys, "labels": labels.tolist()}).encode())
     return results

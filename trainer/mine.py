@@ -25,8 +25,9 @@ import numpy as np
 
 from data import storage
 from data import overlap
-from data.overlap import CONTENT, KEY, keys_of  # noqa: F401 - keys_of: its old home, for callers of it here
-from data.shards import Manifest, key_hashes, read_content_index, read_manifest, read_record, record_hashes
+from data.overlap import CONTENT, KEY
+from data.shards import (Manifest, image_member, key_hashes, manifest_identity, read_content_index, read_manifest,
+                         read_record, record_hashes)
 
 log = logging.getLogger("bgsplit.mine")
 
@@ -75,10 +76,6 @@ def checkpoint_facts(checkpoint: str) -> tuple[str, list[str]]:
     data = storage.read_bytes(state_url(checkpoint))
     names = list(spec.class_names or [f"class {i}" for i in range(spec.num_classes)])
     return hashlib.sha256(data).hexdigest()[:16], names
-
-
-def pool_identity(manifest: Manifest) -> str:
-    return hashlib.sha256(json.dumps(manifest.to_json(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------------------ top N
@@ -325,12 +322,6 @@ def fetch_images(manifest: Manifest, rows: list[dict[str, Any]]) -> dict[str, di
     return {sample.key: sample.fields for ref, sample in fetched.items() if sample is not None}
 
 
-def image_member(fields: dict[str, bytes]) -> bytes | None:
-    from data.loader import IMAGE_EXTS
-
-    return next((fields[e] for e in IMAGE_EXTS if e in fields), None)
-
-
 def publish(job: MineJob, fingerprint: str, manifest: Manifest, class_names: list[str]) -> dict[str, Any]:
     """candidates.jsonl, contact sheets and review.html from the merged parts; mine.json last (it marks done)."""
     from data.review import write_review
@@ -383,7 +374,7 @@ class MinePass:
 
         self.manifest = read_manifest(self.job.pool)
         checkpoint_id, self.class_names = checkpoint_facts(self.job.checkpoint)  # once, on the driver or a rank
-        self.fingerprint = self.job.fingerprint(checkpoint_id, pool_identity(self.manifest),
+        self.fingerprint = self.job.fingerprint(checkpoint_id, manifest_identity(self.manifest.root),
                                                 exclusion_kind(self.manifest, self.job.exclude, warn=False))
         self.token = uuid.uuid4().hex
 

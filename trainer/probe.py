@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -85,6 +84,7 @@ def extract_features(teacher: torch.nn.Module, location: str, image_size: int, *
                      identity: str, batch_size: int = 128, resize_ratio: float = 1.15) -> Features:
     """The teacher trunk's pooled features of every image of a set (eval transform: resize, centre crop),
     computed once and cached under ``cache_dir`` by the set's manifest ``identity`` and the teacher's weights."""
+    from data import storage
     from data.loader import ShardStream, make_loader
     from data.config import LoaderConfig
     from data.shards import read_manifest
@@ -111,10 +111,8 @@ def extract_features(teacher: torch.nn.Module, location: str, image_size: int, *
     rank = np.lexsort((np.array([i for _, i in order]), np.array([s for s, _ in order])))
     out = Features(torch.cat(feats).numpy()[rank], torch.cat(labels).numpy().astype(np.int64)[rank],
                    list(manifest.class_names))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial.npz")
-    np.savez(tmp, features=out.features, labels=out.labels)
-    os.replace(tmp, path)  # never visible half-written
+    with storage.atomic_write(str(path)) as f:  # never visible half-written
+        np.savez(f, features=out.features, labels=out.labels)
     return out
 
 

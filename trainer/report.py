@@ -1,9 +1,9 @@
 """Human-readable evaluation reports: plots, Markdown, JSON and method tables.
 
 The numbers come from ``trainer.metrics``; this module only presents them.
-Every file is written atomically (temporary name in the same folder, then
-``os.replace``) so an interrupted run or a concurrent reader never sees a
-half-written report or a truncated PNG.
+Every file is written through the one atomic write (``data.storage.atomic_write``)
+so an interrupted run or a concurrent reader never sees a half-written report
+or a truncated PNG.
 """
 
 from __future__ import annotations
@@ -11,10 +11,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import matplotlib
 
@@ -23,6 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from data import storage  # noqa: E402
 from trainer.metrics import (  # noqa: E402
     average_precision,
     check_eval_inputs,
@@ -48,34 +48,12 @@ _WRONG_COLOR = "#d62728"
 # --------------------------------------------------------------------------- files
 
 
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
-    """Write via a temporary file in the target folder, then rename over the target.
-
-    The temporary file lives in the same folder so ``os.replace`` is a
-    same-filesystem rename and therefore atomic. The mode is set to 0644
-    because temporary files are created private (0600), which would hide
-    reports from other users of a shared run folder.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
-    try:
-        with handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(handle.name, 0o644)
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _save_figure(fig: plt.Figure, path: Path) -> Path:
     """Save a figure atomically as PNG and always release it (pyplot keeps figures alive)."""
     try:
-        return _atomic_write(Path(path), lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"))
+        with storage.atomic_write(str(path)) as f:
+            fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
+        return Path(path)
     finally:
         plt.close(fig)
 
@@ -306,12 +284,14 @@ def write_report(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = json.dumps(_jsonable(results), indent=2, allow_nan=False) + "\n"
-    json_path = _atomic_write(out_dir / "report.json", lambda f: f.write(payload.encode("utf-8")))
+    json_path = out_dir / "report.json"
+    storage.write_bytes(str(json_path), payload.encode("utf-8"))
     lines = [f"# {title}", ""] + _results_markdown(results) + _figure_links(out_dir)
     if extra_md:
         lines += ["", extra_md.rstrip("\n")]
     markdown = "\n".join(lines) + "\n"
-    md_path = _atomic_write(out_dir / "report.md", lambda f: f.write(markdown.encode("utf-8")))
+    md_path = out_dir / "report.md"
+    storage.write_bytes(str(md_path), markdown.encode("utf-8"))
     return json_path, md_path
 
 

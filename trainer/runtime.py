@@ -10,6 +10,7 @@ environment Ray sets (``RAY_JOB_CONFIG_JSON_ENV_VAR``), as pure functions a test
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -55,6 +56,18 @@ def output_location(value: str, key: str, *, fan_out: bool = False, cwd: str | N
                          f"({temporary}), {why}: give {key} as an absolute path that every node sees "
                          f"(e.g. {key}=$PWD/{value} in the submitting shell) or an s3:// URL")
     return os.path.abspath(os.path.join(cwd or os.getcwd(), value)) if fan_out else value
+
+
+def fanned_out(cfg: Any) -> Any:
+    """A copy of a job config whose sets and run folder mean the same in every process the work fans out to (Ray
+    workers and Tune trials start in their own directories): ``output_location`` with ``fan_out`` for each."""
+    def at(section: str, key: str) -> str:
+        return output_location(getattr(getattr(cfg, section), key), f"{section}.{key}", fan_out=True,
+                               output=key == "out_dir")
+
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir=at("run", "out_dir")),
+                               data=dataclasses.replace(cfg.data, train=at("data", "train"), val=at("data", "val"),
+                                                        test=at("data", "test")))
 
 
 def resolve_device(name: str) -> torch.device:

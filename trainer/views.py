@@ -19,6 +19,7 @@ never visible half-built, and an interrupted build keeps its finished parts (sam
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -104,7 +105,6 @@ def _build_part(cfg: Any, manifest: Manifest, student: torch.nn.Module, teacher:
     labels: list[int] = []
     nviews: list[int] = []
     skipped = 0
-    files = {s: open(f"{out}.{s}.tmp", "wb") for s in ("prefix", "idx", "prob")}
     shape: list[int] = []
     pending: list[torch.Tensor] = []
 
@@ -122,7 +122,8 @@ def _build_part(cfg: Any, manifest: Manifest, student: torch.nn.Module, teacher:
             files["idx"].write(idx.to(torch.int16).cpu().numpy().tobytes())
             files["prob"].write(prob.float().cpu().numpy().tobytes())
 
-    try:
+    with contextlib.ExitStack() as stack:  # each of the three appears whole, and only once every sample is in
+        files = {s: stack.enter_context(storage.atomic_write(f"{out}.{s}")) for s in ("prefix", "idx", "prob")}
         for key, label, data, shard in set_samples(manifest, shards):
             if data is None:
                 skipped += 1
@@ -144,16 +145,9 @@ def _build_part(cfg: Any, manifest: Manifest, student: torch.nn.Module, teacher:
                     flush()
         if pending:
             flush()
-    finally:
-        for f in files.values():
-            f.close()
     doc = {"keys": keys, "labels": labels, "nviews": nviews, "rows": int(sum(nviews)), "shape": shape,
            "skipped": skipped}
-    for s in files:
-        os.replace(f"{out}.{s}.tmp", f"{out}.{s}")
-    tmp = f"{out}.json.tmp"
-    Path(tmp).write_text(json.dumps(doc))
-    os.replace(tmp, f"{out}.json")  # last: a part with its json is complete
+    storage.write_bytes(f"{out}.json", json.dumps(doc).encode())  # last: a part with its json is complete
     return doc
 
 
@@ -192,7 +186,7 @@ def build_views(cfg: Any, manifest: Manifest, student: torch.nn.Module, teacher:
         meta = {"key": key, "parts": parts, "rows": [d["rows"] for d in docs], "shape": shape,
                 "images": sum(len(d["keys"]) for d in docs), "skipped": sum(d["skipped"] for d in docs),
                 "teacher": teacher is not None, "topk": cfg.teacher.topk if teacher is not None else 0}
-        Path(partial, "meta.json").write_text(json.dumps(meta))
+        storage.write_bytes(os.path.join(partial, "meta.json"), json.dumps(meta).encode())
         if os.path.exists(folder):  # a finished cache from a concurrent build: keep it, drop ours
             shutil.rmtree(partial, ignore_errors=True)
         else:
