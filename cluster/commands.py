@@ -6,8 +6,8 @@ data.build.BuildRequest's fields.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from data.config import EpochMode, PadPolicy, Sampling
@@ -229,7 +229,7 @@ class DocsArgs:
     check: bool = field(default=False, metadata=flag(
         "rewrite nothing; exit 1 on a block that differs from its render, or a source or cited results path that "
         "is not committed (git ls-files)"))
-    root: str = field(default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), metadata=flag(
+    root: str = field(default=str(Path(__file__).resolve().parents[1]), metadata=flag(
         "the checkout (default: the one bgsplit runs from)"))
 
 

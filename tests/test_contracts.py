@@ -184,7 +184,7 @@ def test_paths_are_made_absolute_for_fanned_out_work_by_one_rule():
     """os.path.abspath in trainer/ and cluster/ outside the rule: the CLI's own flags (cluster/cli.py), the run
     folder line (a display), and Ray Train's storage under a run folder the rule already made absolute."""
     assert {n for n in _where(r"os\.path\.abspath\(") if not n.startswith("data/")} <= {
-        "trainer/runtime.py", "cluster/cli.py", "trainer/train.py", "cluster/ray_train.py"}
+        "trainer/runtime.py", "cluster/cli.py", "trainer/run_log.py", "cluster/ray_train.py"}
     assert not _where(r"def absolute_paths\(|def fix\(")
     assert {"cluster/ray_train.py", "cluster/trials.py"} <= _where(r"\bfanned_out\(")
     assert {"cluster/experiment_data.py", "cluster/experiment.py"} <= _where(r"\boutput_location\(")

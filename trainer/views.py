@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
+from data import storage
 from data.loader import SKIP_KINDS, LoaderState, set_samples
 from data.plan import split_shards
 from data.shards import Manifest, manifest_identity
