@@ -24,7 +24,7 @@ def train_and_score(cfg: JobConfig, eval_set: str, keep_checkpoint: bool = True)
 
     trainer = Trainer.build(cfg)
     trainer.fit()
-    setup = EvalSetup(cfg.data.image_size, 128, 0, cfg.data.eval_resize_ratio)
+    setup = EvalSetup.of(cfg)  # as the run's own validation scores: one way a study scores
 
     result = evaluate_student(trainer.student, read_manifest(eval_set), setup, trainer.device, keep_predictions=True)
     out = {"map": result["map"], "ap": result["ap"], "scores": result["predictions"][0],
@@ -46,7 +46,7 @@ def wise_ft_scores(student: Any, cfg: JobConfig, init_head: dict[str, Any], eval
     from trainer.evaluate import EvalSetup, evaluate_student
     from trainer.wise_ft import starting_state, sweep
 
-    setup = EvalSetup(cfg.data.image_size, 128, 0, cfg.data.eval_resize_ratio)
+    setup = EvalSetup.of(cfg)  # as the run's own validation scores: one way a study scores
 
     def score(location: str) -> float:
         return evaluate_student(student, read_manifest(location), setup, device)["map"]

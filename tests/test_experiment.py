@@ -23,7 +23,7 @@ from cluster.experiment_spec import (
     quick_spec,
 )
 from cluster.experiment_stats import method_grid, paired_difference, sample_grid, t_quantile_975
-from trainer.config import ConfigError
+from trainer.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "configs" / "experiment_fmnist.yaml"
@@ -397,3 +397,26 @@ def test_the_pick_states_its_margin_with_an_interval_from_the_stored_validation_
     assert (Path(run["run_dir"]) / "scores.npy").exists() and (Path(run["run_dir"]) / "scores_labels.npy").exists()
     md = (tmp_path / "out" / "results.md").read_text()
     assert "95% interval [" in md and ("within validation's noise" in md) != excluded
+
+
+def test_a_study_scores_validation_one_way(monkeypatch):
+    """Issue 33: a study's tuning runs scored validation at batch 128 in fp32 while the curves of its final runs
+    scored the same split at data.batch_size in run.precision (bf16 on a GPU). Every scorer of a run now takes
+    EvalSetup.of(its config): the scorers are checked for the setups they hand evaluate_student."""
+    import types
+
+    from cluster import experiment_scorers
+    from trainer.evaluate import EvalSetup
+
+    cfg = load_config(str(ROOT / "configs" / "fmnist_bg.yaml"), ["data.batch_size=48", "run.precision=bf16",
+                                                               "data.num_workers=3", "data.eval_resize_ratio=1.25"])
+    seen = []
+    monkeypatch.setattr("trainer.evaluate.evaluate_student",
+                        lambda student, manifest, setup, device, **kw: seen.append(setup) or {
+                            "map": 0.5, "ap": {}, "predictions": (None, None, [], [])})
+    monkeypatch.setattr("data.shards.read_manifest", lambda location: location)
+    fake = types.SimpleNamespace(fit=lambda: None, student=None, device="cpu", history=[], steps_per_epoch=1,
+                                 init_head=None)
+    monkeypatch.setattr("trainer.train.Trainer.build", classmethod(lambda cls, c: fake))
+    experiment_scorers.train_and_score(cfg, "val-set", keep_checkpoint=True)
+    assert seen == [EvalSetup.of(cfg)] == [EvalSetup(cfg.data.image_size, 48, 3, 1.25, "bf16")]

@@ -52,6 +52,15 @@ class EvalSetup:
     precision: str = "fp32"
     """run.precision's words; "fp32" (the reference numbers) unless a command or run asks otherwise."""
 
+    @classmethod
+    def of(cls, cfg: Any) -> EvalSetup:
+        """How a run's config scores a set: its size, data.batch_size and loader workers, its resize, and
+        run.precision. Training's validation, a study's tuning runs, its curves, WiSE-FT's sweep and its final
+        test score all take this one, so a study scores validation one way (issue 33: tuning scored at batch 128
+        in fp32 while the curves of the same split ran at data.batch_size in run.precision, bf16 on a GPU)."""
+        return cls(cfg.data.image_size, cfg.data.batch_size, cfg.data.num_workers, cfg.data.eval_resize_ratio,
+                   cfg.run.precision)
+
     def loader(self) -> LoaderConfig:
         return LoaderConfig(image_size=self.image_size, batch_size=self.batch_size, num_workers=self.num_workers,
                             eval_resize_ratio=self.resize_ratio)

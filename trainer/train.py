@@ -299,10 +299,8 @@ class Trainer:
             for buffer in self.student.buffers():
                 dist.broadcast(buffer, src=0)
         zero3 = self.engine.name == "deepspeed" and self.cfg.engine.zero_stage == 3
-        setup = EvalSetup(self.cfg.data.image_size, self.cfg.data.batch_size, self.cfg.data.num_workers,
-                          self.cfg.data.eval_resize_ratio, self.cfg.run.precision)
-        return evaluate_student(self.student, read_manifest(self.cfg.data.val), setup, self.device, rank=self.rank,
-                                world=self.world, lockstep=zero3)
+        return evaluate_student(self.student, read_manifest(self.cfg.data.val), EvalSetup.of(self.cfg), self.device,
+                                rank=self.rank, world=self.world, lockstep=zero3)
 
     def fit(self, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
         """Train to the planned step. ``callbacks``: objects with any of ``before_step(trainer, micro_batches)``
