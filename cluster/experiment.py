@@ -64,7 +64,7 @@ def run_shapes(spec: ExperimentSpec, sets: dict[str, str] | None = None, out: st
         return sizes[name]
 
     def stored(folder: str) -> bool:
-        return bool(out) and bool(list(Path(out).glob(os.path.join(folder, "experiment_result.json"))))
+        return bool(out) and any(Path(out).glob(os.path.join(folder, "experiment_result.json")))
 
     shapes: list[RunShape] = []
     featured: set[tuple[str, int]] = set()  # (set, size) whose features are cached by then

@@ -157,7 +157,7 @@ class Progress:
             self.log("  the time left is printed from the first trained run on")
             return
         r = self.rates
-        fresh = sum(p for s in self.shapes if not s.stored for p in [predict(s, r)])
+        fresh = sum(predict(s, r) for s in self.shapes if not s.stored)
         views = f", cached views {duration_text(r.views_s)} a training set" if r.views_s else ""
         self.log(f"  estimate: about {duration_text(fresh)} on this machine for the {len(self.shapes) - stored} "
                  f"runs not stored (measured in {r.seconds:.0f} s: a training step {r.step_s:.2f} s at batch "

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from data import storage
+from data.config import cache_root
 
 RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 """Set by Ray's job manager for a submitted entrypoint: the job's runtime env, with ``working_dir`` if uploaded."""
@@ -150,8 +151,6 @@ def run_cache(given: str, out_dir: str, name: str) -> str:
     """A run's cache folder (its trunk's features, its cached prefix views): the one the config gives, else
     ``out_dir/name`` beside the run, else, for a run writing to object storage, this machine's cache
     (data.config.cache_root()/name): caches are read back here, memory-mapped, never from the store."""
-    from data.config import cache_root
-
     if given:
         return given
     if storage.is_remote(out_dir):
