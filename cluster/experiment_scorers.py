@@ -29,9 +29,9 @@ def train_and_score(cfg: JobConfig, eval_set: str, keep_checkpoint: bool = True)
     result = evaluate_student(trainer.student, read_manifest(eval_set), setup, trainer.device, keep_predictions=True)
     out = {"map": result["map"], "ap": result["ap"], "scores": result["predictions"][0],
            "labels": result["predictions"][1],
-           "curve": [[h["step"] / trainer.steps_per_epoch, h["val_map"]] for h in trainer.history if "val_map" in h]}
-    if trainer.init_head and cfg.model.probe_val and keep_checkpoint:
-        out["wise_ft"] = wise_ft_scores(trainer.student, cfg, trainer.init_head, eval_set, result["map"],
+           "curve": [[h["step"] / trainer.steps_per_epoch, h["val_map"]] for h in trainer.progress.history if "val_map" in h]}
+    if trainer.head.weights and cfg.model.probe_val and keep_checkpoint:
+        out["wise_ft"] = wise_ft_scores(trainer.student, cfg, trainer.head.weights, eval_set, result["map"],
                                         trainer.device)
     if not keep_checkpoint:  # tuning runs are never loaded again: 27 MB each is too much to keep x100
         shutil.rmtree(Path(cfg.run.out_dir) / "checkpoints", ignore_errors=True)

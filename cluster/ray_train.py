@@ -36,25 +36,15 @@ def worker_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def resume_policy(resume: str, has_checkpoint: bool) -> str:
-    """Every attempt of a Ray run resumes from the newest complete checkpoint under run.out_dir (that is how a
-    restarted worker group continues); an explicit checkpoint is the start only while the run has none."""
-    if resume in ("", "auto") or has_checkpoint:
-        return "auto"
-    return resume
-
-
 def train_worker(config: dict[str, Any]) -> None:
     """Runs in every Ray Train worker; torch.distributed is initialised by Ray (gloo on CPU, NCCL on GPU)."""
     import ray.train
     import torch
 
-    from trainer.checkpoint import latest_checkpoint
     from trainer.train import Trainer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = config_from_dict(config["job"])
-    cfg.run.resume = resume_policy(cfg.run.resume, latest_checkpoint(cfg.run.out_dir) is not None)
     context = ray.train.get_context()
     os.environ["LOCAL_RANK"] = str(context.get_local_rank())
     if cfg.cluster.use_gpu:
@@ -64,7 +54,7 @@ def train_worker(config: dict[str, Any]) -> None:
     else:
         device = torch.device("cpu")
         cfg.run.device = "cpu"
-    trainer = Trainer.build(cfg, device)
+    trainer = Trainer.build(cfg, device, restartable=True)  # every attempt continues the run
     trainer.maybe_resume()
     summary = trainer.fit()
     val = summary.get("val") or {}

@@ -8,8 +8,9 @@ import shutil
 import pytest
 
 from conftest import tiny_config
-from trainer.checkpoint import (INDEX, CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, resolve)
-from trainer.checkpoint_manager import CheckpointManager
+from trainer.checkpoint import (INDEX, CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, read_meta,
+                               resolve)
+from trainer.checkpoint_manager import CheckpointManager, resume_rule
 from trainer.models import StudentSpec
 from cluster.cli import main
 from trainer.train import train
@@ -65,16 +66,31 @@ def test_the_manager_resumes_the_newest_complete_one_and_refuses_another_engine(
     crashed = copy / "checkpoints" / "step-00000004"  # an upload that never wrote its index
     shutil.copytree(newest, crashed)
     (crashed / INDEX).unlink()
+    spec = StudentSpec.from_dict(read_meta(newest)["student_spec"], newest)
     manager = CheckpointManager(str(copy))
-    assert manager.find("") == (None, None)
-    url, state = manager.find("auto")
-    assert url == newest and state["step"] == 3 and not crashed.exists()  # the stale one is removed
-    assert manager.find(str(copy / "latest"))[0] == newest
-    spec = StudentSpec.from_dict(state["student_spec"], url)
-    manager.validate(state, spec, state.get("engine_name", "ddp"), url)
+    assert manager.find("", spec, "ddp", 0) is None and manager.found is None
+    state = manager.find("auto", spec, "ddp", 0)
+    assert manager.found[0] == newest and state["step"] == 3 and not crashed.exists()  # the stale one is removed
+    assert manager.find(str(copy / "latest"), spec, "ddp", 0)["step"] == 3 and manager.found[0] == newest
     with pytest.raises(ValueError, match=r"engine.name=ddp but this run uses engine.name=deepspeed") as e:
-        manager.validate(state, spec, "deepspeed", url)
+        manager.find("auto", spec, "deepspeed", 0)
     assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=r"model.frozen_stages=0 but this run has model.frozen_stages=2"):
+        manager.find("auto", spec, "ddp", 2)
+
+
+def test_a_restartable_run_continues_its_own_newest_checkpoint(run_dir, tmp_path):
+    """Ray Train restarts a failed worker group with the same config: every attempt resumes the run's newest
+    checkpoint, and an explicit run.resume is the start only while the run has none of its own."""
+    assert resume_rule("", True, False) == "auto" and resume_rule("", False, True) == ""
+    assert resume_rule("/other/ckpt", True, False) == "/other/ckpt"
+    assert resume_rule("/other/ckpt", True, True) == "auto" and resume_rule("/other/ckpt", False, True) == "/other/ckpt"
+    newest = latest_checkpoint(str(run_dir))
+    spec = StudentSpec.from_dict(read_meta(newest)["student_spec"], newest)
+    fresh = CheckpointManager(str(tmp_path / "new-run"), restartable=True)
+    assert fresh.find(newest, spec, "ddp", 0) is not None and fresh.found[0] == newest  # none of its own yet
+    again = CheckpointManager(str(run_dir), restartable=True)
+    assert again.find("", spec, "ddp", 0)["step"] == 3 and again.found[0] == newest
 
 
 def test_an_empty_index_is_reported_as_such_not_as_missing(run_dir, tmp_path, capsys):

@@ -415,8 +415,8 @@ def test_a_study_scores_validation_one_way(monkeypatch):
                         lambda student, manifest, setup, device, **kw: seen.append(setup) or {
                             "map": 0.5, "ap": {}, "predictions": (None, None, [], [])})
     monkeypatch.setattr("data.shards.read_manifest", lambda location: location)
-    fake = types.SimpleNamespace(fit=lambda: None, student=None, device="cpu", history=[], steps_per_epoch=1,
-                                 init_head=None)
+    fake = types.SimpleNamespace(fit=lambda: None, student=None, device="cpu", steps_per_epoch=1,
+                                 progress=types.SimpleNamespace(history=[]), head=types.SimpleNamespace(weights={}))
     monkeypatch.setattr("trainer.train.Trainer.build", classmethod(lambda cls, c: fake))
     experiment_scorers.train_and_score(cfg, "val-set", keep_checkpoint=True)
     assert seen == [EvalSetup.of(cfg)] == [EvalSetup(cfg.data.image_size, 48, 3, 1.25, "bf16")]

@@ -28,7 +28,7 @@ def test_step0_main_head_scores_equal_the_tuned_probe(tiny_sets, tmp_path, backg
     extra = [] if background is None else [f"model.fixed_background_logit={background}"]
     cfg = tiny_config(tiny_sets, tmp_path / "run", *GRID, *extra, "loss.aux_weight=0")
     trainer = Trainer.build(cfg)
-    chosen = trainer.head_init
+    chosen = trainer.head.info
     assert len(chosen["grid"]) == 6 and (chosen["C"], chosen["class_weight"]) in {
         (r["C"], r["class_weight"]) for r in chosen["grid"]}
     assert chosen["val_map"] == max(r["score"] for r in chosen["grid"])
@@ -41,7 +41,7 @@ def test_step0_main_head_scores_equal_the_tuned_probe(tiny_sets, tmp_path, backg
                                atol=1e-5)
     # and through the run's own evaluation path (images, eval transform, the whole student)
     assert trainer.validate()["map"] == pytest.approx(chosen["val_map"], abs=1e-5)
-    assert trainer.init_head["weight"].shape == trainer.student.main_head.weight.shape
+    assert trainer.head.weights["weight"].shape == trainer.student.main_head.weight.shape
 
 
 def test_the_starting_head_travels_in_the_checkpoint_and_a_resume_keeps_it(tiny_sets, tmp_path):
@@ -54,13 +54,13 @@ def test_the_starting_head_travels_in_the_checkpoint_and_a_resume_keeps_it(tiny_
     for k, v in start.items():
         assert torch.equal(state["init_head"][k], v)
         assert not torch.equal(state["student"][f"main_head.{k}"], v)  # the head trained on from there
-    assert summary["head_init"]["C"] == trainer.head_init["C"]
+    assert summary["head_init"]["C"] == trainer.head.info["C"]
     resumed = Trainer.build(tiny_config(tiny_sets, tmp_path / "run", *GRID, "loss.aux_weight=0", "optim.epochs=1",
                                         "run.max_steps=4", "run.resume=auto"))
-    assert resumed.head_init == {}  # no probe fit on resume: the checkpoint holds the head
+    assert resumed.head.info == {}  # no probe fit on resume: the checkpoint holds the head
     resumed.maybe_resume()
-    assert all(torch.equal(resumed.init_head[k], v) for k, v in start.items())
-    assert resumed.head_init["C"] == trainer.head_init["C"]
+    assert all(torch.equal(resumed.head.weights[k], v) for k, v in start.items())
+    assert resumed.head.info["C"] == trainer.head.info["C"]
 
 
 def test_bad_head_init_settings_are_one_line_errors(tiny_sets, tmp_path):
@@ -79,7 +79,7 @@ def test_bad_head_init_settings_are_one_line_errors(tiny_sets, tmp_path):
     # a single grid point needs no validation set
     trainer = Trainer.build(tiny_config(tiny_sets, tmp_path / "c", "model.head_init=probe", "model.probe_C=[0.1]",
                                         "model.probe_class_weight=[balanced]", "data.val=", "loss.aux_weight=0"))
-    assert trainer.head_init["C"] == 0.1 and trainer.head_init["val_map"] is None
+    assert trainer.head.info["C"] == 0.1 and trainer.head.info["val_map"] is None
 
 
 def test_wise_ft_alpha_zero_is_the_probe_and_one_the_fine_tuned_student(tiny_sets, tmp_path):
@@ -93,7 +93,7 @@ def test_wise_ft_alpha_zero_is_the_probe_and_one_the_fine_tuned_student(tiny_set
     at_start = _student_probs(student, val.features)
     trainer.fit()
     theta1 = {k: v.clone() for k, v in student.state_dict().items()}
-    theta0 = starting_state(student, cfg.model.weights, trainer.init_head)
+    theta0 = starting_state(student, cfg.model.weights, trainer.head.weights)
     student.load_state_dict(theta0)
     np.testing.assert_allclose(_student_probs(student, trunk_features(student, cfg.data.val, cfg.data.image_size,
                                                                       **kwargs).features), at_start, atol=1e-6)
@@ -124,7 +124,7 @@ def test_a_study_run_from_a_probe_reports_wise_ft_beside_the_plain_run(tiny_sets
     # here validation and test are one set, so the chosen alpha's test score is its validation score
     assert wise["map"] == pytest.approx(max(wise["val_map"]), abs=1e-6)
     assert wise["val_map"][-1] == pytest.approx(result["map"], abs=1e-6)  # alpha = 1 is the plain run
-    assert wise["val_map"][0] == pytest.approx(Trainer.build(cfg).head_init["val_map"], abs=1e-5)  # 0: the probe
+    assert wise["val_map"][0] == pytest.approx(Trainer.build(cfg).head.info["val_map"], abs=1e-5)  # 0: the probe
 
 
 def test_a_study_stores_wise_ft_and_fills_it_in_from_the_checkpoint_of_a_run_stored_without(tiny_sets, tmp_path):

@@ -38,7 +38,7 @@ def test_bg_split_learns_a_separable_problem_and_reports(tiny_sets, tmp_path):
 def _next_loss(trainer: Trainer) -> float:
     from data.loader import LoaderState, make_loader
 
-    trainer.stream.start = LoaderState(**trainer.loader_state.state_dict())
+    trainer.stream.start = LoaderState(**trainer.progress.loader.state_dict())
     batch = next(iter(make_loader(trainer.stream, 0)))
     return float(trainer.train_step([batch])["loss"])
 

@@ -115,7 +115,7 @@ def test_a_run_on_views_resumes_at_the_same_step(tiny_sets, tmp_path):
     from data.loader import LoaderState
 
     def next_loss(trainer):
-        trainer.stream.start = LoaderState(**trainer.loader_state.state_dict())
+        trainer.stream.start = LoaderState(**trainer.progress.loader.state_dict())
         return float(trainer.train_step([next(iter(make_loader(trainer.stream, 0)))])["loss"])
 
     want = next_loss(uninterrupted)

@@ -1,7 +1,8 @@
-"""Writing one run's checkpoints and choosing which one it continues from (trainer.checkpoint holds the format,
-reading and its safety). The writer serialises a save at once and uploads it in the background, publishing the
-index last; the manager asks every question the training loop has of a run's checkpoints, collectively on every
-rank."""
+"""Writing one run's checkpoints and restoring a run from one (trainer.checkpoint holds the format, reading and
+its safety). The writer serialises a save at once and uploads it in the background, publishing the index last; the
+manager asks every question the training loop has of a run's checkpoints, collectively on every rank, and restores
+the pieces a run registers with it (trainer.run_state), so the Trainer neither authors a checkpoint nor referees a
+resume."""
 from __future__ import annotations
 
 import contextlib
@@ -13,7 +14,7 @@ import shutil
 import tempfile
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -198,35 +199,79 @@ class CheckpointWriter:
             remove_checkpoint(url)
 
 
+class Stateful(Protocol):
+    """A piece of a run a checkpoint keeps (trainer.run_state). Optional: ``meta_dict()`` (its share of
+    meta.json) and ``on_world_change(url, saved_world, world)`` (a resume onto another number of ranks)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def resume_rule(resume: str, restartable: bool, has_checkpoint: bool) -> str:
+    """``run.resume`` as this run takes it. A restartable run (Ray Train restarts a failed worker group with the
+    same config) resumes from the newest complete checkpoint under run.out_dir on every attempt; an explicit
+    checkpoint is its start only while the run has none of its own."""
+    if restartable and (resume in ("", "auto") or has_checkpoint):
+        return "auto"
+    return resume
+
+
 class CheckpointManager:
-    """One run's checkpoints, every question the loop asks of them in one place: which one to continue from
-    (``find``), whether it fits this run (``validate``), its DeepSpeed partition (``load_sharded``), and writing
-    and pruning new ones (``save``). The loop owns its state (Trainer.state_dict / load_state_dict); the folder
-    layout, the index, the markers and ZeRO's file names stay here. ``find``, ``load_sharded`` and ``save`` are
-    collectives: every rank calls them."""
+    """One run's checkpoints, every question the loop asks of them in one place. The run's stateful pieces
+    register (``register``; ``describe`` adds what only describes the run), and the manager writes them
+    (``save``, when ``due``), finds and checks the checkpoint a run continues from (``find``, once), puts its
+    weights in before an engine that keeps its own copy wraps the student (``weights_before_wrap``) and restores
+    the pieces (``restore``: another world size, DeepSpeed's partitions). The folder layout, the index, the
+    markers and ZeRO's file names stay here. ``find``, ``restore`` and ``save`` are collectives: every rank
+    calls them."""
 
-    def __init__(self, out_dir: str, keep: int = 2, rank: int = 0, world: int = 1, background: bool = True):
-        self.out_dir, self.rank, self.world = out_dir, rank, world
+    def __init__(self, out_dir: str, keep: int = 2, rank: int = 0, world: int = 1, background: bool = True,
+                 every: int = 0, restartable: bool = False):
+        self.out_dir, self.rank, self.world, self.every, self.restartable = out_dir, rank, world, every, restartable
         self.writer = CheckpointWriter(out_dir, keep, rank, world, background)
+        self.pieces: list[Stateful] = []
+        self.description: dict[str, Any] = {}
+        self.found: tuple[str, dict[str, Any]] | None = None
+        """The checkpoint ``find`` chose and its state, until ``restore`` has loaded it."""
+        self.resumed: dict[str, Any] = {}
+        """What the run continued from (``from``, ``from_world``, ``from_step``, ``optimizer``); {} when fresh."""
 
-    def find(self, resume: str) -> tuple[str | None, dict[str, Any] | None]:
-        """``run.resume``: '' starts fresh, 'auto' takes the newest complete checkpoint under the run folder
-        (rank 0 decides, so every rank loads the same one), else the given checkpoint (or a run folder's newest).
-        Every rank loads the state: DeepSpeed needs the fp32 weights on each before it wraps the student."""
+    def register(self, *pieces: Stateful) -> None:
+        self.pieces.extend(pieces)
+
+    def describe(self, **fields: Any) -> None:
+        """meta.json fields that describe the run rather than hold its state (the student's shape, the config)."""
+        self.description.update(fields)
+
+    def find(self, resume: str, spec: Any, engine_name: str, frozen_stages: int) -> dict[str, Any] | None:
+        """``run.resume`` (``resume_rule``): '' starts fresh, 'auto' takes the newest complete checkpoint under
+        the run folder (rank 0 decides, so every rank loads the same one), else the given checkpoint (or a run
+        folder's newest). Every rank loads the state (DeepSpeed needs the fp32 weights on each before it wraps
+        the student) and checks it fits this run, once. Returns the state, or None for a fresh run."""
         url = None
         if self.rank == 0:
-            url = latest_checkpoint(self.out_dir) if resume == "auto" else resolve(resume) if resume else None
+            latest = latest_checkpoint(self.out_dir)
+            resume = resume_rule(resume, self.restartable, latest is not None)
+            url = latest if resume == "auto" else resolve(resume) if resume else None
             if resume == "auto":
                 for stale in incomplete_checkpoints(self.out_dir):  # a crashed upload: never a checkpoint
                     log.warning("removing incomplete checkpoint %s (its upload never finished)", stale)
                     remove_checkpoint(stale)
         url = broadcast(url)
-        return (url, load_checkpoint(url)) if url is not None else (None, None)
+        if url is None:
+            return None
+        state = load_checkpoint(url)
+        self.validate(state, spec, engine_name, url, frozen_stages)
+        self.found = (url, state)
+        return state
 
     @staticmethod
-    def validate(state: dict[str, Any], spec: Any, engine_name: str, url: str) -> None:
-        """The checkpoint's student has this run's shape (``spec``, a StudentSpec, compares field by field) and
-        was written by this run's engine; anything else is one line naming the field and the fix."""
+    def validate(state: dict[str, Any], spec: Any, engine_name: str, url: str, frozen_stages: int = 0) -> None:
+        """The checkpoint's student has this run's shape (``spec``, a StudentSpec, compares field by field), was
+        written by this run's engine and froze the same prefix (a resume that freezes another part of the trunk
+        would train weights the checkpoint held fixed, and a shared teacher would read a prefix that is no longer
+        its own); anything else is one line naming the field and the fix."""
         if state.get("engine_name") == "probe":
             kind = ((state.get("config") or {}).get("probe") or {}).get("kind", "?")
             raise ValueError(f"cannot resume from {url}: it is a probe fit (probe.kind={kind}), not a training run; "
@@ -237,6 +282,38 @@ class CheckpointManager:
         if saved_engine != engine_name:
             raise ValueError(f"cannot resume from {url}: it was written by engine.name={saved_engine} but this run "
                              f"uses engine.name={engine_name}; use the same engine or a new run.out_dir")
+        saved = int(((state.get("config") or {}).get("model") or {}).get("frozen_stages", 0))
+        if saved != frozen_stages:
+            raise ValueError(f"cannot resume from {url}: it was trained with model.frozen_stages={saved} but this "
+                             f"run has model.frozen_stages={frozen_stages}; give model.frozen_stages={saved} or a "
+                             "new run.out_dir")
+
+    def weights_before_wrap(self, student: torch.nn.Module) -> None:
+        """An engine that casts and partitions the student when it wraps it and keeps its own fp32 master copy
+        (DeepSpeed) gets the trained weights first, so a resume that cannot use the checkpoint's ZeRO files
+        (another world size, precision or stage) still continues from them."""
+        if self.found is not None:
+            student.load_state_dict(self.found[1]["student"])
+
+    def restore(self, engine: Any) -> str | None:
+        """Load the found checkpoint into every registered piece; on another world size tell the pieces whose
+        state depends on it; then DeepSpeed's own partitions where they fit. Returns its URL (None: fresh)."""
+        if self.found is None:
+            return None
+        url, state = self.found
+        self.found = None  # the payload can be large; it is not needed again
+        for piece in self.pieces:
+            piece.load_state_dict(state)
+        saved_world = int(state.get("world", self.world))
+        self.resumed = {"from": url, "from_world": saved_world, "from_step": int(state["step"]),
+                        "optimizer": "restored"}
+        if saved_world != self.world:
+            for piece in self.pieces:
+                if hasattr(piece, "on_world_change"):
+                    piece.on_world_change(url, saved_world, self.world)
+        if engine.sharded_save is not None and not self.load_sharded(url, engine, saved_world):
+            self.resumed["optimizer"] = "fresh"
+        return url
 
     def load_sharded(self, url: str, engine: Any, saved_world: int) -> bool:
         """Fetch this rank's DeepSpeed files (its own ZeRO partition and the shared model states) and load them.
@@ -261,11 +338,20 @@ class CheckpointManager:
             engine.load_sharded(local)
         return True
 
-    def save(self, step: int, state: dict[str, Any], meta: dict[str, Any],
-             sharded: Callable[[str], None] | None = None) -> str:
-        """Start writing checkpoint ``step`` (rank 0's ``state`` and ``meta`` are written; the other ranks'
-        are ignored) and return its URL; the upload runs on. One nonce for every rank tells this attempt's
-        markers from a crashed earlier one's at the same step."""
+    def due(self, step: int) -> bool:
+        """run.checkpoint_every: a checkpoint every that many steps (the run's last step always has one)."""
+        return self.every > 0 and step % self.every == 0
+
+    def save(self, step: int, sharded: Callable[[str], None] | None = None) -> str:
+        """Start writing checkpoint ``step`` from the registered pieces (rank 0's is written; collecting them is
+        a collective: RNG states are gathered, ZeRO-3 gathers the weights) and return its URL; the upload runs
+        on. One nonce for every rank tells this attempt's markers from a crashed earlier one's at the same step."""
+        state: dict[str, Any] = {}
+        meta: dict[str, Any] = {**self.description, "world": self.world}
+        for piece in self.pieces:
+            state.update(piece.state_dict())
+            if hasattr(piece, "meta_dict"):
+                meta.update(piece.meta_dict())
         nonce = broadcast(os.urandom(8).hex() if self.rank == 0 else None)
         first = self.rank == 0
         return self.writer.save(step, state if first else None, nonce, sharded, meta=meta if first else None)

@@ -43,3 +43,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, steps_per_epoch: int,
 def in_probe_phase(step: int, steps_per_epoch: int, cfg: OptimConfig) -> bool:
     """LP-FT's first phase (optim.lp_epochs): the trunk is held fixed while the heads train."""
     return step < cfg.lp_epochs * max(steps_per_epoch, 1)
+
+
+def set_schedule_step(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
+    """Put a LambdaLR at ``step`` (the LR it would have there), as if it had been stepped that often."""
+    scheduler.last_epoch = step
+    lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs

@@ -23,7 +23,6 @@ from data import storage
 from data.loader import SKIP_KINDS, LoaderState, ShardStream, make_loader, one_line
 from data.shards import Manifest, check_objects, read_manifest
 from data.teacher_labels import LabelSpec, TeacherLabels
-from trainer.checkpoint import rng_state, set_rng_state
 from trainer.checkpoint_manager import CheckpointManager
 from trainer.config import JobConfig
 from trainer.engine import Engine, autocast_dtype, build_engine, build_optimizer
@@ -32,7 +31,8 @@ from trainer.head_init import broadcast_head, fit_probe_head
 from trainer.models import Student, StudentSpec, Teacher, build_student, build_teacher
 from trainer.schedule import build_scheduler, in_probe_phase
 from trainer.run_log import MetricsLogger, NoLogger, progress_bar
-from trainer.runtime import gather, init_distributed, resolve_device, seed_everything
+from trainer.run_state import EngineState, HeadStart, RngStates, RunProgress
+from trainer.runtime import init_distributed, resolve_device, seed_everything
 from trainer.task import BGSplitTask
 
 if TYPE_CHECKING:
@@ -45,15 +45,6 @@ def teacher_labels_for(manifest: Manifest, cfg: JobConfig, teacher: Teacher) -> 
     """The label set this very teacher (architecture, input size, k and weights) wrote into the shard set."""
     size = cfg.teacher.image_size or cfg.data.image_size
     return TeacherLabels(manifest, LabelSpec(teacher.arch, size, cfg.teacher.topk, teacher.digest()))
-
-
-def set_schedule_step(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
-    """Put a LambdaLR at ``step`` (the LR it would have there), as if it had been stepped that often."""
-    scheduler.last_epoch = step
-    lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
-    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
-        group["lr"] = lr
-    scheduler._last_lr = lrs
 
 
 def drw_epoch(cfg: JobConfig) -> float:
@@ -78,31 +69,31 @@ class Trainer:
     total_steps: int
     rank: int = 0
     world: int = 1
-    loader_state: LoaderState = field(default_factory=LoaderState)
-    step: int = 0
-    skipped: torch.Tensor = field(default_factory=lambda: torch.zeros(len(SKIP_KINDS), dtype=torch.long))
-    skipped_by_shard: dict[str, dict[str, int]] = field(default_factory=dict)
-    worker_io: dict[str, int] = field(default_factory=dict)
-    history: list[dict[str, Any]] = field(default_factory=list)
-    resumed_from: str | None = None
+    progress: RunProgress | None = None
+    """Step, data position, schedule and counters: what a resume restores of the loop."""
+    head: HeadStart = field(default_factory=HeadStart)
+    """model.head_init=probe: the probe the main head started from and its weights at step 0."""
     checkpoints: CheckpointManager | None = None
-    resume_url: str | None = None
-    """The checkpoint this run continues from (decided in ``build``, before the engine wraps the student)."""
-    resume_state: dict[str, Any] | None = None
-    resume_info: dict[str, Any] = field(default_factory=dict)
+    worker_io: dict[str, int] = field(default_factory=dict)
     teacher_shares_prefix: bool = False
     """Decided once in ``build``: a test or bench may wrap ``task`` in a plain function."""
-    head_init: dict[str, Any] = field(default_factory=dict)
-    """model.head_init=probe: the probe the main head started from (C, weighting, validation mAP, grid)."""
-    init_head: dict[str, torch.Tensor] = field(default_factory=dict)
-    """The main head's weights at step 0 (model.head_init=probe), kept in every checkpoint: WiSE-FT's theta_0."""
+
+    def __post_init__(self) -> None:
+        if self.progress is None:
+            self.progress = RunProgress(self.scheduler, self.steps_per_epoch)
+
+    @property
+    def step(self) -> int:
+        return self.progress.step
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
         return self.engine.optimizer
 
     @classmethod
-    def build(cls, cfg: JobConfig, device: torch.device | None = None) -> "Trainer":
+    def build(cls, cfg: JobConfig, device: torch.device | None = None, restartable: bool = False) -> "Trainer":
+        """``restartable``: a Ray Train worker, whose every attempt resumes the run
+        (trainer.checkpoint_manager.resume_rule)."""
         seed_everything(cfg.run.seed)
         storage.configure(outage_timeout_s=cfg.storage.outage_timeout_s)  # loader workers inherit it
         device = device or resolve_device(cfg.run.device)
@@ -138,16 +129,11 @@ class Trainer:
         if teacher is not None and cfg.teacher.mode == "online":  # cached labels: it never runs in training
             teacher.prepare(device, dtype, channels_last=device.type == "cuda" and cfg.run.channels_last)
         checkpoints = CheckpointManager(cfg.run.out_dir, cfg.run.keep_checkpoints, rank, world,
-                                        background=cfg.run.async_checkpoint)
-        resume_url, resume_state = checkpoints.find(cfg.run.resume)
-        if resume_state is not None:
-            checkpoints.validate(resume_state, spec, cfg.engine.name, resume_url)
-            check_frozen_stages(resume_state, cfg, resume_url)
-            if cfg.engine.name == "deepspeed":
-                # DeepSpeed casts and partitions the student when it wraps it and keeps its own fp32 master
-                # copy: the trained weights go in first, so a resume that cannot use the checkpoint's ZeRO
-                # files (another world size, precision or stage) still continues from them
-                student.load_state_dict(resume_state["student"])
+                                        background=cfg.run.async_checkpoint, every=cfg.run.checkpoint_every,
+                                        restartable=restartable)
+        resume_state = checkpoints.find(cfg.run.resume, spec, cfg.engine.name, cfg.model.frozen_stages)
+        if cfg.engine.name == "deepspeed":
+            checkpoints.weights_before_wrap(student)
         head_init: dict[str, Any] = {}
         if cfg.model.head_init == "probe" and resume_state is None:  # a resume's head comes from its checkpoint
             if rank == 0:
@@ -179,84 +165,26 @@ class Trainer:
         if cfg.model.frozen_stages:
             log.info("trunk stem and stages 1-%d frozen; the teacher %s", cfg.model.frozen_stages,
                      "runs its upper stages on the student's prefix" if shared else "runs whole")
-        return cls(cfg, device, manifest, teacher, student, task, stream, engine, scheduler, steps_per_epoch,
-                   total, rank, world, checkpoints=checkpoints, resume_url=resume_url, resume_state=resume_state,
-                   teacher_shares_prefix=bool(shared), head_init=head_init,
-                   init_head=({k: v.detach().clone() for k, v in student.main_head.state_dict().items()}
-                              if cfg.model.head_init == "probe" and resume_state is None else {}))
-
-    # -- state ----------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """Rank 0's state.pt: tensors and plain containers only (``meta`` holds the rest). A collective call (RNG
-        states are gathered from every rank, ZeRO-3 gathers the weights): every rank calls it, the other ranks'
-        return value is not written."""
-        rngs = gather(rng_state())
-        state = {"student": self.engine.student_state_dict(), "engine": self.engine.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "loader": self.loader_state.state_dict(), "rng": rngs}
-        if self.init_head:
-            state["init_head"] = {k: v.detach().cpu() for k, v in self.init_head.items()}
-        return state
-
-    def meta(self) -> dict[str, Any]:
-        """Rank 0's meta.json: what describes the checkpoint (the writer adds the format and the step)."""
-        return {"student_spec": self.student.spec.to_dict(), "engine_name": self.engine.name, "world": self.world,
-                "steps_per_epoch": self.steps_per_epoch, "config": self.cfg.to_dict(), "history": self.history,
-                "skipped": self.skipped.tolist(), "skipped_by_shard": self.skipped_by_shard,
-                "head_init": self.head_init}
-
-    def load_state_dict(self, state: dict[str, Any], url: str = "checkpoint") -> None:
-        """Everything but DeepSpeed's partitioned files (``_load_sharded``). A checkpoint of another world size
-        resumes too: DDP's state.pt holds the whole optimiser; the data order and the step count depend on the
-        world, so the run restarts the interrupted epoch in the new world's order (nothing of it is skipped;
-        what was done of it is done again) with the step and the LR schedule at that epoch's start."""
-        self.checkpoints.validate(state, self.student.spec, self.engine.name, url)
-        if self.engine.name == "ddp":
-            self.student.load_state_dict(state["student"])
-            self.engine.load_state_dict(state["engine"] if "engine" in state else state)
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.loader_state.load_state_dict(state["loader"])
-        rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
-        # the same world gets each rank's own generators back; another world size starts ranks from rank 0's
-        set_rng_state(rngs[self.rank] if len(rngs) == self.world else rngs[0])
-        self.step = int(state["step"])
-        self.history = list(state.get("history", []))
-        self.skipped = torch.tensor(state.get("skipped", [0] * len(SKIP_KINDS)), dtype=torch.long)
-        self.skipped_by_shard = dict(state.get("skipped_by_shard", {}))
-        self.init_head = dict(state.get("init_head") or {})
-        self.head_init = dict(state.get("head_init") or {})
-        saved_world = int(state.get("world", self.world))
-        self.resume_info = {"from": url, "from_world": saved_world, "from_step": self.step}
-        if saved_world != self.world:
-            epoch = self.loader_state.epoch
-            self.loader_state = LoaderState(epoch=epoch)
-            self.step = epoch * self.steps_per_epoch
-            set_schedule_step(self.scheduler, self.step)
-            log.warning("%s was written by %d ranks, this run has %d: restarting its epoch %d from the start in "
-                        "this world's order (step %d -> %d)", url, saved_world, self.world, epoch,
-                        self.resume_info["from_step"], self.step)
+        head = HeadStart(({k: v.detach().clone() for k, v in student.main_head.state_dict().items()}
+                          if cfg.model.head_init == "probe" and resume_state is None else {}), head_init)
+        trainer = cls(cfg, device, manifest, teacher, student, task, stream, engine, scheduler, steps_per_epoch,
+                      total, rank, world, head=head, checkpoints=checkpoints, teacher_shares_prefix=bool(shared))
+        checkpoints.register(EngineState(engine), trainer.progress, RngStates(rank, world), head)
+        checkpoints.describe(student_spec=spec.to_dict(), engine_name=engine.name, config=cfg.to_dict())
+        return trainer
 
     def maybe_resume(self) -> str | None:
         """Continue from the checkpoint ``build`` found (``run.resume``: '' starts fresh, 'auto' takes the newest
         complete one under run.out_dir, else the one given)."""
-        url, state = self.resume_url, self.resume_state
-        if url is None or state is None:
-            return None
-        self.load_state_dict(state, url)
-        self.resume_info["optimizer"] = "restored"
-        if self.engine.sharded_save is not None and not self.checkpoints.load_sharded(
-                url, self.engine, self.resume_info["from_world"]):
-            self.resume_info["optimizer"] = "fresh"
-        self.resume_state = None  # the payload can be large; it is not needed again
-        self.resumed_from = url
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", url, self.step, self.loader_state.epoch,
-                 self.loader_state.batches)
+        url = self.checkpoints.restore(self.engine)
+        if url is not None:
+            p = self.progress
+            log.info("resumed from %s at step %d (epoch %d, batch %d)", url, p.step, p.loader.epoch, p.loader.batches)
         return url
 
     def save(self) -> str:
         """Start writing a checkpoint of the current step (every rank calls this); the upload runs on."""
-        state = self.state_dict()
-        return self.checkpoints.save(self.step, state, self.meta() if self.rank == 0 else {},
-                                     self.engine.sharded_save)
+        return self.checkpoints.save(self.step, self.engine.sharded_save)
 
     # -- loop -----------------------------------------------------------------------------------------------
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -280,7 +208,7 @@ class Trainer:
                     sums[k] = sums.get(k, 0) + out[k].detach() / len(micro_batches)
         self.engine.step()
         self.scheduler.step()
-        self.step += 1
+        self.progress.step += 1
         return sums
 
     def validate(self) -> dict[str, Any] | None:
@@ -311,13 +239,13 @@ class Trainer:
         cfg = self.cfg
         if not storage.is_remote(cfg.run.out_dir):
             os.makedirs(cfg.run.out_dir, exist_ok=True)
-        logger = MetricsLogger(cfg.run.out_dir, append=self.resumed_from is not None) if self.rank == 0 \
+        logger = MetricsLogger(cfg.run.out_dir, append=bool(self.checkpoints.resumed)) if self.rank == 0 \
             else NoLogger()
         bar = progress_bar(self.total_steps, self.step, cfg.run.progress and self.rank == 0)
         eval_every = int(round(cfg.run.eval_every * self.steps_per_epoch)) if cfg.run.eval_every else 0
         window: dict[str, torch.Tensor] = {}
         window_steps, window_images, window_positives, t0 = 0, 0, 0, time.time()
-        self.stream.start = LoaderState(**self.loader_state.state_dict())
+        self.stream.start = LoaderState(**self.progress.loader.state_dict())
         # one pass for the whole run; cached views are gathered from memory maps in this process
         batches = iter(make_loader(self.stream, 0 if cfg.views.count else cfg.data.num_workers))
         batches_per_epoch = self.stream.batches_per_epoch()
@@ -334,7 +262,7 @@ class Trainer:
             self._count_skips(batch)
             if "label" not in batch:  # skip counts only
                 continue
-            self.loader_state.advance(batch["position"], batches_per_epoch)
+            self.progress.loader.advance(batch["position"], batches_per_epoch)
             micro.append(batch)
             if len(micro) < cfg.optim.grad_accum:
                 continue
@@ -362,7 +290,7 @@ class Trainer:
             self.checkpoints.check()  # a checkpoint that found the disk full stops the run now, in one line
             if eval_every and self.step % eval_every == 0 and self.step < self.total_steps:
                 self._record_eval(logger)
-            if cfg.run.checkpoint_every and self.step % cfg.run.checkpoint_every == 0:
+            if self.checkpoints.due(self.step):
                 self.save()
         del batches  # stops the loader workers
         bar.close()
@@ -371,17 +299,18 @@ class Trainer:
         self.checkpoints.wait()  # the final checkpoint must be complete before the run says it is done
         summary = {"steps": self.step, "epochs": self.step / self.steps_per_epoch, "checkpoint": path,
                    "seconds": time.time() - start_time, "val": final, "world": self.world,
-                   "engine": self.engine.name, "resumed_from": self.resumed_from, "resume": self.resume_info,
+                   "engine": self.engine.name, "resumed_from": self.checkpoints.resumed.get("from"),
+                   "resume": self.checkpoints.resumed,
                    "frozen_stages": cfg.model.frozen_stages, "teacher_shares_prefix": self.teacher_shares_prefix,
-                   "head_init": {k: v for k, v in self.head_init.items() if k != "grid"},
+                   "head_init": {k: v for k, v in self.head.info.items() if k != "grid"},
                    "checkpoint_uploads": self.checkpoints.uploads(),
-                   "skipped": dict(zip(SKIP_KINDS, self.skipped.tolist())),
-                   "skipped_by_shard": self.skipped_by_shard,
+                   "skipped": dict(zip(SKIP_KINDS, self.progress.skipped.tolist())),
+                   "skipped_by_shard": self.progress.skipped_by_shard,
                    "storage": {k: v + self.worker_io.get(k, 0) for k, v in storage.STATS.items()},
                    "train_set": {"count": self.manifest.count, "counts": self.manifest.counts,
                                  "background_fraction": self.manifest.background_fraction}}
         if any(summary["skipped"].values()):
-            log.warning("skipped during training: %s; by shard: %s", summary["skipped"], self.skipped_by_shard)
+            log.warning("skipped during training: %s; by shard: %s", summary["skipped"], summary["skipped_by_shard"])
         logger.close()
         if self.rank != 0:
             return summary
@@ -391,11 +320,11 @@ class Trainer:
 
     def _count_skips(self, batch: dict[str, Any]) -> None:
         """Fold a batch's skip counts and its loader worker's object-store counters into the run's."""
-        self.skipped += batch.pop("skipped")
+        self.progress.skipped += batch.pop("skipped")
         for k, n in batch.pop("storage", {}).items():
             self.worker_io[k] = self.worker_io.get(k, 0) + n
         for shard, counts in batch.pop("skipped_by_shard", {}).items():
-            mine = self.skipped_by_shard.setdefault(shard, dict.fromkeys(counts, 0))
+            mine = self.progress.skipped_by_shard.setdefault(shard, dict.fromkeys(counts, 0))
             for kind, n in counts.items():
                 mine[kind] += int(n)
 
@@ -403,18 +332,8 @@ class Trainer:
         result = self.validate()
         if result is not None:
             logger.log(self.step, {"val_map": result["map"]})
-            self.history.append({"step": self.step, "val_map": result["map"]})
+            self.progress.history.append({"step": self.step, "val_map": result["map"]})
         return result
-
-
-def check_frozen_stages(state: dict[str, Any], cfg: JobConfig, url: str) -> None:
-    """A run continues with the prefix it froze: a resume that freezes another part of the trunk would train
-    weights the checkpoint held fixed (and a shared teacher would read a prefix that is no longer its own)."""
-    saved = int(((state.get("config") or {}).get("model") or {}).get("frozen_stages", 0))
-    if saved != cfg.model.frozen_stages:
-        raise ValueError(f"cannot resume from {url}: it was trained with model.frozen_stages={saved} but this run "
-                         f"has model.frozen_stages={cfg.model.frozen_stages}; give model.frozen_stages={saved} or "
-                         "a new run.out_dir")
 
 
 def read_set(location: str, key: str):
