@@ -32,7 +32,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from data import storage
+from data import remote, storage
 
 log = logging.getLogger("bgsplit.data")
 
@@ -150,13 +150,13 @@ one without it that lists such shards was written by an older add-labels, relati
 
 def _is_name(url: str) -> bool:
     """A plain file name: a shard in the manifest's own folder."""
-    return not storage.is_remote(url) and "/" not in url and os.sep not in url
+    return not remote.is_remote(url) and "/" not in url and os.sep not in url
 
 
 def _local_in_remote(root: str, url: str) -> bool:
     """An absolute local path listed by a set on an object store (an older add-labels wrote them): only readable on
     the machine that has that path, and joining it to the root's URL would not find it there either."""
-    return storage.is_remote(root) and not storage.is_remote(url) and os.path.isabs(url)
+    return remote.is_remote(root) and not remote.is_remote(url) and os.path.isabs(url)
 
 
 def _stored_url(root: str, url: str) -> str:
@@ -176,7 +176,7 @@ def _resolved_url(root: str, url: str, marked: bool) -> tuple[str, bool]:
         return url, False
     if _local_in_remote(root, url):
         return os.path.normpath(url), False
-    if marked or storage.is_remote(url) or os.path.isabs(url):
+    if marked or remote.is_remote(url) or os.path.isabs(url):
         return storage.absolute(storage.join(root, url)), False
     return os.path.abspath(url), True
 
