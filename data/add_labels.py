@@ -26,12 +26,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from data import remote, storage
+from data.hash_index import content_hash
 from data.shards import (
     Manifest,
     ShardInfo,
     TarShard,
     check_objects,
-    content_hash,
     image_member,
     iter_tar,
     make_record,
