@@ -51,10 +51,10 @@ def _config(train: str, out: str, steps: int, every: int, *extra: str):
 
 def _run(cfg) -> tuple[dict[str, Any] | None, str, float]:
     """(summary or None, the error line, seconds) of one training run in this process."""
-    from data import storage
+    from data import remote
     from trainer.train import train
 
-    storage.STATS.update(dict.fromkeys(storage.STATS, 0))  # the summary's counts are this run's own
+    remote.STATS.update(dict.fromkeys(remote.STATS, 0))  # the summary's counts are this run's own
     start = time.time()
     try:
         return train(cfg), "", time.time() - start

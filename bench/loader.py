@@ -91,7 +91,7 @@ def measure(manifest: Any, workers: int, seconds: float, batch_size: int, image_
             read_ahead_mb: float = 32.0) -> dict[str, Any]:
     """Batches per second after the first (worker start-up and first shard open are not throughput), over at
     least ``seconds`` and two batches; the stream runs epoch after epoch as in training."""
-    from data import storage
+    from data import remote
     from data.loader import ShardStream, make_loader
     from data.config import LoaderConfig
 
@@ -101,7 +101,7 @@ def measure(manifest: Any, workers: int, seconds: float, batch_size: int, image_
     if stream.batches_per_epoch() == 0:
         raise ValueError(f"{manifest.root} gives no batch of {batch_size}: use more --images")
     images = batches = skipped = delivered = 0
-    fetched = -storage.STATS["bytes_read"]  # a worker process reports its own in the batches
+    fetched = -remote.STATS["bytes_read"]  # a worker process reports its own in the batches
     first: float | None = None
     for batch in make_loader(stream, workers):
         skipped += int(batch["skipped"].sum())
@@ -117,7 +117,7 @@ def measure(manifest: Any, workers: int, seconds: float, batch_size: int, image_
         if now - first >= seconds and batches >= 2:
             per_image = sum(s.bytes for s in manifest.shards) / manifest.count
             rate = images / (now - first)
-            fetched += storage.STATS["bytes_read"]
+            fetched += remote.STATS["bytes_read"]
             return {"img_s": rate, "mb_s": rate * per_image / (1 << 20), "batches": batches,
                     "seconds": now - first, "skipped": skipped, "bytes_per_image": per_image,
                     # object-store bytes fetched per image delivered, first batch included: read-ahead must not

@@ -4,7 +4,8 @@
 manifest. At 10M samples in 1,000-sample shards that is 10k small GETs, each paying a real region's first-byte
 latency (20-80 ms): one at a time ~10k x 50 ms = 8 minutes; ``RECORD_READS_IN_FLIGHT`` at a time divides it.
 This writes ``--shards`` records (``--per-shard`` keys each, as ``make_record`` writes them) to a loopback
-SeaweedFS, then times ``write_key_index`` through ``latency_proxy.py`` (``--latency-ms``) for each ``--depths``.
+SeaweedFS, then times ``hash_index.write_indexes`` through ``latency_proxy.py`` (``--latency-ms``) for each
+``--depths``.
 
     .venv/bin/python bench/publish.py --shards 1000 --latency-ms 50 --json artifacts/bench/publish.json
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
-from data import shards, storage  # noqa: E402
+from data import hash_index, shards, storage  # noqa: E402
 from data.shards import Manifest, ShardInfo, make_record, record_name, shard_name  # noqa: E402
 from loader import endpoint  # noqa: E402 - bench/loader.py: s3fs pointed at another endpoint for a block
 
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                 for depth in (int(d) for d in args.depths.split(",")):
                     shards.RECORD_READS_IN_FLIGHT = depth
                     start = time.perf_counter()
-                    index = shards.write_key_index(manifest)
+                    index, _ = hash_index.write_indexes(manifest.root, shards.iter_records(manifest))
                     seconds = time.perf_counter() - start
                     rows.append({"shards": args.shards, "per_shard": args.per_shard, "latency_ms": args.latency_ms,
                                  "in_flight": depth, "seconds": round(seconds, 2), "keys": index["count"],

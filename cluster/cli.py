@@ -8,7 +8,8 @@ import os
 import sys
 
 from data.settings import ConfigError, Parser, add_flags, from_args
-from data.storage import DiskFull, StorageOutage
+from data.remote import StorageOutage
+from data.storage import DiskFull
 
 
 def _train(args: argparse.Namespace) -> None:

@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
-from data import storage
+from data import remote, storage
 from trainer.config import JobConfig, config_from_dict
 
 log = logging.getLogger("bgsplit.cluster")
@@ -65,7 +65,7 @@ def train_worker(config: dict[str, Any]) -> None:
 def storage_path(cfg: JobConfig) -> str:
     if cfg.cluster.storage_path:
         return cfg.cluster.storage_path
-    if storage.is_remote(cfg.run.out_dir):
+    if remote.is_remote(cfg.run.out_dir):
         return os.path.expanduser("~/ray_results")
     return os.path.abspath(os.path.join(cfg.run.out_dir, "ray"))
 
@@ -84,7 +84,7 @@ def make_trainer(cfg: JobConfig, name: str = "bgsplit"):
 
     cfg = fanned_out(cfg)  # workers start in their own directories (refused in Ray's temporary working dir)
 
-    storage.configure(outage_timeout_s=cfg.storage.outage_timeout_s)  # forwarded to the workers (BGSPLIT_*)
+    remote.configure(outage_timeout_s=cfg.storage.outage_timeout_s)  # forwarded to the workers (BGSPLIT_*)
     return TorchTrainer(
         train_worker,
         train_loop_config={"job": cfg.to_dict()},

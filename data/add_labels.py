@@ -25,13 +25,13 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from data import storage
+from data import remote, storage
+from data.hash_index import content_hash
 from data.shards import (
     Manifest,
     ShardInfo,
     TarShard,
     check_objects,
-    content_hash,
     image_member,
     iter_tar,
     make_record,
@@ -193,8 +193,8 @@ def add_labels(data: str, labels_csv: str, pool: str, out: str) -> Manifest:
     inputs to the same ``out`` return the existing set."""
     parent = read_manifest(data)
     kept_urls = [storage.absolute(storage.join(parent.root, s.url)) for s in parent.shards]
-    local = next((u for u in kept_urls if not storage.is_remote(u)), None)
-    if storage.is_remote(out) and local is not None:
+    local = next((u for u in kept_urls if not remote.is_remote(u)), None)
+    if remote.is_remote(out) and local is not None:
         there = f"{storage.dirname(out.rstrip('/'))}/{os.path.basename(storage.dirname(local))}"
         raise LabelError(f"--data {data} has shards on the local disk ({local}) but --out {out} is on an object "
                          "store, where no other machine could read them: copy the parent set there first (e.g. "

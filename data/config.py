@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 READ_AHEAD_MB = 32.0
-"""Default MB fetched ahead of the decoder per open remote shard (four 8 MB ranges; see data.storage)."""
+"""Default MB fetched ahead of the decoder per open remote shard (four 8 MB ranges; see data.ranged)."""
 
 Sampling = Literal["natural", "balanced"]
 EpochMode = Literal["exact", "resampled"]

@@ -29,8 +29,8 @@ import numpy as np
 from PIL import Image
 
 from data import storage
-from data.shards import (RECORD, TarShard, content_hash, make_record, record_name, sample_fields, shard_name,
-                         tar_bytes)
+from data.hash_index import content_hash
+from data.shards import RECORD, TarShard, make_record, record_name, sample_fields, shard_name, tar_bytes
 from data.sources import Listing, Source, SourceItem, open_source, positions
 from data.transforms import BadImage, decode_rgb
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data import storage
+from data import remote
 from data.order import OrderSpec, Ref, advance, in_order, interleaved, worker_events
 from data.plan import Piece, describe_plan, for_worker, plan_summary, steps_per_epoch, worker_batches
 from data.config import LoaderConfig
@@ -284,8 +284,8 @@ class ShardStream(IterableDataset):
         out = {"skipped": torch.tensor([self._stats[k] for k in SKIP_KINDS]), "skipped_by_shard": self._by_shard}
         self._stats, self._by_shard = dict.fromkeys(SKIP_KINDS, 0), {}
         if get_worker_info() is not None:
-            out["storage"] = {k: storage.STATS[k] - self._io_seen.get(k, 0) for k in storage.STATS}
-            self._io_seen = dict(storage.STATS)
+            out["storage"] = {k: remote.STATS[k] - self._io_seen.get(k, 0) for k in remote.STATS}
+            self._io_seen = dict(remote.STATS)
         return out
 
     def _collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -306,7 +306,7 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 0)
         self._stats, self._by_shard = dict.fromkeys(SKIP_KINDS, 0), {}
-        self._io_seen = dict(storage.STATS)  # a forked worker starts with a copy of its parent's counts
+        self._io_seen = dict(remote.STATS)  # a forked worker starts with a copy of its parent's counts
         return self._train(worker, workers) if self.train else self._eval(worker, workers)
 
 

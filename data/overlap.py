@@ -1,7 +1,7 @@
 """Which images two shard sets share, and which of a pool's images a set holds: the one leak check, used by the
 experiment (validation and test against training) and by `mine --exclude` (candidates against training).
 
-By content where the sets record it: each set's content index (data.shards.CONTENT_INDEX, the hashes of its
+By content where the sets record it: each set's content index (data.hash_index.CONTENT_INDEX, the hashes of its
 images' source bytes, written by `shards build` / `add-labels`). File names repeat across folders (IMG_0001.jpg in
 every camera export, photos/x/x-0000.png beside photos-test/x/x-0000.png) where bytes do not, so the same name
 with other bytes is no leak, and the same bytes under another name is one. A set built before content hashes is
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from data import storage
-from data.shards import (Manifest, ShardInfo, iter_tar, key_hashes, read_content_index, read_key_index,
-                         read_manifest, read_record, record_hashes)
+from data.hash_index import key_hashes, read_content_index, read_key_index, record_hashes
+from data.shards import Manifest, ShardInfo, iter_tar, read_manifest, read_record
 
 log = logging.getLogger("bgsplit.data")
 

@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from data import storage
+from data import ranged, remote, storage
 from data.config import cache_root
 from data.reader import CORRUPT, Sample
 from data.shards import Manifest, ShardInfo, iter_tar, read_record
@@ -57,7 +57,7 @@ class PositiveStore:
 
     def _local(self, info: ShardInfo) -> str:
         url = storage.join(self.manifest.root, info.url)
-        if not storage.is_remote(url):
+        if not remote.is_remote(url):
             return url
         # keyed by the set's whole manifest, not its URL: a set rebuilt in place gets a fresh copy
         identity = json.dumps([self.manifest.root, self.manifest.to_json()], sort_keys=True).encode()
@@ -67,7 +67,7 @@ class PositiveStore:
         with open(path + ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one copy per node, however many ranks start at once
             if not os.path.exists(path) or os.path.getsize(path) != info.bytes:
-                with storage.atomic_write(path) as f, storage.open_range(url, 0, info.bytes) as src:
+                with storage.atomic_write(path) as f, ranged.open_range(url, 0, info.bytes) as src:
                     while chunk := src.read(8 << 20):
                         f.write(chunk)
         return path

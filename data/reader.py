@@ -3,12 +3,12 @@
 A worker reads only what its plan gives it: a piece that starts mid-shard is one range request from that
 sample's byte offset (from the shard's completion record), and a resumed worker fetches just the samples its
 shuffle buffer held, coalescing neighbours into a few ranges, instead of re-reading the epoch so far. The
-object store's outages are waited out by data.storage; what is skipped here is only corrupt data (a malformed
+object store's outages are waited out by data.remote; what is skipped here is only corrupt data (a malformed
 or truncated tar, a shard object gone missing), counted against its shard and named in a warning. A damaged tar
 header costs its own sample only: the reader goes on at the next sample's recorded offset (the completion
 record), so the samples after it are read as usual.
 
-Remote shards are read with read-ahead (data.read_ahead_mb, see data.storage.RangeReader), and the first range
+Remote shards are read with read-ahead (data.read_ahead_mb, see data.ranged.RangeReader), and the first range
 of a piece about to be opened is fetched while the open pieces are still being decoded, so neither the next
 range nor the next shard waits on the store's first-byte latency; nor does the next epoch's first shard, which
 is warmed while an epoch ends (ShardReader.run's ``then``).
@@ -30,7 +30,7 @@ from typing import IO, Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
-from data import storage
+from data import ranged, remote, storage
 from data.config import READ_AHEAD_MB
 from data.order import POSITIVE, Emit, Event, Open, Position, Read, Ref
 from data.plan import Piece
@@ -70,7 +70,7 @@ class ShardReader:
             raise ValueError(f"data.read_ahead_mb is {read_ahead_mb!r}: give 0 (off) or a size in MB")
         self.manifest, self.shards, self.labels = manifest, shards, labels
         self.on_bad_shard = on_bad_shard
-        self._pins: dict[int, storage.Pin] = {}
+        self._pins: dict[int, ranged.Pin] = {}
         """Per shard, its recorded size and the version this run (epoch) first read: every range is checked
         against it, so an epoch never mixes two versions of a shard rewritten while it runs."""
         self._changed: set[int] = set()
@@ -110,16 +110,16 @@ class ShardReader:
         except (ValueError, KeyError, FileNotFoundError):
             return None
 
-    def _pin(self, shard: int) -> storage.Pin:
+    def _pin(self, shard: int) -> ranged.Pin:
         if shard not in self._pins:
-            self._pins[shard] = storage.Pin(self.url(shard), self.shards[shard].bytes)
+            self._pins[shard] = ranged.Pin(self.url(shard), self.shards[shard].bytes)
         return self._pins[shard]
 
     def _open(self, shard: int, lo: int, hi: int) -> io.BufferedReader:
         stream = self._warm.pop((shard, lo, hi), None)
         if stream is not None:
             return stream
-        return storage.open_range(self.url(shard), lo, hi, read_ahead=self.read_ahead, pin=self._pin(shard))
+        return ranged.open_range(self.url(shard), lo, hi, read_ahead=self.read_ahead, pin=self._pin(shard))
 
     def _skip_changed(self, shard: int, index: int, stop: int, why: str) -> Iterator[None]:
         """The rest of a piece of a shard found rewritten: warned and counted once per shard and run."""
@@ -134,7 +134,7 @@ class ShardReader:
     def _stored_key(self, shard: int, offset: int) -> str:
         """The key a damaged sample's first header names, for the warning (the damaged byte may be in it)."""
         try:
-            with storage.open_range(self.url(shard), offset, offset + 512) as f:
+            with ranged.open_range(self.url(shard), offset, offset + 512) as f:
                 block = f.read(512)
         except CORRUPT:
             return "?"
@@ -176,7 +176,7 @@ class ShardReader:
                             index, last = index + 1, key
                             if index == stop:
                                 break
-                    except (FileNotFoundError, storage.ObjectChanged):
+                    except (FileNotFoundError, ranged.ObjectChanged):
                         raise  # the object is gone or another one: nothing to resync to
                     except CORRUPT as e:
                         reason = f"{type(e).__name__}: {e}"
@@ -224,7 +224,7 @@ class ShardReader:
                     if index < stop:
                         at = int(offsets[index])
                         stream.seek(at - lo)
-        except storage.ObjectChanged as e:  # what was read before came from the version this epoch pinned
+        except ranged.ObjectChanged as e:  # what was read before came from the version this epoch pinned
             yield from self._skip_changed(shard, index, stop, str(e))
         except CORRUPT as e:  # the object itself is not there
             if self._first_loss(shard, index):
@@ -259,7 +259,7 @@ class ShardReader:
         """Open a remote piece that is about to be opened and start fetching its first range (``carry``: by the
         next run, so it stays open when this one ends)."""
         url = self.url(piece.shard)
-        if not storage.is_remote(url):
+        if not remote.is_remote(url):
             return
         try:
             lo, hi = self._bounds(piece.shard, piece.start, piece.stop)
@@ -267,7 +267,7 @@ class ShardReader:
             return  # its record is unusable: opening it says so, in order
         if (piece.shard, lo, hi) in self._warm:
             return
-        stream = storage.open_range(url, lo, hi, read_ahead=self.read_ahead, pin=self._pin(piece.shard))
+        stream = ranged.open_range(url, lo, hi, read_ahead=self.read_ahead, pin=self._pin(piece.shard))
         stream.raw.prefetch(1)
         self._warm[piece.shard, lo, hi] = stream
         if carry:

@@ -19,26 +19,18 @@ Sample fields: ``<ext>`` the encoded image as stored, ``cls`` the main label (0 
 """
 from __future__ import annotations
 
-import base64
 import hashlib
 import io
 import json
-import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-import numpy as np
-
-from data import storage
-
-log = logging.getLogger("bgsplit.data")
+from data import hash_index, remote, storage
 
 MANIFEST = "manifest.json"
-KEY_INDEX = "keys.npy"
-CONTENT_INDEX = "contents.npy"
 FORMAT = "bgsplit-shards/2"
 RECORD = "bgsplit-shard-done/2"
 RECORD_READS_IN_FLIGHT = 16
@@ -150,13 +142,13 @@ one without it that lists such shards was written by an older add-labels, relati
 
 def _is_name(url: str) -> bool:
     """A plain file name: a shard in the manifest's own folder."""
-    return not storage.is_remote(url) and "/" not in url and os.sep not in url
+    return not remote.is_remote(url) and "/" not in url and os.sep not in url
 
 
 def _local_in_remote(root: str, url: str) -> bool:
     """An absolute local path listed by a set on an object store (an older add-labels wrote them): only readable on
     the machine that has that path, and joining it to the root's URL would not find it there either."""
-    return storage.is_remote(root) and not storage.is_remote(url) and os.path.isabs(url)
+    return remote.is_remote(root) and not remote.is_remote(url) and os.path.isabs(url)
 
 
 def _stored_url(root: str, url: str) -> str:
@@ -176,7 +168,7 @@ def _resolved_url(root: str, url: str, marked: bool) -> tuple[str, bool]:
         return url, False
     if _local_in_remote(root, url):
         return os.path.normpath(url), False
-    if marked or storage.is_remote(url) or os.path.isabs(url):
+    if marked or remote.is_remote(url) or os.path.isabs(url):
         return storage.absolute(storage.join(root, url)), False
     return os.path.abspath(url), True
 
@@ -328,38 +320,6 @@ class TarShard:
         return self.offsets + [end]
 
 
-def _hash64(data: bytes) -> int:
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
-
-
-def key_hashes(keys: Iterable[str]) -> np.ndarray:
-    """Each key's first 8 bytes of BLAKE2b as a uint64, in order: what a set's key index holds.
-
-    Two different keys share a hash with probability 2^-64, so checking n pool keys against an index of m keys
-    wrongly drops one with probability about n * m / 2^64: ~5e-6 for 10M against 10M."""
-    return np.array([_hash64(k.encode()) for k in keys], dtype=np.uint64)
-
-
-def content_hash(image: bytes) -> int:
-    """An image's first 8 bytes of BLAKE2b over its source bytes, as they were read (before any re-encoding), so
-    the same file built with or without --resize-short-side has one hash. A leak check compares these: file names
-    repeat across folders (IMG_0001.jpg in every camera export) where bytes do not."""
-    return _hash64(image)
-
-
-def _b64(hashes: Iterable[int] | np.ndarray) -> str:
-    return base64.b64encode(np.asarray(list(hashes) if not isinstance(hashes, np.ndarray) else hashes,
-                                       dtype=np.uint64).astype("<u8").tobytes()).decode()
-
-
-def record_hashes(record: dict[str, Any], field: str) -> np.ndarray | None:
-    """A record's per-sample hashes (``key_hashes`` or ``content_hashes``), in sample order; None when the record
-    predates them."""
-    if field not in record:
-        return None
-    return np.frombuffer(base64.b64decode(record[field]), dtype="<u8").astype(np.uint64, copy=False)
-
-
 def make_record(*, name: str, kind: str, count: int, size: int, counts: list[int], offsets: list[int],
                 labels: list[int] | None, keys: list[str], skipped: list[tuple[str, str]] = (),
                 contents: Iterable[int] | None = None, **extra: Any) -> dict[str, Any]:
@@ -367,8 +327,9 @@ def make_record(*, name: str, kind: str, count: int, size: int, counts: list[int
     writer makes the set's key index without reading a shard; ``contents`` (``content_hash`` of each sample, in
     order) likewise make its content index."""
     record = {"format": RECORD, "name": name, "kind": kind, "count": count, "bytes": size, "counts": counts,
-              "skipped": [list(s) for s in skipped], "offsets": offsets, "key_hashes": _b64(key_hashes(keys)),
-              **({"content_hashes": _b64(contents)} if contents is not None else {}), **extra}
+              "skipped": [list(s) for s in skipped], "offsets": offsets,
+              "key_hashes": hash_index.encode_hashes(hash_index.key_hashes(keys)),
+              **({"content_hashes": hash_index.encode_hashes(contents)} if contents is not None else {}), **extra}
     if kind == "positive":
         record["labels"] = labels
     return record
@@ -381,91 +342,17 @@ def invalidate(root: str) -> None:
     storage.remove(storage.join(root, LABELS_DIR), recursive=True)
 
 
-def _sorted_unique(values: np.ndarray) -> np.ndarray:
-    """``np.unique`` sorting ``values`` in place: publishing a set peaks at ~24 B a key (the saved file's copies
-    included) where np.unique's copies made it ~34, on a driver that still holds the source listing (10M keys:
-    ~100 MB less)."""
-    values.sort()
-    if values.size < 2:
-        return values
-    keep = np.empty(values.size, dtype=bool)
-    keep[0] = True
-    np.not_equal(values[1:], values[:-1], out=keep[1:])
-    return values[keep]
-
-
-def _save_index(root: str, file: str, parts: list[np.ndarray]) -> dict[str, Any]:
-    index = np.concatenate(parts).astype(np.uint64, copy=False) if parts else np.zeros(0, np.uint64)
-    parts.clear()  # the caller's list: its arrays go before the sort, not after the save
-    index = _sorted_unique(index)
-    buf, count = io.BytesIO(), int(index.size)
-    np.save(buf, index, allow_pickle=False)
-    del index  # before the file's bytes are copied out of the buffer
-    storage.write_bytes(storage.join(root, file), buf.getvalue())
-    return {"file": file, "count": count}
-
-
-def write_indexes(manifest: Manifest) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    """The key index (``keys.npy``) and content index (``contents.npy``) beside the manifest: each the sorted, unique
-    hashes of every listed shard, from their records (one read each). Either is None, and no file, when a listed
-    shard's record predates it (a set keeping an older set's shards)."""
-    keys: list[np.ndarray] | None = []
-    contents: list[np.ndarray] | None = []
+def iter_records(manifest: Manifest) -> Iterator[dict[str, Any]]:
+    """Every listed shard's completion record as stored (unchecked: see ``read_record``), in the manifest's order,
+    ``RECORD_READS_IN_FLIGHT`` read at once."""
     urls = (storage.join(manifest.root, shard.record) for shard in manifest.shards)
     for _, data in storage.in_flight(storage.read_bytes, urls, RECORD_READS_IN_FLIGHT):
-        doc = json.loads(data)
-        k, c = record_hashes(doc, "key_hashes"), record_hashes(doc, "content_hashes")
-        if k is None:
-            keys = None
-        elif keys is not None:
-            keys.append(k)
-        if c is None:
-            contents = None
-        elif contents is not None:
-            contents.append(c)
-    # one at a time: ~24 B a key at the peak, as with the key index alone
-    key_index = _save_index(manifest.root, KEY_INDEX, keys) if keys is not None else None
-    content_index = _save_index(manifest.root, CONTENT_INDEX, contents) if contents is not None else None
-    return key_index, content_index
-
-
-def write_key_index(manifest: Manifest) -> dict[str, Any] | None:
-    """The key index alone (see ``write_indexes``)."""
-    return write_indexes(manifest)[0]
-
-
-def _read_index(manifest: Manifest, index_doc: dict[str, Any] | None, what: str) -> np.ndarray | None:
-    if not index_doc:
-        return None
-    url = storage.join(manifest.root, index_doc["file"])
-    try:
-        index = np.load(io.BytesIO(storage.read_bytes(url)), allow_pickle=False)
-    except (OSError, ValueError) as e:
-        log.warning("%s index %s is unreadable (%s): %s", what, url, e, _INSTEAD[what])
-        return None
-    if index.dtype != np.uint64 or index.ndim != 1 or index.size != index_doc.get("count"):
-        log.warning("%s index %s does not match its manifest: %s", what, url, _INSTEAD[what])
-        return None
-    return index
-
-
-_INSTEAD = {"key": "reading the set's keys from its shards instead",
-            "content": "comparing the set by its keys instead"}
-
-
-def read_key_index(manifest: Manifest) -> np.ndarray | None:
-    """The set's sorted key hashes (8 B a key, one read), or None for a set without a usable index."""
-    return _read_index(manifest, manifest.key_index, "key")
-
-
-def read_content_index(manifest: Manifest) -> np.ndarray | None:
-    """The set's sorted, unique content hashes (8 B an image, one read), or None for a set without a usable one."""
-    return _read_index(manifest, manifest.content_index, "content")
+        yield json.loads(data)
 
 
 def write_manifest(manifest: Manifest) -> None:
     """Written last, after the key index: its presence is what marks a set as complete."""
-    manifest.key_index, manifest.content_index = write_indexes(manifest)
+    manifest.key_index, manifest.content_index = hash_index.write_indexes(manifest.root, iter_records(manifest))
     storage.write_bytes(manifest_url(manifest.root), json.dumps(manifest.to_json(), indent=1).encode())
 
 
@@ -529,7 +416,7 @@ def write_shard_set(root: str, samples: Iterable[tuple[str, bytes, int, str]], *
             raise ValueError(f"sample '{key}' has main label {label}, outside 0..{len(rare_classes)}")
         seen.add(key)
         sinks["positive" if label else "background"].write(key, sample_fields(key, image, label, orig), label,
-                                                           content_hash(image))
+                                                           hash_index.content_hash(image))
         counts[label] += 1
         if progress:
             progress(1)

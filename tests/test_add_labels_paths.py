@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import storage
+from data import remote, storage
 from data.add_labels import LabelError, add_labels
 from data.loader import ShardStream
 from data.config import LoaderConfig
@@ -88,7 +88,7 @@ def test_storage_join_resolves_dot_dot_and_relative_inverts_it():
     for url, folder in (("/x/sets/train/s.tar", "/x/sets/v2"), ("s3://b/sets/train/s.tar", "s3://b/sets/v2"),
                         ("s3://b/s.tar", "s3://b/deep/er/v2"), ("memory://m/a/s.tar", "memory://m/b")):
         rel = storage.relative(url, folder)
-        assert rel is not None and not storage.is_remote(rel) and not os.path.isabs(rel)
+        assert rel is not None and not remote.is_remote(rel) and not os.path.isabs(rel)
         assert storage.join(folder, rel) == url
     assert storage.relative("/x/train/s.tar", "s3://b/v2") is None
     assert storage.relative("s3://b/train/s.tar", "/x/v2") is None

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from data import storage
-from data.shards import KEY_INDEX, MANIFEST, _sorted_unique, key_hashes, read_key_index, read_manifest, write_shard_set
+from data.hash_index import KEY_INDEX, _sorted_unique, key_hashes, read_key_index
+from data.shards import MANIFEST, read_manifest, write_shard_set
 from test_shards import _samples
 from data.overlap import keys_of
 from trainer.mine import ExcludedKeys

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from conftest import noise_samples
-from data import storage
+from data import remote
 from data.build import BuildSpec, build_set
 from data.loader import LoaderState, ShardStream, make_loader
 from data.config import LoaderConfig
@@ -62,9 +62,9 @@ def big(tmp_path_factory):
 
 
 def _bytes_read(stream) -> tuple[list, int]:
-    before = storage.STATS["bytes_read"]
+    before = remote.STATS["bytes_read"]
     batches = [b for b in make_loader(stream, 0) if "image" in b]
-    return batches, storage.STATS["bytes_read"] - before
+    return batches, remote.STATS["bytes_read"] - before
 
 
 def test_a_resume_reads_only_what_is_left_plus_at_most_one_shard(big):

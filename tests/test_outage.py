@@ -22,7 +22,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from s3fs.errors import translate_boto_error
 from yarl import URL
 
-from data import storage
+from data import ranged, remote, storage
 from conftest import own_seaweedfs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,7 +97,7 @@ PERMANENT = {
     "NotADirectoryError": NotADirectoryError(errno.ENOTDIR, "Not a directory"),
     "FileExistsError": FileExistsError(errno.EEXIST, "File exists"),
     "OSError ENOSPC": OSError(errno.ENOSPC, "No space left on device"),
-    "StorageOutage (already waited out)": storage.StorageOutage("read s3://b/x: gave up"),
+    "StorageOutage (already waited out)": remote.StorageOutage("read s3://b/x: gave up"),
     "ValueError": ValueError("a bug"),
     "KeyError": KeyError("a bug"),
 }
@@ -105,24 +105,24 @@ PERMANENT = {
 
 @pytest.mark.parametrize("name", sorted(TRANSIENT))
 def test_network_and_server_side_errors_are_transient(name):
-    assert storage.is_transient(TRANSIENT[name])
+    assert remote.is_transient(TRANSIENT[name])
 
 
 @pytest.mark.parametrize("name", sorted(PERMANENT))
 def test_answers_that_will_not_change_are_permanent(name):
-    assert not storage.is_transient(PERMANENT[name])
+    assert not remote.is_transient(PERMANENT[name])
 
 
 @pytest.fixture
 def stats(monkeypatch):
-    monkeypatch.setattr(storage, "STATS", dict.fromkeys(storage.STATS, 0))
+    monkeypatch.setattr(remote, "STATS", dict.fromkeys(remote.STATS, 0))
     # setenv, not delenv: pytest only undoes a delenv of a variable that existed, and configure() sets it
-    monkeypatch.setenv(storage.OUTAGE_ENV, "600")
-    return storage.STATS
+    monkeypatch.setenv(remote.OUTAGE_ENV, "600")
+    return remote.STATS
 
 
 class FakeClock:
-    """storage's view of time: sleep() moves it on at once, so the back-off schedule and the deadline are checked
+    """with_retries' view of time: sleep() moves it on at once, so the back-off schedule and the deadline are checked
     as exact figures, whatever the machine's speed or load."""
 
     def __init__(self) -> None:
@@ -140,7 +140,7 @@ class FakeClock:
 @pytest.fixture
 def clock(monkeypatch):
     fake = FakeClock()
-    monkeypatch.setattr(storage, "time", fake)
+    monkeypatch.setattr(remote, "time", fake)
     return fake
 
 
@@ -158,7 +158,7 @@ def test_a_short_outage_is_waited_out_with_one_line_when_it_starts_and_one_when_
         return b"payload"
 
     with caplog.at_level(logging.INFO, logger="bgsplit.storage"):
-        assert storage.with_retries(store, "read s3://b/x bytes 0-1000") == b"payload"
+        assert remote.with_retries(store, "read s3://b/x bytes 0-1000") == b"payload"
     took = clock.now - start
     # capped exponential back-off with +-10% jitter: 0.2, 0.4, 0.8 (and 1.6 if those fell short of 1.5 s)
     assert all(0.9 <= s / (0.2 * 2 ** i) <= 1.1 for i, s in enumerate(clock.sleeps))
@@ -172,7 +172,7 @@ def test_a_short_outage_is_waited_out_with_one_line_when_it_starts_and_one_when_
 
 
 def test_an_outage_longer_than_the_timeout_raises_one_line(stats, caplog, clock):
-    storage.configure(outage_timeout_s=1)
+    remote.configure(outage_timeout_s=1)
     calls = []
 
     def store():
@@ -180,8 +180,8 @@ def test_an_outage_longer_than_the_timeout_raises_one_line(stats, caplog, clock)
         raise bce.EndpointConnectionError(endpoint_url=ENDPOINT)
 
     start = clock.now
-    with caplog.at_level(logging.INFO, logger="bgsplit.storage"), pytest.raises(storage.StorageOutage) as info:
-        storage.with_retries(store, "read s3://b/x bytes 0-1000")
+    with caplog.at_level(logging.INFO, logger="bgsplit.storage"), pytest.raises(remote.StorageOutage) as info:
+        remote.with_retries(store, "read s3://b/x bytes 0-1000")
     # the last sleep is cut to the deadline, which is then reached exactly: no attempt past it, none short of it
     assert clock.now - start == pytest.approx(1.0) and calls[-1] - start == pytest.approx(1.0)
     message = str(info.value)
@@ -202,25 +202,25 @@ def test_a_permanent_error_during_an_outage_ends_it_and_is_raised_at_once(stats)
         raise answers.pop(0)
 
     with pytest.raises(FileNotFoundError):
-        storage.with_retries(store, "read s3://b/x")
+        remote.with_retries(store, "read s3://b/x")
     assert stats["retries"] == 1 and stats["failures"] == 0
 
 
 def test_the_timeout_reaches_forked_and_spawned_processes(stats):
     import multiprocessing as mp
 
-    storage.configure(outage_timeout_s=7.5)
-    assert storage.outage_timeout() == 7.5
+    remote.configure(outage_timeout_s=7.5)
+    assert remote.outage_timeout() == 7.5
     with mp.get_context("fork").Pool(1) as pool:
-        assert pool.apply(storage.outage_timeout) == 7.5
-    spawned = subprocess.run([sys.executable, "-c", "from data import storage; print(storage.outage_timeout())"],
+        assert pool.apply(remote.outage_timeout) == 7.5
+    spawned = subprocess.run([sys.executable, "-c", "from data import remote; print(remote.outage_timeout())"],
                              cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
     assert float(spawned.stdout) == 7.5
     with pytest.raises(ValueError, match="> 0"):
-        storage.configure(outage_timeout_s=0)
-    os.environ[storage.OUTAGE_ENV] = "ten minutes"
+        remote.configure(outage_timeout_s=0)
+    os.environ[remote.OUTAGE_ENV] = "ten minutes"
     with pytest.raises(ValueError, match="BGSPLIT_OUTAGE_TIMEOUT_S"):
-        storage.outage_timeout()
+        remote.outage_timeout()
 
 
 RANGES = [(0, None), (1, 999_999), (65_536, 65_538), (65_535, 131_073), (123_457, 123_457), (999_990, None)]
@@ -229,12 +229,12 @@ RANGES = [(0, None), (1, 999_999), (65_536, 65_538), (65_535, 131_073), (123_457
 def check_ranges(url: str, blob: bytes) -> None:
     for start, end in RANGES:
         want = blob[start:end]
-        before = storage.STATS["bytes_read"]
-        with storage.open_range(url, start, end, chunk=65_537) as f:
+        before = remote.STATS["bytes_read"]
+        with ranged.open_range(url, start, end, chunk=65_537) as f:
             assert f.read() == want, (start, end)
-        assert storage.STATS["bytes_read"] - before == len(want)
+        assert remote.STATS["bytes_read"] - before == len(want)
         parts = []
-        with storage.open_range(url, start, end, chunk=4099) as f:  # reads smaller, larger and across chunks
+        with ranged.open_range(url, start, end, chunk=4099) as f:  # reads smaller, larger and across chunks
             for size in (1, 4098, 4100, 10_001):
                 parts.append(f.read(size))
             while data := f.read(7777):
@@ -243,7 +243,7 @@ def check_ranges(url: str, blob: bytes) -> None:
             f.seek(max(0, len(want) - 5))
             assert f.read() == want[-5:]
         assert b"".join(parts) == want, (start, end)
-    with storage.open_range(url, 10, 20) as f:
+    with ranged.open_range(url, 10, 20) as f:
         buf = bytearray(20)
         assert f.readinto(buf) == 10 and bytes(buf[:10]) == blob[10:20]
 
@@ -253,7 +253,7 @@ def test_open_range_reads_exactly_the_range_locally(tmp_path):
     (tmp_path / "blob").write_bytes(blob)
     check_ranges(str(tmp_path / "blob"), blob)
     with pytest.raises(FileNotFoundError, match="check the path"):
-        storage.open_range(str(tmp_path / "missing"))
+        ranged.open_range(str(tmp_path / "missing"))
 
 
 # -- against a real server that the tests stop and start --------------------------------------------------------------
@@ -298,7 +298,7 @@ def test_open_range_reads_exactly_the_range_from_s3(store):
 def test_a_missing_object_fails_at_once(store, stats):
     start = time.monotonic()
     with pytest.raises(FileNotFoundError):
-        storage.open_range(new_url(store)).read()
+        ranged.open_range(new_url(store)).read()
     assert time.monotonic() - start < 2 and stats["retries"] == 0
 
 
@@ -308,7 +308,7 @@ def test_a_failed_multipart_upload_is_aborted_and_redone_not_completed(store, st
     import s3fs.core
 
     url, blob = new_url(store), os.urandom(12 << 20)
-    fs, path = storage._fs(url)
+    fs, path = remote._fs(url)
     monkeypatch.setattr(storage, "UPLOAD_CHUNK", 5 << 20)  # S3's smallest part: a multipart upload of 12 MB
     real, calls = s3fs.core.S3FileSystem._call_s3, []
 
@@ -362,7 +362,7 @@ def test_an_outage_in_the_middle_of_streaming_and_writing_is_waited_out(store, s
     start = time.monotonic()
     with caplog.at_level(logging.INFO, logger="bgsplit.storage"):
         try:
-            with storage.open_range(url, chunk=64 << 10) as f:
+            with ranged.open_range(url, chunk=64 << 10) as f:
                 while True:
                     at, t0 = f.tell(), time.monotonic()
                     data = f.read(64 << 10)
@@ -393,13 +393,13 @@ def test_an_outage_in_the_middle_of_streaming_and_writing_is_waited_out(store, s
 
 
 def test_a_store_down_longer_than_the_timeout_raises_storage_outage(store, stats, monkeypatch):
-    monkeypatch.setenv(storage.OUTAGE_ENV, "3")
+    monkeypatch.setenv(remote.OUTAGE_ENV, "3")
     url = new_url(store)
     storage.write_bytes(url, b"x" * 100_000)
-    f = storage.open_range(url, chunk=64 << 10)  # the size is known: the failure is a read
+    f = ranged.open_range(url, chunk=64 << 10)  # the size is known: the failure is a read
     with store.down():
         start = time.monotonic()
-        with pytest.raises(storage.StorageOutage) as info:
+        with pytest.raises(remote.StorageOutage) as info:
             f.read()
         took = time.monotonic() - start
     assert 3 <= took < 6

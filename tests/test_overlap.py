@@ -15,7 +15,8 @@ from PIL import Image
 from cluster.experiment_data import check_sets
 from data.build import BuildSpec, build_set
 from data.overlap import CONTENT, KEY, comparable, first_sample, shared
-from data.shards import CONTENT_INDEX, MANIFEST, content_hash, read_content_index, read_manifest, write_shard_set
+from data.hash_index import CONTENT_INDEX, content_hash, read_content_index
+from data.shards import MANIFEST, read_manifest, write_shard_set
 from data.sources import ImageFolderSource
 from trainer.config import ConfigError
 

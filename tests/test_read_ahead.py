@@ -1,4 +1,4 @@
-"""Read-ahead of remote ranges (data.storage.RangeReader): the same bytes as without it, never more ranges in
+"""Read-ahead of remote ranges (data.ranged.RangeReader): the same bytes as without it, never more ranges in
 flight than its bound, no thread left after close, a forked process starting its own threads, and an outage
 that hits a prefetched range handled exactly as a read without read-ahead handles it. Against a real SeaweedFS:
 this module's own, which the outage tests stop and start (the session one is shared)."""
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import noise_samples, own_seaweedfs
-from data import storage
+from data import ranged, remote, storage
 from data.order import Emit, Open, Read, Ref
 from data.plan import Piece
 from data.reader import ShardReader
@@ -33,9 +33,9 @@ def store(tmp_path_factory):
 
 @pytest.fixture
 def stats(monkeypatch):
-    monkeypatch.setattr(storage, "STATS", dict.fromkeys(storage.STATS, 0))
-    monkeypatch.setenv(storage.OUTAGE_ENV, "600")
-    return storage.STATS
+    monkeypatch.setattr(remote, "STATS", dict.fromkeys(remote.STATS, 0))
+    monkeypatch.setenv(remote.OUTAGE_ENV, "600")
+    return remote.STATS
 
 
 def new_url(server) -> str:
@@ -47,15 +47,15 @@ def read_ahead_threads() -> list[threading.Thread]:
 
 
 class InFlight:
-    """Wraps storage._fetch_range: counts the range requests running at once, and can hold requests back."""
+    """Wraps ranged._fetch_range: counts the range requests running at once, and can hold requests back."""
 
     def __init__(self, monkeypatch, hold=None):
-        self.real = storage._fetch_range
+        self.real = ranged._fetch_range
         self.lock = threading.Lock()
         self.active = self.most = 0
         self.calls: list[tuple[int, int, str]] = []
         self.hold = hold
-        monkeypatch.setattr(storage, "_fetch_range", self)
+        monkeypatch.setattr(ranged, "_fetch_range", self)
 
     def __call__(self, fs, path, start, end):
         with self.lock:
@@ -81,11 +81,11 @@ def test_the_same_bytes_with_and_without_read_ahead(store, stats, read_ahead):
     for start, end in RANGES:
         want = blob[start:end]
         before = stats["bytes_read"]
-        with storage.open_range(url, start, end, chunk=CHUNK, read_ahead=read_ahead) as f:
+        with ranged.open_range(url, start, end, chunk=CHUNK, read_ahead=read_ahead) as f:
             assert f.read() == want, (start, end)
         assert stats["bytes_read"] - before == len(want)  # each byte fetched once, none past the end
-        with storage.open_range(url, start, end, chunk=CHUNK, read_ahead=read_ahead) as f, \
-                storage.open_range(url, start, end, chunk=CHUNK) as plain:
+        with ranged.open_range(url, start, end, chunk=CHUNK, read_ahead=read_ahead) as f, \
+                ranged.open_range(url, start, end, chunk=CHUNK) as plain:
             parts, plain_parts = [], []
             for size in (1, 4098, 70_000, 10_001, 200_000, 3):
                 parts.append(f.read(size))
@@ -138,7 +138,7 @@ def test_in_flight_ranges_never_exceed_the_bound_and_reach_it(store, stats, monk
             all_four.wait(WAIT_S)
 
     counter = InFlight(monkeypatch, hold)
-    with storage.open_range(url, chunk=CHUNK, read_ahead=4 * CHUNK) as f:
+    with ranged.open_range(url, chunk=CHUNK, read_ahead=4 * CHUNK) as f:
         assert f.raw.depth == 4
         data = []
         while part := f.read(10_000):
@@ -150,8 +150,8 @@ def test_in_flight_ranges_never_exceed_the_bound_and_reach_it(store, stats, monk
                                                           for a in range(0, len(blob), CHUNK)]
     assert all(name.startswith("bgsplit-read-ahead") for _, _, name in counter.calls)
     # small chunks with a large read-ahead: the MB bound would allow 512 ranges; the thread bound holds
-    with storage.open_range(url, chunk=CHUNK, read_ahead=32 << 20) as f:
-        assert f.raw.depth == storage.READ_AHEAD_MAX_RANGES
+    with ranged.open_range(url, chunk=CHUNK, read_ahead=32 << 20) as f:
+        assert f.raw.depth == ranged.READ_AHEAD_MAX_RANGES
     assert not read_ahead_threads()
 
 
@@ -159,7 +159,7 @@ def test_close_in_the_middle_stops_fetching_and_leaves_no_thread(store, stats, m
     url, blob = new_url(store), os.urandom(40 * CHUNK)
     storage.write_bytes(url, blob)
     counter = InFlight(monkeypatch)
-    f = storage.open_range(url, chunk=CHUNK, read_ahead=3 * CHUNK)
+    f = ranged.open_range(url, chunk=CHUNK, read_ahead=3 * CHUNK)
     assert not read_ahead_threads()  # threads start at the first read, not at open
     assert f.read(100) == blob[:100]
     assert read_ahead_threads()
@@ -179,7 +179,7 @@ def test_a_reader_inherited_by_a_forked_process_starts_its_own_threads(monkeypat
     fork, so DataLoader workers open their readers after it.)"""
     url, blob = f"memory://read-ahead/{uuid.uuid4().hex[:8]}", os.urandom(30 * CHUNK)
     storage.write_bytes(url, blob)
-    f = storage.open_range(url, chunk=CHUNK, read_ahead=4 * CHUNK)
+    f = ranged.open_range(url, chunk=CHUNK, read_ahead=4 * CHUNK)
     assert f.read(CHUNK + 10) == blob[:CHUNK + 10] and f.raw._pending  # ranges in flight in this process
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
@@ -238,7 +238,7 @@ def test_an_outage_during_a_prefetched_range_is_waited_out_as_without_read_ahead
             raise
 
     counter.real = real_then_note
-    with storage.open_range(url, chunk=CHUNK, read_ahead=3 * CHUNK) as f:
+    with ranged.open_range(url, chunk=CHUNK, read_ahead=3 * CHUNK) as f:
         head = f.read(2 * CHUNK)  # ranges 0 and 1, fetched while the store is up; 2-4 held in flight
         with store.down():
             down.set()
@@ -253,7 +253,7 @@ def test_an_outage_during_a_prefetched_range_is_waited_out_as_without_read_ahead
 def test_an_outage_past_the_deadline_in_a_prefetched_range_raises_storage_outage(store, stats, monkeypatch):
     """The same, with the store down past storage.outage_timeout_s: the StorageOutage of a read without
     read-ahead, naming the prefetched range, raised where that range is read; one failure counted."""
-    monkeypatch.setenv(storage.OUTAGE_ENV, "2")
+    monkeypatch.setenv(remote.OUTAGE_ENV, "2")
     url, blob = new_url(store), os.urandom(10 * CHUNK)
     storage.write_bytes(url, blob)
     down = threading.Event()
@@ -263,11 +263,11 @@ def test_an_outage_past_the_deadline_in_a_prefetched_range_raises_storage_outage
             down.wait(WAIT_S)
 
     counter = InFlight(monkeypatch, hold)
-    with storage.open_range(url, chunk=CHUNK, read_ahead=3 * CHUNK) as f:
+    with ranged.open_range(url, chunk=CHUNK, read_ahead=3 * CHUNK) as f:
         assert f.read(2 * CHUNK) == blob[:2 * CHUNK]
         with store.down():
             down.set()
-            with pytest.raises(storage.StorageOutage) as info:
+            with pytest.raises(remote.StorageOutage) as info:
                 f.read()
     message = str(info.value)
     assert "\n" not in message and message.startswith(f"read {url} bytes {2 * CHUNK}-{3 * CHUNK}: ")

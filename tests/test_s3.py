@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import RARE, TEACHER_SIZE, tiny_config
-from data import storage
+from data import ranged, remote, storage
 from data.build import BuildSpec, build_set
 from data.loader import ShardStream
 from data.config import LoaderConfig
@@ -23,13 +23,13 @@ def s3_set(s3, tmp_path_factory):
     spec = BuildSpec("fmnist:test", RARE, subsample=120, seed=0, max_count=25)
     src = FashionMNISTSource("test")
     local = build_set(src, spec, str(tmp_path_factory.mktemp("local") / "set"), progress=False)
-    remote = build_set(src, spec, _prefix(s3) + "/set", progress=False)
-    return local, remote
+    on_s3 = build_set(src, spec, _prefix(s3) + "/set", progress=False)
+    return local, on_s3
 
 
 def test_shards_round_trip_through_s3(s3_set):
-    local, remote = s3_set
-    again = read_manifest(remote.root)
+    local, on_s3 = s3_set
+    again = read_manifest(on_s3.root)
     assert again.counts == local.counts and len(again.shards) == len(local.shards) > 2
     assert all(u.startswith("s3://") for u in again.shard_urls())
     a = list(ShardStream(local, LoaderConfig(image_size=32, batch_size=32), train=False))
@@ -40,21 +40,21 @@ def test_shards_round_trip_through_s3(s3_set):
 
 
 def test_rebuild_to_s3_is_idempotent(s3_set):
-    _, remote = s3_set
+    _, on_s3 = s3_set
     spec = BuildSpec("fmnist:test", RARE, subsample=120, seed=0, max_count=25)
-    before = storage.listdir(remote.root)
-    again = build_set(FashionMNISTSource("test"), spec, remote.root, progress=False)
-    assert again.meta["build_seconds"] == remote.meta["build_seconds"]  # the manifest was not rewritten
-    assert storage.listdir(remote.root) == before
+    before = storage.listdir(on_s3.root)
+    again = build_set(FashionMNISTSource("test"), spec, on_s3.root, progress=False)
+    assert again.meta["build_seconds"] == on_s3.meta["build_seconds"]  # the manifest was not rewritten
+    assert storage.listdir(on_s3.root) == before
 
 
 def test_train_from_s3_with_a_cached_teacher_on_s3(s3_set, teacher, tmp_path):
     from trainer.teacher_label import label_shard_set
     from trainer.train import train
 
-    local, remote = s3_set
+    local, on_s3 = s3_set
     summaries = {}
-    for name, m in (("local", local), ("s3", remote)):
+    for name, m in (("local", local), ("s3", on_s3)):
         url = label_shard_set(teacher, m.root, image_size=TEACHER_SIZE, topk=5)
         assert url.startswith("s3://") == (name == "s3") and storage.exists(f"{url}/labels.json")
         sets = {"train": m.root, "test": m.root}
@@ -72,7 +72,7 @@ def test_train_from_s3_with_a_cached_teacher_on_s3(s3_set, teacher, tmp_path):
     from trainer.evaluate import EvalSetup, evaluate_student
 
     student = load_student_from_checkpoint(summary["checkpoint"])
-    again = evaluate_student(student, read_manifest(remote.root), EvalSetup(32, 16), torch.device("cpu"))
+    again = evaluate_student(student, read_manifest(on_s3.root), EvalSetup(32, 16), torch.device("cpu"))
     assert set(again["ap"]) == set(summary["val"]["ap"]) == {"Trouser", "Bag"}  # RARE = ("1", "8")
     assert again["map"] == pytest.approx(summary["val"]["map"], abs=1e-6)
     assert again["ap"] == pytest.approx(summary["val"]["ap"], abs=1e-6)
@@ -90,8 +90,8 @@ def test_a_missing_shard_object_is_skipped_and_counted(s3, tmp_path):
 
 
 def test_retries_transient_errors_and_counts_them(monkeypatch):
-    monkeypatch.setattr(storage, "STATS", dict.fromkeys(storage.STATS, 0))
-    monkeypatch.setattr(storage, "BACKOFF_START_S", 0.001)
+    monkeypatch.setattr(remote, "STATS", dict.fromkeys(remote.STATS, 0))
+    monkeypatch.setattr(remote, "BACKOFF_START_S", 0.001)
     calls = []
 
     def flaky():
@@ -100,8 +100,8 @@ def test_retries_transient_errors_and_counts_them(monkeypatch):
             raise ConnectionResetError("connection reset by peer")
         return "ok"
 
-    assert storage.with_retries(flaky, "get x") == "ok"
-    assert len(calls) == 3 and (storage.STATS["retries"], storage.STATS["failures"]) == (2, 0)
+    assert remote.with_retries(flaky, "get x") == "ok"
+    assert len(calls) == 3 and (remote.STATS["retries"], remote.STATS["failures"]) == (2, 0)
 
     def missing():
         calls.append(1)
@@ -109,16 +109,16 @@ def test_retries_transient_errors_and_counts_them(monkeypatch):
 
     calls.clear()
     with pytest.raises(FileNotFoundError):
-        storage.with_retries(missing, "get y")
+        remote.with_retries(missing, "get y")
     assert len(calls) == 1  # a permanent error is not retried
 
     def down():
         raise TimeoutError("read timed out")
 
-    with pytest.raises(storage.StorageOutage, match="get z"):
-        storage.with_retries(down, "get z", outage_timeout_s=0.05)
-    assert storage.STATS["retries"] > 2 and storage.STATS["failures"] == 1
-    assert storage.STATS["outage_seconds"] > 0.05
+    with pytest.raises(remote.StorageOutage, match="get z"):
+        remote.with_retries(down, "get z", outage_timeout_s=0.05)
+    assert remote.STATS["retries"] > 2 and remote.STATS["failures"] == 1
+    assert remote.STATS["outage_seconds"] > 0.05
 
 
 def test_retries_in_loader_worker_processes_reach_the_training_process(s3_set, monkeypatch):
@@ -126,9 +126,9 @@ def test_retries_in_loader_worker_processes_reach_the_training_process(s3_set, m
     the worker's retry count back (the training process's own counter never sees it)."""
     from data.loader import make_loader
 
-    _, remote = s3_set
-    manifest = read_manifest(remote.root)
-    real_fetch, failed = storage._fetch_range, set()
+    _, on_s3 = s3_set
+    manifest = read_manifest(on_s3.root)
+    real_fetch, failed = ranged._fetch_range, set()
 
     def flaky_fetch(fs, path, start, end):
         if path.endswith(".tar") and path not in failed:
@@ -136,17 +136,17 @@ def test_retries_in_loader_worker_processes_reach_the_training_process(s3_set, m
             raise ConnectionResetError(f"reset while reading {path}")
         return real_fetch(fs, path, start, end)
 
-    monkeypatch.setattr(storage, "_fetch_range", flaky_fetch)  # inherited by the forked worker
-    monkeypatch.setattr(storage, "BACKOFF_START_S", 0.001)
-    before = dict(storage.STATS)
+    monkeypatch.setattr(ranged, "_fetch_range", flaky_fetch)  # inherited by the forked worker
+    monkeypatch.setattr(remote, "BACKOFF_START_S", 0.001)
+    before = dict(remote.STATS)
     stream = ShardStream(manifest, LoaderConfig(image_size=32, batch_size=32), train=False)
     batches = list(make_loader(stream, 1))
-    assert sum(len(b.get("key", [])) for b in batches) == remote.count
+    assert sum(len(b.get("key", [])) for b in batches) == on_s3.count
     worker = [b["storage"] for b in batches if "storage" in b]
-    assert sum(w["retries"] for w in worker) == len(remote.shards)
-    assert sum(w["bytes_read"] for w in worker) >= sum(s.bytes for s in remote.shards)
+    assert sum(w["retries"] for w in worker) == len(on_s3.shards)
+    assert sum(w["bytes_read"] for w in worker) >= sum(s.bytes for s in on_s3.shards)
     assert not failed  # the parent did not read the shards: only the reported counts show the retries
-    assert (storage.STATS["retries"], storage.STATS["failures"]) == (before["retries"], before["failures"])
+    assert (remote.STATS["retries"], remote.STATS["failures"]) == (before["retries"], before["failures"])
 
 
 def test_mine_an_s3_pool_into_s3_and_add_labels_there(s3, s3_set, tiny_sets, tmp_path):
@@ -160,12 +160,12 @@ def test_mine_an_s3_pool_into_s3_and_add_labels_there(s3, s3_set, tiny_sets, tmp
     from trainer.mine import CANDIDATES, MineJob, mine
     from trainer.train import train
 
-    local, remote = s3_set
+    local, on_s3 = s3_set
     checkpoint = train(tiny_config(tiny_sets, tmp_path / "run", "run.max_steps=3", "data.val=",
                                    "loss.aux_weight=0"))["checkpoint"]
     prefix = _prefix(s3)
     rows = {}
-    for name, pool, where in (("local", local.root, str(tmp_path / "mined")), ("s3", remote.root, f"{prefix}/mined")):
+    for name, pool, where in (("local", local.root, str(tmp_path / "mined")), ("s3", on_s3.root, f"{prefix}/mined")):
         summary = mine(MineJob(checkpoint, pool, where, 4, 32, batch_size=32))
         assert summary["scored"] == local.count
         rows[name] = [json.loads(line) for line in storage.read_bytes(storage.join(where, CANDIDATES)).splitlines()]
@@ -181,7 +181,7 @@ def test_mine_an_s3_pool_into_s3_and_add_labels_there(s3, s3_set, tiny_sets, tmp
         w.writeheader()
         w.writerows({"key": r["key"], "class": r["class"], "label": "no", "shard": r["shard"], "index": r["index"]}
                     for r in picked)
-    new = add_labels(parent.root, str(labels), remote.root, f"{prefix}/train-v2")
+    new = add_labels(parent.root, str(labels), on_s3.root, f"{prefix}/train-v2")
     assert new.count == parent.count + 3 and new.counts[0] == parent.counts[0] + 3
     assert [s.url for s in new.shards[:len(parent.shards)]] == parent.shard_urls()
     check_objects(read_manifest(f"{prefix}/train-v2"))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import storage
+from data import remote, storage
 from data.config import LoaderConfig
 from data.loader import ShardStream
 from data.reader import ShardReader
@@ -45,7 +45,7 @@ def _rewrite(m, shard: int, sample: int, grow: int = 0) -> None:
     blob = bytearray(storage.read_bytes(url))
     blob[offsets[sample + 1] - 600] ^= 0xFF  # inside the sample's last member's data, not a header
     blob += b"\0" * grow
-    if storage.is_remote(url):
+    if remote.is_remote(url):
         storage.write_bytes(url, bytes(blob))
     else:
         with open(url, "r+b") as f:

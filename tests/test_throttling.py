@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import environ, noise_samples
-from data import storage
+from data import remote, storage
 from data.config import LoaderConfig
 from data.loader import ShardStream, make_loader
 from data.shards import read_manifest, write_shard_set
@@ -60,23 +60,23 @@ def _read(root: str) -> tuple[list[str], list[int]]:
 
 @pytest.mark.parametrize("status", [503, 429])
 def test_throttled_reads_are_retried_counted_and_never_skipped(s3, shard_set, tmp_path, monkeypatch, status):
-    monkeypatch.setattr(storage, "STATS", dict.fromkeys(storage.STATS, 0))
+    monkeypatch.setattr(remote, "STATS", dict.fromkeys(remote.STATS, 0))
     # the shard reads are throttled: the first two go through, the next twelve get the throttling answer
     with through(s3, tmp_path, throttle=12, status=status, after=2) as proxy:
         keys, skipped = _read(shard_set)
         throttled = proxy.throttled()
     assert keys == [f"s{i:04d}" for i in range(SAMPLES)] and skipped == [0, 0]
     assert throttled == 12  # the proxy's own count: every throttle it planned was met
-    assert storage.STATS["throttled"] == throttled  # each counted, those s3fs retried by itself included
-    assert storage.STATS["retries"] <= throttled and storage.STATS["failures"] == 0
+    assert remote.STATS["throttled"] == throttled  # each counted, those s3fs retried by itself included
+    assert remote.STATS["retries"] <= throttled and remote.STATS["failures"] == 0
     if status == 429:  # s3fs itself retries a SlowDown a few times (~1 s); a 429 comes straight to with_retries
-        assert storage.STATS["retries"] == throttled
+        assert remote.STATS["retries"] == throttled
 
 
 def test_a_training_stream_s_loader_workers_count_their_throttles_too(s3, shard_set, tmp_path, monkeypatch):
     """Forked loader workers meet the throttling; their counts reach the training process with the batches
     (read-ahead off, so no range is fetched after a worker's last batch has gone)."""
-    monkeypatch.setattr(storage, "STATS", dict.fromkeys(storage.STATS, 0))
+    monkeypatch.setattr(remote, "STATS", dict.fromkeys(remote.STATS, 0))
     with through(s3, tmp_path, throttle=10, status=503) as proxy:
         stream = ShardStream(read_manifest(shard_set), LoaderConfig(image_size=8, batch_size=4, num_workers=2,
                                                                     shuffle_buffer_mb=0.01, read_ahead_mb=0),
@@ -88,23 +88,23 @@ def test_a_training_stream_s_loader_workers_count_their_throttles_too(s3, shard_
     assert sorted(keys) == [f"s{i:04d}" for i in range(SAMPLES)]  # every sample once: nothing skipped, no padding
     assert sum(int(b["skipped"].sum()) for b in batches) == 0
     worker = [b["storage"] for b in batches if "storage" in b]
-    assert throttled == 10 and sum(w["throttled"] for w in worker) + storage.STATS["throttled"] == throttled
+    assert throttled == 10 and sum(w["throttled"] for w in worker) + remote.STATS["throttled"] == throttled
     assert sum(w["retries"] for w in worker) >= 1
 
 
 def test_throttling_past_the_outage_budget_is_one_line_not_skipped_samples(s3, shard_set, tmp_path, monkeypatch):
-    monkeypatch.setenv(storage.OUTAGE_ENV, "1.5")
+    monkeypatch.setenv(remote.OUTAGE_ENV, "1.5")
     with through(s3, tmp_path, throttle=10_000, status=503, retry_after=0.3):
-        with pytest.raises(storage.StorageOutage) as err:
+        with pytest.raises(remote.StorageOutage) as err:
             _read(shard_set)
     msg = str(err.value)
     assert "\n" not in msg and "storage.outage_timeout_s" in msg and f"{shard_set}/shard-background-" in msg
     assert "reduce your request rate" in msg  # the SlowDown answer, named
-    assert os.environ[storage.OUTAGE_ENV] == "1.5"
+    assert os.environ[remote.OUTAGE_ENV] == "1.5"
 
 
 class _Clock:
-    """storage's view of time, moved on by its sleeps: the waits are checked as exact figures."""
+    """with_retries' view of time, moved on by its sleeps: the waits are checked as exact figures."""
 
     def __init__(self) -> None:
         self.now, self.sleeps = 1000.0, []
@@ -134,9 +134,9 @@ def _slow_down(retry_after: str) -> Exception:
 ])
 def test_a_retry_after_header_sets_the_wait_within_the_budget(monkeypatch, header, budget, waits, gives_up):
     clock = _Clock()
-    monkeypatch.setattr(storage, "time", clock)
-    monkeypatch.setattr(storage, "STATS", dict.fromkeys(storage.STATS, 0))
-    monkeypatch.setenv(storage.OUTAGE_ENV, str(budget))
+    monkeypatch.setattr(remote, "time", clock)
+    monkeypatch.setattr(remote, "STATS", dict.fromkeys(remote.STATS, 0))
+    monkeypatch.setenv(remote.OUTAGE_ENV, str(budget))
     failures = iter(range(3))
 
     def call():
@@ -145,9 +145,9 @@ def test_a_retry_after_header_sets_the_wait_within_the_budget(monkeypatch, heade
         return "ok"
 
     if gives_up:
-        with pytest.raises(storage.StorageOutage, match="storage.outage_timeout_s"):
-            storage.with_retries(call, "read s3://b/shard.tar bytes 0-10")
+        with pytest.raises(remote.StorageOutage, match="storage.outage_timeout_s"):
+            remote.with_retries(call, "read s3://b/shard.tar bytes 0-10")
     else:
-        assert storage.with_retries(call, "read s3://b/shard.tar bytes 0-10") == "ok"
+        assert remote.with_retries(call, "read s3://b/shard.tar bytes 0-10") == "ok"
     assert clock.sleeps == waits
-    assert storage.STATS["retries"] == len(waits)
+    assert remote.STATS["retries"] == len(waits)

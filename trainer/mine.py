@@ -26,8 +26,8 @@ import numpy as np
 from data import storage
 from data import overlap
 from data.overlap import CONTENT, KEY
-from data.shards import (Manifest, image_member, key_hashes, manifest_identity, read_content_index, read_manifest,
-                         read_record, record_hashes)
+from data.hash_index import key_hashes, read_content_index, record_hashes
+from data.shards import Manifest, image_member, manifest_identity, read_manifest, read_record
 
 log = logging.getLogger("bgsplit.mine")
 
@@ -164,7 +164,7 @@ class Excluded:
 
     def contains(self, keys: list[str], contents: np.ndarray | None = None) -> np.ndarray:
         """One bool per sample (``keys``, and their content hashes when the exclusion is by content): is it in an
-        excluded set (see data.shards.key_hashes for the collision odds)."""
+        excluded set (see data.hash_index.key_hashes for the collision odds)."""
         if not keys or not self.hashes.size:
             return np.zeros(len(keys), dtype=bool)
         if self.by == CONTENT:

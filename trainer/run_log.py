@@ -9,7 +9,7 @@ import os
 import time
 from typing import Any
 
-from data import storage
+from data import remote, storage
 
 
 def result_line(summary: dict[str, Any]) -> str:
@@ -25,8 +25,8 @@ def run_folder_line(out_dir: str, probe: bool = False) -> str:
     """The last line of a run: where its outputs went, so that nobody has to guess a folder (under Ray the
     working directory is a temporary copy), with the forms eval and mine take for its checkpoint. A probe fit
     logs no metrics: summary.json and its one checkpoint."""
-    where = out_dir if storage.is_remote(out_dir) else os.path.abspath(out_dir)
-    board = "" if storage.is_remote(out_dir) else f", tensorboard/ (tensorboard --logdir {where}/tensorboard)"
+    where = out_dir if remote.is_remote(out_dir) else os.path.abspath(out_dir)
+    board = "" if remote.is_remote(out_dir) else f", tensorboard/ (tensorboard --logdir {where}/tensorboard)"
     logs = "" if probe else f", metrics.jsonl{board}"
     return (f"run folder {where}: summary.json{logs}, checkpoints/; give eval and mine "
             f"--checkpoint {where} (its newest checkpoint)")
@@ -40,7 +40,7 @@ class MetricsLogger:
     is written whole at the end, the earlier attempts' lines first."""
 
     def __init__(self, out_dir: str, append: bool = False):
-        self.remote = storage.is_remote(out_dir)
+        self.remote = remote.is_remote(out_dir)
         self.path = storage.join(out_dir, "metrics.jsonl")
         self.lines: list[str] = []
         if self.remote and append and storage.exists(self.path):

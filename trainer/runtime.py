@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data import storage
+from data import remote
 from data.config import cache_root
 
 RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
@@ -48,7 +48,7 @@ def output_location(value: str, key: str, *, fan_out: bool = False, cwd: str | N
     job's temporary working directory, made absolute against the driver's when the work fans out to other
     processes (``fan_out``), and left as it is otherwise. ``output=False``: an input (a set), whose relative
     path there would name the copy, which holds only the files git does not ignore."""
-    if not value or storage.is_remote(value) or os.path.isabs(value):
+    if not value or remote.is_remote(value) or os.path.isabs(value):
         return value
     temporary = ray_job_working_dir(cwd, environ)
     if temporary is not None:
@@ -113,7 +113,7 @@ def resolve_device(name: str) -> torch.device:
 def collective_timeout() -> timedelta:
     """Longer than an object-store outage that one rank waits out, so the other ranks, blocked in the next
     collective, do not time out first."""
-    return timedelta(seconds=max(1800.0, storage.outage_timeout() + 600.0))
+    return timedelta(seconds=max(1800.0, remote.outage_timeout() + 600.0))
 
 
 def init_distributed(device: torch.device) -> tuple[int, int]:
@@ -153,6 +153,6 @@ def run_cache(given: str, out_dir: str, name: str) -> str:
     (data.config.cache_root()/name): caches are read back here, memory-mapped, never from the store."""
     if given:
         return given
-    if storage.is_remote(out_dir):
+    if remote.is_remote(out_dir):
         return os.path.join(cache_root(), name)
     return os.path.join(out_dir, name)

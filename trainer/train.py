@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from data import storage
+from data import remote, storage
 from data.loader import SKIP_KINDS, LoaderState, ShardStream, make_loader, one_line
 from data.shards import Manifest, check_objects, read_manifest
 from data.teacher_labels import LabelSpec, TeacherLabels
@@ -95,7 +95,7 @@ class Trainer:
         """``restartable``: a Ray Train worker, whose every attempt resumes the run
         (trainer.checkpoint_manager.resume_rule)."""
         seed_everything(cfg.run.seed)
-        storage.configure(outage_timeout_s=cfg.storage.outage_timeout_s)  # loader workers inherit it
+        remote.configure(outage_timeout_s=cfg.storage.outage_timeout_s)  # loader workers inherit it
         device = device or resolve_device(cfg.run.device)
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -237,7 +237,7 @@ class Trainer:
         before = [c.before_step for c in callbacks if hasattr(c, "before_step")]
         after = [c.after_step for c in callbacks if hasattr(c, "after_step")]
         cfg = self.cfg
-        if not storage.is_remote(cfg.run.out_dir):
+        if not remote.is_remote(cfg.run.out_dir):
             os.makedirs(cfg.run.out_dir, exist_ok=True)
         logger = MetricsLogger(cfg.run.out_dir, append=bool(self.checkpoints.resumed)) if self.rank == 0 \
             else NoLogger()
@@ -306,7 +306,7 @@ class Trainer:
                    "checkpoint_uploads": self.checkpoints.uploads(),
                    "skipped": dict(zip(SKIP_KINDS, self.progress.skipped.tolist())),
                    "skipped_by_shard": self.progress.skipped_by_shard,
-                   "storage": {k: v + self.worker_io.get(k, 0) for k, v in storage.STATS.items()},
+                   "storage": {k: v + self.worker_io.get(k, 0) for k, v in remote.STATS.items()},
                    "train_set": {"count": self.manifest.count, "counts": self.manifest.counts,
                                  "background_fraction": self.manifest.background_fraction}}
         if any(summary["skipped"].values()):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import posixpath
 
-from data import storage
+from data import remote, storage
 from data.sources.base import IMAGE_EXTENSIONS, SourceScheme, _is_image_name, make_key, pool_key
 from data.sources.listing import Listing, SourceItem
 
@@ -55,12 +55,12 @@ class ImageFolderSource:
             key=make_key(rel) if self.labelled else pool_key(rel),
             label=rel.split("/", 1)[0] if self.labelled else "",
             split=self.split,
-            ref=posixpath.join(self.root, rel) if storage.is_remote(self.root) else os.path.join(self.root, rel),
+            ref=posixpath.join(self.root, rel) if remote.is_remote(self.root) else os.path.join(self.root, rel),
         )
 
     def _list_relpaths(self) -> list[str]:
         """Relative POSIX paths of all image files, sorted for determinism."""
-        if storage.is_remote(self.root):
+        if remote.is_remote(self.root):
             return self._list_remote()
         if not os.path.isdir(self.root):
             raise FileNotFoundError(f"image folder root not found: {self.root}; pass an existing directory")

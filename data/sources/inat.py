@@ -7,7 +7,7 @@ import os
 import posixpath
 from typing import Any, Iterable
 
-from data import storage
+from data import remote, storage
 from data.sources.base import SourceScheme, make_key
 from data.sources.listing import Listing, SourceItem
 
@@ -87,7 +87,7 @@ class INatSource:
 
     def _item(self, image: dict[str, Any], label: str) -> SourceItem:
         file_name = str(image["file_name"])
-        if storage.is_remote(self.image_root):
+        if remote.is_remote(self.image_root):
             ref = posixpath.join(self.image_root, file_name)
         else:
             ref = os.path.join(self.image_root, file_name)

@@ -9,7 +9,7 @@ import os
 import posixpath
 from typing import Any
 
-from data import storage
+from data import remote, storage
 from data.sources.base import SourceScheme, make_key, pool_key
 from data.sources.listing import Listing, SourceItem
 
@@ -46,7 +46,7 @@ class ManifestSource:
 
     @staticmethod
     def _parent(path: str) -> str:
-        return posixpath.dirname(path) if storage.is_remote(path) else os.path.dirname(os.path.abspath(path))
+        return posixpath.dirname(path) if remote.is_remote(path) else os.path.dirname(os.path.abspath(path))
 
     def _load(self) -> Listing:
         items = Listing.from_items(self._item(row) for row in self._rows())
@@ -122,9 +122,9 @@ class ManifestSource:
         )
 
     def _resolve(self, rel: str) -> str:
-        if storage.is_remote(rel) or os.path.isabs(rel):
+        if remote.is_remote(rel) or os.path.isabs(rel):
             return rel
-        if storage.is_remote(self.root):
+        if remote.is_remote(self.root):
             return posixpath.join(self.root, rel)
         return os.path.join(self.root, rel)
 

@@ -35,7 +35,7 @@ from typing import Any
 
 from braceexpand import braceexpand
 
-from data import storage
+from data import remote, storage
 from data.sources.base import IMAGE_EXTENSIONS, SourceScheme, make_key
 from data.sources.listing import Listing, ListingBuilder, SourceItem
 
@@ -90,7 +90,7 @@ def expand_pattern(pattern: str) -> list[str]:
 
 
 def _shard_stem(url: str) -> str:
-    return posixpath.splitext(posixpath.basename(url.split("?", 1)[0] if storage.is_remote(url) else url))[0]
+    return posixpath.splitext(posixpath.basename(url.split("?", 1)[0] if remote.is_remote(url) else url))[0]
 
 
 class _Sample:
@@ -134,9 +134,9 @@ class WebDatasetSource:
 
     def read(self, item: SourceItem) -> bytes:
         url, offset, size = self._parse_ref(item.ref)
-        if storage.is_remote(url):
-            fs, path = storage._fs(url)  # the store's options (retry policy) as everywhere else
-            data = storage.with_retries(lambda: fs.cat_file(path, start=offset, end=offset + size),
+        if remote.is_remote(url):
+            fs, path = remote._fs(url)  # the store's options (retry policy) as everywhere else
+            data = remote.with_retries(lambda: fs.cat_file(path, start=offset, end=offset + size),
                                         f"read {url} bytes {offset}+{size}")
         else:
             with storage.open_read(url) as f:
@@ -203,18 +203,18 @@ class WebDatasetSource:
         listed: dict[tuple[str, str], set[str]] = {}
         result = []
         for url in urls:
-            scheme = url.split("://", 1)[0] if storage.is_remote(url) else ""
+            scheme = url.split("://", 1)[0] if remote.is_remote(url) else ""
             if not scheme:
                 result.append(os.path.isfile(url))
                 continue
             if scheme in ("http", "https"):
                 result.append(storage.exists(url))
                 continue
-            fs, path = storage._fs(url)
+            fs, path = remote._fs(url)
             parent = posixpath.dirname(path)
             if (scheme, parent) not in listed:
                 try:
-                    names = storage.with_retries(lambda: fs.ls(parent, detail=False, refresh=True), f"list {parent}")
+                    names = remote.with_retries(lambda: fs.ls(parent, detail=False, refresh=True), f"list {parent}")
                 except FileNotFoundError:
                     names = []
                 listed[scheme, parent] = {name.rstrip("/") for name in names}
@@ -224,16 +224,16 @@ class WebDatasetSource:
     def _list_shard_retrying(self, url: str) -> ListingBuilder:
         # A dropped connection restarts the shard's stream from the start;
         # a bad sample (ValueError) is the data's fault and fails at once.
-        if not storage.is_remote(url):
+        if not remote.is_remote(url):
             return self._list_shard(url)
-        return storage.with_retries(lambda: self._list_shard(url), f"list {url}")
+        return remote.with_retries(lambda: self._list_shard(url), f"list {url}")
 
     def _list_shard(self, url: str) -> ListingBuilder:
         from webdataset.tariterators import base_plus_ext, meta_prefix, meta_suffix
 
-        if storage.is_remote(url):
+        if remote.is_remote(url):
             # block_size on fs.open, not fsspec.open: there it would go to the filesystem's constructor
-            fs, path = storage._fs(url)
+            fs, path = remote._fs(url)
             stream = fs.open(path, "rb", block_size=STREAM_BLOCK_SIZE)
         else:
             stream = open(url, "rb")
