@@ -83,13 +83,14 @@ def _trained_size(checkpoint: str) -> int:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from trainer.evaluate import EvalPass, EvalSetup
+    from trainer.evaluate import EvalPass
+    from trainer.scoring import ScoringConfig
 
     _trust(args)
     image_size = args.image_size or _trained_size(args.checkpoint)
     if not args.ray:
         _device_for_ranks()
-    setup = EvalSetup(image_size, args.batch_size, args.num_workers, precision=args.precision)
+    setup = ScoringConfig(image_size, args.batch_size, args.num_workers, precision=args.precision)
     p = EvalPass(args.data, setup, checkpoint=args.checkpoint, report_dir=args.out,
                  title=f"bgsplit evaluation of {args.checkpoint}", extra={"checkpoint": args.checkpoint})
     results = _pass(p, args)

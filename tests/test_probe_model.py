@@ -24,11 +24,12 @@ def _fit(tiny_sets, out, *overrides, capsys=None):
 
 
 def _scores(checkpoint, location):
-    from trainer.evaluate import EvalSetup, evaluate_student
+    from trainer.evaluate import evaluate_student
+    from trainer.scoring import ScoringConfig
     from trainer.models import load_student_from_checkpoint
 
     student = load_student_from_checkpoint(checkpoint)
-    result = evaluate_student(student, location, EvalSetup(SIZE, 64), torch.device("cpu"), keep_predictions=True)
+    result = evaluate_student(student, location, ScoringConfig(SIZE, 64), torch.device("cpu"), keep_predictions=True)
     return result["predictions"][0]
 
 

@@ -69,10 +69,11 @@ def test_train_from_s3_with_a_cached_teacher_on_s3(s3_set, teacher, tmp_path):
     # other weights than those saved (a checkpoint of an earlier step, BatchNorm statistics left out), of another
     # head or transform, and AP keyed by other names than the rare classes.
     from trainer.models import load_student_from_checkpoint
-    from trainer.evaluate import EvalSetup, evaluate_student
+    from trainer.evaluate import evaluate_student
+    from trainer.scoring import ScoringConfig
 
     student = load_student_from_checkpoint(summary["checkpoint"])
-    again = evaluate_student(student, read_manifest(remote.root), EvalSetup(32, 16), torch.device("cpu"))
+    again = evaluate_student(student, read_manifest(remote.root), ScoringConfig(32, 16), torch.device("cpu"))
     assert set(again["ap"]) == set(summary["val"]["ap"]) == {"Trouser", "Bag"}  # RARE = ("1", "8")
     assert again["map"] == pytest.approx(summary["val"]["map"], abs=1e-6)
     assert again["ap"] == pytest.approx(summary["val"]["ap"], abs=1e-6)

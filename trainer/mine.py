@@ -204,7 +204,8 @@ def score_shares(job: MineJob, fingerprint: str, shards: list[int], chunk: int =
 
     import torch
 
-    from trainer.evaluate import EvalSetup, predict
+    from trainer.evaluate import predict
+    from trainer.scoring import ScoringConfig
     from trainer.models import load_student_from_checkpoint
     from trainer.runtime import resolve_device
     from trainer.shard_pass import cached_model
@@ -218,7 +219,7 @@ def score_shares(job: MineJob, fingerprint: str, shards: list[int], chunk: int =
     student = cached_model(token, lambda: load_student_from_checkpoint(job.checkpoint).to(device))
     classes = student.num_classes - 1
     excluded = cached_model(token, lambda: Excluded(job.exclude, exclusion_kind(manifest, job.exclude)), "exclude")
-    setup = EvalSetup(job.image_size, job.batch_size, job.num_workers, precision=job.precision)
+    setup = ScoringConfig(job.image_size, job.batch_size, job.num_workers, precision=job.precision)
     cache = cached_model(token, lambda: probe_rows(job, student), "embeddings") if job.embeddings else None
     scored = 0
     from data.progress import progress

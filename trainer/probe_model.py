@@ -311,15 +311,16 @@ def save_probe(cfg: JobConfig, fp: FeaturePass, features: dict[str, Any]) -> dic
     import json
 
     from data import storage
-    from trainer.evaluate import EvalSetup, evaluate_student
+    from trainer.evaluate import evaluate_student
+    from trainer.scoring import ScoringConfig
 
     student, fit = probe_student(cfg, fp, features)
     log.info("probe %s fit on %d rows (%d background of %d read, rate %.4g; positives %s)", cfg.probe.kind,
              fit["rows"], fit["background_kept"], fit["background_seen"], fp.rate, fit["positives"])
     val = None
     if cfg.data.val:
-        val = evaluate_student(student, cfg.data.val, EvalSetup(fp.image_size, cfg.data.batch_size,
-                                                                resize_ratio=cfg.data.eval_resize_ratio),
+        val = evaluate_student(student, cfg.data.val, ScoringConfig(fp.image_size, cfg.data.batch_size,
+                                                                    resize_ratio=cfg.data.eval_resize_ratio),
                                torch.device("cpu"))
         val = {"map": val["map"], "ap": val["ap"]}
         log.info("probe validation mAP %.2f on %s", 100 * val["map"], cfg.data.val)

@@ -27,10 +27,11 @@ from trainer.checkpoint import rng_state, set_rng_state
 from trainer.checkpoint_manager import CheckpointManager
 from trainer.config import JobConfig
 from trainer.engine import Engine, autocast_dtype, build_engine, build_optimizer
-from trainer.evaluate import EvalSetup, evaluate_student
+from trainer.evaluate import evaluate_student
 from trainer.head_init import broadcast_head, fit_probe_head
 from trainer.models import Student, StudentSpec, Teacher, build_student, build_teacher
 from trainer.schedule import build_scheduler, in_probe_phase
+from trainer.scoring import ScoringConfig
 from trainer.run_log import MetricsLogger, NoLogger, progress_bar
 from trainer.runtime import gather, init_distributed, resolve_device, seed_everything
 from trainer.task import BGSplitTask
@@ -299,8 +300,8 @@ class Trainer:
             for buffer in self.student.buffers():
                 dist.broadcast(buffer, src=0)
         zero3 = self.engine.name == "deepspeed" and self.cfg.engine.zero_stage == 3
-        return evaluate_student(self.student, read_manifest(self.cfg.data.val), EvalSetup.of(self.cfg), self.device,
-                                rank=self.rank, world=self.world, lockstep=zero3)
+        return evaluate_student(self.student, read_manifest(self.cfg.data.val), ScoringConfig.of(self.cfg),
+                                self.device, rank=self.rank, world=self.world, lockstep=zero3)
 
     def fit(self, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
         """Train to the planned step. ``callbacks``: objects with any of ``before_step(trainer, micro_batches)``
