@@ -39,7 +39,8 @@ def checkpoint(tiny_sets, tmp_path_factory):
 
 
 def _job(checkpoint, pool, out, **kw):
-    return MineJob(checkpoint, pool, str(out), kw.pop("top", TOP), 32, batch_size=64, **kw)
+    return MineJob(checkpoint=checkpoint, pool=pool, out=str(out), top=kw.pop("top", TOP),
+                   scoring=ScoringConfig(32, 64, precision="auto"), **kw)
 
 
 def _rows(out) -> list[dict]:

@@ -159,6 +159,7 @@ def test_mine_an_s3_pool_into_s3_and_add_labels_there(s3, s3_set, tiny_sets, tmp
     from data.add_labels import add_labels
     from data.shards import check_objects
     from trainer.mine import CANDIDATES, MineJob, mine
+    from trainer.scoring import ScoringConfig
     from trainer.train import train
 
     local, remote = s3_set
@@ -167,7 +168,8 @@ def test_mine_an_s3_pool_into_s3_and_add_labels_there(s3, s3_set, tiny_sets, tmp
     prefix = _prefix(s3)
     rows = {}
     for name, pool, where in (("local", local.root, str(tmp_path / "mined")), ("s3", remote.root, f"{prefix}/mined")):
-        summary = mine(MineJob(checkpoint, pool, where, 4, 32, batch_size=32))
+        summary = mine(MineJob(checkpoint=checkpoint, pool=pool, out=where, top=4,
+                               scoring=ScoringConfig(32, 32, precision="auto")))
         assert summary["scored"] == local.count
         rows[name] = [json.loads(line) for line in storage.read_bytes(storage.join(where, CANDIDATES)).splitlines()]
     assert [(r["key"], r["class"]) for r in rows["s3"]] == [(r["key"], r["class"]) for r in rows["local"]]

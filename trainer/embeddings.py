@@ -29,6 +29,7 @@ import torch
 
 from data import storage
 from data.shards import Manifest, ShardInfo, read_manifest
+from trainer.scoring import ScoringConfig
 
 log = logging.getLogger("bgsplit.embeddings")
 
@@ -168,10 +169,9 @@ class EmbedPass:
     root: str
     arch: str
     weights: str
-    image_size: int
-    resize_ratio: float = 1.15
-    batch_size: int = 128
-    num_workers: int = 0
+    scoring: ScoringConfig
+    """Its size and resize name the rows' Space. Its precision is not used: rows are an fp32 forward pass, so
+    stored rows do not depend on the command that embedded them."""
     name: str = "embedded"
     space: Space | None = field(default=None)
 
@@ -179,7 +179,8 @@ class EmbedPass:
         self.manifest = read_manifest(self.pool)
         self.token = uuid.uuid4().hex
         if self.space is None:
-            self.space = Space(self.arch, trunk_digest(self._teacher().trunk), self.image_size, self.resize_ratio)
+            self.space = Space(self.arch, trunk_digest(self._teacher().trunk), self.scoring.image_size,
+                               self.scoring.resize_ratio)
         self.cache = EmbeddingCache(self.root, self.space)
 
     def _teacher(self):
@@ -203,8 +204,8 @@ class EmbedPass:
         def encode(images: torch.Tensor) -> torch.Tensor:
             return teacher.trunk(teacher.normalize(images.to(device)))
 
-        return {"images": embed_shards(self.cache, self.manifest, shards, encode, batch_size=self.batch_size,
-                                       num_workers=self.num_workers), "shards": len(shards)}
+        return {"images": embed_shards(self.cache, self.manifest, shards, encode, batch_size=self.scoring.batch_size,
+                                       num_workers=self.scoring.num_workers), "shards": len(shards)}
 
     def publish(self, parts: list[tuple[list[int], dict[str, int]]]) -> dict[str, Any]:
         done = {"images": sum(p["images"] for _, p in parts), "shards": sum(p["shards"] for _, p in parts)}
