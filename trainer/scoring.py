@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ScoringConfig:
-    """The settings a scoring pass shares with every other; its defaults are evaluation's reference numbers."""
+    """How a set is scored, one object from the command or a run's config down to the forward pass, so two passes
+    over one set score it the same way; its defaults are evaluation's reference numbers (fp32)."""
 
     image_size: int
     batch_size: int = 256
