@@ -54,6 +54,12 @@ class Space:
     image_size: int
     resize_ratio: float = 1.15
 
+    @classmethod
+    def of(cls, arch: str, trunk: torch.nn.Module, scoring: ScoringConfig) -> Space:
+        """The space of ``trunk``'s rows at ``scoring``'s size and resize: one rule for the pass that stores rows
+        and the two that read them (mine's probe scores, a probe's features), so they name the same rows."""
+        return cls(arch, trunk_digest(trunk), scoring.image_size, scoring.resize_ratio)
+
     @property
     def tag(self) -> str:
         return f"{self.arch}-{self.trunk[:10]}-{self.image_size}px-r{self.resize_ratio:g}"
@@ -179,8 +185,7 @@ class EmbedPass:
         self.manifest = read_manifest(self.pool)
         self.token = uuid.uuid4().hex
         if self.space is None:
-            self.space = Space(self.arch, trunk_digest(self._teacher().trunk), self.scoring.image_size,
-                               self.scoring.resize_ratio)
+            self.space = Space.of(self.arch, self._teacher().trunk, self.scoring)
         self.cache = EmbeddingCache(self.root, self.space)
 
     def _teacher(self):

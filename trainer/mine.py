@@ -253,10 +253,9 @@ def score_shares(job: MineJob, fingerprint: str, shards: list[int], chunk: int =
 
 def probe_rows(job: MineJob, student: Any) -> Any:
     """The pool's stored rows for this probe's trunk (trainer.embeddings)."""
-    from trainer.embeddings import EmbeddingCache, Space, trunk_digest
+    from trainer.embeddings import EmbeddingCache, Space
 
-    size, ratio = job.scoring.image_size, job.scoring.resize_ratio
-    return EmbeddingCache(job.embeddings, Space(student.spec.trunk, trunk_digest(student.trunk), size, ratio))
+    return EmbeddingCache(job.embeddings, Space.of(student.spec.trunk, student.trunk, job.scoring))
 
 
 def score_rows(student: Any, cache: Any, manifest: Manifest, shards: list[int], device: Any, job: MineJob

@@ -161,10 +161,9 @@ class FeaturePass(WholeSetPass):
         sampler = BackgroundSample(self.rate, self.unlabelled)
         streamed = shards
         if self.embeddings and shards:
-            from trainer.embeddings import EmbeddingCache, Space, trunk_digest
+            from trainer.embeddings import EmbeddingCache, Space
 
-            size, ratio = self.scoring.image_size, self.scoring.resize_ratio
-            cache = EmbeddingCache(self.embeddings, Space(self.arch, trunk_digest(teacher.trunk), size, ratio))
+            cache = EmbeddingCache(self.embeddings, Space.of(self.arch, teacher.trunk, self.scoring))
             streamed = []
             for s in shards:
                 got = cache.load(self.manifest.shards[s])
