@@ -125,9 +125,11 @@ def embed(pool: str) -> dict[str, float]:
     import torch
 
     from trainer.embeddings import EmbedPass, default_location
+    from trainer.scoring import ScoringConfig
     from trainer.shard_pass import run_pass
 
-    p = EmbedPass(pool, default_location(pool), "efficientnet_lite0", "DEFAULT", 224)
+    p = EmbedPass(pool=pool, root=default_location(pool), arch="efficientnet_lite0", weights="DEFAULT",
+                  scoring=ScoringConfig(224, 128))
     t0 = time.time()
     done = run_pass(p, device=torch.device("cpu"), rank=0, world=1)
     seconds = time.time() - t0

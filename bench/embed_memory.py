@@ -29,10 +29,12 @@ def _embed(pool: str, image_size: int, queue) -> None:
     import torch
 
     from trainer.embeddings import EmbedPass, default_location
+    from trainer.scoring import ScoringConfig
     from trainer.shard_pass import run_pass
 
     torch.set_num_threads(1)
-    p = EmbedPass(pool, default_location(pool), "efficientnet_lite0", "DEFAULT", image_size)
+    p = EmbedPass(pool=pool, root=default_location(pool), arch="efficientnet_lite0", weights="DEFAULT",
+                  scoring=ScoringConfig(image_size, 128))
     t0 = time.time()
     done = run_pass(p, device=torch.device("cpu"), rank=0, world=1)
     seconds = time.time() - t0

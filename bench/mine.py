@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     from data.sources import FashionMNISTSource
     from trainer.config import load_config
     from trainer.mine import MineJob
+    from trainer.scoring import ScoringConfig
     from trainer.train import train
 
     scratch = Path(tempfile.mkdtemp(prefix="bgsplit-mine-bench-"))
@@ -107,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
                     if procs > 1 and workers > 0:
                         continue  # 2 cores: ranks x decoding processes would only measure oversubscription
                     out = scratch / f"out-{storage_name}-{procs}-{workers}"
-                    job = MineJob(checkpoint, pool, str(out), args.top, 64, batch_size=args.batch_size,
-                                  num_workers=workers)
+                    job = MineJob(checkpoint=checkpoint, pool=pool, out=str(out), top=args.top,
+                                  scoring=ScoringConfig(64, args.batch_size, workers, precision="auto"))
                     cell = {"storage": storage_name, "procs": procs, "workers": workers, **measure(job, procs)}
                     cells.append(cell)
                     print(f"  {storage_name:5s} procs={procs} workers={workers}: {cell['img_s']:7.1f} img/s "

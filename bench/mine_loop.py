@@ -37,6 +37,7 @@ from cluster.experiment_scorers import train_and_score
 from trainer.checkpoint import latest_checkpoint
 from trainer.config import load_config
 from trainer.mine import CANDIDATES, ExcludedKeys, MineJob, mine, pool_set
+from trainer.scoring import ScoringConfig
 
 
 def hidden_labels(pool: str) -> dict[str, str]:
@@ -109,7 +110,8 @@ def main() -> None:
             os.makedirs(rdir, exist_ok=True)
             t0 = time.time()
             if arm == "mined":
-                summary = mine(MineJob(model, pool, os.path.join(rdir, "mine"), args.top, 64,
+                summary = mine(MineJob(checkpoint=model, pool=pool, out=os.path.join(rdir, "mine"), top=args.top,
+                                       scoring=ScoringConfig(64, precision="auto"),
                                        exclude=(sets["99.0% bg"], sets["val"], train) if r > 1 else
                                        (sets["99.0% bg"], sets["val"])))
                 cands = [json.loads(line) for line in

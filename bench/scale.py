@@ -194,6 +194,7 @@ def phase_label(a: argparse.Namespace) -> None:
     import torch
 
     from data.plan import split_shards
+    from trainer.scoring import ScoringConfig
     from trainer.teacher_label import LabelPass
 
     torch.set_num_threads(1)
@@ -207,7 +208,7 @@ def phase_label(a: argparse.Namespace) -> None:
         while len([p for p in flags.iterdir() if p.name.startswith(f"{rounds['n']}-")]) < a.ranks:
             time.sleep(0.05)
 
-    p = LabelPass(a.set, a.px, 5, teacher=stand_in_teacher(), batch_size=256, precision="fp32")
+    p = LabelPass(location=a.set, scoring=ScoringConfig(a.px, 256), topk=5, teacher=stand_in_teacher())
     share = p.todo(split_shards(p.shard_counts(), a.rank, a.ranks))
     part = (share, p.run(share, torch.device("cpu")))
     barrier()

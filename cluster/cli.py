@@ -10,6 +10,7 @@ import sys
 from data.settings import ConfigError, Parser, add_flags, from_args
 from data.remote import StorageOutage
 from data.storage import DiskFull
+from trainer.scoring import ScoringConfig
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -83,15 +84,21 @@ def _trained_size(checkpoint: str) -> int:
     return int(read_meta(checkpoint)["config"]["data"]["image_size"])
 
 
+def _scoring(args: argparse.Namespace, image_size: int) -> ScoringConfig:
+    """The scoring flags (cluster.commands.Scoring) as the one object eval, mine and teacher-label hand their
+    passes, so the three read the same flags the same way. ``image_size``: --image-size once the command has put
+    its own default (the checkpoint's size, 224) for 0."""
+    return ScoringConfig(image_size, args.batch_size, args.num_workers, precision=args.precision)
+
+
 def _eval(args: argparse.Namespace) -> None:
-    from trainer.evaluate import EvalPass, EvalSetup
+    from trainer.evaluate import EvalPass
 
     _trust(args)
     image_size = args.image_size or _trained_size(args.checkpoint)
     if not args.ray:
         _device_for_ranks()
-    setup = EvalSetup(image_size, args.batch_size, args.num_workers, precision=args.precision)
-    p = EvalPass(args.data, setup, checkpoint=args.checkpoint, report_dir=args.out,
+    p = EvalPass(args.data, _scoring(args, image_size), checkpoint=args.checkpoint, report_dir=args.out,
                  title=f"bgsplit evaluation of {args.checkpoint}", extra={"checkpoint": args.checkpoint})
     results = _pass(p, args)
     if results is not None:  # rank 0 (it wrote the report), or the Ray driver
@@ -129,8 +136,8 @@ def _teacher_label(args: argparse.Namespace) -> None:
     if not args.ray:
         _device_for_ranks()
     for location in args.data:
-        p = LabelPass(location, args.image_size, args.topk, args.teacher, args.weights, batch_size=args.batch_size,
-                      num_workers=args.num_workers, precision=args.precision, overwrite=args.overwrite)
+        p = LabelPass(location=location, scoring=_scoring(args, args.image_size), topk=args.topk, arch=args.teacher,
+                      weights=args.weights, overwrite=args.overwrite)
         url = _pass(p, args)
         if url is not None:
             print(url)
@@ -148,33 +155,32 @@ def _mine(args: argparse.Namespace) -> None:
         raise ValueError("give --checkpoint (a trained model or a probe) or --positives (a handful of examples to "
                          "start from), one of the two")
     _trust(args)
-    image_size = args.image_size or (224 if args.positives else _trained_size(args.checkpoint))
+    scoring = _scoring(args, args.image_size or (224 if args.positives else _trained_size(args.checkpoint)))
     rank = 0
     if not args.ray:
         rank, _ = init_distributed(_device_for_ranks())
     pool = broadcast(pool_set(args.pool, args.out, args.workers) if rank == 0 else None)
     checkpoint, exclude = args.checkpoint, tuple(args.exclude)
-    embeddings = _embeddings(args, pool, image_size)
+    embeddings = _embeddings(args, pool, scoring)
     if args.positives:  # mining before any training (trainer/probe_model.py): rank 0 fits, the others wait
         from trainer.probe_model import cold_start, positives_set
 
         def start() -> tuple[str, str]:
             examples = positives_set(args.positives, [c for c in args.rare.split(",") if c], args.out, args.workers)
-            url, _ = cold_start(examples, pool, args.out, image_size=image_size, kind=args.probe,
-                                background=args.background, batch_size=args.batch_size,
-                                num_workers=args.num_workers, embeddings=embeddings)
+            url, _ = cold_start(examples, pool, args.out, scoring=scoring, kind=args.probe,
+                                background=args.background, embeddings=embeddings)
             return url, examples
 
         checkpoint, examples = broadcast(start() if rank == 0 else None)
         exclude += (examples,)  # the examples are never candidates
-    job = MineJob(checkpoint, pool, args.out, args.top, image_size, args.batch_size, args.precision, exclude,
-                  args.num_workers, embeddings)
+    job = MineJob(checkpoint=checkpoint, pool=pool, out=args.out, top=args.top, scoring=scoring, exclude=exclude,
+                  embeddings=embeddings)
     summary = _pass(MinePass(job), args)
     if summary is not None:
         print(json.dumps(summary, indent=1))
 
 
-def _embeddings(args: argparse.Namespace, pool: str, image_size: int) -> str:
+def _embeddings(args: argparse.Namespace, pool: str, scoring: ScoringConfig) -> str:
     """Where a probe's pool rows are kept ("" for a trained student), after embedding every shard not kept
     yet: one pass (this process, torchrun ranks or Ray tasks) that a killed or later round resumes."""
     from trainer.mine import is_probe
@@ -192,8 +198,7 @@ def _embeddings(args: argparse.Namespace, pool: str, image_size: int) -> str:
 
         teacher = read_meta(args.checkpoint)["config"]["teacher"]
         arch, weights = teacher["name"], teacher_weights(teacher["name"], teacher["weights"])
-    done = _pass(EmbedPass(pool, root, arch, weights, image_size, batch_size=args.batch_size,
-                           num_workers=args.num_workers), args, more=True)
+    done = _pass(EmbedPass(pool=pool, root=root, arch=arch, weights=weights, scoring=scoring), args, more=True)
     if done is not None:
         print(f"pool embeddings: {done['embeddings']} ({done['images']} image(s) embedded now)")
     return root

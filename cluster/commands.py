@@ -21,6 +21,7 @@ LOADER_HELP = ("DataLoader processes decoding images (data.num_workers in a conf
 count ranks (docs/user-guide.md, "Words")."""
 CHECKPOINT_HELP = "a checkpoint folder, or a run folder (its newest; also RUN/latest)"
 TRAINED_SIZE_HELP = "default: the training image size"
+BATCH_HELP = "images each forward pass scores (per process)"
 
 
 def _loader_workers(help: str = LOADER_HELP, **options) -> dict:
@@ -61,6 +62,20 @@ class KeepResults:
 
 
 @dataclass(kw_only=True)
+class Scoring:
+    """The flags of trainer.scoring.ScoringConfig, inherited by every command that scores a set (eval, mine,
+    teacher-label), so they read and mean the same in each; a command with another default redeclares that one
+    field alone."""
+
+    image_size: int = field(default=0, metadata=flag(TRAINED_SIZE_HELP))
+    batch_size: int = field(default=256, metadata=flag(BATCH_HELP))
+    num_workers: int = field(default=0, metadata=_loader_workers())
+    precision: Precision = field(default="auto", metadata=flag(
+        "the forward pass's dtype (auto: bf16 on a GPU, fp16 on one without, fp32 on CPU); scores and labels are "
+        "an fp32 softmax either way"))
+
+
+@dataclass(kw_only=True)
 class TrainArgs:
     """train one model from a config (one process; torchrun for several)"""
 
@@ -74,18 +89,12 @@ class TrainArgs:
 
 
 @dataclass(kw_only=True)
-class EvalArgs:
+class EvalArgs(Scoring):
     """per-class AP, mAP, P@100, PR curves, top-scoring grid, JSON + Markdown report"""
 
     checkpoint: str = field(metadata=flag(CHECKPOINT_HELP))
     data: str = field(metadata=flag("evaluation shard set (folder with manifest.json)"))
     out: str = field(metadata=flag("report folder"))
-    image_size: int = field(default=0, metadata=flag(TRAINED_SIZE_HELP))
-    batch_size: int = 256
-    num_workers: int = field(default=0, metadata=_loader_workers())
-    precision: Precision = field(default="auto", metadata=flag(
-        "the forward pass's dtype (auto: bf16 on a GPU, fp16 on one without, fp32 on CPU); scores are an fp32 "
-        "softmax either way"))
 
 
 @dataclass(kw_only=True)
@@ -118,7 +127,7 @@ class AddLabelsArgs:
 
 
 @dataclass(kw_only=True)
-class MineArgs:
+class MineArgs(Scoring):
     """score an unlabeled pool, keep the top N per rare class; candidates.jsonl, contact sheets,
     review.html (one process, torchrun, or --ray)"""
 
@@ -145,31 +154,23 @@ class MineArgs:
     exclude: list[str] = field(default_factory=list, metadata=flag(
         "shard sets whose keys are never candidates (the training and validation sets; read whole, so meant for "
         "sets of up to a few million)"))
-    image_size: int = field(default=0, metadata=flag(TRAINED_SIZE_HELP))
-    batch_size: int = 256
-    num_workers: int = field(default=0, metadata=_loader_workers())
     workers: int = field(default=0, metadata=flag(
         "shard-writing processes building a source pool into shards (as in shards build)",
         flags=("--writers", "--workers")))
-    precision: Precision = field(default="auto", metadata=flag(
-        "the trunk's dtype (auto: bf16 on a GPU, fp32 on CPU); scores are an fp32 softmax either way"))
 
 
 @dataclass(kw_only=True)
-class TeacherLabelArgs:
+class TeacherLabelArgs(Scoring):
     """store the teacher's top-k labels in shard sets (per shard; resumable; under torchrun every
     rank labels its share)"""
 
     data: list[str]
     teacher: str = "efficientnet_lite0"
     weights: str = ""
-    image_size: int = 224
+    image_size: int = field(default=224, metadata=flag("the teacher's input size; it names the label set"))
+    batch_size: int = field(default=128, metadata=flag(BATCH_HELP))
     topk: int = 5
-    batch_size: int = 128
-    num_workers: int = field(default=0, metadata=_loader_workers())
     overwrite: bool = False
-    precision: Precision = field(default="auto", metadata=flag(
-        "the teacher's compute dtype (auto: bf16 on GPU, fp32 on CPU); labels are fp32 softmax"))
 
 
 @dataclass(kw_only=True)

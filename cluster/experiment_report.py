@@ -189,7 +189,8 @@ def write_reports(spec: ExperimentSpec, runs: list[dict[str, Any]], sets: dict[s
     """The first final run of each trained method in the first setting, evaluated into a report (PR curves,
     top-scoring images): what the demo shows a reader beside its table."""
     from trainer.checkpoint import latest_checkpoint
-    from trainer.evaluate import EvalSetup, evaluate_to_report
+    from trainer.evaluate import evaluate_to_report
+    from trainer.scoring import ScoringConfig
 
     setting = next(iter(spec.data.settings))
     for method, mspec in spec.methods.items():
@@ -199,6 +200,6 @@ def write_reports(spec: ExperimentSpec, runs: list[dict[str, Any]], sets: dict[s
         if checkpoint is None:
             continue
         evaluate_to_report(None, sets["test"], os.path.join(out, "report", _slug(method)),
-                           EvalSetup(first["image_size"]), checkpoint=checkpoint, rank=0, world=1,
+                           ScoringConfig(first["image_size"]), checkpoint=checkpoint, rank=0, world=1,
                            title=f"{setting}, {method}, seed {first['seed']}")
     log(f"reports and plots: {out}/report/<method>/report.md, pr_curves.png, top_scoring.png")

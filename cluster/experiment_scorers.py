@@ -19,14 +19,15 @@ def train_and_score(cfg: JobConfig, eval_set: str, keep_checkpoint: bool = True)
     """The real scorer: train ``cfg`` from scratch, score its final student on ``eval_set`` once. With data.val
     set (final runs of a study with curves), the validation mAP along the way comes back as ``curve``."""
     from data.shards import read_manifest
-    from trainer.evaluate import EvalSetup, evaluate_student
+    from trainer.evaluate import evaluate_student
+    from trainer.scoring import ScoringConfig
     from trainer.train import Trainer
 
     trainer = Trainer.build(cfg)
     trainer.fit()
-    setup = EvalSetup.of(cfg)  # as the run's own validation scores: one way a study scores
+    scoring = ScoringConfig.of(cfg)  # as the run's own validation scores: one way a study scores
 
-    result = evaluate_student(trainer.student, read_manifest(eval_set), setup, trainer.device, keep_predictions=True)
+    result = evaluate_student(trainer.student, read_manifest(eval_set), scoring, trainer.device, keep_predictions=True)
     out = {"map": result["map"], "ap": result["ap"], "scores": result["predictions"][0],
            "labels": result["predictions"][1],
            "curve": [[h["step"] / trainer.steps_per_epoch, h["val_map"]] for h in trainer.progress.history if "val_map" in h]}
@@ -43,13 +44,14 @@ def wise_ft_scores(student: Any, cfg: JobConfig, init_head: dict[str, Any], eval
     """A final run that started from a probe: WiSE-FT between that probe and the fine-tuned student, alpha chosen
     on validation (model.probe_val, the split the probe itself was chosen on), test scored at it once."""
     from data.shards import read_manifest
-    from trainer.evaluate import EvalSetup, evaluate_student
+    from trainer.evaluate import evaluate_student
+    from trainer.scoring import ScoringConfig
     from trainer.wise_ft import starting_state, sweep
 
-    setup = EvalSetup.of(cfg)  # as the run's own validation scores: one way a study scores
+    scoring = ScoringConfig.of(cfg)  # as the run's own validation scores: one way a study scores
 
     def score(location: str) -> float:
-        return evaluate_student(student, read_manifest(location), setup, device)["map"]
+        return evaluate_student(student, read_manifest(location), scoring, device)["map"]
 
     theta0 = starting_state(student, cfg.model.weights, init_head)
     return sweep(student, theta0, lambda: score(cfg.model.probe_val), lambda: score(eval_set), test_at_one=plain_map)

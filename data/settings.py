@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import types
 import typing
 from collections.abc import Collection
@@ -184,12 +185,20 @@ def _plain(tp: Any) -> Any:
     return tp
 
 
+def own_fields_first(cls: type) -> list[dataclasses.Field]:
+    """A dataclass's fields, those it declares (or redeclares) itself before those it inherits: a command that
+    inherits a shared flag group (cluster.commands.Scoring) still leads its --help with its own flags."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    own = [name for name in inspect.get_annotations(cls) if name in fields]  # in the order written
+    return [fields[name] for name in own] + [f for name, f in fields.items() if name not in own]
+
+
 def add_flags(parser: argparse.ArgumentParser, *classes: type) -> None:
     """One argument per field of each dataclass, from its type, default and ``flag`` metadata: the only way a
     command declares flags. Records the classes on the parser (``parser.settings``)."""
     for cls in classes:
         types_ = hints(cls)
-        for f in dataclasses.fields(cls):
+        for f in own_fields_first(cls):
             options = dict(f.metadata)
             options.pop("choices", None)
             positional = options.pop("positional", False)

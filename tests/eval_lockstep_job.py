@@ -14,7 +14,8 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data.shards import read_manifest  # noqa: E402
-from trainer.evaluate import EvalSetup, evaluate_student  # noqa: E402
+from trainer.evaluate import evaluate_student  # noqa: E402
+from trainer.scoring import ScoringConfig  # noqa: E402
 
 
 class Gathering(nn.Module):
@@ -43,12 +44,12 @@ def run(rank: int, world: int, root: str, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     manifest = read_manifest(root)
     model = Gathering(manifest.num_classes, world)
-    together = evaluate_student(model, manifest, EvalSetup(8, 8), torch.device("cpu"), rank=rank, world=world,
+    together = evaluate_student(model, manifest, ScoringConfig(8, 8), torch.device("cpu"), rank=rank, world=world,
                                 lockstep=True, keep_predictions=True)
     (probs, labels, keys, _), ranks = together["predictions"], together["ranks"]
     forwards = model.forwards
     model.collective = False
-    alone, _, alone_keys, _ = evaluate_student(model, manifest, EvalSetup(8, 8), torch.device("cpu"),
+    alone, _, alone_keys, _ = evaluate_student(model, manifest, ScoringConfig(8, 8), torch.device("cpu"),
                                                keep_predictions=True)["predictions"]
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"forwards": forwards, "ranks": ranks, "keys": keys, "alone_keys": alone_keys,

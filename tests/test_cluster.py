@@ -73,7 +73,8 @@ def _evaluate_checkpoint(url: str, val: str, dtype: torch.dtype | None = None) -
     32 px. ``dtype`` bf16: the weights rounded to bf16 as DeepSpeed's bf16 mode holds them, run under autocast."""
     from data.shards import read_manifest
     from trainer.models import load_student_from_checkpoint
-    from trainer.evaluate import EvalSetup, evaluate_student
+    from trainer.evaluate import evaluate_student
+    from trainer.scoring import ScoringConfig
 
     student = load_student_from_checkpoint(url)
     if dtype is not None:
@@ -82,7 +83,7 @@ def _evaluate_checkpoint(url: str, val: str, dtype: torch.dtype | None = None) -
     torch.set_num_threads(1)
     try:
         precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-        return evaluate_student(student, read_manifest(val), EvalSetup(32, 16, precision=precision),
+        return evaluate_student(student, read_manifest(val), ScoringConfig(32, 16, precision=precision),
                                 torch.device("cpu"))
     finally:
         torch.set_num_threads(threads)

@@ -131,13 +131,33 @@ def test_a_byte_identical_rebuild_keeps_the_studys_runs_and_mines_parts(tmp_path
     manifest.write_text(json.dumps(doc, indent=1))
     assert manifest_identity(first.root) == manifest_identity(again.root)  # the study's key
     monkeypatch.setattr(mine, "checkpoint_facts", lambda checkpoint: ("weights", ["bg", "1", "8"]))
-    prints = [mine.MinePass(mine.MineJob("ckpt", root, str(tmp_path / "out"), 5, 32)).fingerprint
-              for root in (first.root, again.root)]
+    prints = [mine.MinePass(_mine_job(root, str(tmp_path / "out"))).fingerprint for root in (first.root, again.root)]
     assert prints[0] == prints[1]  # mine's parts are reused too
     other = build_set(FashionMNISTSource("test"), dataclasses.replace(spec, seed=1), str(tmp_path / "other"),
                       progress=False)
     assert manifest_identity(other.root) != manifest_identity(first.root)
-    assert mine.MinePass(mine.MineJob("ckpt", other.root, str(tmp_path / "out"), 5, 32)).fingerprint != prints[0]
+    assert mine.MinePass(_mine_job(other.root, str(tmp_path / "out"))).fingerprint != prints[0]
+
+
+def _mine_job(pool: str, out: str):
+    from trainer.mine import MineJob
+    from trainer.scoring import ScoringConfig
+
+    return MineJob(checkpoint="ckpt", pool=pool, out=out, top=5, scoring=ScoringConfig(32, precision="auto"))
+
+
+def test_mines_fingerprint_is_the_one_before_scoring_config():
+    """MineJob took its size, batch, workers and precision as its own fields until they became one ScoringConfig
+    (issue 33); these digests were computed by that code, so parts and studies mined before are still reused."""
+    from trainer.mine import MineJob
+    from trainer.scoring import ScoringConfig
+
+    job = MineJob(checkpoint="s3://b/run/ckpt", pool="s3://b/pool", out="s3://b/mine", top=50,
+                  scoring=ScoringConfig(160, 64, 3, precision="bf16"), exclude=("s3://b/train", "s3://b/val"))
+    assert job.fingerprint("abc123", "pool-id-1") == "4a488421ced9"
+    assert job.fingerprint("abc123", "pool-id-1", "content") == "8b0ed02d8223"
+    rows = MineJob(checkpoint="/c", pool="/p", out="/o", top=10, scoring=ScoringConfig(224), embeddings="/e")
+    assert rows.fingerprint("d", "p") == "2740d9af2d46"
 
 
 def test_a_sets_identity_is_one_function():

@@ -11,6 +11,7 @@ import pytest
 from cluster.cli import main
 from data.shards import read_manifest
 from trainer.embeddings import EmbeddingCache, EmbedPass, Space
+from trainer.scoring import ScoringConfig
 
 SIZE = 64
 
@@ -58,7 +59,8 @@ def test_mining_with_a_probe_ranks_from_rows_stored_once_and_reused(tiny_sets, p
 def test_a_killed_pass_resumes_and_a_rewritten_shard_is_embedded_again(tiny_sets, tmp_path):
     pool = str(tmp_path / "pool")
     shutil.copytree(tiny_sets["test"], pool)
-    p = EmbedPass(pool, str(tmp_path / "rows"), "efficientnet_lite0", "DEFAULT", SIZE)
+    p = EmbedPass(pool=pool, root=str(tmp_path / "rows"), arch="efficientnet_lite0", weights="DEFAULT",
+                  scoring=ScoringConfig(SIZE, 128))
     shards = list(range(len(p.manifest.shards)))
     assert len(shards) >= 2
     p.run(shards[:1], device=__import__("torch").device("cpu"))  # a pass killed after its first shard
@@ -74,7 +76,8 @@ def test_a_killed_pass_resumes_and_a_rewritten_shard_is_embedded_again(tiny_sets
 
 
 def test_rows_of_another_network_or_size_are_refused_in_one_line(tiny_sets, tmp_path):
-    p = EmbedPass(tiny_sets["test"], str(tmp_path / "rows"), "efficientnet_lite0", "DEFAULT", SIZE)
+    p = EmbedPass(pool=tiny_sets["test"], root=str(tmp_path / "rows"), arch="efficientnet_lite0", weights="DEFAULT",
+                  scoring=ScoringConfig(SIZE, 128))
     shard = p.manifest.shards[0]
     p.run([0], device=__import__("torch").device("cpu"))
     other = EmbeddingCache(p.root, Space(p.space.arch, p.space.trunk, 96))

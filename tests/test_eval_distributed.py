@@ -20,7 +20,8 @@ from data.config import LoaderConfig
 from data.shards import read_manifest, write_shard_set
 from s3_server import free_port
 from data.plan import split_shards as eval_shards
-from trainer.evaluate import EvalSetup, planned_batches
+from trainer.evaluate import planned_batches
+from trainer.scoring import ScoringConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 # oneDNN picks its blocking by batch size and thread count: runs compared bit for bit use one thread a process
@@ -125,8 +126,8 @@ def test_a_ranks_share_scores_the_same_bits_as_the_whole_set(checkpoint, tiny_se
 
     m, cpu = read_manifest(tiny_sets["test"]), torch.device("cpu")
     student, counts = load_student_from_checkpoint(checkpoint), [s.count for s in m.shards]
-    whole = merge_predictions(m, [predict(student, m, EvalSetup(32, 24), cpu)])
-    shared = merge_predictions(m, [predict(student, m, EvalSetup(32, 24), cpu, shards=eval_shards(counts, r, 2))
+    whole = merge_predictions(m, [predict(student, m, ScoringConfig(32, 24), cpu)])
+    shared = merge_predictions(m, [predict(student, m, ScoringConfig(32, 24), cpu, shards=eval_shards(counts, r, 2))
                                    for r in range(2)])
     assert all(eval_shards(counts, r, 2) for r in range(2))
     assert whole[2] == shared[2] and np.array_equal(whole[0], shared[0])  # bit for bit
@@ -183,7 +184,7 @@ def test_validation_in_a_two_rank_ddp_run_is_shared_and_matches_one_process(tiny
     torch.set_num_threads(1)  # as the torchrun processes ran
     try:
         alone = evaluate_student(load_student_from_checkpoint(summary["checkpoint"]),
-                                 read_manifest(tiny_sets["test"]), EvalSetup(32, 16), torch.device("cpu"))
+                                 read_manifest(tiny_sets["test"]), ScoringConfig(32, 16), torch.device("cpu"))
     finally:
         torch.set_num_threads(threads)
     assert alone["ranks"] == [n] and alone["ap"] == val["ap"] and alone["map"] == val["map"]
@@ -203,9 +204,9 @@ def test_fp32_is_the_cpu_default_and_bf16_autocast_still_gives_fp32_scores(check
 
     cpu = torch.device("cpu")
     student, m = load_student_from_checkpoint(checkpoint), read_manifest(tiny_sets["test"])
-    fp32 = predict(student, m, EvalSetup(32, 64, precision="fp32"), cpu, shards=[0])[0]
-    bf16 = predict(student, m, EvalSetup(32, 64, precision="bf16"), cpu, shards=[0])[0]
-    assert autocast_dtype("bf16", cpu) == EvalSetup(32, precision="bf16").dtype(cpu) == torch.bfloat16
+    fp32 = predict(student, m, ScoringConfig(32, 64, precision="fp32"), cpu, shards=[0])[0]
+    bf16 = predict(student, m, ScoringConfig(32, 64, precision="bf16"), cpu, shards=[0])[0]
+    assert autocast_dtype("bf16", cpu) == ScoringConfig(32, precision="bf16").dtype(cpu) == torch.bfloat16
     assert fp32.dtype == bf16.dtype == np.float32
     assert not np.array_equal(fp32, bf16)  # the forward did run in bf16...
     assert np.abs(fp32 - bf16).max() < 0.05  # ...and scores stay close

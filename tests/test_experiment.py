@@ -402,11 +402,11 @@ def test_the_pick_states_its_margin_with_an_interval_from_the_stored_validation_
 def test_a_study_scores_validation_one_way(monkeypatch):
     """Issue 33: a study's tuning runs scored validation at batch 128 in fp32 while the curves of its final runs
     scored the same split at data.batch_size in run.precision (bf16 on a GPU). Every scorer of a run now takes
-    EvalSetup.of(its config): the scorers are checked for the setups they hand evaluate_student."""
+    ScoringConfig.of(its config): the scorers are checked for the setups they hand evaluate_student."""
     import types
 
     from cluster import experiment_scorers
-    from trainer.evaluate import EvalSetup
+    from trainer.scoring import ScoringConfig
 
     cfg = load_config(str(ROOT / "configs" / "fmnist_bg.yaml"), ["data.batch_size=48", "run.precision=bf16",
                                                                "data.num_workers=3", "data.eval_resize_ratio=1.25"])
@@ -419,4 +419,4 @@ def test_a_study_scores_validation_one_way(monkeypatch):
                                  progress=types.SimpleNamespace(history=[]), head=types.SimpleNamespace(weights={}))
     monkeypatch.setattr("trainer.train.Trainer.build", classmethod(lambda cls, c: fake))
     experiment_scorers.train_and_score(cfg, "val-set", keep_checkpoint=True)
-    assert seen == [EvalSetup.of(cfg)] == [EvalSetup(cfg.data.image_size, 48, 3, 1.25, "bf16")]
+    assert seen == [ScoringConfig.of(cfg)] == [ScoringConfig(cfg.data.image_size, 48, 3, 1.25, "bf16")]

@@ -22,7 +22,8 @@ from data.shards import check_objects, iter_tar, read_manifest
 from data.sources import FashionMNISTSource
 from cluster.cli import main
 from conftest import simulated_rank
-from trainer.evaluate import EvalSetup, predict
+from trainer.evaluate import predict
+from trainer.scoring import ScoringConfig
 from trainer.mine import CANDIDATES, PARTS, MineJob, MinePass, TopN, mine, pool_set
 from trainer.models import load_student_from_checkpoint
 from trainer.train import train
@@ -38,7 +39,8 @@ def checkpoint(tiny_sets, tmp_path_factory):
 
 
 def _job(checkpoint, pool, out, **kw):
-    return MineJob(checkpoint, pool, str(out), kw.pop("top", TOP), 32, batch_size=64, **kw)
+    return MineJob(checkpoint=checkpoint, pool=pool, out=str(out), top=kw.pop("top", TOP),
+                   scoring=ScoringConfig(32, 64, precision="auto"), **kw)
 
 
 def _rows(out) -> list[dict]:
@@ -49,7 +51,7 @@ def _expected(checkpoint, pool, skip=()):
     """The top N per class from one scoring pass over the whole pool, by (score desc, shard order, index)."""
     manifest = read_manifest(pool)
     student = load_student_from_checkpoint(checkpoint)
-    probs, _, keys, refs = predict(student, manifest, EvalSetup(32, 64), torch.device("cpu"))
+    probs, _, keys, refs = predict(student, manifest, ScoringConfig(32, 64), torch.device("cpu"))
     order = {s.url: i for i, s in enumerate(manifest.shards)}
     out = {}
     for cls in range(1, probs.shape[1]):

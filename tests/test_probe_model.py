@@ -13,6 +13,7 @@ from data.shards import Manifest, ShardInfo, read_manifest
 from trainer.probe import Features, ProbeParams, extract_features, probe_scores
 from trainer import probe_model
 from trainer.probe_model import FeaturePass, background_rate, keep_background, sample_shards
+from trainer.scoring import ScoringConfig
 
 SIZE = 48
 
@@ -24,11 +25,11 @@ def _fit(tiny_sets, out, *overrides, capsys=None):
 
 
 def _scores(checkpoint, location):
-    from trainer.evaluate import EvalSetup, evaluate_student
+    from trainer.evaluate import evaluate_student
     from trainer.models import load_student_from_checkpoint
 
     student = load_student_from_checkpoint(checkpoint)
-    result = evaluate_student(student, location, EvalSetup(SIZE, 64), torch.device("cpu"), keep_predictions=True)
+    result = evaluate_student(student, location, ScoringConfig(SIZE, 64), torch.device("cpu"), keep_predictions=True)
     return result["predictions"][0]
 
 
@@ -66,7 +67,8 @@ def test_background_sample_is_a_pure_function_of_keys_bounded_and_keeps_every_po
     assert keep_background(keys, 1.0).all() and background_rate(288, 100) == 100 / 288
     assert background_rate(288, 0) == background_rate(50, 100) == 1.0
     # on a real set: every positive kept, the background cut to about the cap, the same rows for any split
-    p = FeaturePass(tiny_sets["train"], SIZE, "efficientnet_lite0", "DEFAULT", max_background=100)
+    p = FeaturePass(location=tiny_sets["train"], scoring=ScoringConfig(SIZE, 128), arch="efficientnet_lite0",
+                    weights="DEFAULT", max_background=100)
     assert p.chosen == list(range(len(p.manifest.shards))) and p.rate == background_rate(288, 100)  # few shards
     n = len(p.manifest.shards)
     whole = p.publish([(list(range(n)), p.run(list(range(n)), torch.device("cpu")))])
@@ -228,7 +230,8 @@ def test_a_probe_pass_reads_only_the_chosen_shards_and_decodes_only_the_kept_ima
     background = [i for i, s in enumerate(m.shards) if s.kind == "background"]
     assert len(background) >= 2, "the fixture set needs several background shards"
     cap = m.shards[background[0]].count // 2
-    p = FeaturePass(tiny_sets["train"], SIZE, "efficientnet_lite0", "DEFAULT", max_background=cap)
+    p = FeaturePass(location=tiny_sets["train"], scoring=ScoringConfig(SIZE, 128), arch="efficientnet_lite0",
+                    weights="DEFAULT", max_background=cap)
     read = [i for i in p.chosen if m.shards[i].kind == "background"]
     assert 1 <= len(read) < len(background)
     counts = p.shard_counts()

@@ -69,10 +69,11 @@ def test_train_from_s3_with_a_cached_teacher_on_s3(s3_set, teacher, tmp_path):
     # other weights than those saved (a checkpoint of an earlier step, BatchNorm statistics left out), of another
     # head or transform, and AP keyed by other names than the rare classes.
     from trainer.models import load_student_from_checkpoint
-    from trainer.evaluate import EvalSetup, evaluate_student
+    from trainer.evaluate import evaluate_student
+    from trainer.scoring import ScoringConfig
 
     student = load_student_from_checkpoint(summary["checkpoint"])
-    again = evaluate_student(student, read_manifest(on_s3.root), EvalSetup(32, 16), torch.device("cpu"))
+    again = evaluate_student(student, read_manifest(on_s3.root), ScoringConfig(32, 16), torch.device("cpu"))
     assert set(again["ap"]) == set(summary["val"]["ap"]) == {"Trouser", "Bag"}  # RARE = ("1", "8")
     assert again["map"] == pytest.approx(summary["val"]["map"], abs=1e-6)
     assert again["ap"] == pytest.approx(summary["val"]["ap"], abs=1e-6)
@@ -158,6 +159,7 @@ def test_mine_an_s3_pool_into_s3_and_add_labels_there(s3, s3_set, tiny_sets, tmp
     from data.add_labels import add_labels
     from data.shards import check_objects
     from trainer.mine import CANDIDATES, MineJob, mine
+    from trainer.scoring import ScoringConfig
     from trainer.train import train
 
     local, on_s3 = s3_set
@@ -166,7 +168,8 @@ def test_mine_an_s3_pool_into_s3_and_add_labels_there(s3, s3_set, tiny_sets, tmp
     prefix = _prefix(s3)
     rows = {}
     for name, pool, where in (("local", local.root, str(tmp_path / "mined")), ("s3", on_s3.root, f"{prefix}/mined")):
-        summary = mine(MineJob(checkpoint, pool, where, 4, 32, batch_size=32))
+        summary = mine(MineJob(checkpoint=checkpoint, pool=pool, out=where, top=4,
+                               scoring=ScoringConfig(32, 32, precision="auto")))
         assert summary["scored"] == local.count
         rows[name] = [json.loads(line) for line in storage.read_bytes(storage.join(where, CANDIDATES)).splitlines()]
     assert [(r["key"], r["class"]) for r in rows["s3"]] == [(r["key"], r["class"]) for r in rows["local"]]

@@ -108,6 +108,24 @@ def test_every_flag_of_every_command_is_a_field_of_the_command_s_dataclasses():
     assert seen > 100  # train, eval, shards build/plan/add-labels, mine, teacher-*, demo, experiment, docs, ...
 
 
+def test_the_commands_that_score_a_set_share_one_scoring_group_and_lead_with_their_own_flags():
+    """eval, mine and teacher-label inherit cluster.commands.Scoring: the same flags and help in each (only a
+    redeclared default differs), listed after a flag of the command's own."""
+    from cluster.commands import Scoring
+
+    parsers = dict(_commands(build_parser()))
+    helps, defaults = [], []
+    for prog, own in (("eval", "--out"), ("mine", "--exclude"), ("teacher-label", "--overwrite")):
+        parser = parsers[f"bgsplit {prog}"]
+        assert issubclass(parser.settings[0], Scoring), prog
+        flags = [a.option_strings[0] for a in parser._actions if a.option_strings]
+        assert flags.index(own) < flags.index("--loader-workers") < flags.index("--precision"), prog
+        helps.append({a.dest: a.help for a in parser._actions if a.dest in ("num_workers", "precision")})
+        defaults.append((parser.get_default("image_size"), parser.get_default("batch_size")))
+    assert helps[0] == helps[1] == helps[2]
+    assert defaults == [(0, 256), (0, 256), (224, 128)]
+
+
 def test_a_misspelt_choice_is_the_same_one_line_error_from_yaml_override_flag_and_experiment(tmp_path, capsys):
     tail = "is 'fp33'; choose one of auto, fp32, bf16, fp16"
     path = tmp_path / "c.yaml"

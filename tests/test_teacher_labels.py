@@ -22,6 +22,7 @@ from data.teacher_labels import META, TeacherLabels, set_url, shard_labels_url
 from s3_server import free_port
 from trainer.task import teacher_topk
 from conftest import simulated_rank
+from trainer.scoring import ScoringConfig
 from trainer.teacher_label import LabelPass, label_shard_set, label_spec
 
 
@@ -95,7 +96,7 @@ def test_labelling_resumes_per_shard_and_ranks_split_the_shards(small_set, teach
     m = small_set
     spec = label_spec(teacher, TEACHER_SIZE, 5)
     # rank 1 first (as if it were faster), then rank 0, which publishes the set
-    two = LabelPass(m.root, TEACHER_SIZE, teacher=teacher, precision="fp32")
+    two = LabelPass(location=m.root, scoring=ScoringConfig(TEACHER_SIZE, 128), teacher=teacher)
     shares = {1: simulated_rank(two, 1, 2)}
     done = sorted(os.listdir(set_url(m.root, spec)))
     assert done == sorted(m.shards[i].url.replace(".tar", ".npz") for i in shares[1][0])

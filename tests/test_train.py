@@ -6,7 +6,8 @@ import torch
 
 from conftest import tiny_config
 from trainer.checkpoint import latest_checkpoint, load_checkpoint
-from trainer.evaluate import EvalSetup, evaluate_to_report
+from trainer.evaluate import evaluate_to_report
+from trainer.scoring import ScoringConfig
 from trainer.models import load_student_from_checkpoint
 from trainer.train import Trainer, train
 
@@ -28,7 +29,7 @@ def test_bg_split_learns_a_separable_problem_and_reports(tiny_sets, tmp_path):
     assert (tmp_path / "run" / "summary.json").exists()
     student = load_student_from_checkpoint(summary["checkpoint"])
     out = tmp_path / "report"
-    results = evaluate_to_report(student, tiny_sets["test"], str(out), EvalSetup(64))
+    results = evaluate_to_report(student, tiny_sets["test"], str(out), ScoringConfig(64))
     assert results["map"] == pytest.approx(summary["val"]["map"], abs=1e-6)
     for name in ("report.json", "report.md", "pr_curves.png", "top_scoring.png"):
         assert (out / name).stat().st_size > 0

@@ -29,6 +29,7 @@ import torch
 
 from data import storage
 from data.shards import Manifest, ShardInfo, read_manifest
+from trainer.scoring import ScoringConfig
 
 log = logging.getLogger("bgsplit.embeddings")
 
@@ -52,6 +53,12 @@ class Space:
     """trunk_digest of the network's trunk."""
     image_size: int
     resize_ratio: float = 1.15
+
+    @classmethod
+    def of(cls, arch: str, trunk: torch.nn.Module, scoring: ScoringConfig) -> Space:
+        """The space of ``trunk``'s rows at ``scoring``'s size and resize: one rule for the pass that stores rows
+        and the two that read them (mine's probe scores, a probe's features), so they name the same rows."""
+        return cls(arch, trunk_digest(trunk), scoring.image_size, scoring.resize_ratio)
 
     @property
     def tag(self) -> str:
@@ -168,10 +175,9 @@ class EmbedPass:
     root: str
     arch: str
     weights: str
-    image_size: int
-    resize_ratio: float = 1.15
-    batch_size: int = 128
-    num_workers: int = 0
+    scoring: ScoringConfig
+    """Its size and resize name the rows' Space. Its precision is not used: rows are an fp32 forward pass, so
+    stored rows do not depend on the command that embedded them."""
     name: str = "embedded"
     space: Space | None = field(default=None)
 
@@ -179,7 +185,7 @@ class EmbedPass:
         self.manifest = read_manifest(self.pool)
         self.token = uuid.uuid4().hex
         if self.space is None:
-            self.space = Space(self.arch, trunk_digest(self._teacher().trunk), self.image_size, self.resize_ratio)
+            self.space = Space.of(self.arch, self._teacher().trunk, self.scoring)
         self.cache = EmbeddingCache(self.root, self.space)
 
     def _teacher(self):
@@ -203,8 +209,8 @@ class EmbedPass:
         def encode(images: torch.Tensor) -> torch.Tensor:
             return teacher.trunk(teacher.normalize(images.to(device)))
 
-        return {"images": embed_shards(self.cache, self.manifest, shards, encode, batch_size=self.batch_size,
-                                       num_workers=self.num_workers), "shards": len(shards)}
+        return {"images": embed_shards(self.cache, self.manifest, shards, encode, batch_size=self.scoring.batch_size,
+                                       num_workers=self.scoring.num_workers), "shards": len(shards)}
 
     def publish(self, parts: list[tuple[list[int], dict[str, int]]]) -> dict[str, Any]:
         done = {"images": sum(p["images"] for _, p in parts), "shards": sum(p["shards"] for _, p in parts)}

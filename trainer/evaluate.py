@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from data import storage
-from data.config import LoaderConfig
 from data.loader import ShardStream, make_loader
 from data.order import Ref
 from data.plan import split_shards
@@ -33,42 +32,13 @@ from data.shards import Manifest, image_member, read_manifest
 from data.transforms import eval_transform
 from trainer.metrics import evaluate
 from trainer.runtime import resolve_device
+from trainer.scoring import ScoringConfig
 from trainer.shard_pass import WholeSetPass, cached_model, run_pass
 from trainer.report import PR_CURVES_PNG, TOP_SCORING_PNG, plot_pr_curves, plot_top_scoring_grid, write_report
 
 
 Predictions = tuple[np.ndarray, np.ndarray, list[str], list[tuple[str, int]]]
 """fp32 softmax scores [N, K+1], labels [N], keys and (shard URL, sample index) references, row for row."""
-
-
-@dataclass(frozen=True)
-class EvalSetup:
-    """How a set is scored, one object from the command or the run's config down to the forward pass."""
-
-    image_size: int
-    batch_size: int = 256
-    num_workers: int = 0
-    resize_ratio: float = 1.15
-    precision: str = "fp32"
-    """run.precision's words; "fp32" (the reference numbers) unless a command or run asks otherwise."""
-
-    @classmethod
-    def of(cls, cfg: Any) -> EvalSetup:
-        """How a run's config scores a set: its size, data.batch_size and loader workers, its resize, and
-        run.precision. Training's validation, a study's tuning runs, its curves, WiSE-FT's sweep and its final
-        test score all take this one, so a study scores validation one way (issue 33: tuning scored at batch 128
-        in fp32 while the curves of the same split ran at data.batch_size in run.precision, bf16 on a GPU)."""
-        return cls(cfg.data.image_size, cfg.data.batch_size, cfg.data.num_workers, cfg.data.eval_resize_ratio,
-                   cfg.run.precision)
-
-    def loader(self) -> LoaderConfig:
-        return LoaderConfig(image_size=self.image_size, batch_size=self.batch_size, num_workers=self.num_workers,
-                            eval_resize_ratio=self.resize_ratio)
-
-    def dtype(self, device: torch.device) -> torch.dtype | None:
-        from trainer.engine import autocast_dtype
-
-        return autocast_dtype(self.precision, device)
 
 
 def planned_batches(counts: Sequence[int], shards: Sequence[int], batch_size: int) -> int:
@@ -78,13 +48,13 @@ def planned_batches(counts: Sequence[int], shards: Sequence[int], batch_size: in
 
 
 @torch.no_grad()
-def predict(student: torch.nn.Module, manifest: Manifest, setup: EvalSetup, device: torch.device,
+def predict(student: torch.nn.Module, manifest: Manifest, scoring: ScoringConfig, device: torch.device,
             shards: list[int] | None = None, *, steps: int | None = None,
             progress: Callable[[int], None] | None = None) -> Predictions:
     """softmax(main head) for every image of the set (or of the given shards, possibly none), with labels, keys
     and (shard, index) references.
 
-    ``setup.precision`` sets the forward pass's autocast (trainer.engine.autocast_dtype); "fp32" gives the
+    ``scoring.precision`` sets the forward pass's autocast (trainer.engine.autocast_dtype); "fp32" gives the
     reference numbers. The softmax is fp32 either way, so rankings are not cut to bf16's 8 bits of mantissa.
 
     ``steps`` (ZeRO-3): run exactly that many forward passes, those past this process's own batches on a
@@ -98,11 +68,11 @@ def predict(student: torch.nn.Module, manifest: Manifest, setup: EvalSetup, devi
     student.eval()
     probs, labels, keys, refs = [], [], [], []
     done = 0
-    dtype = setup.dtype(device)
+    dtype = scoring.dtype(device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
     if shards is None or shards:
-        stream = ShardStream(manifest, setup.loader(), train=False, shards=shards)
-        for batch in make_loader(stream, setup.num_workers):
+        stream = ShardStream(manifest, scoring.loader(), train=False, shards=shards)
+        for batch in make_loader(stream, scoring.num_workers):
             if "image" not in batch:
                 continue
             if steps is not None and done == steps:
@@ -118,7 +88,7 @@ def predict(student: torch.nn.Module, manifest: Manifest, setup: EvalSetup, devi
             if progress is not None:
                 progress(len(batch["key"]))
     if steps is not None and done < steps:
-        dummy = torch.zeros((1, 3, setup.image_size, setup.image_size), dtype=torch.uint8, device=device)
+        dummy = torch.zeros((1, 3, scoring.image_size, scoring.image_size), dtype=torch.uint8, device=device)
         for _ in range(steps - done):
             with autocast:
                 student(dummy, with_aux=False)
@@ -151,7 +121,7 @@ class EvalPass(WholeSetPass):
     number of forward passes, see ``predict``."""
 
     location: str
-    setup: EvalSetup
+    scoring: ScoringConfig
     checkpoint: str = ""
     student: torch.nn.Module | None = field(default=None, repr=False)
     report_dir: str = ""
@@ -184,14 +154,14 @@ class EvalPass(WholeSetPass):
         steps = None
         if self.lockstep_world:
             counts = self.shard_counts()
-            steps = max(planned_batches(counts, split_shards(counts, r, self.lockstep_world), self.setup.batch_size)
+            steps = max(planned_batches(counts, split_shards(counts, r, self.lockstep_world), self.scoring.batch_size)
                         for r in range(self.lockstep_world))
         from data.progress import progress
 
         bar = progress(sum(self.manifest.shards[s].count for s in shards), unit="img", desc="eval",
                        enabled=bool(self.report_dir))  # a command's evaluation, not training's validation
         try:
-            return predict(student, self.manifest, self.setup, device, shards, steps=steps, progress=bar.update)
+            return predict(student, self.manifest, self.scoring, device, shards, steps=steps, progress=bar.update)
         finally:
             bar.close()
 
@@ -199,8 +169,9 @@ class EvalPass(WholeSetPass):
         ranks = [len(p[1]) for _, p in parts]
         predictions = merge_predictions(self.manifest, [p for _, p in parts])
         if self.report_dir:
-            results = report_predictions(self.manifest, *predictions, self.report_dir, image_size=self.setup.image_size,
-                                         title=self.title, extra={**self.extra, "ranks": ranks})
+            results = report_predictions(self.manifest, *predictions, self.report_dir,
+                                         image_size=self.scoring.image_size, title=self.title,
+                                         extra={**self.extra, "ranks": ranks})
         else:
             results = {**evaluate(predictions[0], predictions[1], self.manifest.class_names), "ranks": ranks}
         if self.keep_predictions:
@@ -208,13 +179,13 @@ class EvalPass(WholeSetPass):
         return results
 
 
-def evaluate_student(student: torch.nn.Module, manifest: Manifest | str, setup: EvalSetup, device: torch.device, *,
-                     rank: int = 0, world: int = 1, lockstep: bool = False,
+def evaluate_student(student: torch.nn.Module, manifest: Manifest | str, scoring: ScoringConfig,
+                     device: torch.device, *, rank: int = 0, world: int = 1, lockstep: bool = False,
                      keep_predictions: bool = False) -> dict[str, Any]:
     """trainer.metrics.evaluate of the whole set, plus ``ranks`` (images each rank scored); the same dict on every
     rank (a collective when world > 1: each rank scores its share, rank 0 alone gathers the scores)."""
     location = manifest if isinstance(manifest, str) else manifest.root
-    p = EvalPass(location, setup, student=student, lockstep_world=world if lockstep else 0,
+    p = EvalPass(location, scoring, student=student, lockstep_world=world if lockstep else 0,
                  keep_predictions=keep_predictions)
     return run_pass(p, device=device, rank=rank, world=world, everywhere=True)
 
@@ -239,7 +210,7 @@ def top_indices(probs: np.ndarray, per_class: int) -> list[int]:
     return sorted(out)
 
 
-def evaluate_to_report(student: torch.nn.Module | None, location: str, out_dir: str, setup: EvalSetup, *,
+def evaluate_to_report(student: torch.nn.Module | None, location: str, out_dir: str, scoring: ScoringConfig, *,
                        device: torch.device | None = None, checkpoint: str = "", title: str = "bgsplit evaluation",
                        extra: dict[str, Any] | None = None, rank: int | None = None,
                        world: int | None = None) -> dict[str, Any] | None:
@@ -248,7 +219,7 @@ def evaluate_to_report(student: torch.nn.Module | None, location: str, out_dir: 
 
     Under torchrun every rank scores its share and rank 0 alone writes the report and returns it; the others
     return None. ``ranks`` in the report: images each rank scored."""
-    p = EvalPass(location, setup, checkpoint=checkpoint, student=student, report_dir=out_dir, title=title,
+    p = EvalPass(location, scoring, checkpoint=checkpoint, student=student, report_dir=out_dir, title=title,
                  extra=dict(extra or {}))
     if device is None:  # a given student is scored where it lives; a checkpoint on the best device there is
         device = next(student.parameters()).device if student is not None else resolve_device("auto")

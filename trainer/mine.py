@@ -28,6 +28,7 @@ from data import overlap
 from data.overlap import CONTENT, KEY
 from data.hash_index import key_hashes, read_content_index, record_hashes
 from data.shards import Manifest, image_member, manifest_identity, read_manifest, read_record
+from trainer.scoring import ScoringConfig
 
 log = logging.getLogger("bgsplit.mine")
 
@@ -45,12 +46,11 @@ class MineJob:
     """The pool's shard set (a source other than a shard set is built into ``out/pool`` first)."""
     out: str
     top: int
-    image_size: int
-    batch_size: int = 256
-    precision: str = "auto"
+    scoring: ScoringConfig
+    """How the pool is scored (the command's size, batch, loader workers and precision); only its size enters
+    the fingerprint, as it always did, so parts scored before are still reused."""
     exclude: tuple[str, ...] = ()
     """Shard sets whose keys are never candidates (the training and validation sets)."""
-    num_workers: int = 0
     embeddings: str = ""
     """Where a probe checkpoint's pool rows are kept (trainer.embeddings; "" for a trained student, whose trunk
     changes every round, or to embed afresh)."""
@@ -60,7 +60,7 @@ class MineJob:
         digest of a pass before content hashes as it was, so its parts are still reused. Scores from stored fp16
         rows are not a forward pass's to the last digit, so they are other parts."""
         doc = {"checkpoint": self.checkpoint, "checkpoint_id": checkpoint_id, "pool": pool_identity, "top": self.top,
-               "image_size": self.image_size, "exclude": sorted(self.exclude),
+               "image_size": self.scoring.image_size, "exclude": sorted(self.exclude),
                **({"exclude_by": exclude_by} if exclude_by != "key" else {}),
                **({"from_embeddings": True} if self.embeddings else {})}
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
@@ -204,7 +204,7 @@ def score_shares(job: MineJob, fingerprint: str, shards: list[int], chunk: int =
 
     import torch
 
-    from trainer.evaluate import EvalSetup, predict
+    from trainer.evaluate import predict
     from trainer.models import load_student_from_checkpoint
     from trainer.runtime import resolve_device
     from trainer.shard_pass import cached_model
@@ -218,7 +218,6 @@ def score_shares(job: MineJob, fingerprint: str, shards: list[int], chunk: int =
     student = cached_model(token, lambda: load_student_from_checkpoint(job.checkpoint).to(device))
     classes = student.num_classes - 1
     excluded = cached_model(token, lambda: Excluded(job.exclude, exclusion_kind(manifest, job.exclude)), "exclude")
-    setup = EvalSetup(job.image_size, job.batch_size, job.num_workers, precision=job.precision)
     cache = cached_model(token, lambda: probe_rows(job, student), "embeddings") if job.embeddings else None
     scored = 0
     from data.progress import progress
@@ -228,7 +227,8 @@ def score_shares(job: MineJob, fingerprint: str, shards: list[int], chunk: int =
         group = todo[start:start + chunk]
         with torch.inference_mode():
             if cache is None:
-                probs, _, keys, refs = predict(student, manifest, setup, device, shards=group, progress=bar.update)
+                probs, _, keys, refs = predict(student, manifest, job.scoring, device, shards=group,
+                                               progress=bar.update)
             else:
                 probs, keys, refs = score_rows(student, cache, manifest, group, device, job)
                 bar.update(len(keys))
@@ -253,9 +253,9 @@ def score_shares(job: MineJob, fingerprint: str, shards: list[int], chunk: int =
 
 def probe_rows(job: MineJob, student: Any) -> Any:
     """The pool's stored rows for this probe's trunk (trainer.embeddings)."""
-    from trainer.embeddings import EmbeddingCache, Space, trunk_digest
+    from trainer.embeddings import EmbeddingCache, Space
 
-    return EmbeddingCache(job.embeddings, Space(student.spec.trunk, trunk_digest(student.trunk), job.image_size))
+    return EmbeddingCache(job.embeddings, Space.of(student.spec.trunk, student.trunk, job.scoring))
 
 
 def score_rows(student: Any, cache: Any, manifest: Manifest, shards: list[int], device: Any, job: MineJob
@@ -269,7 +269,7 @@ def score_rows(student: Any, cache: Any, manifest: Manifest, shards: list[int], 
     missing = [s for s in shards if cache.stored(manifest.shards[s]) is None]
     if missing:
         embed_shards(cache, manifest, missing, lambda x: student.trunk(student.normalize(x.to(device))),
-                     batch_size=job.batch_size, num_workers=job.num_workers)
+                     batch_size=job.scoring.batch_size, num_workers=job.scoring.num_workers)
     probs, keys, refs = [], [], []
     for s in shards:
         rows, doc = cache.load(manifest.shards[s])

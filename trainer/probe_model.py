@@ -24,16 +24,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 
-from data.config import LoaderConfig
 from data.loader import ShardStream, make_loader
 from data.shards import read_manifest
 from trainer.config import JobConfig
+from trainer.scoring import ScoringConfig
 from trainer.shard_pass import WholeSetPass, cached_model
 
 log = logging.getLogger("bgsplit.probe")
@@ -114,17 +114,15 @@ class BackgroundSample:
 @dataclass
 class FeaturePass(WholeSetPass):
     """The teacher trunk's pooled features of a set's positives and sampled background (trainer.shard_pass), in
-    the eval transform at ``image_size``, fp32 (the numbers the experiment's probes are fit on)."""
+    the eval transform at ``scoring``'s size and resize, fp32 whatever its precision (the numbers the experiment's
+    probes are fit on)."""
 
     location: str
-    image_size: int
+    scoring: ScoringConfig
     arch: str
     weights: str
     max_background: int
     """About how many background images the fit keeps (0: every one): ``sample_shards``."""
-    batch_size: int = 128
-    num_workers: int = 0
-    resize_ratio: float = 1.15
     teacher: Any = field(default=None, repr=False)
     name: str = "embedded"
     unlabelled: bool = False
@@ -157,17 +155,15 @@ class FeaturePass(WholeSetPass):
 
         teacher = self.teacher or cached_model(self.token, lambda: build_teacher(self.arch, self.weights))
         teacher = teacher.to(device).eval()
-        cfg = LoaderConfig(image_size=self.image_size, batch_size=self.batch_size, num_workers=self.num_workers,
-                           eval_resize_ratio=self.resize_ratio)
+        cfg = self.scoring.loader()
         shard_index = {s.url: i for i, s in enumerate(self.manifest.shards)}
         feats, labels, order = [], [], []
         sampler = BackgroundSample(self.rate, self.unlabelled)
         streamed = shards
         if self.embeddings and shards:
-            from trainer.embeddings import EmbeddingCache, Space, trunk_digest
+            from trainer.embeddings import EmbeddingCache, Space
 
-            cache = EmbeddingCache(self.embeddings, Space(self.arch, trunk_digest(teacher.trunk), self.image_size,
-                                                          self.resize_ratio))
+            cache = EmbeddingCache(self.embeddings, Space.of(self.arch, teacher.trunk, self.scoring))
             streamed = []
             for s in shards:
                 got = cache.load(self.manifest.shards[s])
@@ -182,7 +178,7 @@ class FeaturePass(WholeSetPass):
                     order.extend((s, int(i)) for i, k in zip(doc["indices"], keep) if k)
         if streamed:
             stream = ShardStream(self.manifest, cfg, train=False, shards=streamed, keep=sampler)
-            for batch in make_loader(stream, self.num_workers):
+            for batch in make_loader(stream, self.scoring.num_workers):
                 if "image" not in batch:
                     continue
                 x = teacher.normalize(batch["image"].to(device))
@@ -238,10 +234,9 @@ def feature_pass(cfg: JobConfig) -> FeaturePass:
                          "a class it never saw; add labelled images of it (`bgsplit shards add-labels`)")
     from trainer.models import teacher_weights
 
-    return FeaturePass(cfg.data.train, cfg.data.image_size, cfg.teacher.name,
-                       teacher_weights(cfg.teacher.name, cfg.teacher.weights),
-                       cfg.probe.max_background, batch_size=cfg.data.batch_size,
-                       num_workers=cfg.data.num_workers, resize_ratio=cfg.data.eval_resize_ratio)
+    return FeaturePass(location=cfg.data.train, scoring=ScoringConfig.of(cfg), arch=cfg.teacher.name,
+                       weights=teacher_weights(cfg.teacher.name, cfg.teacher.weights),
+                       max_background=cfg.probe.max_background)
 
 
 def fit_student(probe: Any, trunk: str, weights: str, class_names: list[str], rare_classes: list[str],
@@ -289,7 +284,7 @@ def probe_student(cfg: JobConfig, fp: FeaturePass, features: dict[str, Any]) -> 
                                list(manifest.rare_classes), features["features"], features["labels"])
     fit.update(background_seen=int(features["background_seen"]),
                background_kept=int((features["labels"] == 0).sum()), background_rate=fp.rate,
-               image_size=fp.image_size)
+               image_size=fp.scoring.image_size)
     return student, fit
 
 
@@ -311,16 +306,16 @@ def save_probe(cfg: JobConfig, fp: FeaturePass, features: dict[str, Any]) -> dic
     import json
 
     from data import storage
-    from trainer.evaluate import EvalSetup, evaluate_student
+    from trainer.evaluate import evaluate_student
 
     student, fit = probe_student(cfg, fp, features)
     log.info("probe %s fit on %d rows (%d background of %d read, rate %.4g; positives %s)", cfg.probe.kind,
              fit["rows"], fit["background_kept"], fit["background_seen"], fp.rate, fit["positives"])
     val = None
     if cfg.data.val:
-        val = evaluate_student(student, cfg.data.val, EvalSetup(fp.image_size, cfg.data.batch_size,
-                                                                resize_ratio=cfg.data.eval_resize_ratio),
-                               torch.device("cpu"))
+        # in this process and in fp32, as the probe's features were computed
+        scoring = replace(fp.scoring, num_workers=0, precision="fp32")
+        val = evaluate_student(student, cfg.data.val, scoring, torch.device("cpu"))
         val = {"map": val["map"], "ap": val["ap"]}
         log.info("probe validation mAP %.2f on %s", 100 * val["map"], cfg.data.val)
     url = write_probe(cfg.run.out_dir, student, cfg, fit, val, cfg.run.keep_checkpoints)
@@ -362,9 +357,9 @@ def positives_set(positives: str, rare: list[str], out: str, workers: int = 0) -
     return location
 
 
-def cold_start(positives: str, pool: str, out: str, *, image_size: int = 224, kind: str = "logistic",
+def cold_start(positives: str, pool: str, out: str, *, scoring: ScoringConfig, kind: str = "logistic",
                background: int = 5000, teacher: str = "efficientnet_lite0", weights: str = "",
-               batch_size: int = 128, num_workers: int = 0, embeddings: str = "") -> tuple[str, dict[str, Any]]:
+               embeddings: str = "") -> tuple[str, dict[str, Any]]:
     """Mining before any training: the probe ``kind`` fit on the teacher's features of the ``positives`` set (all
     its images, its background too: hard negatives a labelling round added) against a key-hash sample of
     ``background`` pool images, taken as background because a pool of a rare-class problem is ~99% background
@@ -389,13 +384,14 @@ def cold_start(positives: str, pool: str, out: str, *, image_size: int = 224, ki
     weights = teacher_weights(teacher, weights)
     read_set(pool, "--pool")  # its one-line error before any work
     device = torch.device("cpu") if not torch.cuda.is_available() else torch.device("cuda")
-    passes = [FeaturePass(positives, image_size, teacher, weights, 0, batch_size, num_workers),
-              FeaturePass(pool, image_size, teacher, weights, background, batch_size, num_workers,
+    passes = [FeaturePass(location=positives, scoring=scoring, arch=teacher, weights=weights, max_background=0),
+              FeaturePass(location=pool, scoring=scoring, arch=teacher, weights=weights, max_background=background,
                           unlabelled=True, embeddings=embeddings)]
     shown, sampled = [run_pass(p, device=device, rank=0, world=1) for p in passes]
     x = np.concatenate([shown["features"], sampled["features"]])
     y = np.concatenate([shown["labels"], np.zeros(len(sampled["labels"]), np.int64)])
     cfg = JobConfig()
+    image_size = scoring.image_size
     cfg.data.train, cfg.data.image_size, cfg.teacher.name = positives, image_size, teacher
     cfg.probe.kind, cfg.probe.C, cfg.probe.class_weight = kind, COLD_START_C, "balanced"
     student, fit = fit_student(cfg.probe, teacher, weights, list(manifest.class_names), list(manifest.rare_classes),

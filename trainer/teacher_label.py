@@ -25,8 +25,8 @@ from data.config import LoaderConfig
 from data.shards import Manifest, read_manifest
 from data.progress import progress as progress_bar
 from data.teacher_labels import META, LabelSpec, finish_label_set, labelled_shards, set_url, write_shard_labels
-from trainer.engine import autocast_dtype
 from trainer.models import Teacher, build_teacher
+from trainer.scoring import ScoringConfig
 from trainer.shard_pass import cached_model, run_pass
 from trainer.task import teacher_topk
 
@@ -94,14 +94,13 @@ class LabelPass:
     ``teacher`` (this process) or built from ``arch`` / ``weights`` wherever the work runs."""
 
     location: str
-    image_size: int
+    scoring: ScoringConfig
+    """Its size names the label set (data.teacher_labels.LabelSpec). Its resize is not used: a spec names none, so
+    every label set's images are cut at the loader's default (1.15)."""
     topk: int = 5
     arch: str = ""
     weights: str = ""
     teacher: Teacher | None = field(default=None, repr=False)
-    batch_size: int = 128
-    num_workers: int = 0
-    precision: str = "auto"
     overwrite: bool = False
     name: str = "labelled"
 
@@ -109,7 +108,7 @@ class LabelPass:
         self.manifest = read_manifest(self.location)
         if self.teacher is None:
             self.teacher = build_teacher(self.arch, self.weights)  # here too: its weights' digest keys the set
-        self.spec = label_spec(self.teacher, self.image_size, self.topk)
+        self.spec = label_spec(self.teacher, self.scoring.image_size, self.topk)
         self.token = uuid.uuid4().hex
 
     def __getstate__(self) -> dict[str, Any]:
@@ -138,8 +137,8 @@ class LabelPass:
 
     def run(self, shards: list[int], device: torch.device) -> int:
         teacher = self.teacher or cached_model(self.token, lambda: build_teacher(self.arch, self.weights))
-        return label_shards(teacher, self.manifest, shards, self.spec, batch_size=self.batch_size, device=device,
-                            num_workers=self.num_workers, dtype=autocast_dtype(self.precision, device))
+        return label_shards(teacher, self.manifest, shards, self.spec, batch_size=self.scoring.batch_size,
+                            device=device, num_workers=self.scoring.num_workers, dtype=self.scoring.dtype(device))
 
     def publish(self, parts: list[tuple[list[int], int]]) -> str:
         finish_label_set(self.manifest, self.spec, self.teacher.num_classes if self.teacher else 0,
@@ -152,7 +151,7 @@ def label_shard_set(teacher: Teacher, location: str, *, image_size: int, topk: i
                     precision: str = "fp32") -> str:
     """Label a set in this process (or as one rank of torchrun's group), then publish it; returns its URL. A re-run
     labels only the shards without a file; a complete set is left as it is unless ``overwrite``."""
-    p = LabelPass(location, image_size, topk, teacher=teacher, batch_size=batch_size, num_workers=num_workers,
-                  precision=precision, overwrite=overwrite)
+    scoring = ScoringConfig(image_size, batch_size, num_workers, precision=precision)
+    p = LabelPass(location=location, scoring=scoring, topk=topk, teacher=teacher, overwrite=overwrite)
     url = run_pass(p, device=device, everywhere=True)
     return url

@@ -26,10 +26,11 @@ from data.teacher_labels import LabelSpec, TeacherLabels
 from trainer.checkpoint_manager import CheckpointManager
 from trainer.config import JobConfig
 from trainer.engine import Engine, autocast_dtype, build_engine, build_optimizer
-from trainer.evaluate import EvalSetup, evaluate_student
+from trainer.evaluate import evaluate_student
 from trainer.head_init import broadcast_head, fit_probe_head
 from trainer.models import Student, StudentSpec, Teacher, build_student, build_teacher
 from trainer.schedule import build_scheduler, in_probe_phase
+from trainer.scoring import ScoringConfig
 from trainer.run_log import MetricsLogger, NoLogger, progress_bar
 from trainer.run_state import EngineState, HeadStart, RngStates, RunProgress
 from trainer.runtime import init_distributed, resolve_device, seed_everything
@@ -227,8 +228,8 @@ class Trainer:
             for buffer in self.student.buffers():
                 dist.broadcast(buffer, src=0)
         zero3 = self.engine.name == "deepspeed" and self.cfg.engine.zero_stage == 3
-        return evaluate_student(self.student, read_manifest(self.cfg.data.val), EvalSetup.of(self.cfg), self.device,
-                                rank=self.rank, world=self.world, lockstep=zero3)
+        return evaluate_student(self.student, read_manifest(self.cfg.data.val), ScoringConfig.of(self.cfg),
+                                self.device, rank=self.rank, world=self.world, lockstep=zero3)
 
     def fit(self, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
         """Train to the planned step. ``callbacks``: objects with any of ``before_step(trainer, micro_batches)``
