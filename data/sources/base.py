@@ -64,6 +64,25 @@ class SourceScheme:
     allowed, no folder names in keys); where false, the suffix is accepted and the pool ignores the labels."""
 
 
+class ListedOnce:
+    """What the folder, manifest and WebDataset sources share: their listing (a bucket scan, a 10M-row file, every
+    shard's tar headers: minutes at scale) is made on first use and kept, and their classes are the labels it found,
+    by name. A subclass says how it lists (``_listing``)."""
+
+    _items: Listing | None = None
+
+    def items(self) -> Listing:
+        if self._items is None:
+            self._items = self._listing()
+        return self._items
+
+    def _listing(self) -> Listing:
+        raise NotImplementedError
+
+    def class_names(self) -> dict[str, str]:
+        return {label: label for label in sorted(set(self.items().labels.names))}
+
+
 def pool_key(rel: str) -> str:
     """The key of an image in an unlabelled pool: its file name, never its folders. A pool sorted into class
     folders would otherwise show the answer in every key on the review page; the short hash of the whole path

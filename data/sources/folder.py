@@ -6,11 +6,11 @@ import os
 import posixpath
 
 from data import remote, storage
-from data.sources.base import IMAGE_EXTENSIONS, SourceScheme, _is_image_name, make_key, pool_key
+from data.sources.base import IMAGE_EXTENSIONS, ListedOnce, SourceScheme, _is_image_name, make_key, pool_key
 from data.sources.listing import Listing, SourceItem
 
 
-class ImageFolderSource:
+class ImageFolderSource(ListedOnce):
     """``root/<class>/<file>`` trees, the layout most ad-hoc datasets ship in.
 
     Files are found recursively below each class folder (like torchvision's
@@ -25,20 +25,11 @@ class ImageFolderSource:
         self.split = split
         self.labelled = labelled
         self.name = f"folder:{self.root}" + ("" if labelled else "#unlabelled")
-        self._items: Listing | None = None
-
-    def items(self) -> Listing:
-        if self._items is None:
-            self._items = self._scan()
-        return self._items
 
     def read(self, item: SourceItem) -> bytes:
         return storage.read_bytes(item.ref)
 
-    def class_names(self) -> dict[str, str]:
-        return {label: label for label in sorted(set(self.items().labels.names))}
-
-    def _scan(self) -> Listing:
+    def _listing(self) -> Listing:
         relpaths = self._list_relpaths()
         items = Listing.from_items(self._item(rel) for rel in relpaths if "/" in rel or not self.labelled)
         if not items:

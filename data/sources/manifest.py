@@ -10,11 +10,11 @@ import posixpath
 from typing import Any
 
 from data import remote, storage
-from data.sources.base import SourceScheme, make_key, pool_key
+from data.sources.base import ListedOnce, SourceScheme, make_key, pool_key
 from data.sources.listing import Listing, SourceItem
 
 
-class ManifestSource:
+class ManifestSource(ListedOnce):
     """A list of ``path,label[,split]`` rows, for data whose folders do not
     encode the label (or that mixes splits in one tree).
 
@@ -31,24 +31,15 @@ class ManifestSource:
         self.root = str(root) if root is not None else self._parent(self.path)
         self.labelled = labelled
         self.name = f"manifest:{self.path}" + ("" if labelled else "#unlabelled")
-        self._items: Listing | None = None
-
-    def items(self) -> Listing:
-        if self._items is None:
-            self._items = self._load()
-        return self._items
 
     def read(self, item: SourceItem) -> bytes:
         return storage.read_bytes(item.ref)
-
-    def class_names(self) -> dict[str, str]:
-        return {label: label for label in sorted(set(self.items().labels.names))}
 
     @staticmethod
     def _parent(path: str) -> str:
         return posixpath.dirname(path) if remote.is_remote(path) else os.path.dirname(os.path.abspath(path))
 
-    def _load(self) -> Listing:
+    def _listing(self) -> Listing:
         items = Listing.from_items(self._item(row) for row in self._rows())
         if not items:
             raise ValueError(f"manifest {self.path} has no rows; add path,label lines")

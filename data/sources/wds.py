@@ -36,7 +36,7 @@ from typing import Any
 from braceexpand import braceexpand
 
 from data import remote, storage
-from data.sources.base import IMAGE_EXTENSIONS, SourceScheme, make_key
+from data.sources.base import IMAGE_EXTENSIONS, ListedOnce, SourceScheme, make_key
 from data.sources.listing import Listing, ListingBuilder, SourceItem
 
 __all__ = ["WebDatasetSource", "expand_pattern", "parse_label_field"]
@@ -105,7 +105,7 @@ class _Sample:
         self.label: bytes | None = None
 
 
-class WebDatasetSource:
+class WebDatasetSource(ListedOnce):
     """Samples of existing WebDataset shards, in pattern order, then tar order.
 
     Keys are ``make_key("<shard stem>/<sample key>")``: two tools' shards both
@@ -125,12 +125,6 @@ class WebDatasetSource:
         self.name = f"wds:{self.pattern}" if label_field == "cls" else f"wds:{self.pattern}#label={label_field}"
         if not labelled:
             self.name += "#unlabelled"
-        self._items: Listing | None = None
-
-    def items(self) -> Listing:
-        if self._items is None:
-            self._items = self._list()
-        return self._items
 
     def read(self, item: SourceItem) -> bytes:
         url, offset, size = self._parse_ref(item.ref)
@@ -149,12 +143,9 @@ class WebDatasetSource:
             )
         return data
 
-    def class_names(self) -> dict[str, str]:
-        return {label: label for label in sorted(set(self.items().labels.names))}
-
     # ---------------------------------------------------------------- listing
 
-    def _list(self) -> Listing:
+    def _listing(self) -> Listing:
         self._check_shards_exist()
         builder = ListingBuilder()
         # a bounded window of shards in flight, each listed into its own columns in its thread (as Python items the
