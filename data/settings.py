@@ -228,12 +228,12 @@ def add_flags(parser: argparse.ArgumentParser, *classes: type) -> None:
 
 class Parser(argparse.ArgumentParser):
     """An argument parser whose out-of-choice flag value is the same one-line ConfigError as a YAML or override
-    value (``config key '--precision' is 'fp33'; choose one of ...``), not argparse's own wording."""
+    value, naming the flag (``flag '--precision' is 'fp33'; choose one of ...``), not argparse's own wording."""
 
     def _check_value(self, action: argparse.Action, value: Any) -> None:
         if action.choices is not None and value not in action.choices:
-            raise ConfigError(f"config key '{action.option_strings[0] if action.option_strings else action.dest}' "
-                              f"is {value!r}; choose one of {', '.join(map(str, action.choices))}")
+            name = action.option_strings[0] if action.option_strings else action.dest
+            raise ConfigError(f"flag '{name}' is {value!r}; choose one of {', '.join(map(str, action.choices))}")
 
 
 def from_args(cls: type, args: argparse.Namespace) -> Any:

@@ -138,11 +138,11 @@ def test_a_misspelt_choice_is_the_same_one_line_error_from_yaml_override_flag_an
                  ["mine", "--checkpoint", "c", "--pool", "p", "--out", str(tmp_path / "o")],
                  ["teacher-label", "--data", "d"]):
         assert main(argv + ["--precision", "fp33"]) == 2
-        assert capsys.readouterr().err.strip() == f"bgsplit: error: config key '--precision' {tail}"
+        assert capsys.readouterr().err.strip() == f"bgsplit: error: flag '--precision' {tail}"
     assert main(["shards", "plan", "--data", "d", "--world", "1", "--workers", "0", "--batch-size", "2",
                  "--mode", "exakt"]) == 2
     assert capsys.readouterr().err.strip() == \
-        "bgsplit: error: config key '--mode' is 'exakt'; choose one of exact, resampled"
+        "bgsplit: error: flag '--mode' is 'exakt'; choose one of exact, resampled"
     spec = ExperimentSpec(base=str(ROOT / "configs" / "fmnist_bg.yaml"),
                           methods={"m": MethodSpec(["run.precision=fp33"])})
     spec.data = dataclasses.replace(spec.data, settings={"A": 2})
