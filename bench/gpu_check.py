@@ -125,6 +125,7 @@ def label(train: str, args: argparse.Namespace) -> None:
     """The cached-teacher mode reads labels written by `bgsplit teacher-label` with the same teacher."""
     from trainer.models import build_teacher
     from trainer.teacher_label import label_shard_set
+    from trainer.scoring import ScoringConfig
     from trainer.runtime import seed_everything
 
     # random weights (no download): the same seed as Trainer.build draws them with, so the weights digest that
@@ -132,8 +133,8 @@ def label(train: str, args: argparse.Namespace) -> None:
     seed_everything(0)
     teacher = build_teacher(args.trunk, "NONE", args.image_size)
     device = torch.device(args.device)
-    label_shard_set(teacher, train, image_size=args.image_size, topk=5, device=device, batch_size=256,
-                    overwrite=False, precision=args.precision)
+    label_shard_set(teacher, train, ScoringConfig(args.image_size, 256, precision=args.precision), topk=5,
+                    device=device)
 
 
 def main(argv: list[str] | None = None) -> int:

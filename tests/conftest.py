@@ -31,6 +31,7 @@ def teacher():
 def tiny_sets(tmp_path_factory, teacher):
     """A 90%-background training set and a natural test subset, both with cached teacher labels."""
     from trainer.teacher_label import label_shard_set
+    from trainer.scoring import ScoringConfig
 
     root = tmp_path_factory.mktemp("fmnist")
     train_src, test_src = FashionMNISTSource("train"), FashionMNISTSource("test")
@@ -39,7 +40,7 @@ def tiny_sets(tmp_path_factory, teacher):
     test = build_set(test_src, BuildSpec("fmnist:test", RARE, subsample=300, seed=0, max_count=100),
                      str(root / "test"), progress=False)
     for m in (train, test):
-        label_shard_set(teacher, m.root, image_size=TEACHER_SIZE, topk=5)
+        label_shard_set(teacher, m.root, ScoringConfig(TEACHER_SIZE, 128), topk=5)
     return {"train": str(root / "train"), "test": str(root / "test"), "root": root}
 
 

@@ -42,11 +42,12 @@ def one_batch_set(tmp_path_factory, teacher):
     """64 samples in 4 equal shards: one global batch is the whole epoch and each of 2 ranks reads 2 shards, so a
     step sees the same samples in any world size."""
     from trainer.teacher_label import label_shard_set
+    from trainer.scoring import ScoringConfig
 
     out = str(tmp_path_factory.mktemp("one-batch") / "train")
     build_set(FashionMNISTSource("train"), BuildSpec("fmnist:train", RARE, positives_per_class=8, max_background=48,
                                                      seed=3, max_count=16), out, progress=False)
-    label_shard_set(teacher, out, image_size=TEACHER_SIZE, topk=5)
+    label_shard_set(teacher, out, ScoringConfig(TEACHER_SIZE, 128), topk=5)
     return out
 
 

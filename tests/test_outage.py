@@ -422,12 +422,13 @@ def test_a_training_run_waits_out_a_30_s_outage_of_its_shards_labels_and_checkpo
     from trainer.checkpoint import list_checkpoints, load_checkpoint
     from trainer.config import load_config
     from trainer.teacher_label import label_shard_set
+    from trainer.scoring import ScoringConfig
     from trainer.train import Trainer
 
     root = new_url(store)
     m = build_set(FashionMNISTSource("test"), BuildSpec("fmnist:test", RARE, subsample=240, seed=5, max_count=12),
                   f"{root}/train", progress=False)
-    label_shard_set(teacher, m.root, image_size=TEACHER_SIZE)
+    label_shard_set(teacher, m.root, ScoringConfig(TEACHER_SIZE, 128))
     cfg = load_config(None, [f"data.train={m.root}", "data.val=", "data.image_size=32", "data.batch_size=16",
                              "data.num_workers=1", "data.shuffle_buffer_mb=0.05", f"teacher.image_size={TEACHER_SIZE}",
                              "teacher.mode=cached", "loss.aux_weight=0.1", "optim.epochs=2", "run.checkpoint_every=4",

@@ -50,12 +50,13 @@ def test_rebuild_to_s3_is_idempotent(s3_set):
 
 def test_train_from_s3_with_a_cached_teacher_on_s3(s3_set, teacher, tmp_path):
     from trainer.teacher_label import label_shard_set
+    from trainer.scoring import ScoringConfig
     from trainer.train import train
 
     local, on_s3 = s3_set
     summaries = {}
     for name, m in (("local", local), ("s3", on_s3)):
-        url = label_shard_set(teacher, m.root, image_size=TEACHER_SIZE, topk=5)
+        url = label_shard_set(teacher, m.root, ScoringConfig(TEACHER_SIZE, 128), topk=5)
         assert url.startswith("s3://") == (name == "s3") and storage.exists(f"{url}/labels.json")
         sets = {"train": m.root, "test": m.root}
         summaries[name] = train(tiny_config(sets, tmp_path / name, "loss.aux_weight=0.1", "run.max_steps=3"))

@@ -108,7 +108,7 @@ def test_labelling_resumes_per_shard_and_ranks_split_the_shards(small_set, teach
     os.remove(victim)
     os.remove(storage.join(set_url(m.root, spec), META))
     mtimes = {p: os.path.getmtime(os.path.join(set_url(m.root, spec), p)) for p in os.listdir(set_url(m.root, spec))}
-    label_shard_set(teacher, m.root, image_size=TEACHER_SIZE)
+    label_shard_set(teacher, m.root, ScoringConfig(TEACHER_SIZE, 128))
     for name, mtime in mtimes.items():
         assert os.path.getmtime(os.path.join(set_url(m.root, spec), name)) == mtime  # kept, not relabelled
     assert os.path.exists(victim)

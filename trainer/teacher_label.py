@@ -146,12 +146,10 @@ class LabelPass:
         return self.url
 
 
-def label_shard_set(teacher: Teacher, location: str, *, image_size: int, topk: int = 5, batch_size: int = 128,
-                    device: torch.device | None = None, num_workers: int = 0, overwrite: bool = False,
-                    precision: str = "fp32") -> str:
+def label_shard_set(teacher: Teacher, location: str, scoring: ScoringConfig, *, topk: int = 5,
+                    device: torch.device | None = None, overwrite: bool = False) -> str:
     """Label a set in this process (or as one rank of torchrun's group), then publish it; returns its URL. A re-run
     labels only the shards without a file; a complete set is left as it is unless ``overwrite``."""
-    scoring = ScoringConfig(image_size, batch_size, num_workers, precision=precision)
     p = LabelPass(location=location, scoring=scoring, topk=topk, teacher=teacher, overwrite=overwrite)
     url = run_pass(p, device=device, everywhere=True)
     return url
