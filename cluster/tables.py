@@ -300,8 +300,25 @@ def cold_start_loop(doc: dict[str, Any]) -> str:
             f"_A pool of {doc['pool_images']:,} Fashion-MNIST images holding {total} rare images "
             f"({', '.join(f'{n}' for n in doc['rare_in_pool'].values())} a class), {doc['top']} candidates reviewed a "
             f"class a round, {doc['draws']} draws of the 2 starting examples a class (intervals: t over draws)."
-            f"{ratio_text} The pool's embedding pass at 224 px: {rate} on {e['threads']} CPU thread(s); "
-            f"{e['bytes_per_image']:,.0f} bytes a stored image._")
+            f"{ratio_text}{_trained_against_cold(doc)} The pool's embedding pass at 224 px: {rate} on "
+            f"{e['threads']} CPU thread(s); {e['bytes_per_image']:,.0f} bytes a stored image._")
+
+
+def _trained_against_cold(doc: dict[str, Any]) -> str:
+    """The trained arm's positives after the last round minus the cold start's, paired by draw (the same round 1)."""
+    from cluster.experiment_stats import paired_difference
+
+    last = max(r["round"] for r in doc["rows"])
+    per_draw = {r["arm"]: {d: sum(v[d] for v in r["found_per_class"].values()) for d in range(r["draws"])}
+                for r in doc["rows"] if r["round"] == last}
+    if "trained" not in per_draw or "cold" not in per_draw:
+        return ""
+    diff = paired_difference(per_draw["trained"], per_draw["cold"])
+    ci = f" [{diff['ci95'][0]:+.1f}, {diff['ci95'][1]:+.1f}]" if diff["ci95"] else " (one draw)"
+    minutes = sum(doc["trained_seconds"]) / len(doc["trained_seconds"]) / 60
+    return (f" After round {last} the trained arm found {diff['mean']:+.1f}{ci} positives against the cold start "
+            f"(paired by draw); its training (cached views built, then {doc['trained_epochs']:g} epochs) took "
+            f"{minutes:.0f} min a draw.")
 
 
 def embed_memory(doc: list[dict[str, Any]]) -> str:
